@@ -1,0 +1,34 @@
+"""Networks of napari-histo-wsss: plain-torch backbones (EfficientNet-Lite0/1/2 with the names of
+their ImageNet checkpoints, ResNet-18/34/50 with torchvision's names), the stage-one CAM
+classifier, the stage-two DeepLabV3+ segmenter and self-describing checkpoints."""
+
+from .backbones import (
+    BACKBONES,
+    DEFAULT_BACKBONE,
+    Backbone,
+    build_backbone,
+    load_weights,
+    parameter_groups,
+)
+from .checkpoint import check_classes, load_checkpoint, load_model, save_model
+from .classifier import CAM_MODES, CAMClassifier, normalize_cams, pda_threshold_at, progressive_dropout_attention
+from .segmenter import Segmenter
+
+__all__ = [
+    "BACKBONES",
+    "DEFAULT_BACKBONE",
+    "Backbone",
+    "build_backbone",
+    "load_weights",
+    "parameter_groups",
+    "CAMClassifier",
+    "CAM_MODES",
+    "normalize_cams",
+    "progressive_dropout_attention",
+    "pda_threshold_at",
+    "Segmenter",
+    "save_model",
+    "load_model",
+    "load_checkpoint",
+    "check_classes",
+]

@@ -1,0 +1,165 @@
+"""Stage one: the multi-label CAM classifier and its activation maps.
+
+``backbone -> 1x1 conv per class (no bias) -> global average pooling -> logits``. Because the
+head is linear and has no bias, the class activation map (the head applied at every location)
+averages exactly to the logit, which is what makes CAMs faithful. The training loop applies the
+multi-label soft-margin loss; this module only computes.
+
+Maps (:meth:`CAMClassifier.cams`), all per-class max-normalised to [0, 1] at input size:
+  ``"last"``: ReLU of the head on the last feature map (classic CAM);
+  ``"multi"``: the last-stage CAM fused with LayerCAM maps at the stride-16 and stride-8 stages
+  (MLPS uses Grad-CAM at three depths; LayerCAM weights each location by its own positive
+  gradient, which keeps shallow-layer maps sharp instead of washing them out with one
+  channel-wide weight). The separate maps are available from :meth:`CAMClassifier.layer_cams`
+  for multi-layer pseudo-supervision.
+
+Training options the loop can switch on:
+  Progressive Dropout Attention (MLPS): ``forward(x, pda_threshold=t, labels=y)`` erases the
+  last-stage locations where a present class's normalised CAM exceeds ``t`` before pooling, so
+  the classifier must find evidence beyond the most discriminative spots (``t`` decays over
+  epochs, see :func:`pda_threshold_at`);
+  a PSCL-style projection head: :meth:`CAMClassifier.embed` maps features to L2-normalised
+  embeddings for a supervised contrastive term.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import HistoWSSSError
+from .backbones import DEFAULT_BACKBONE, build_backbone
+
+__all__ = ["CAMClassifier", "normalize_cams", "progressive_dropout_attention", "pda_threshold_at", "CAM_MODES"]
+
+CAM_MODES = ("last", "multi")
+_EPS = 1e-5
+
+
+def normalize_cams(cams: Tensor) -> Tensor:
+    """Per image and class, divide a non-negative (B, C, H, W) map by its maximum, giving values
+    in [0, 1] with the peak at exactly 1 (all-zero maps stay zero)."""
+    peak = cams.flatten(2).amax(dim=2)[:, :, None, None]
+    return cams / peak.clamp_min(_EPS)
+
+
+def progressive_dropout_attention(features: Tensor, cam: Tensor, threshold: float, labels: Tensor | None = None) -> Tensor:
+    """Zero the feature locations whose normalised CAM exceeds ``threshold`` (MLPS PDA).
+
+    ``features`` (B, D, h, w), ``cam`` (B, C, h, w) the head applied to them, ``labels`` (B, C)
+    optional (multi-hot or soft): only classes present in the image (label > 0) can erase, so
+    the peaks of absent classes do not remove tissue. The mask carries no gradient. A threshold
+    >= 1 erases nothing.
+    """
+    with torch.no_grad():
+        norm = normalize_cams(F.relu(cam.detach().float()))
+        if labels is not None:
+            norm = norm * (labels.detach() > 0).to(norm.dtype)[:, :, None, None]
+        keep = norm.amax(dim=1, keepdim=True) <= threshold
+    return features * keep.to(features.dtype)
+
+
+def pda_threshold_at(epoch: int, start_epoch: int = 4, initial: float = 1.0, decay: float = 0.98) -> float | None:
+    """MLPS schedule: PDA off before ``start_epoch`` (``None``), then ``initial * decay**k`` in the
+    k-th epoch after it (0-based epochs)."""
+    if epoch < start_epoch:
+        return None
+    return float(initial * decay ** (epoch - start_epoch))
+
+
+class CAMClassifier(nn.Module):
+    """Multi-label patch classifier whose 1x1 head gives class activation maps.
+
+    ``num_classes``: tissue classes (background excluded); ``backbone``/``weights``/
+    ``output_stride``: see :func:`build_backbone`; ``embed_dim``: size of the contrastive
+    projection; ``cam_weights``: weights of the (last, stride-16, stride-8) maps in ``"multi"``.
+    ``arch`` holds the constructor arguments that rebuild the network (saved in checkpoints).
+    """
+
+    kind = "classifier"
+
+    def __init__(self, num_classes: int, backbone: str = DEFAULT_BACKBONE, weights: str | Path | None = "imagenet",
+                 output_stride: int = 16, embed_dim: int = 128, cam_weights: Sequence[float] = (0.5, 0.25, 0.25)):
+        super().__init__()
+        if int(num_classes) < 1:
+            raise HistoWSSSError(f"a classifier needs at least one class, got num_classes={num_classes}")
+        if len(cam_weights) != 3 or min(cam_weights) < 0 or sum(cam_weights) <= 0:
+            raise HistoWSSSError(f"cam_weights must be three non-negative weights (last, stride 16, stride 8), got {list(cam_weights)}")
+        self.arch = {"num_classes": int(num_classes), "backbone": str(backbone), "output_stride": int(output_stride),
+                     "embed_dim": int(embed_dim), "cam_weights": [float(w) for w in cam_weights]}
+        self.num_classes = int(num_classes)
+        self.backbone = build_backbone(backbone, weights, output_stride)
+        dim = self.backbone.channels[-1]
+        self.head = nn.Conv2d(dim, self.num_classes, 1, bias=False)
+        nn.init.xavier_uniform_(self.head.weight)
+        hidden = min(dim, 512)
+        self.projector = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, int(embed_dim), 1))
+
+    # -- training-time computation ---------------------------------------------------------
+    def forward_features(self, x: Tensor, pda_threshold: float | None = None, labels: Tensor | None = None) -> dict:
+        """One pass: ``logits`` (B, C), ``cam`` (B, C, h, w) = head on the last feature map (raw,
+        before ReLU), ``features`` (the backbone's four maps). With ``pda_threshold`` the logits
+        come from the last map after :func:`progressive_dropout_attention` (``cam`` does not)."""
+        feats = self.backbone(x)
+        cam = self.head(feats[-1])
+        if pda_threshold is None:
+            logits = cam.mean(dim=(2, 3))
+        else:
+            erased = progressive_dropout_attention(feats[-1], cam, pda_threshold, labels)
+            logits = self.head(erased.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        return {"logits": logits, "cam": cam, "features": feats}
+
+    def forward(self, x: Tensor, pda_threshold: float | None = None, labels: Tensor | None = None) -> Tensor:
+        """Logits (B, C) for the multi-label soft-margin loss."""
+        return self.forward_features(x, pda_threshold, labels)["logits"]
+
+    def embed(self, features: Tensor | Sequence[Tensor]) -> Tensor:
+        """Projection for a supervised contrastive (PSCL) term: the last feature map (or a map
+        given directly) -> (B, embed_dim, h, w), L2-normalised along the channel axis."""
+        fmap = features[-1] if isinstance(features, (list, tuple)) else features
+        return F.normalize(self.projector(fmap), dim=1)
+
+    # -- activation maps ----------------------------------------------------------------------
+    def cams(self, x: Tensor, mode: str = "multi", weights: Sequence[float] | None = None) -> Tensor:
+        """Class activation maps (B, C, H, W) in [0, 1] at the input size, each per-class
+        max-normalised. Call in eval mode (BatchNorm statistics would otherwise change).
+        ``weights`` overrides ``arch["cam_weights"]`` for ``"multi"``."""
+        if mode not in CAM_MODES:
+            raise HistoWSSSError(f"unknown CAM mode {mode!r}; choose one of {', '.join(CAM_MODES)}")
+        if mode == "last":
+            with torch.no_grad():
+                cam = F.relu(self.forward_features(x)["cam"].float())
+                return normalize_cams(F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False))
+        w = list(weights) if weights is not None else self.arch["cam_weights"]
+        if len(w) != 3 or min(w) < 0 or sum(w) <= 0:
+            raise HistoWSSSError(f"CAM weights must be three non-negative numbers, got {w}")
+        maps = self.layer_cams(x)
+        fused = sum(wi * m for wi, m in zip(w, maps) if wi > 0)
+        return normalize_cams(fused)
+
+    def layer_cams(self, x: Tensor) -> list[Tensor]:
+        """The maps fused by ``cams(x, "multi")``, each (B, C, H, W) in [0, 1] at input size:
+        ``[last-stage CAM, LayerCAM at the stride-16 stage, LayerCAM at the stride-8 stage]``.
+
+        Gradients are taken with :func:`torch.autograd.grad` with respect to the feature maps
+        only, so no parameter ``.grad`` is touched; works under ``torch.no_grad`` and
+        ``torch.inference_mode`` callers too.
+        """
+        size = x.shape[-2:]
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.detach().clone()  # a normal tensor even if the caller made it in inference mode
+            feats = self.backbone(x)
+            targets = [feats[2], feats[1]]
+            cam = self.head(feats[-1])
+            logits = cam.mean(dim=(2, 3))
+            per_layer: list[list[Tensor]] = [[] for _ in targets]
+            for c in range(self.num_classes):
+                grads = torch.autograd.grad(logits[:, c].sum(), targets, retain_graph=c < self.num_classes - 1)
+                for acc, act, g in zip(per_layer, targets, grads):
+                    acc.append(F.relu((F.relu(g) * act).sum(dim=1)).detach())
+        out = [F.relu(cam.detach().float())] + [torch.stack(acc, dim=1).float() for acc in per_layer]
+        return [normalize_cams(F.interpolate(m, size=size, mode="bilinear", align_corners=False)) for m in out]
