@@ -32,7 +32,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import shutil
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -43,9 +46,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import write_json, write_text, write_with
+from .atomic import _fsync_dir
 from .classes import ClassTable, get_preset
 from .errors import ClassTableError, DatasetError
+from .project import fsync_tree
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -126,8 +130,10 @@ def read_index_mask(path: str | Path, classes: ClassTable | None = None) -> np.n
     """
     try:
         with Image.open(path) as im:
-            mode = im.mode
-            arr = np.asarray(im.convert("RGB") if mode in ("RGBA", "LA", "CMYK", "YCbCr") else im)
+            if im.mode in ("LA", "PA"):  # index image with an alpha channel: the alpha is not a class
+                arr = np.asarray(im.getchannel(0))
+            else:
+                arr = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "CMYK", "YCbCr") else im)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: cannot read mask: {e}") from e
     if arr.ndim == 3:
@@ -353,8 +359,8 @@ def _masked_samples(img_dir: Path, mask_dir: Path, classes: ClassTable) -> list[
     out = []
     for stem, ip in images.items():
         mp = masks[stem]
-        if image_size(ip) != image_size(mp):
-            (w, h), (mw, mh) = image_size(ip), image_size(mp)
+        (w, h), (mw, mh) = image_size(ip), image_size(mp)
+        if (w, h) != (mw, mh):
             raise DatasetError(f"{mp}: mask is {mw}x{mh} px but its image {ip.name} is {w}x{h} px")
         out.append(MaskedSample(stem, ip, mp, classes))
     return out
@@ -589,9 +595,13 @@ def make_patches(
 
     Writes ``train/<stem>_<x>_<y>-[1, 0, 1].png`` (WSSS4LUAD naming, ``x, y`` = top-left in the
     image), ``patches.csv`` (file, source image, position, per-class and background fractions,
-    labels), ``classes.json`` and ``make_patches.json`` (settings and statistics). ``patches.csv``
-    is written last, so an interrupted run is not mistaken for a complete patch set.
-    ``out_dir`` must be empty or absent. Returns the statistics.
+    labels), ``classes.json`` and ``make_patches.json`` (settings and statistics).
+
+    ``out_dir`` must be empty or absent. The set is built in a hidden staging folder next to it,
+    fsynced and renamed into place at the end (the same temp-then-rename rule as
+    :mod:`core.atomic`, applied to the whole folder): a failed or killed build leaves no
+    ``out_dir`` that could be mistaken for a patch set, only a dot-folder that loaders skip and
+    the next build does not mind. Returns the statistics plus the settings.
     """
     table = resolve_classes(classes)
     images_dir, masks_dir, out = Path(images_dir), Path(masks_dir), Path(out_dir)
@@ -627,6 +637,47 @@ def make_patches(
         )
     split = {"test": sorted(order[:n_test]), "val": sorted(order[n_test : n_test + n_val]), "train": sorted(order[n_test + n_val :])}
 
+    settings = {
+        "images_dir": str(images_dir.resolve()), "masks_dir": str(masks_dir.resolve()),
+        "patch_size": patch_size, "stride": stride, "val_fraction": val_fraction,
+        "test_fraction": test_fraction, "seed": seed, "min_class_fraction": min_class_fraction,
+        "min_tissue": min_tissue,
+    }
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        stats = _write_patch_set(images, masks, split, staging, table, patch_size, stride,
+                                 min_class_fraction, min_tissue, progress)
+        (staging / "classes.json").write_text(json.dumps(table.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (staging / "make_patches.json").write_text(
+            json.dumps({"settings": settings, "statistics": stats}, indent=2) + "\n", encoding="utf-8")
+        fsync_tree(staging)
+        if out.exists():
+            out.rmdir()  # checked empty above; a rename cannot replace a folder on every OS
+        os.rename(staging, out)
+        _fsync_dir(out.parent)
+    except OSError as e:
+        raise DatasetError(f"{out}: cannot write patches: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; else a failed build
+    return {**stats, "settings": settings}
+
+
+def _write_patch_set(
+    images: dict[str, Path],
+    masks: dict[str, Path],
+    split: dict[str, list[str]],
+    out: Path,
+    table: ClassTable,
+    patch_size: int,
+    stride: int,
+    min_class_fraction: float,
+    min_tissue: float,
+    progress: Callable[[int, int], None] | None,
+) -> dict:
+    """Write the held-out copies, the training patches and ``patches.csv`` of :func:`make_patches`
+    into ``out`` (its hidden staging folder) and return the statistics."""
     names = table.names
     bg = table.background_index
     area = patch_size * patch_size
@@ -635,80 +686,61 @@ def make_patches(
     class_counts = np.zeros(table.num_classes, dtype=np.int64)
     dropped = {"background": 0, "no_label": 0}
     n_padded = 0
-    total = len(stems)
+    total = sum(len(v) for v in split.values())
     done = 0
-    try:
-        for part in ("val", "test"):
-            for stem in split[part]:
-                held_out = MaskedSample(stem, images[stem], masks[stem], table)
-                held_out.mask()  # validates size and class indices before the copy
-                for src, sub in ((images[stem], "img"), (masks[stem], "mask")):
-                    data = src.read_bytes()
-                    write_with(out / part / sub / src.name, lambda tmp, data=data: tmp.write_bytes(data))
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-        (out / "train").mkdir(parents=True, exist_ok=True)
-        for stem in split["train"]:
-            rgb = read_rgb(images[stem])
-            mask = read_index_mask(masks[stem], table)
-            if mask.shape != rgb.shape[:2]:
-                raise DatasetError(
-                    f"{masks[stem]}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image "
-                    f"{images[stem].name} is {rgb.shape[1]}x{rgb.shape[0]} px"
-                )
-            h, w = mask.shape
-            ph, pw = max(0, patch_size - h), max(0, patch_size - w)
-            if ph or pw:
-                n_padded += 1
-                rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), constant_values=255)
-                mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=bg)
-            for y in _positions(mask.shape[0], patch_size, stride):
-                for x in _positions(mask.shape[1], patch_size, stride):
-                    m = mask[y : y + patch_size, x : x + patch_size]
-                    frac = np.bincount(m.ravel(), minlength=bg + 1)[: bg + 1] / area
-                    if 1.0 - frac[bg] < min_tissue:
-                        dropped["background"] += 1
-                        continue
-                    tissue = frac[: table.num_classes]
-                    labels = ((tissue > 0) & (tissue >= min_class_fraction)).astype(np.uint8)
-                    if not labels.any():
-                        dropped["no_label"] += 1
-                        continue
-                    fname = format_label_name(f"{stem}_{x}_{y}", labels)
-                    patch = np.ascontiguousarray(rgb[y : y + patch_size, x : x + patch_size])
-                    write_with(out / "train" / fname, lambda tmp, a=patch: Image.fromarray(a).save(tmp, format="PNG"))
-                    rows.append([f"train/{fname}", images[stem].name, x, y, patch_size]
-                                + [round(float(f), 6) for f in frac] + labels.tolist())
-                    combos[_combo_name(labels, names)] += 1
-                    class_counts += labels
+    for part in ("val", "test"):
+        for stem in split[part]:
+            MaskedSample(stem, images[stem], masks[stem], table).mask()  # size and indices checked before the copy
+            for src, sub in ((images[stem], "img"), (masks[stem], "mask")):
+                (out / part / sub).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, out / part / sub / src.name)
             done += 1
             if progress is not None:
                 progress(done, total)
-
-        stats = {
-            "n_images": {k: len(v) for k, v in split.items()},
-            "images": split,
-            "n_patches": len(rows),
-            "dropped": dropped,
-            "n_padded_images": n_padded,
-            "label_combinations": dict(combos.most_common()),
-            "class_counts": {n: int(c) for n, c in zip(names, class_counts)},
-        }
-        settings = {
-            "images_dir": str(images_dir.resolve()), "masks_dir": str(masks_dir.resolve()),
-            "patch_size": patch_size, "stride": stride, "val_fraction": val_fraction,
-            "test_fraction": test_fraction, "seed": seed, "min_class_fraction": min_class_fraction,
-            "min_tissue": min_tissue,
-        }
-        write_json(out / "classes.json", table.to_dict())
-        write_json(out / "make_patches.json", {"settings": settings, "statistics": stats})
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["file", "source", "x", "y", "size"] + [f"frac_{n}" for n in names] + ["frac_background"]
-                        + [f"label_{n}" for n in names])
-        writer.writerows(rows)
-        write_text(out / "patches.csv", buf.getvalue())
-    except OSError as e:
-        raise DatasetError(f"{out}: cannot write patches: {e.strerror or e}") from e
-    return {**stats, "settings": settings}
+    (out / "train").mkdir()
+    for stem in split["train"]:
+        sample = MaskedSample(stem, images[stem], masks[stem], table)
+        mask = sample.mask()
+        rgb = sample.image()
+        h, w = mask.shape
+        ph, pw = max(0, patch_size - h), max(0, patch_size - w)
+        if ph or pw:
+            n_padded += 1
+            rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), constant_values=255)
+            mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=bg)
+        for y in _positions(mask.shape[0], patch_size, stride):
+            for x in _positions(mask.shape[1], patch_size, stride):
+                frac = np.bincount(mask[y : y + patch_size, x : x + patch_size].ravel(), minlength=bg + 1) / area
+                if 1.0 - frac[bg] < min_tissue:
+                    dropped["background"] += 1
+                    continue
+                tissue = frac[: table.num_classes]
+                labels = ((tissue > 0) & (tissue >= min_class_fraction)).astype(np.uint8)
+                if not labels.any():
+                    dropped["no_label"] += 1
+                    continue
+                fname = format_label_name(f"{stem}_{x}_{y}", labels)
+                Image.fromarray(np.ascontiguousarray(rgb[y : y + patch_size, x : x + patch_size])).save(
+                    out / "train" / fname, format="PNG")
+                rows.append([f"train/{fname}", images[stem].name, x, y, patch_size]
+                            + [round(float(f), 6) for f in frac] + labels.tolist())
+                combos[_combo_name(labels, names)] += 1
+                class_counts += labels
+        done += 1
+        if progress is not None:
+            progress(done, total)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "source", "x", "y", "size"] + [f"frac_{n}" for n in names] + ["frac_background"]
+                    + [f"label_{n}" for n in names])
+    writer.writerows(rows)
+    (out / "patches.csv").write_text(buf.getvalue(), encoding="utf-8")
+    return {
+        "n_images": {k: len(v) for k, v in split.items()},
+        "images": split,
+        "n_patches": len(rows),
+        "dropped": dropped,
+        "n_padded_images": n_padded,
+        "label_combinations": dict(combos.most_common()),
+        "class_counts": {n: int(c) for n, c in zip(names, class_counts)},
+    }

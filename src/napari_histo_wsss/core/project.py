@@ -163,10 +163,12 @@ class Project:
             raise ProjectError(f"{root}: already holds a project; open it instead")
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise ProjectError(f"{root}: folder is not empty; choose a new or empty folder for the project")
+        made_root = not root.exists()
         try:
             for d in (root, root / MASKS_DIR, root / RUNS_DIR):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            _remove_partial_project(root, made_root)
             raise ProjectError(f"{root}: cannot create the project folder: {e.strerror or e}") from e
         manifest = {
             "schema_version": cls.SCHEMA_VERSION,
@@ -177,8 +179,12 @@ class Project:
         }
         project = cls(root, manifest, {}, read_only=False)
         # labels first, manifest last: a folder is a project only once project.json exists.
-        project._save_labels()
-        project._save_manifest()
+        try:
+            project._save_labels()
+            project._save_manifest()
+        except ProjectError:
+            _remove_partial_project(root, made_root)
+            raise
         return project
 
     @classmethod
@@ -196,7 +202,7 @@ class Project:
             table = ClassTable.from_dict(manifest["classes"])
         except (ClassTableError, TypeError, AttributeError) as e:
             raise ProjectError(f"{mpath}: damaged class table: {e}") from e
-        _check_settings(manifest["settings"], mpath)
+        manifest["settings"] = _check_settings(manifest["settings"], mpath)
         lpath = root / LABELS_NAME
         if not lpath.is_file():
             raise ProjectError(f"{lpath}: the patch label file is missing; restore it from a backup")
@@ -418,7 +424,7 @@ class Project:
                 # "complete" goes in last: an array without it is never read as valid.
                 z.attrs.update({"downsample": float(downsample), "classes_hash": self.classes_hash(),
                                 "name": name, "written": _now(), "complete": True})
-                _fsync_tree(tmp)
+                fsync_tree(tmp)
                 if final.exists():
                     os.rename(final, old)
                 os.rename(tmp, final)
@@ -518,6 +524,18 @@ class Project:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _remove_partial_project(root: Path, made_root: bool) -> None:
+    """Undo a :meth:`Project.create` that failed half-way, so that the folder can be used again."""
+    steps: list[Callable[[], None]] = [(root / LABELS_NAME).unlink, (root / MASKS_DIR).rmdir, (root / RUNS_DIR).rmdir]
+    if made_root:
+        steps.append(root.rmdir)
+    for step in steps:
+        try:
+            step()
+        except OSError:  # absent, or the disk refuses: nothing more to undo there
+            pass
+
+
 def _writable(root: Path) -> bool:
     try:
         fd, tmp = tempfile.mkstemp(prefix=".write-test-", suffix=".tmp", dir=root)
@@ -528,7 +546,10 @@ def _writable(root: Path) -> bool:
     return True
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` before it is renamed into place, so that the
+    rename publishes complete contents even after a power cut (used for zarr masks and by
+    ``datasets.make_patches``; a candidate for ``core.atomic``)."""
     for dirpath, _, files in os.walk(folder):
         for f in files:
             fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)

@@ -39,6 +39,8 @@ from .errors import SlideError
 
 #: Built (lazily downsampled) levels are added until the smaller side is at most this many pixels.
 BUILT_LEVEL_MIN_SIDE = 512
+#: Built levels read their source in blocks of at most this many source pixels a side (memory bound).
+BUILT_READ_SIDE = 4096
 #: Target chunk side of the dask arrays (rounded to a multiple of the file's tile size).
 CHUNK_SIDE = 512
 #: Microns per pixel outside this range are treated as unknown (e.g. 72 dpi screen images).
@@ -46,6 +48,8 @@ PLAUSIBLE_MPP = (0.05, 20.0)
 #: Relative tolerance when matching a requested downsample to a level's downsample.
 _DOWNSAMPLE_TOL = 1e-3
 
+#: tifffile's ``TiffFile.is_<kind>`` flags of vendor TIFF formats that OpenSlide reads.
+_OPENSLIDE_TIFF_KINDS = {"svs": "Aperio SVS", "ndpi": "Hamamatsu NDPI", "scn": "Leica SCN", "bif": "Ventana BIF", "philips": "Philips TIFF"}
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 #: Pillow formats treated as plain images (TIFF goes through tifffile instead).
 _PIL_FORMATS = {"PNG", "JPEG", "BMP", "MPO", "WEBP", "GIF"}
@@ -95,18 +99,18 @@ def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
 
 
 class _OpenSlideLevel(_Level):
-    def __init__(self, osr: Any, index: int, path: Path, lock: threading.Lock, **kw: Any):
+    """A level read through OpenSlide (thread-safe, so no lock), which returns RGBA."""
+
+    def __init__(self, osr: Any, index: int, path: Path, **kw: Any):
         super().__init__(**kw)
         self._osr = osr
         self._index = index
         self._path = path
 
     def _read_os(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        import openslide
-
         try:
             rgba = np.asarray(self._osr.read_region((x0, y0), self._index, (w, h)))
-        except (openslide.OpenSlideError, ValueError, OSError) as e:
+        except Exception as e:  # OpenSlideError, a closed handle (ctypes.ArgumentError), bad tiles: all "unreadable"
             raise SlideError(f"{self._path}: cannot read level {self._index} at level-0 ({x0}, {y0}) size {w}x{h}: {e}") from e
         return _rgba_to_rgb(rgba)
 
@@ -133,7 +137,7 @@ class _ZarrLevel(_Level):
         try:
             block = np.asarray(self._array[self._index(slice(y, y + h), slice(x, x + w))])
         except Exception as e:  # codec, truncated file or closed handle: all mean "unreadable"
-            raise SlideError(f"{self._path}: cannot read TIFF region ({x}, {y}) size {w}x{h} of a {self.width}x{self.height} level: {e}") from e
+            raise SlideError(f"{self._path}: cannot read TIFF region ({x}, {y}) size {w}x{h} of a {self.width}x{self.height} level: {type(e).__name__}: {e}") from e
         return self._to_rgb(block)
 
 
@@ -162,7 +166,11 @@ class _PILLevel(_Level):
 
 
 class _BuiltLevel(_Level):
-    """A coarser level computed on demand as ``factor x factor`` box means of a source level."""
+    """A coarser level computed on demand as ``factor x factor`` box means of a source level.
+
+    Large reads are done in blocks of at most :data:`BUILT_READ_SIDE` source pixels a side, so a
+    thumbnail of a single-level 100k-pixel slide reads the whole slide but never holds it in memory.
+    """
 
     def __init__(self, source: _Level, factor: int):
         super().__init__(
@@ -177,9 +185,16 @@ class _BuiltLevel(_Level):
 
     def _read_inside(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         f = self._factor
-        block = self._source.read(x * f, y * f, w * f, h * f)
-        sums = block.reshape(h, f, w, f, 3).sum(axis=(1, 3), dtype=np.uint32)
-        return ((sums + (f * f) // 2) // (f * f)).astype(np.uint8)
+        step = max(1, BUILT_READ_SIDE // f)
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        for by in range(0, h, step):
+            bh = min(step, h - by)
+            for bx in range(0, w, step):
+                bw = min(step, w - bx)
+                block = self._source.read((x + bx) * f, (y + by) * f, bw * f, bh * f)
+                sums = block.reshape(bh, f, bw, f, 3).sum(axis=(1, 3), dtype=np.uint32)
+                out[by : by + bh, bx : bx + bw] = (sums + (f * f) // 2) // (f * f)
+        return out
 
 
 def _pil_to_rgb(im: Image.Image) -> np.ndarray:
@@ -221,7 +236,8 @@ class Slide:
     ``mpp`` (microns per level-0 pixel or ``None``), ``objective_power``, ``properties``.
     Extra: ``backend`` (``"openslide"``, ``"tifffile"``, ``"pillow"``), ``native_levels`` (levels
     stored in the file; the rest are built) and ``samples_per_pixel`` of the file (1 = grey or
-    palette, 3 = RGB, 4 = RGBA), which lets the napari reader leave label images to other readers.
+    palette, 3 = RGB, 4 = RGBA), which lets the napari reader leave label images to other readers;
+    ``closed`` turns True after :meth:`close`.
 
     Use as a context manager or call :meth:`close`. Layers handed to napari keep reading through
     the slide, so it must stay open while they live (the reader never closes it).
@@ -248,6 +264,7 @@ class Slide:
         self.properties = properties
         self.samples_per_pixel = samples_per_pixel
         self._closer = closer
+        self.closed = False
         self._levels = list(levels)
         last = self._levels[-1]
         factor = 2
@@ -305,6 +322,8 @@ class Slide:
         """(h, w, 3) uint8 RGB: ``size`` = (w, h) pixels at ``level``, top-left ``location`` in
         level-0 pixels. Parts outside the slide are white."""
         level = self._check_level(level)
+        if self.closed:
+            raise SlideError(f"{self.path}: the slide is closed")
         w, h = int(size[0]), int(size[1])
         if w < 0 or h < 0:
             raise SlideError(f"{self.path}: region size must be non-negative, got {size}")
@@ -348,6 +367,7 @@ class Slide:
     # -- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
         """Release the file handle; later reads raise :class:`SlideError`."""
+        self.closed = True
         if self._closer is not None:
             self._closer()
             self._closer = None
@@ -437,11 +457,10 @@ def _open_openslide(path: Path, vendor: str) -> Slide:
     except Exception as e:
         raise SlideError(f"{path}: OpenSlide recognises a {vendor} slide but cannot open it: {e}") from e
     props = {str(k): str(v) for k, v in osr.properties.items()}
-    lock = threading.Lock()
     levels: list[_Level] = []
     for i, ((w, h), ds) in enumerate(zip(osr.level_dimensions, osr.level_downsamples)):
         tile = (int(props.get(f"openslide.level[{i}].tile-width", 256)), int(props.get(f"openslide.level[{i}].tile-height", 256)))
-        levels.append(_OpenSlideLevel(osr, i, path, lock, width=w, height=h, downsample=ds, tile=tile))
+        levels.append(_OpenSlideLevel(osr, i, path, width=w, height=h, downsample=ds, tile=tile))
     mpp = _mean_mpp(props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y))
     objective = _float_or_none(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
     return Slide(path, props.get("openslide.vendor", vendor), "openslide", levels, mpp, objective, props, 4, osr.close)
@@ -499,6 +518,14 @@ def _open_tifffile(path: Path) -> Slide:
     except Exception as e:
         raise SlideError(f"{path}: TIFF header or directory is damaged or truncated: {e}") from e
     try:
+        if len(tf.pages) == 0:
+            raise SlideError(f"{path}: TIFF holds no readable image directory (the file looks truncated or damaged)")
+        vendor_kind = next((k for k in _OPENSLIDE_TIFF_KINDS if getattr(tf, f"is_{k}", False)), None)
+        if vendor_kind is not None:
+            # OpenSlide did not recognise a file that is tagged as its vendor format: the file is
+            # damaged (typically truncated: directories of the associated images missing). Reading
+            # the remains as a plain TIFF would silently lose the vendor metadata (mpp, objective).
+            raise SlideError(f"{path}: {_OPENSLIDE_TIFF_KINDS[vendor_kind]} file that OpenSlide cannot open (the file looks truncated or damaged)")
         series_index, series, layout = _pick_series(tf, path)
         store = series.aszarr()
         node = zarr.open(store, mode="r")

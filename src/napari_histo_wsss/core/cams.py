@@ -1,0 +1,355 @@
+"""Class activation maps -> pseudo-masks, for images of any size.
+
+:func:`cams_for_image` runs a trained :class:`~.models.CAMClassifier` over an RGB image (whole when
+it fits, else in overlapping tiles blended with feathered weights) and returns per-class maps in
+[0, 1] at image resolution plus image-level class probabilities. :func:`pseudo_mask` turns the maps
+into a class-index mask: per-class normalisation, gating by the image's labels (labelled patches)
+or by the predicted probabilities (unlabelled images), a background rule for weak activations and
+the white-glass background of lung presets, then argmax. :func:`generate_pseudo_masks` does a
+folder of images and writes palette PNGs (class colours) and optional float CAM arrays.
+
+Image-level probabilities. The classifier is trained on patches of ``window`` pixels with global
+average pooling; on a larger image the mean over the whole map would dilute a small region. Since
+the head is linear and bias-free, the logit of any window equals the mean of the head's logit map
+over it, so the probability of class ``c`` is ``sigmoid(max over patch-sized windows of the
+window-mean logit)`` - "present somewhere in the image at the scale the model was trained on".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .atomic import write_with
+from .classes import ClassTable
+from .datasets import list_images, parse_label_name, read_rgb, to_tensor
+from .errors import DatasetError, HistoWSSSError
+from .models.classifier import CAM_MODES, normalize_cams
+from .tissue import white_background_mask
+
+if TYPE_CHECKING:
+    from .train import ProgressEvent
+
+__all__ = [
+    "WHOLE_IMAGE_MAX",
+    "cams_for_image",
+    "pseudo_mask",
+    "save_pseudo_mask",
+    "save_cams",
+    "PseudoMaskSettings",
+    "generate_pseudo_masks",
+]
+
+# Images whose sides are both at most this many pixels are processed in one pass (exact CAMs);
+# larger ones are tiled. 1024 px keeps the autograd graph of multi-layer CAMs within ~2 GB.
+WHOLE_IMAGE_MAX = 1024
+_EPS = 1e-6
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _window_logits(logit_map: torch.Tensor, image_hw: tuple[int, int], window: int | None) -> torch.Tensor:
+    """(C,) max over ``window``-px windows (half-window stride) of the mean of a (C, h, w) logit
+    map; the global mean when ``window`` is None or not smaller than the map."""
+    c, h, w = logit_map.shape
+    if window is None:
+        return logit_map.mean(dim=(1, 2))
+    stride_px = image_hw[0] / h
+    k = max(1, int(round(window / stride_px)))
+    if k >= h and k >= w:
+        return logit_map.mean(dim=(1, 2))
+    kh, kw = min(k, h), min(k, w)
+    pooled = F.avg_pool2d(logit_map[None], kernel_size=(kh, kw), stride=(max(1, kh // 2), max(1, kw // 2)))
+    return pooled.flatten(2).amax(dim=2)[0]
+
+
+def _tile_maps(model, x: torch.Tensor, mode: str, scales: Sequence[float], flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps (C, H, W) for one image tensor (1, 3, H, W) - not normalised across tiles: each
+    class's map is scaled by its raw last-stage CAM peak, so tiles keep their relative strength -
+    plus the (C, h, w) logit map of the unscaled, unflipped pass."""
+    h, w = x.shape[-2:]
+    out = model.forward_features(x)
+    logit_map = out["cam"][0].float()
+    peak = F.relu(logit_map).flatten(1).amax(dim=1)  # (C,) raw strength of each class here
+    acc = torch.zeros((logit_map.shape[0], h, w), dtype=torch.float32, device=x.device)
+    n = 0
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+        for flipped in ((False, True) if flip else (False,)):
+            xi = torch.flip(xs, dims=[3]) if flipped else xs
+            if mode == "last" and s == 1.0 and not flipped:
+                m = normalize_cams(F.interpolate(F.relu(out["cam"].float()), size=(h, w), mode="bilinear", align_corners=False))
+            else:
+                m = model.cams(xi, mode=mode).float()
+                if flipped:
+                    m = torch.flip(m, dims=[3])
+                if m.shape[-2:] != (h, w):
+                    m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+            acc += m[0]
+            n += 1
+    maps = normalize_cams((acc / n)[None])[0] * peak[:, None, None]
+    return maps, logit_map
+
+
+def _feather(h: int, w: int, overlap: int, device: torch.device) -> torch.Tensor:
+    """Blending weights of a tile: a linear ramp over ``overlap`` px at each border, 1 inside."""
+    if overlap <= 0:
+        return torch.ones((h, w), device=device)
+    ry = torch.minimum(torch.arange(h, device=device) + 1, torch.arange(h, 0, -1, device=device)).float()
+    rx = torch.minimum(torch.arange(w, device=device) + 1, torch.arange(w, 0, -1, device=device)).float()
+    return (ry[:, None].clamp(max=overlap) * rx[None, :].clamp(max=overlap)) / overlap**2
+
+
+def _tile_starts(length: int, tile: int, step: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, step))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def cams_for_image(
+    model: torch.nn.Module,
+    rgb: np.ndarray,
+    device: torch.device | str | None = None,
+    tile: int | None = None,
+    overlap: int | None = None,
+    mode: str = "multi",
+    window: int | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class activation maps and image-level probabilities of one RGB image.
+
+    Args:
+        model: a :class:`~.models.CAMClassifier` (put in eval mode here).
+        rgb: uint8 ``(H, W, 3)`` image of any size.
+        device: where to run; default the model's device (the model is moved there).
+        tile: tile side for images larger than :data:`WHOLE_IMAGE_MAX` (default 512); pass a
+            value to force tiling at that size. Tiles overlap by ``overlap`` px (default a
+            quarter tile) and are blended with linear feathering.
+        mode: ``"last"`` (classic CAM) or ``"multi"`` (last-stage CAM fused with LayerCAM maps of
+            two earlier stages, see :meth:`CAMClassifier.cams`).
+        window: patch size the classifier was trained on, for the image-level probabilities
+            (see the module docstring); None = whole-image mean.
+        scales, flip: test-time augmentation - maps are averaged over the rescaled (and
+            horizontally flipped) inputs.
+
+    Returns:
+        ``(cams, probs)``: float32 ``(C, H, W)`` in [0, 1], each class max-normalised over the
+        whole image (a class whose map is zero everywhere stays zero), and float32 ``(C,)``.
+    """
+    if mode not in CAM_MODES:
+        raise HistoWSSSError(f"unknown CAM mode {mode!r}; choose one of {', '.join(CAM_MODES)}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise HistoWSSSError(f"cams_for_image expects a uint8 (H, W, 3) image, got {rgb.dtype} {rgb.shape}")
+    if not scales or any(s <= 0 for s in scales):
+        raise HistoWSSSError(f"test-time scales must be positive, got {list(scales)}")
+    dev = torch.device(device) if device is not None else _model_device(model)
+    model.to(dev).eval()
+    h, w = rgb.shape[:2]
+    x = to_tensor(rgb)[None].to(dev)
+    if tile is None and max(h, w) <= WHOLE_IMAGE_MAX:
+        with torch.no_grad():
+            maps, logit_map = _tile_maps(model, x, mode, scales, flip)
+        logits = _window_logits(logit_map, (h, w), window)
+    else:
+        tile = int(tile or 512)
+        ov = int(overlap if overlap is not None else tile // 4)
+        if tile < 32 or not 0 <= ov < tile:
+            raise HistoWSSSError(f"tile must be >= 32 px and overlap within [0, tile), got tile={tile}, overlap={ov}")
+        acc = weight = None
+        best = None
+        with torch.no_grad():
+            for y0 in _tile_starts(h, tile, tile - ov):
+                for x0 in _tile_starts(w, tile, tile - ov):
+                    xt = x[:, :, y0:y0 + tile, x0:x0 + tile]
+                    m, lm = _tile_maps(model, xt, mode, scales, flip)
+                    if acc is None:
+                        acc = torch.zeros((m.shape[0], h, w), device=dev)
+                        weight = torch.zeros((h, w), device=dev)
+                    fw = _feather(m.shape[1], m.shape[2], ov, dev)
+                    acc[:, y0:y0 + m.shape[1], x0:x0 + m.shape[2]] += m * fw
+                    weight[y0:y0 + m.shape[1], x0:x0 + m.shape[2]] += fw
+                    wl = _window_logits(lm, tuple(xt.shape[-2:]), window)
+                    best = wl if best is None else torch.maximum(best, wl)
+        maps = acc / weight.clamp_min(_EPS)
+        logits = best
+    cams = normalize_cams(maps[None])[0]
+    return cams.cpu().numpy().astype(np.float32), torch.sigmoid(logits).cpu().numpy().astype(np.float32)
+
+
+def pseudo_mask(
+    cams: np.ndarray,
+    classes: ClassTable,
+    rgb: np.ndarray | None = None,
+    labels: np.ndarray | Sequence[int] | None = None,
+    probs: np.ndarray | None = None,
+    prob_threshold: float = 0.5,
+    bg_threshold: float = 0.0,
+    bg_alpha: float | None = None,
+    norm: str = "class",
+    white_background: bool | None = None,
+) -> np.ndarray:
+    """Class-index mask ``(H, W)`` uint8 from CAMs ``(C, H, W)``.
+
+    Steps: normalise (``norm="class"``: each class by its own maximum, so a weakly activated but
+    present class still competes; ``"global"``: all classes by the overall maximum, as MLPS does,
+    keeping relative strengths; ``"none"``); gate (classes with ``labels`` 0 are switched off
+    when labels are known, else classes whose ``probs`` are below ``prob_threshold`` - the most
+    probable class is always kept so an unlabelled tissue image never comes out empty); argmax
+    over the gated classes; background (index ``classes.background_index``) where the best gated
+    score is below ``bg_threshold``, where TPRO's background score ``(1 - max score)**bg_alpha``
+    wins (when ``bg_alpha`` is set), where no class is allowed, and - when ``white_background``
+    (default: the class table's setting; on for lung presets, off for breast) and ``rgb`` are
+    given - on white glass (:func:`~.tissue.white_background_mask`).
+    """
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3 or cams.shape[0] != classes.num_classes:
+        raise HistoWSSSError(f"CAMs of shape {cams.shape} do not match the {classes.num_classes} classes of the table")
+    if norm == "class":
+        peak = cams.reshape(cams.shape[0], -1).max(axis=1)
+        scores = cams / np.maximum(peak, _EPS)[:, None, None]
+    elif norm == "global":
+        scores = cams / max(float(cams.max()), _EPS)
+    elif norm == "none":
+        scores = cams
+    else:
+        raise HistoWSSSError(f"unknown CAM normalisation {norm!r}; choose class, global or none")
+    if labels is not None:
+        allowed = classes.check_labels(labels, where="pseudo-mask gating").astype(bool)
+    elif probs is not None:
+        probs = np.asarray(probs, dtype=np.float32)
+        if probs.shape != (classes.num_classes,):
+            raise HistoWSSSError(f"{probs.shape[0] if probs.ndim else 0} probabilities for {classes.num_classes} classes")
+        allowed = probs >= prob_threshold
+        allowed[int(np.argmax(probs))] = True
+    else:
+        allowed = np.ones(classes.num_classes, dtype=bool)
+    bg = classes.background_index
+    gated = np.where(allowed[:, None, None], scores, -1.0)
+    mask = np.argmax(gated, axis=0).astype(np.uint8)
+    best = gated.max(axis=0)
+    background = best < max(bg_threshold, 0.0)  # < 0: no class allowed here
+    if bg_alpha is not None:
+        background |= np.power(np.clip(1.0 - best, 0.0, 1.0), bg_alpha) > best
+    if (classes.white_background if white_background is None else white_background) and rgb is not None:
+        if rgb.shape[:2] != mask.shape:
+            raise HistoWSSSError(f"image of {rgb.shape[1]}x{rgb.shape[0]} px does not match CAMs of {mask.shape[1]}x{mask.shape[0]} px")
+        background |= white_background_mask(rgb)
+    mask[background] = bg
+    return mask
+
+
+def save_pseudo_mask(path: str | Path, mask: np.ndarray, classes: ClassTable) -> None:
+    """Atomically write a class-index mask as a palette PNG coloured with the class table (index
+    ``C`` = background colour), readable back as indices with ``np.array(Image.open(path))``."""
+    im = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+    im.putpalette(classes.palette())
+    write_with(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+def save_cams(path: str | Path, cams: np.ndarray) -> None:
+    """Atomically write float CAMs ``(C, H, W)``: ``.npy`` (float16) or ``.npz`` (compressed,
+    key ``cams``) chosen by the suffix."""
+    path = Path(path)
+    arr = np.asarray(cams, dtype=np.float16)
+    if path.suffix == ".npz":
+        write_with(path, lambda tmp: np.savez_compressed(tmp, cams=arr), suffix=".npz")
+    elif path.suffix == ".npy":
+        write_with(path, lambda tmp: np.save(tmp, arr), suffix=".npy")
+    else:
+        raise HistoWSSSError(f"{path}: CAM arrays are saved as .npy or .npz")
+
+
+@dataclass
+class PseudoMaskSettings:
+    """How :func:`generate_pseudo_masks` computes CAMs and masks (see :func:`cams_for_image` and
+    :func:`pseudo_mask` for each field)."""
+
+    mode: str = "multi"
+    window: int | None = None
+    tile: int | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    prob_threshold: float = 0.5
+    bg_threshold: float = 0.0
+    bg_alpha: float | None = None
+    norm: str = "class"
+    white_background: bool | None = None
+
+
+def generate_pseudo_masks(
+    model: torch.nn.Module,
+    classes: ClassTable,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    settings: PseudoMaskSettings | None = None,
+    cams_dir: str | Path | None = None,
+    cams_format: str = "npy",
+    labels: str | Callable[[Path], np.ndarray | None] | None = None,
+    device: torch.device | str | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator["ProgressEvent"]:
+    """Pseudo-masks for every image of ``images_dir``: ``out_dir/<same file stem>.png`` (palette
+    PNG) and, with ``cams_dir``, ``<stem>.npy``/``.npz`` float CAMs. Yields a ``ProgressEvent``
+    (``core.train``) per image, then ``done`` (or ``cancelled`` when ``should_stop()`` says so).
+
+    ``labels``: None (gate by predicted probability), ``"names"`` (the image-level label in each
+    file name, e.g. ``...-[1, 0, 1].png``; a name without one is an error), a folder of masks
+    (labels = classes present in the mask of the same stem) or a callable ``path -> labels``.
+    """
+    from .datasets import read_index_mask
+    from .train import ProgressEvent
+
+    s = settings or PseudoMaskSettings()
+    images = list_images(images_dir)
+    if not images:
+        raise DatasetError(f"{images_dir}: no images found")
+    if isinstance(labels, (str, Path)) and str(labels) != "names":
+        mask_dir = Path(labels)
+        masks = list_images(mask_dir)
+
+        def label_of(p: Path) -> np.ndarray:
+            if p.stem not in masks:
+                raise DatasetError(f"{p}: no mask of the same name in {mask_dir} to take the image labels from")
+            counts = np.bincount(read_index_mask(masks[p.stem], classes).ravel(), minlength=classes.background_index + 1)
+            return (counts[: classes.num_classes] > 0).astype(np.uint8)
+    elif labels == "names":
+        def label_of(p: Path) -> np.ndarray:
+            found = parse_label_name(p)[1]
+            return classes.check_labels(found, where=str(p))
+    else:
+        label_of = labels if callable(labels) else (lambda p: None)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cams_dir is not None:
+        Path(cams_dir).mkdir(parents=True, exist_ok=True)
+    if cams_format not in ("npy", "npz"):
+        raise HistoWSSSError(f"CAM format must be npy or npz, got {cams_format!r}")
+    n = len(images)
+    for i, (stem, path) in enumerate(images.items(), start=1):
+        if should_stop is not None and should_stop():
+            yield ProgressEvent("cancelled", step=i - 1, steps=n, message=f"stopped after {i - 1} of {n} images")
+            return
+        rgb = read_rgb(path)
+        cams, probs = cams_for_image(model, rgb, device=device, tile=s.tile, mode=s.mode, window=s.window,
+                                     scales=s.scales, flip=s.flip)
+        mask = pseudo_mask(cams, classes, rgb=rgb, labels=label_of(path), probs=probs,
+                           prob_threshold=s.prob_threshold, bg_threshold=s.bg_threshold, bg_alpha=s.bg_alpha,
+                           norm=s.norm, white_background=s.white_background)
+        save_pseudo_mask(out_dir / f"{stem}.png", mask, classes)
+        if cams_dir is not None:
+            save_cams(Path(cams_dir) / f"{stem}.{cams_format}", cams)
+        yield ProgressEvent("step", step=i, steps=n, metrics={"probs": probs.round(4).tolist()}, message=path.name)
+    yield ProgressEvent("done", step=n, steps=n, message=f"{n} pseudo-masks written to {out_dir}")
