@@ -30,7 +30,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
         raise HistoWSSSError(f"could not write {path}: {e.strerror or e}") from e
@@ -39,7 +39,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -70,3 +70,17 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None], suffix: 
     ``suffix`` lets writers that pick a format from the extension see the right one."""
     with atomic_path(path, suffix=suffix if suffix is not None else Path(path).suffix) as tmp:
         writer(tmp)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` before it is renamed into place, so that the
+    rename publishes complete contents even after a power cut (used for zarr masks and by
+    ``datasets.make_patches``)."""
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))

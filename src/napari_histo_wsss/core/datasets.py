@@ -46,10 +46,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import _fsync_dir
 from .classes import ClassTable, get_preset
 from .errors import ClassTableError, DatasetError
-from .project import fsync_tree
+from .atomic import fsync_dir, fsync_tree
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -656,7 +655,7 @@ def make_patches(
         if out.exists():
             out.rmdir()  # checked empty above; a rename cannot replace a folder on every OS
         os.rename(staging, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except OSError as e:
         raise DatasetError(f"{out}: cannot write patches: {e.strerror or e}") from e
     finally:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .atomic import _fsync_dir, write_json, write_text
+from .atomic import fsync_dir, fsync_tree, write_json, write_text
 from .classes import ClassTable, get_preset
 from .errors import ClassTableError, HistoWSSSError, ProjectError
 
@@ -428,7 +428,7 @@ class Project:
                 if final.exists():
                     os.rename(final, old)
                 os.rename(tmp, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if old.exists() and not final.exists():
@@ -544,20 +544,6 @@ def _writable(root: Path) -> bool:
     os.close(fd)
     os.unlink(tmp)
     return True
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under ``folder`` before it is renamed into place, so that the
-    rename publishes complete contents even after a power cut (used for zarr masks and by
-    ``datasets.make_patches``; a candidate for ``core.atomic``)."""
-    for dirpath, _, files in os.walk(folder):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
 
 
 def _is_complete(path: Path) -> bool:
