@@ -27,6 +27,7 @@ import hashlib
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable
@@ -39,8 +40,9 @@ from .errors import SlideError
 
 #: Built (lazily downsampled) levels are added until the smaller side is at most this many pixels.
 BUILT_LEVEL_MIN_SIDE = 512
-#: Built levels read their source in blocks of at most this many source pixels a side (memory bound).
-BUILT_READ_SIDE = 4096
+#: Built levels read their source in blocks of at most this many source pixels a side, in parallel
+#: (bounds memory, uses all cores).
+BUILT_READ_SIDE = 1024
 #: Target chunk side of the dask arrays (rounded to a multiple of the file's tile size).
 CHUNK_SIDE = 512
 #: Microns per pixel outside this range are treated as unknown (e.g. 72 dpi screen images).
@@ -168,8 +170,9 @@ class _PILLevel(_Level):
 class _BuiltLevel(_Level):
     """A coarser level computed on demand as ``factor x factor`` box means of a source level.
 
-    Large reads are done in blocks of at most :data:`BUILT_READ_SIDE` source pixels a side, so a
-    thumbnail of a single-level 100k-pixel slide reads the whole slide but never holds it in memory.
+    Large reads are done in blocks of at most :data:`BUILT_READ_SIDE` source pixels a side, read
+    in parallel threads: a thumbnail of a single-level 100k-pixel slide reads the whole slide but
+    never holds it in memory.
     """
 
     def __init__(self, source: _Level, factor: int):
@@ -187,14 +190,32 @@ class _BuiltLevel(_Level):
         f = self._factor
         step = max(1, BUILT_READ_SIDE // f)
         out = np.empty((h, w, 3), dtype=np.uint8)
-        for by in range(0, h, step):
-            bh = min(step, h - by)
-            for bx in range(0, w, step):
-                bw = min(step, w - bx)
-                block = self._source.read((x + bx) * f, (y + by) * f, bw * f, bh * f)
-                sums = block.reshape(bh, f, bw, f, 3).sum(axis=(1, 3), dtype=np.uint32)
-                out[by : by + bh, bx : bx + bw] = (sums + (f * f) // 2) // (f * f)
+
+        def fill(by: int, bx: int) -> None:
+            bh, bw = min(step, h - by), min(step, w - bx)
+            block = self._source.read((x + bx) * f, (y + by) * f, bw * f, bh * f)
+            # Pillow's reduce = rounded f x f box mean, ~10x faster than a numpy reshape-sum
+            out[by : by + bh, bx : bx + bw] = np.asarray(Image.fromarray(block).reduce(f))
+
+        blocks = [(by, bx) for by in range(0, h, step) for bx in range(0, w, step)]
+        if len(blocks) == 1:
+            fill(*blocks[0])
+        else:  # decoding (OpenSlide, tifffile codecs) and Pillow release the GIL
+            list(_block_pool().map(lambda b: fill(*b), blocks))  # list() re-raises a block's error
         return out
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _block_pool() -> ThreadPoolExecutor:
+    """Shared threads for the blocks of a large built-level read (workers never submit work)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="histo-slide")
+        return _POOL
 
 
 def _pil_to_rgb(im: Image.Image) -> np.ndarray:
