@@ -1,0 +1,227 @@
+"""``histo-wsss train-cls`` and ``histo-wsss pseudo-masks``: stage one from the command line.
+
+Both are thin: they build a :class:`~..core.train.TrainConfig` / pseudo-mask settings from the
+options, drive the core generators and show their events on a tqdm progress bar. Ctrl-C asks the
+trainer to stop at the next step (it checkpoints, and ``--resume`` continues); a second Ctrl-C
+aborts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import signal
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from tqdm import tqdm
+
+# TrainConfig fields settable from the command line: option -> (field, type, help).
+_TRAIN_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "--method": ("method", str, "cam (plain CAM classifier) or segmix (tile-shuffle curriculum)"),
+    "--epochs": ("epochs", int, "number of epochs"),
+    "--batch-size": ("batch_size", int, "patches per step"),
+    "--lr": ("lr", float, "learning rate of the pretrained backbone (new layers: x head_lr_mult)"),
+    "--backbone": ("backbone", str, "efficientnet-lite0/1/2, resnet18/34/50"),
+    "--weights": ("weights", str, "imagenet, none, or a .pth checkpoint path"),
+    "--output-stride": ("output_stride", int, "8, 16 or 32 (smaller = sharper CAMs, slower)"),
+    "--device": ("device", str, "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps"),
+    "--seed": ("seed", int, "random seed (CPU runs repeat exactly)"),
+    "--patch-size": ("patch_size", int, "patch side the images are resized to (default: their own size)"),
+    "--cam-mode": ("cam_mode", str, "CAMs for validation pseudo-masks: last (classic) or multi (multi-layer fusion)"),
+    "--feedback": ("feedback", str, "auto, miou (val pseudo-mask mIoU) or loss (val loss): drives SegMix and best.pt"),
+    "--val-fraction": ("val_fraction", float, "training patches held out for the val loss when there are no val masks"),
+    "--val-max-images": ("val_max_images", int, "score at most this many validation images per epoch"),
+    "--num-workers": ("num_workers", int, "data-loading worker processes (0 = in the training process)"),
+    "--max-steps-per-epoch": ("max_steps_per_epoch", int, "cap the steps of an epoch"),
+    "--pda-start-epoch": ("pda_start_epoch", int, "first epoch (0-based) of Progressive Dropout Attention"),
+    "--pscl-weight": ("pscl_weight", float, "weight of the contrastive term"),
+}
+_TRAIN_FLAGS: dict[str, tuple[str, bool, str]] = {
+    "--pda": ("pda", True, "MLPS Progressive Dropout Attention"),
+    "--pscl": ("pscl", True, "PSCL-style supervised contrastive term"),
+    "--no-amp": ("amp", False, "full precision on GPUs too"),
+    "--no-augment": ("augment", False, "no flips/rotations/colour jitter"),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-cls",
+        help="train the stage-one CAM classifier on weakly labelled patches",
+        description=(
+            "Train a multi-label CAM classifier on DATASET (any supported layout: make-patches output, "
+            "LUAD-HistoSeg, BCSS-WSSS, WSSS4LUAD, a project folder) into RUN_DIR (config.json, classes.json, "
+            "metrics.jsonl, checkpoints/last.pt and best.pt). Validation images with masks (DATASET/val) drive "
+            "the SegMix curriculum and the choice of best.pt by pseudo-mask mIoU; without them a share of the "
+            "patches is held out for a validation loss. Ctrl-C stops after the current step with a checkpoint; "
+            "--resume continues it (only --epochs, --device, --num-workers, --val-max-images and --no-amp may change)."
+        ),
+    )
+    p.add_argument("dataset", help="dataset folder (or a project folder / project.json)")
+    p.add_argument("run_dir", help="run folder to create (or to continue with --resume)")
+    p.add_argument("--classes", default=None, help="class preset or classes JSON (default: from the dataset)")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
+    for opt, (_f, typ, help_) in _TRAIN_OPTIONS.items():
+        p.add_argument(opt, type=typ, default=None, help=help_)
+    for opt, (_f, _v, help_) in _TRAIN_FLAGS.items():
+        p.add_argument(opt, action="store_true", help=help_)
+    p.add_argument("--json", action="store_true", help="print one JSON line per epoch instead of a progress bar")
+    p.set_defaults(func=run_train)
+
+    q = subparsers.add_parser(
+        "pseudo-masks",
+        help="CAMs -> pseudo-masks (palette PNGs) for a folder of images with a trained classifier",
+        description=(
+            "For every image of IMAGES_DIR write OUT_DIR/<same stem>.png, a palette PNG of class indices in the "
+            "class colours (index C = background). Classes are gated by the labels in the file names "
+            "(--labels names), by the classes present in masks of the same names (--labels MASK_DIR), or by the "
+            "predicted probabilities (default). --cams also writes the float CAMs."
+        ),
+    )
+    q.add_argument("run_dir", help="a train-cls run folder")
+    q.add_argument("images_dir", help="folder of images (any size; large ones are tiled)")
+    q.add_argument("out_dir", help="output folder for the palette PNGs")
+    q.add_argument("--cams", nargs="?", const="", default=None, metavar="DIR",
+                   help="also write float16 CAM arrays (C, H, W) as .npy (default folder: OUT_DIR/cams)")
+    q.add_argument("--labels", default=None, help="'names' or a folder of masks; default: gate by predicted probability")
+    q.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path (default best)")
+    q.add_argument("--mode", choices=["last", "multi"], default=None, help="CAM type (default: the run's cam_mode)")
+    q.add_argument("--prob-threshold", type=float, default=0.5, help="probability that switches a class on (default 0.5)")
+    q.add_argument("--bg-threshold", type=float, default=0.0, help="normalised CAM score below which a pixel is background")
+    q.add_argument("--flip", action="store_true", help="average CAMs with the horizontally flipped image")
+    q.add_argument("--tile", type=int, default=None, help="force tiling at this size (default: whole image up to 1024 px)")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    q.set_defaults(func=run_pseudo_masks)
+
+
+class _StopOnSigint:
+    """Context manager: the first Ctrl-C sets a flag polled by the core, a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("stopping after the current step (Ctrl-C again to abort)...")
+
+    def __enter__(self) -> "_StopOnSigint":
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from ..core.errors import TrainingError
+    from ..core.train import TrainConfig
+
+    given = {field: getattr(args, opt[2:].replace("-", "_")) for opt, (field, _t, _h) in _TRAIN_OPTIONS.items()}
+    given = {k: v for k, v in given.items() if v is not None}
+    for opt, (field, value, _h) in _TRAIN_FLAGS.items():
+        if getattr(args, opt[2:].replace("-", "_")):
+            given[field] = value
+    saved = Path(args.run_dir) / "config.json"
+    if args.resume and saved.is_file():
+        try:
+            base = TrainConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            raise TrainingError(f"{saved}: unreadable run config: {e}") from e
+        return dataclasses.replace(base, **given)
+    return TrainConfig(**given)
+
+
+def _drive(events: Iterator[Any], bar_desc: str, on_event: Callable[[Any, tqdm], None] | None = None) -> Any:
+    """Show a generator of ProgressEvents on a tqdm bar; return the last event. The bar opens
+    with the first event, so errors found before any work are printed alone."""
+    first = next(events, None)
+    if first is None:
+        return None
+    last = None
+    with tqdm(total=None, desc=bar_desc, unit="step", dynamic_ncols=True) as bar:
+        for ev in itertools.chain([first], events):
+            last = ev
+            if ev.steps:
+                total = ev.steps * (ev.epochs or 1)
+                done = max(ev.epoch - 1, 0) * ev.steps + ev.step if ev.epochs else ev.step
+                if ev.kind in ("epoch", "done"):
+                    done = ev.epoch * ev.steps if ev.epochs else ev.steps
+                bar.total = total
+                bar.n = min(done, total)
+            post = {}
+            if ev.epochs:
+                post["epoch"] = f"{ev.epoch}/{ev.epochs}"
+            if ev.loss is not None:
+                post["loss"] = f"{ev.loss:.4f}"
+            bar.set_postfix(post, refresh=False)
+            bar.refresh()
+            if on_event is not None:
+                on_event(ev, bar)
+            elif ev.kind in ("log", "start", "cancelled") and ev.message:
+                tqdm.write(ev.message)
+    return last
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..core.datasets import load_dataset
+    from ..core.train import train_classifier
+
+    spec = load_dataset(args.dataset, classes=args.classes)
+    cfg = _config(args)
+
+    def show(ev: Any, bar: tqdm) -> None:
+        if ev.kind == "epoch":
+            m = ev.metrics
+            if args.json:
+                tqdm.write(json.dumps(m))
+                return
+            parts = [f"epoch {ev.epoch}/{ev.epochs}", f"train loss {m['train_loss']:.4f}"]
+            if m.get("val_miou") is not None:
+                parts.append(f"val mIoU {m['val_miou']:.4f}")
+            if m.get("val_loss") is not None:
+                parts.append(f"val loss {m['val_loss']:.4f}")
+            seg = m.get("segmix")
+            if seg:
+                parts.append(f"segmix tile {seg['tile'] or '-'} share {seg['share']:.2f} -> tile {seg['next_tile'] or '-'}")
+            parts.append(f"{m['patches_per_s']:.1f} patches/s (data {100 * m['data_s'] / max(m['data_s'] + m['compute_s'], 1e-9):.0f}%)")
+            tqdm.write(" | ".join(parts))
+        elif ev.kind in ("log", "start", "cancelled", "done") and ev.message:
+            tqdm.write(ev.message)
+
+    with _StopOnSigint() as stop:
+        last = _drive(train_classifier(spec, args.run_dir, cfg, resume=args.resume, should_stop=stop), "train-cls", show)
+    if last is not None and last.kind == "cancelled":
+        print(f"cancelled; continue with: histo-wsss train-cls {args.dataset} {args.run_dir} --resume")
+        return 130
+    return 0
+
+
+def run_pseudo_masks(args: argparse.Namespace) -> int:
+    from ..core.cams import PseudoMaskSettings, generate_pseudo_masks
+    from ..core.device import pick_device
+    from ..core.train import load_run
+
+    device = pick_device(args.device)
+    model, classes, cfg = load_run(args.run_dir, args.checkpoint, map_location=device)
+    settings = PseudoMaskSettings(mode=args.mode or cfg.cam_mode, window=cfg.patch_size, tile=args.tile,
+                                  flip=args.flip, prob_threshold=args.prob_threshold, bg_threshold=args.bg_threshold)
+    cams_dir = None
+    if args.cams is not None:
+        cams_dir = Path(args.cams) if args.cams else Path(args.out_dir) / "cams"
+    with _StopOnSigint() as stop:
+        last = _drive(generate_pseudo_masks(model, classes, args.images_dir, args.out_dir, settings, cams_dir=cams_dir,
+                                            labels=args.labels, device=device, should_stop=stop), "pseudo-masks")
+    if last is not None and last.kind == "cancelled":
+        return 130
+    if last is not None:
+        print(last.message)
+    return 0
