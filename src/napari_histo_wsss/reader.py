@@ -23,13 +23,8 @@ import numpy as np
 from PIL import Image
 
 from .core.errors import SlideError
-from .core.slide import Slide, open_slide
+from .core.slide import SLIDE_SUFFIXES, Slide, open_slide
 
-#: Lower-case file suffixes this reader claims (OpenSlide vendor formats, TIFF, plain images).
-SLIDE_SUFFIXES = (
-    ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm",
-    ".tif", ".tiff", ".png", ".jpg", ".jpeg",
-)
 #: Suffixes of patch files taken from a folder.
 PATCH_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 

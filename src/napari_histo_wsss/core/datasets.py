@@ -102,9 +102,14 @@ def list_images(folder: str | Path) -> dict[str, Path]:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 RGB ``(H, W, 3)``; DatasetError naming the file on failure."""
+    """Read an image file as uint8 RGB ``(H, W, 3)``; DatasetError naming the file on failure.
+
+    Float and 16/32-bit greyscale images are refused rather than converted: Pillow would clip
+    them to 0..255, silently turning a [0, 1] image (or one holding NaN/Inf) into a black patch."""
     try:
         with Image.open(path) as im:
+            if im.mode in ("F", "I") or im.mode.startswith("I;"):
+                raise DatasetError(f"{path}: {im.mode} (float or 16/32-bit) image; expected an 8-bit RGB H&E image")
             return np.asarray(im.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: cannot read image: {e}") from e

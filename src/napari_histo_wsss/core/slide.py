@@ -412,6 +412,13 @@ def _chunk_side(tile: int, extent: int) -> int:
 
 
 # -- opening -------------------------------------------------------------------------------------
+#: Lower-case file suffixes opened as slides (OpenSlide vendor formats, TIFF, plain images).
+SLIDE_SUFFIXES = (
+    ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm",
+    ".tif", ".tiff", ".png", ".jpg", ".jpeg",
+)
+
+
 def open_slide(path: str | os.PathLike) -> Slide:
     """Open a whole-slide image or plain image lazily.
 
