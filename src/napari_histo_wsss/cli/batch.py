@@ -1,0 +1,138 @@
+"""``histo-wsss predict-many``: whole-slide prediction of many slides with Dask.
+
+Thin over :func:`~..core.batch.predict_many`: collects the slides (files, folders, ``.txt``
+lists), starts a LocalCluster or connects to a scheduler, prints one line per finished slide and
+a summary table, and exits non-zero when any slide failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..core.errors import HistoWSSSError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict-many",
+        help="predict many slides with a trained segmenter, scheduled with Dask",
+        description=(
+            "Predict every slide of SLIDES (slide files, folders of slides, or .txt files listing one slide path "
+            "per line) with the segmenter of RUN_DIR into OUT/<slide name>.ome.zarr (OME-Zarr label pyramids). "
+            "One Dask task per slide on a LocalCluster (default) or on the scheduler at --scheduler; a failing "
+            "slide is retried (--retries) and then reported, never skipped silently; the exit status is 1 when "
+            "any slide failed. Rerunning skips complete outputs and redoes interrupted (incomplete) ones."
+        ),
+    )
+    p.add_argument("run_dir", help="segmenter run folder (a train-seg output, or a stage-one run holding segmenter/)")
+    p.add_argument("slides", nargs="+", help="slide files, folders of slides, or .txt lists of slide paths")
+    p.add_argument("--out", required=True, help="output folder for the OME-Zarr predictions")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="address of a running Dask scheduler (e.g. tcp://host:8786); default: a local cluster")
+    p.add_argument("--workers", type=int, default=2, help="local cluster: number of worker processes (default 2)")
+    p.add_argument("--threads", action="store_true",
+                   help="local cluster: run the workers as threads of this process instead of processes")
+    p.add_argument("--retries", type=int, default=2, help="retries of a failed slide (default 2)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path (default best)")
+    p.add_argument("--tile", type=int, default=512, help="tile side in working pixels (default 512)")
+    p.add_argument("--overlap", type=int, default=64, help="tile overlap in working pixels (default 64)")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass (default 8)")
+    res = p.add_mutually_exclusive_group()
+    res.add_argument("--target-mpp", type=float, default=None,
+                     help="microns per pixel the model works at (the slide is resampled to it)")
+    res.add_argument("--downsample", type=float, default=None,
+                     help="level-0 pixels per working pixel (default: 1, full resolution)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--gate", action="store_true", help="switch off classes the stage-one classifier finds absent")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (per worker)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads per worker (default: local cluster cores / workers; remote: the worker's own)")
+    p.add_argument("--overwrite", action="store_true", help="recompute outputs that are already complete")
+    p.add_argument("--json", action="store_true", help="print the results as JSON lines instead of a table")
+    p.set_defaults(func=run_predict_many)
+
+
+def collect_slides(inputs: list[str]) -> list[Path]:
+    """Expand ``inputs`` into slide paths: a folder gives its slide files (by extension, not
+    recursive, dot-files skipped, sorted); a ``.txt`` file gives one path per line (blank lines
+    and ``#`` comments skipped; relative paths are relative to the list's folder); anything
+    else is taken as a slide path as is (a missing one then fails visibly as that slide)."""
+    from ..core.slide import SLIDE_SUFFIXES
+
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(c for c in p.iterdir()
+                           if c.is_file() and not c.name.startswith(".") and c.name.lower().endswith(SLIDE_SUFFIXES))
+            if not found:
+                raise HistoWSSSError(f"{p}: no slide files in this folder ({', '.join(SLIDE_SUFFIXES)})")
+            out.extend(found)
+        elif p.suffix.lower() == ".txt" and p.is_file():
+            try:
+                lines = p.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise HistoWSSSError(f"{p}: cannot read the slide list: {e}") from e
+            for line in lines:
+                entry = line.strip()
+                if entry and not entry.startswith("#"):
+                    q = Path(entry).expanduser()
+                    out.append(q if q.is_absolute() else p.parent / q)
+        else:
+            out.append(p)
+    unique = list(dict.fromkeys(out))  # a slide named twice is predicted once
+    if not unique:
+        raise HistoWSSSError("no slides given")
+    return unique
+
+
+def _table(results: list) -> str:
+    rows = [("slide", "status", "seconds", "tiles", "output / error")]
+    for r in results:
+        rows.append((r.slide.name, r.status, "-" if r.status == "failed" else f"{r.seconds:.1f}",
+                     "" if r.tiles is None else str(r.tiles),
+                     r.error if r.status == "failed" else str(r.out)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 14)
+    return "\n".join(lines)
+
+
+def run_predict_many(args: argparse.Namespace) -> int:
+    from ..core.batch import PredictSettings, SlideResult, predict_many
+
+    slides = collect_slides(args.slides)
+    settings = PredictSettings(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
+                               target_mpp=args.target_mpp, downsample=args.downsample, tta=args.tta,
+                               which=args.checkpoint, gate=args.gate, device=args.device,
+                               torch_threads=args.torch_threads, overwrite=args.overwrite)
+    where = args.scheduler or f"a local cluster of {args.workers} {'thread' if args.threads else 'process'} worker(s)"
+    if not args.json:
+        print(f"predicting {len(slides)} slide(s) on {where} into {args.out}", flush=True)
+    done = 0
+
+    def report(res: SlideResult) -> None:
+        nonlocal done
+        done += 1
+        if args.json:
+            print(json.dumps(res.to_dict()), flush=True)
+        else:
+            detail = res.error if res.status == "failed" else f"{res.seconds:.1f} s"
+            print(f"[{done}/{len(slides)}] {res.slide.name}: {res.status} ({detail})", flush=True)
+
+    results = predict_many(args.run_dir, slides, args.out, settings, scheduler=args.scheduler, workers=args.workers,
+                           processes=not args.threads, retries=args.retries, on_result=report)
+    failed = [r for r in results if r.status == "failed"]
+    if not args.json:
+        counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+        print()
+        print(_table(results))
+        print(f"\n{counts['done']} done, {counts['skipped']} skipped (already complete), {counts['failed']} failed")
+    if failed:
+        print(f"histo-wsss predict-many: {len(failed)} slide(s) failed: {', '.join(r.slide.name for r in failed)}",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,117 @@
+"""``histo-wsss export``: label images to OME-Zarr, pyramidal TIFF, palette PNG, QuPath GeoJSON,
+and a project's patch labels to CSV (all through ``core.export``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("ome-zarr", "tiff", "png", "geojson", "csv")
+_BY_SUFFIX = {".zarr": "ome-zarr", ".tif": "tiff", ".tiff": "tiff", ".png": "png", ".geojson": "geojson",
+              ".json": "geojson", ".csv": "csv"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a prediction or mask as OME-Zarr, pyramidal TIFF, palette PNG or QuPath GeoJSON; patch labels as CSV",
+        description=(
+            "INPUT: an OME-Zarr written by 'predict', a class-index mask image (with --classes), or a project "
+            "folder (with --slide and --mask NAME, e.g. pseudo, corrected, prediction; or OUT.csv for its "
+            "patch labels). The format follows OUT's extension (.ome.zarr, .tif, .png, .geojson, .csv) unless "
+            "--format is given. GeoJSON coordinates are level-0 pixels (QuPath: File > Import objects)."
+        ),
+    )
+    p.add_argument("input", help="prediction .ome.zarr, mask image, or project folder")
+    p.add_argument("out", help="output file (or .ome.zarr folder)")
+    p.add_argument("--format", choices=FORMATS, default=None, help="output format (default: from OUT's extension)")
+    p.add_argument("--classes", default=None, help="class preset or classes JSON for a mask image (default wsss4luad)")
+    p.add_argument("--downsample", type=float, default=1.0,
+                   help="level-0 pixels per pixel of a mask image (default 1)")
+    p.add_argument("--slide", default=None, help="project slide id (with --mask)")
+    p.add_argument("--mask", default=None, help="project mask name: pseudo, corrected, prediction, ...")
+    p.add_argument("--max-side", type=int, default=16384,
+                   help="GeoJSON/PNG from a pyramid: the finest level whose longer side is at most this (default 16384)")
+    p.add_argument("--include-background", action="store_true", help="GeoJSON: export background polygons too")
+    p.add_argument("--min-area", type=float, default=0.0, help="GeoJSON: drop regions smaller than this (label pixels)")
+    p.add_argument("--merge", action="store_true", help="GeoJSON: one MultiPolygon feature per class")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OME-Zarr output")
+    p.set_defaults(func=run)
+
+
+def _format(out: Path, given: str | None) -> str:
+    from ..core.errors import HistoWSSSError
+
+    if given:
+        return given
+    name = out.name.lower()
+    if name.endswith(".ome.zarr") or name.endswith(".zarr"):
+        return "ome-zarr"
+    fmt = _BY_SUFFIX.get(out.suffix.lower())
+    if fmt is None:
+        raise HistoWSSSError(f"{out}: cannot tell the format from the extension; use --format ({', '.join(FORMATS)})")
+    return fmt
+
+
+def _source(args: argparse.Namespace) -> tuple[list[Any], list[float], Any, float | None]:
+    """(levels as class-index arrays, their downsamples, class table, mpp) of the input."""
+    from ..core.datasets import read_index_mask, resolve_classes
+    from ..core.errors import HistoWSSSError
+
+    src = Path(args.input)
+    if src.is_dir() and ((src / ".zgroup").is_file() or (src / "zarr.json").is_file()):
+        from ..core.export import open_label_pyramid
+
+        pyr = open_label_pyramid(src)
+        return pyr.index_levels(), pyr.level_downsamples, pyr.classes, pyr.meta.get("mpp")
+    if src.is_dir() or src.name == "project.json":
+        from ..core.project import Project
+
+        project = Project.open(src)
+        if not (args.slide and args.mask):
+            raise HistoWSSSError(f"{src}: a project export needs --slide and --mask (or an OUT.csv for the patch labels)")
+        found = project.read_mask(args.slide, args.mask)
+        if found is None:
+            raise HistoWSSSError(f"{src}: slide {args.slide} has no mask {args.mask!r}")
+        arr, ds = found
+        if arr.ndim != 2:
+            raise HistoWSSSError(f"{src}: mask {args.mask!r} is a {arr.ndim}-D stack, not a label image")
+        return [arr.astype("uint8")], [ds], project.classes, project.slides[args.slide].mpp
+    if not src.is_file():
+        raise HistoWSSSError(f"{src}: input not found")
+    classes = resolve_classes(args.classes or "wsss4luad")
+    return [read_index_mask(src, classes)], [float(args.downsample)], classes, None
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..core import export
+
+    out = Path(args.out)
+    fmt = _format(out, args.format)
+    if fmt == "csv":
+        from ..core.project import Project
+
+        project = Project.open(args.input)
+        export.export_patch_labels_csv(project.patch_labels(args.slide), out)
+        print(f"wrote {out}")
+        return 0
+    levels, downsamples, classes, mpp = _source(args)
+    if fmt == "ome-zarr":
+        export.export_ome_zarr(levels[0], out, classes, downsample=downsamples[0], mpp=mpp, overwrite=args.overwrite)
+    elif fmt == "tiff":
+        export.export_tiff(levels, out, classes, downsample=downsamples[0], mpp=mpp)
+    else:
+        k = export.level_for_max_side([tuple(lv.shape) for lv in levels], args.max_side)
+        arr = np.asarray(levels[k])
+        if fmt == "png":
+            export.export_palette_png(arr, out, classes)
+        else:
+            export.export_geojson(arr, out, classes, downsample=downsamples[k], include_background=args.include_background,
+                                  min_area=args.min_area, merge=args.merge)
+        if k:
+            print(f"used pyramid level {k} ({arr.shape[1]}x{arr.shape[0]} px, downsample {downsamples[k]:g})")
+    print(f"wrote {out}")
+    return 0

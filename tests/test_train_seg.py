@@ -1,0 +1,235 @@
+"""Stage-two training: MLPS weighted losses, OEEM, corrected pixels, pseudo-mask sets made from a
+real stage-one run on WSSS4LUAD patches, checkpoints, cancel + resume, synthesis switch, the fully
+supervised reference, and clear errors for bad masks."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from napari_histo_wsss.core.classes import get_preset
+from napari_histo_wsss.core.datasets import make_patches, read_index_mask
+from napari_histo_wsss.core.errors import DatasetError, TrainingError
+from napari_histo_wsss.core.train_seg import (
+    SegConfig,
+    SegDataset,
+    SegSample,
+    load_segmenter,
+    mlps_loss,
+    oeem_weights,
+    train_segmenter,
+)
+
+CLASSES = get_preset("wsss4luad")
+BG = CLASSES.background_index
+
+
+def tiny(**kw) -> SegConfig:
+    base = dict(epochs=1, batch_size=2, max_steps_per_epoch=2, val_max_images=1, warmup_steps=0, seed=0)
+    base.update(kw)
+    return SegConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def stage_one(wsss4luad_dir, tmp_path_factory):
+    """A real (tiny) stage-one run on 64-px WSSS4LUAD patches of three images, one held out."""
+    from napari_histo_wsss.core.train import TrainConfig, train_classifier
+
+    root = tmp_path_factory.mktemp("s1")
+    for sub in ("img", "mask"):
+        (root / "src" / sub).mkdir(parents=True)
+        for name in ("00.png", "03.png", "01.png"):
+            shutil.copy(wsss4luad_dir / "val" / sub / name, root / "src" / sub / name)
+    make_patches(root / "src" / "img", root / "src" / "mask", root / "patches", CLASSES, patch_size=64,
+                 stride=128, val_fraction=0.34, seed=1)
+    cfg = TrainConfig(method="cam", epochs=1, batch_size=4, max_steps_per_epoch=1, patch_size=64, val_max_images=1,
+                      warmup_steps=0)
+    events = list(train_classifier(root / "patches", root / "run", cfg))
+    assert events[-1].kind == "done"
+    return root
+
+
+def test_mlps_loss_is_weighted_cross_entropy_without_ignored_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    t = torch.randint(0, 3, (2, 8, 8))
+    one = mlps_loss(logits, t[:, None], (1.0,), BG)
+    assert one.item() == pytest.approx(F.cross_entropy(logits, t).item(), rel=1e-5)
+    same = mlps_loss(logits, torch.stack([t, t, t], 1), (0.6, 0.2, 0.2), BG)
+    assert same.item() == pytest.approx(one.item(), rel=1e-5)
+    ignored = t.clone()
+    ignored[:, :4] = BG
+    expected = F.cross_entropy(logits, ignored, ignore_index=BG)
+    assert mlps_loss(logits, ignored[:, None], (1.0,), BG).item() == pytest.approx(expected.item(), rel=1e-5)
+    other = torch.randint(0, 3, (2, 8, 8))
+    mixed = mlps_loss(logits, torch.stack([t, other], 1), (0.75, 0.25), BG)
+    ref = 0.75 * F.cross_entropy(logits, t) + 0.25 * F.cross_entropy(logits, other)
+    assert mixed.item() == pytest.approx(ref.item(), rel=1e-5)
+    weight = torch.ones(2, 8, 8)
+    weight[:, :, :4] = 3.0  # corrected pixels weigh more
+    ce = F.cross_entropy(logits, t, reduction="none")
+    ref = (ce * weight).sum() / weight.sum()
+    assert mlps_loss(logits, t[:, None], (1.0,), BG, weight).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_oeem_weights_favour_easy_pixels_on_multi_class_images():
+    loss = torch.tensor([[[0.1, 2.0], [0.5, 0.1]], [[0.1, 2.0], [0.5, 0.1]]])
+    valid = torch.ones_like(loss, dtype=torch.bool)
+    targets = torch.tensor([[[0, 1], [1, 0]], [[1, 1], [1, 1]]])
+    w = oeem_weights(loss, valid, targets, BG)
+    assert w[0].mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert w[0, 0, 0] > w[0, 1, 0] > w[0, 0, 1]
+    assert torch.all(w[1] == 1)  # single-class image: unweighted
+    logits = torch.randn(2, 3, 2, 2)
+    assert torch.isfinite(mlps_loss(logits, targets[:, None], (1.0,), BG, oeem=True))
+
+
+def test_corrected_pixels_override_every_mask_set_and_weigh_more():
+    rgb = np.full((16, 16, 3), 128, np.uint8)
+    pseudo = np.zeros((16, 16), np.uint8)
+    corrected = np.full((16, 16), 2, np.uint8)
+    flag = np.zeros((16, 16), bool)
+    flag[:, :5] = True
+    s = SegSample("x", lambda: rgb, [lambda: pseudo.copy(), lambda: pseudo.copy()], np.array([1, 0, 1], np.uint8),
+                  corrected=lambda: (corrected, flag))
+    x, targets, weight, labels = SegDataset([s], CLASSES, 16, corrected_weight=4.0)[0]
+    assert targets.shape == (2, 16, 16)
+    assert (targets[:, :, :5] == 2).all() and (targets[:, :, 5:] == 0).all()
+    assert (weight[:, :5] == 4.0).all() and (weight[:, 5:] == 1.0).all()
+    bad = SegSample("y", lambda: rgb, [lambda: np.zeros((8, 16), np.uint8)], np.array([1, 0, 0], np.uint8))
+    with pytest.raises(DatasetError, match="mask set 1 is 16x8"):
+        SegDataset([bad], CLASSES, 16)[0]
+
+
+def test_train_segmenter_from_stage_one_run_with_resume(stage_one):
+    run = stage_one / "run"
+    out = stage_one / "seg"
+    events = list(train_segmenter(run, config=tiny(), dataset=stage_one / "patches", out_dir=out))
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "done" and "epoch" in kinds and "checkpoint" in kinds
+    n_train = len(list((stage_one / "patches" / "train").glob("*.png")))
+    for name in ("fused", "last", "shallow"):  # the three MLPS pseudo-mask sets
+        masks = list((out / "pseudo" / name).glob("*.png"))
+        assert len(masks) == n_train
+    start = next(e for e in events if e.kind == "start")
+    assert "3 mask set(s) weighted [0.6, 0.2, 0.2]" in start.message
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["epoch"] == 1 and 0 <= row["val_miou"] <= 1
+    model, classes, cfg, meta = load_segmenter(out)
+    assert classes.names == CLASSES.names and meta["patch_size"] == 64
+    assert model.aux is None and meta["stage_one"] == str(run)
+    with pytest.raises(TrainingError, match="already holds"):
+        list(train_segmenter(run, config=tiny(), dataset=stage_one / "patches", out_dir=out))
+    events = list(train_segmenter(run, config=tiny(epochs=2), dataset=stage_one / "patches", out_dir=out, resume=True))
+    assert events[-1].kind == "done"
+    assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # the trained segmenter predicts a folder of held-out images
+    from napari_histo_wsss.core.infer import predict_folder, segmenter_predict_fn
+
+    model, classes, _, _ = load_segmenter(out)
+    val_img = stage_one / "patches" / "val" / "img"
+    list(predict_folder(val_img, stage_one / "pred", segmenter_predict_fn(model, classes), classes, tile=128, overlap=16))
+    for p in val_img.iterdir():
+        assert np.asarray(Image.open(stage_one / "pred" / p.name)).shape == np.asarray(Image.open(p)).shape[:2]
+
+
+def test_cancel_saves_position_and_resume_finishes(stage_one):
+    out = stage_one / "seg-cancel"
+    pseudo = stage_one / "seg" / "pseudo" / "fused"
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 1
+
+    events = list(train_segmenter(stage_one / "run", pseudo, tiny(max_steps_per_epoch=3), dataset=stage_one / "patches",
+                                  out_dir=out, should_stop=stop))
+    assert events[-1].kind == "cancelled" and (out / "checkpoints" / "last.pt").is_file()
+    from napari_histo_wsss.core.models import load_checkpoint
+
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["extra"]["batch"] == 1
+    events = list(train_segmenter(stage_one / "run", pseudo, tiny(max_steps_per_epoch=3), dataset=stage_one / "patches",
+                                  out_dir=out, resume=True))
+    assert events[-1].kind == "done"
+    assert sum(e.kind == "step" for e in events) == 2  # steps 2 and 3 only
+
+
+def test_synthesis_switch_trains_with_consistency(stage_one):
+    out = stage_one / "seg-synth"
+    cfg = tiny(synthesis=("mosaic", "bezier"), synthesis_count=4, filter_steps=3, batch_size=4)
+    events = list(train_segmenter(stage_one / "run", stage_one / "seg" / "pseudo" / "fused", cfg,
+                                  dataset=stage_one / "patches", out_dir=out))
+    assert events[-1].kind == "done"
+    assert any("realness filter kept 4 of 8" in e.message for e in events)
+    model, _, cfg2, _ = load_segmenter(out)
+    assert model.aux is not None and cfg2.synthesis == ("mosaic", "bezier")
+
+
+def test_full_supervision_uses_ground_truth_crops(stage_one):
+    from napari_histo_wsss.core.datasets import load_dataset
+    from napari_histo_wsss.core.train_seg import _source_masks
+
+    spec = load_dataset(stage_one / "patches")
+    loaders = _source_masks(spec)
+    sample = spec.train[0]
+    stem, x, y = sample.name.rsplit("-", 1)[0].rsplit("_", 2)
+    gt = read_index_mask(stage_one / "src" / "mask" / f"{stem}.png", CLASSES)
+    crop = np.full((64, 64), BG, np.uint8)
+    part = gt[int(y):int(y) + 64, int(x):int(x) + 64]
+    crop[: part.shape[0], : part.shape[1]] = part
+    assert (loaders[0]() == crop).all()
+    events = list(train_segmenter(stage_one / "run", None, tiny(supervision="full", max_steps_per_epoch=1),
+                                  dataset=spec, out_dir=stage_one / "seg-full"))
+    assert events[-1].kind == "done" and "ground truth" in next(e for e in events if e.kind == "start").message
+
+
+def test_bad_mask_folders_and_runs_are_clear_errors(stage_one, tmp_path):
+    masks = tmp_path / "masks"
+    shutil.copytree(stage_one / "seg" / "pseudo" / "fused", masks)
+    victim = sorted(masks.glob("*.png"))[0]
+    victim.unlink()
+    with pytest.raises(DatasetError, match="no mask for 1 of"):
+        list(train_segmenter(stage_one / "run", masks, tiny(), dataset=stage_one / "patches", out_dir=tmp_path / "o"))
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(victim)
+    with pytest.raises(DatasetError, match="mask is 12x10 px"):
+        list(train_segmenter(stage_one / "run", masks, tiny(), dataset=stage_one / "patches", out_dir=tmp_path / "o"))
+    with pytest.raises(TrainingError, match="not found"):
+        list(train_segmenter(tmp_path / "no-run", masks, tiny()))
+    with pytest.raises(TrainingError, match="does not record its training dataset"):
+        list(train_segmenter(stage_one / "run", masks, tiny(), out_dir=tmp_path / "o"))
+
+
+def test_project_corrections_override_pseudo_mask(stage_one, cmu_svs, tmp_path):
+    """A project: labelled patches read from the slide, the project's pseudo-mask cropped to them,
+    the pathologist's corrected pixels overriding it with a higher weight."""
+    from napari_histo_wsss.core.datasets import load_dataset
+    from napari_histo_wsss.core.project import Project
+    from napari_histo_wsss.core.train_seg import _project_samples
+
+    project = Project.create(tmp_path / "p.wsss", CLASSES, patch_size=64, target_mpp=2.0)
+    sid = project.add_slide(cmu_svs)
+    size0 = 256  # 64 px at 2 um/px on a ~0.5 um/px slide
+    project.set_patch_labels(sid, [512, 1024], [1024, 1024], size0, np.array([[1, 1, 0], [0, 1, 0]]))
+    pseudo = np.zeros((2967 // 16 + 1, 2220 // 16 + 1), np.uint8)  # tumour everywhere
+    corrected = np.full_like(pseudo, 1)  # corrected to stroma ...
+    flag = np.zeros(pseudo.shape, bool)
+    flag[:, : 1024 // 16 + 8] = True  # ... left of x = 1152
+    project.write_mask(sid, "pseudo", pseudo, 16.0)
+    project.write_mask(sid, "corrected", corrected, 16.0)
+    project.write_mask(sid, "corrected_flag", flag, 16.0)
+    spec = load_dataset(tmp_path / "p.wsss")
+    samples = sorted(_project_samples(spec), key=lambda s: s.name)
+    item = SegDataset(samples, CLASSES, 64, corrected_weight=3.0)
+    _, t0, w0, _ = item[0]  # x 1024..1280: left half corrected
+    assert (t0[0, :, :30] == 1).all() and (t0[0, :, 34:] == 0).all()
+    assert (w0[:, :30] == 3.0).all() and (w0[:, 34:] == 1.0).all()
+    _, t1, w1, _ = item[1]  # x 512..768: all corrected
+    assert (t1 == 1).all() and (w1 == 3.0).all()
+    events = list(train_segmenter(stage_one / "run", None, tiny(max_steps_per_epoch=1), dataset=spec,
+                                  out_dir=tmp_path / "seg"))
+    assert events[-1].kind == "done"
+    assert "project pseudo-mask + corrections" in next(e for e in events if e.kind == "start").message
