@@ -1,0 +1,247 @@
+"""Segmenter panel: stage two trained on the (corrected) pseudo-masks, then the whole slide predicted.
+
+Train: the project's labelled patches with their saved pseudo-masks and the pathologist's
+corrections (Review panel; corrected pixels override and weigh more) are the training set of
+:func:`core.train_seg.train_segmenter` (learning from a chosen stage-one classifier run), run in
+the background with the same progress, ETA, live loss plot, cancel and resume as the classifier
+(:class:`~.training.TrainingWidget`, whose form, run list, plot and progress handling this panel
+shares). Predict: :func:`core.infer.predict_slide` writes an OME-Zarr label pyramid into
+the run folder tile by tile; when it is complete it is shown as a multiscale Labels layer with the
+class colours (read-only: corrections belong on the pseudo-mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QPushButton, QSpinBox, QWidget
+
+from ._common import form_group, guarded, label_colormap
+from ._state import GuiError
+from .training import TrainingWidget, _read_json, list_runs
+
+PREDICTION_LAYER = "prediction"
+
+
+class Stage2Widget(TrainingWidget):
+    """Train the stage-two segmenter on corrected pseudo-masks; predict the current slide."""
+
+    heading = "Segmenter and slide prediction"
+    run_prefix = "seg-"
+    task_key = "train-seg"
+    task_title = "Segmenter training"
+    has_method = False
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(napari_viewer, parent)
+        self.prediction_path: Path | None = None
+        self.settings_form.setRowVisible(self.method, False)
+        self.source.setToolTip("the stage-one classifier run whose pseudo-masks the segmenter learns from")
+        self.session.mask_saved.connect(self._refresh_data)
+        self.session.runs_changed.connect(self._refresh_data)
+        label = self.data_form.labelForField(self.source)
+        if label is not None:
+            label.setText("Classifier run")
+
+        box, form = form_group("Predict the slide")
+        self.pred_tile = QSpinBox()
+        self.pred_tile.setRange(64, 4096)
+        self.pred_tile.setSingleStep(64)
+        self.pred_tile.setValue(512)
+        self.pred_tile.setSuffix(" px")
+        form.addRow("Tile", self.pred_tile)
+        self.pred_overlap = QSpinBox()
+        self.pred_overlap.setRange(0, 1024)
+        self.pred_overlap.setValue(64)
+        self.pred_overlap.setSuffix(" px")
+        form.addRow("Overlap", self.pred_overlap)
+        self.tta = QCheckBox("flip test-time augmentation")
+        form.addRow(self.tta)
+        self.gate = QCheckBox("gate classes with the stage-one classifier")
+        self.gate.setToolTip("MLPS test-time gating: classes the classifier finds absent in a tile are switched off")
+        form.addRow(self.gate)
+        row = QHBoxLayout()
+        self.predict_btn = QPushButton("Predict slide")
+        self.predict_btn.clicked.connect(self._on_predict)
+        self.pred_cancel_btn = QPushButton("Cancel")
+        self.pred_cancel_btn.clicked.connect(self._on_pred_cancel)
+        row.addWidget(self.predict_btn)
+        row.addWidget(self.pred_cancel_btn)
+        form.addRow(row)
+        # keep the status line last
+        self.main_layout.insertWidget(self.main_layout.indexOf(self.status), box)
+
+        self.pred_task = self.session.task("predict", "Slide prediction")
+        self.pred_task.finished.connect(self._on_pred_finished)
+        self.watch(self.pred_task)
+
+    # -- training data (overrides of the classifier panel) -----------------------------------------
+    def _build_source_items(self) -> list[str]:
+        return []  # filled with the project's classifier runs (stage one) by _refresh_data
+
+    def _trains_on_project(self) -> bool:
+        return True
+
+    def _refresh_data(self, *_: Any) -> None:
+        self._fill_stage_one_runs()
+        p = self.session.project
+        if p is None:
+            self.data_label.setText("no project open")
+            return
+        slides = [sid for sid in p.slides if "pseudo" in p.mask_names(sid)]
+        n = len(p.patch_labels())
+        self.data_label.setText(
+            f"{n} labelled patches; pseudo-masks (with corrections) of {len(slides)} slide(s): {', '.join(slides)}"
+            if slides else "no pseudo-masks yet: compute and correct them in the Review panel")
+
+    def _fill_stage_one_runs(self) -> None:
+        current = self.source.currentText()
+        self.source.blockSignals(True)
+        self.source.clear()
+        p = self.session.project
+        if p is not None:
+            for r in list_runs(Path(p.runs_dir), "cls-"):
+                self.source.addItem(r.name, str(r))
+        if current:
+            self.source.setCurrentText(current)
+        self.source.blockSignals(False)
+
+    def dataset(self) -> Any:
+        """The project's labelled patches; their masks are the saved pseudo-masks and corrections."""
+        from ..core.datasets import load_dataset
+
+        project = self.session.require_project()
+        table = project.patch_labels()
+        if len(table) == 0:
+            raise GuiError("no labelled patches yet: label patches in the Patch labelling panel first")
+        missing = sorted({str(s) for s in table.slide_id} - {sid for sid in project.slides if "pseudo" in project.mask_names(sid)})
+        if missing:
+            raise GuiError(f"slide(s) {', '.join(missing)} have labelled patches but no pseudo-mask: compute their CAMs "
+                           "in the Review panel first")
+        return load_dataset(project.root)
+
+    def config(self, **overrides: Any) -> Any:
+        """A :class:`core.train_seg.SegConfig` from the form (plus ``overrides``)."""
+        from ..core.train_seg import SegConfig
+
+        return self._config_from_form(SegConfig, overrides)
+
+    def _load_run_config(self, run_dir: Path) -> Any:
+        from ..core.train_seg import SegConfig
+
+        d = _read_json(run_dir / "config.json")
+        known = {f.name for f in dataclasses.fields(SegConfig)}
+        return SegConfig.from_dict({k: v for k, v in d.items() if k in known})
+
+    def _stage_one_run(self, run_dir: Path) -> Path:
+        """The classifier run a segmenter run learns from: recorded in its config, else the form's."""
+        cfg_path = run_dir / "config.json"
+        if cfg_path.is_file():
+            recorded = _read_json(cfg_path).get("stage_one")
+            if recorded:
+                return Path(recorded)
+        data = self.source.currentData()
+        if not data:
+            raise GuiError("no classifier run in this project yet: train one in the Training panel first")
+        return Path(data)
+
+    def _train_job(self, spec: Any, run_dir: Path, cfg: Any, resume: bool) -> Callable[[Callable[[], bool]], Iterator[Any]]:
+        from ..core.train_seg import train_segmenter
+
+        stage_one = self._stage_one_run(run_dir)
+
+        def job(should_stop: Callable[[], bool]) -> Iterator[Any]:
+            return train_segmenter(stage_one, None, cfg, dataset=spec, out_dir=run_dir, resume=resume,
+                                   should_stop=should_stop)
+
+        return job
+
+    # -- prediction ------------------------------------------------------------------------------
+    @guarded
+    def _on_predict(self, *_: Any) -> None:
+        self.predict()
+
+    @guarded
+    def _on_pred_cancel(self, *_: Any) -> None:
+        if not self.pred_task.running:
+            self.say("no prediction is running")
+            return
+        self.pred_task.cancel()
+        self.say("cancelling the prediction (the partial output stays marked incomplete)")
+
+    def predict(self, run_dir: str | Path | None = None) -> Path:
+        """Predict the current slide with a segmenter run (background); returns the output path."""
+        if self.pred_task.running:
+            raise GuiError("a prediction is already running: wait for it or press Cancel")
+        project = self.session.require_project()
+        sid, _slide = self.session.require_slide()
+        if run_dir is None:
+            data = self.runs.currentData()
+            if not data:
+                raise GuiError("no segmenter run in this project yet: train one first")
+            run_dir = data
+        run_dir = Path(run_dir)
+        out = run_dir / "predictions" / f"{sid}.ome.zarr"
+        slide_path = Path(project.slide_path(sid))
+        tissue = project.tissue(sid)
+        grid = self.session.require_grid()
+        ds = grid.downsample
+        tile, overlap = self.pred_tile.value(), min(self.pred_overlap.value(), self.pred_tile.value() // 2)
+        tta, gate, device = self.tta.isChecked(), self.gate.isChecked(), self.device.currentText()
+        classes = project.classes
+        stage_one = self._stage_one_run(run_dir) if gate else None
+
+        def job(should_stop: Callable[[], bool]) -> Iterator[Any]:
+            from ..core.infer import predict_slide, segmenter_predict_fn
+            from ..core.slide import open_slide
+            from ..core.train_seg import load_segmenter
+
+            model = load_segmenter(run_dir)[0]
+            gate_model = None
+            if stage_one is not None:
+                from ..core.train import load_run
+
+                gate_model = load_run(stage_one)[0]
+            dev = None if device == "auto" else device
+            fn = segmenter_predict_fn(model, classes, device=dev, gate=gate_model)
+            with open_slide(slide_path) as slide:
+                yield from predict_slide(slide, fn, out, tile=tile, overlap=overlap, tissue=tissue, tta=tta,
+                                         should_stop=should_stop, classes=classes, downsample=ds, overwrite=True)
+
+        self.prediction_path = out
+        self.pred_task.start(job, f"Prediction of {sid}")
+        self.say(f"predicting {sid} with {run_dir.name} into {out}")
+        return out
+
+    def _on_pred_finished(self, outcome: str) -> None:
+        if outcome != "done" or self.prediction_path is None:
+            if outcome == "cancelled":
+                self.say("prediction cancelled; its partial output is marked incomplete and not shown")
+            return
+        try:
+            self.show_prediction(self.prediction_path)
+        except Exception as e:  # noqa: BLE001 - a bad output must end as a message
+            self.fail(f"could not show the prediction: {e}")
+            return
+        self.say(f"prediction of {self.session.slide_id} shown as the '{PREDICTION_LAYER}' layer", notify=True)
+
+    def show_prediction(self, path: str | Path) -> Any:
+        """Show a complete prediction pyramid as a multiscale Labels layer over the slide."""
+        from ..core.export import open_label_pyramid
+
+        project = self.session.require_project()
+        pyr = open_label_pyramid(path)
+        levels = pyr.levels
+        names = ["unlabelled"] + project.classes.names + ["background / exclude"]
+        layer = self.session.replace_layer(
+            PREDICTION_LAYER, self.viewer.add_labels, data=levels if len(levels) > 1 else levels[0],
+            multiscale=len(levels) > 1, colormap=label_colormap(project.classes.label_colormap()), opacity=0.6,
+            features={"index": np.arange(len(names)), "class": names}, **self.session.overlay_transform(pyr.downsample),
+        )
+        layer.editable = False
+        layer.metadata["histo_wsss"] = "prediction"
+        layer.metadata["path"] = str(path)
+        return layer

@@ -1,0 +1,148 @@
+"""Bad input in the GUI ends as a clear sentence in the panel, never a traceback or lost labels.
+
+Buttons are clicked with qtbot (their slots are the ones users trigger); pytest-qt fails a test
+on any exception escaping a Qt slot, so "no traceback" is checked on every click.
+Run: xvfb-run -a -s "-screen 0 1600x1200x24" python -m pytest tests/test_widgets_errors.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("napari")
+from _widget_helpers import (  # noqa: E402
+    WAIT_MS,
+    click,
+    label_some_patches,
+    open_panels,
+    press,
+    tiny_training_form,
+    world_of_patch,
+)
+from qtpy.QtCore import Qt  # noqa: E402
+
+from napari_histo_wsss.core.project import Project  # noqa: E402
+
+
+def push(qtbot, button) -> None:
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+
+
+def test_bad_input_gives_messages_not_tracebacks(make_napari_viewer, qtbot, tmp_path, cmu_svs):
+    viewer, w = open_panels(make_napari_viewer)
+    proj, lab, tr, rv, ex = (w[k] for k in ("Project", "Patch labelling", "Training", "Review and correct",
+                                            "Export and metrics"))
+    # no project
+    push(qtbot, tr.start_btn)
+    assert "no project open" in tr.status.text()
+    push(qtbot, rv.compute_btn)
+    assert "no project open" in rv.status.text()
+    push(qtbot, ex.export_btn)
+    assert "no project open" in ex.status.text()
+    push(qtbot, proj.create_btn)  # no folder typed
+    assert "project folder" in proj.status.text()
+    # a project but no slide
+    proj.path_edit.setText(str(tmp_path / "p.wsss"))
+    push(qtbot, proj.create_btn)
+    assert (tmp_path / "p.wsss" / "project.json").is_file()
+    push(qtbot, proj.grid_btn)
+    assert "no slide open" in proj.status.text()
+    push(qtbot, rv.compute_btn)
+    assert "no slide open" in rv.status.text()
+    push(qtbot, lab.show_btn)
+    assert "no slide open" in lab.status.text()
+    # opening a folder that is not a project names it
+    proj.path_edit.setText(str(tmp_path))
+    push(qtbot, proj.open_btn)
+    assert "not a napari-histo-wsss project" in proj.status.text() and str(tmp_path) in proj.status.text()
+    proj.path_edit.setText(str(tmp_path / "p.wsss"))
+    push(qtbot, proj.open_btn)
+
+    # slide and grid, but no labels
+    proj.add_slide_file(cmu_svs)
+    proj.detect_grid()
+    qtbot.waitUntil(lambda: lab.overlay is not None, timeout=WAIT_MS)
+    push(qtbot, tr.start_btn)
+    assert "no labelled patches yet" in tr.status.text()
+    # one class only
+    ov = lab.overlay
+    session, grid = lab.session, ov.grid
+    click(ov.layer, world_of_patch(session, grid, 0))
+    press(qtbot, viewer, Qt.Key.Key_1)
+    push(qtbot, tr.start_btn)
+    assert "only one class (tumor)" in tr.status.text()
+    # a key without a class and a key without selection
+    press(qtbot, viewer, Qt.Key.Key_9)
+    assert "there is no class 9" in lab.status.text()
+    press(qtbot, viewer, Qt.Key.Key_Escape)
+    press(qtbot, viewer, Qt.Key.Key_2)
+    assert "select patches first" in lab.status.text()
+
+    # read-only project: the edit stays in memory, is reported, and is saved once writable again
+    project = session.project
+    project.read_only = True
+    click(ov.layer, world_of_patch(session, grid, 1))
+    press(qtbot, viewer, Qt.Key.Key_2)
+    assert "NOT saved yet" in lab.status.text() and "read-only" in lab.status.text()
+    assert lab.unsaved_count == 1 and ov.labels[1, 1] == 1
+    project.read_only = False
+    push(qtbot, lab.save_btn)
+    assert lab.unsaved_count == 0 and "all labels saved" in lab.status.text()
+    on_disk = Project.open(project.root).patch_labels()
+    assert on_disk.labels.sum(axis=0).tolist() == [1, 1, 0]
+
+    # the grid layer deleted while in use: labels kept, message, the grid comes back
+    viewer.layers.remove("patch grid")
+    assert "deleted" in lab.status.text() and "labels are kept" in lab.status.text()
+    push(qtbot, lab.clear_btn)
+    assert "not shown" in lab.status.text()
+    push(qtbot, lab.show_btn)
+    assert "patch grid" in viewer.layers and lab.overlay.labels.sum() == 2
+
+    # too few labelled patches for the trainer: its error ends in the panel, not as a traceback
+    tiny_training_form(tr)
+    push(qtbot, tr.start_btn)
+    qtbot.waitUntil(lambda: not tr.task.running, timeout=WAIT_MS)
+    assert "Classifier training failed" in tr.status.text() and "too few" in tr.status.text()
+    # Start pressed twice (with enough labels now): one run, one clear message
+    label_some_patches(qtbot, viewer, w)
+    runs_before = len(list(project.runs_dir.iterdir()))
+    push(qtbot, tr.start_btn)
+    assert tr.task.running
+    push(qtbot, tr.start_btn)
+    assert "already running" in tr.status.text()
+    qtbot.waitUntil(lambda: not tr.task.running, timeout=WAIT_MS)
+    assert len(list(project.runs_dir.iterdir())) == runs_before + 1
+    assert "finished" in tr.status.text()
+
+    # the pseudo-mask layer deleted while correcting: message, corrections kept, layer restored
+    rv.tile.setValue(512)
+    rv.mode.setCurrentText("last")
+    rv.device.setCurrentText("cpu")
+    push(qtbot, rv.compute_btn)
+    push(qtbot, rv.compute_btn)
+    assert "already being computed" in rv.status.text()
+    qtbot.waitUntil(lambda: not rv.task.running, timeout=WAIT_MS)
+    pm = viewer.layers["pseudo-mask"]
+    r, c = (s // 2 for s in pm.data.shape)
+    pm.paint((r, c), 1)
+    viewer.layers.remove("pseudo-mask")
+    assert "deleted" in rv.status.text() and "kept" in rv.status.text()
+    push(qtbot, rv.undo_btn)
+    assert "not shown" in rv.status.text()
+    push(qtbot, rv.show_btn)
+    assert viewer.layers["pseudo-mask"].data[r, c] == 1
+    qtbot.waitUntil(lambda: not rv.save_task.running, timeout=10_000)
+    flag, _ = Project.open(project.root).read_mask(session.slide_id, "corrected_flag")
+    assert flag.any() or rv.edits.auto[r, c] == 0  # the correction reached the disk on deletion
+
+    # metrics against the layer itself and without a ground-truth file
+    ex.source.setCurrentText("pseudo-mask")
+    ex.gt.setCurrentText("pseudo-mask")
+    push(qtbot, ex.score_btn)
+    assert "choose another layer or a file" in ex.status.text()
+    ex.gt.setCurrentText("mask file...")
+    push(qtbot, ex.score_btn)
+    assert "choose a ground-truth mask file" in ex.status.text()
+    push(qtbot, ex.export_btn)  # no folder
+    assert "output folder" in ex.status.text()
