@@ -41,6 +41,9 @@ __all__ = [
     "WHOLE_IMAGE_MAX",
     "cams_for_image",
     "pseudo_mask",
+    "allowed_classes",
+    "class_scores",
+    "threshold_scores",
     "save_pseudo_mask",
     "save_cams",
     "PseudoMaskSettings",
@@ -214,41 +217,80 @@ def pseudo_mask(
     (default: the class table's setting; on for lung presets, off for breast) and ``rgb`` are
     given - on white glass (:func:`~.tissue.white_background_mask`).
     """
-    cams = np.asarray(cams, dtype=np.float32)
-    if cams.ndim != 3 or cams.shape[0] != classes.num_classes:
-        raise HistoWSSSError(f"CAMs of shape {cams.shape} do not match the {classes.num_classes} classes of the table")
-    if norm == "class":
-        peak = cams.reshape(cams.shape[0], -1).max(axis=1)
-        scores = cams / np.maximum(peak, _EPS)[:, None, None]
-    elif norm == "global":
-        scores = cams / max(float(cams.max()), _EPS)
-    elif norm == "none":
-        scores = cams
-    else:
-        raise HistoWSSSError(f"unknown CAM normalisation {norm!r}; choose class, global or none")
+    allowed = allowed_classes(classes, labels=labels, probs=probs, prob_threshold=prob_threshold)
+    argmax, best = class_scores(cams, classes, allowed, norm=norm)
+    white = None
+    if (classes.white_background if white_background is None else white_background) and rgb is not None:
+        if rgb.shape[:2] != argmax.shape:
+            raise HistoWSSSError(f"image of {rgb.shape[1]}x{rgb.shape[0]} px does not match CAMs of {argmax.shape[1]}x{argmax.shape[0]} px")
+        white = white_background_mask(rgb)
+    return threshold_scores(argmax, best, classes, bg_threshold=bg_threshold, bg_alpha=bg_alpha, white=white)
+
+
+def allowed_classes(
+    classes: ClassTable,
+    labels: np.ndarray | Sequence[int] | None = None,
+    probs: np.ndarray | None = None,
+    prob_threshold: float = 0.5,
+) -> np.ndarray:
+    """Gating of :func:`pseudo_mask`: bool ``(C,)``, the image's labels when known, else the
+    classes whose probability reaches ``prob_threshold`` (the most probable always kept), else all."""
     if labels is not None:
-        allowed = classes.check_labels(labels, where="pseudo-mask gating").astype(bool)
-    elif probs is not None:
+        return classes.check_labels(labels, where="pseudo-mask gating").astype(bool)
+    if probs is not None:
         probs = np.asarray(probs, dtype=np.float32)
         if probs.shape != (classes.num_classes,):
             raise HistoWSSSError(f"{probs.shape[0] if probs.ndim else 0} probabilities for {classes.num_classes} classes")
         allowed = probs >= prob_threshold
         allowed[int(np.argmax(probs))] = True
+        return allowed
+    return np.ones(classes.num_classes, dtype=bool)
+
+
+def class_scores(cams: np.ndarray, classes: ClassTable, allowed: np.ndarray, norm: str = "class") -> tuple[np.ndarray, np.ndarray]:
+    """The threshold-independent part of :func:`pseudo_mask`: normalise the CAMs and take, over
+    the ``allowed`` classes, the winning class ``(H, W)`` uint8 and its score ``(H, W)`` float32
+    (-1 where no class is allowed). Interactive thresholds cache this and only re-run
+    :func:`threshold_scores`, a single comparison per pixel."""
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3 or cams.shape[0] != classes.num_classes:
+        raise HistoWSSSError(f"CAMs of shape {cams.shape} do not match the {classes.num_classes} classes of the table")
+    if norm == "class":
+        peak = cams.reshape(cams.shape[0], -1).max(axis=1)
+        scale = 1.0 / np.maximum(peak, _EPS)
+    elif norm == "global":
+        scale = np.full(cams.shape[0], 1.0 / max(float(cams.max()), _EPS), dtype=np.float32)
+    elif norm == "none":
+        scale = np.ones(cams.shape[0], dtype=np.float32)
     else:
-        allowed = np.ones(classes.num_classes, dtype=bool)
-    bg = classes.background_index
-    gated = np.where(allowed[:, None, None], scores, -1.0)
-    mask = np.argmax(gated, axis=0).astype(np.uint8)
-    best = gated.max(axis=0)
+        raise HistoWSSSError(f"unknown CAM normalisation {norm!r}; choose class, global or none")
+    idx = np.flatnonzero(np.asarray(allowed, dtype=bool))
+    if idx.size == 0:
+        return np.zeros(cams.shape[1:], dtype=np.uint8), np.full(cams.shape[1:], -1.0, dtype=np.float32)
+    # only the allowed classes are scaled and compared (gated-off ones never win)
+    scores = cams[idx] * scale[idx, None, None].astype(np.float32)
+    pick = np.argmax(scores, axis=0)
+    best = np.take_along_axis(scores, pick[None], axis=0)[0]
+    return idx.astype(np.uint8)[pick], best
+
+
+def threshold_scores(
+    argmax: np.ndarray,
+    best: np.ndarray,
+    classes: ClassTable,
+    bg_threshold: float = 0.0,
+    bg_alpha: float | None = None,
+    white: np.ndarray | None = None,
+) -> np.ndarray:
+    """Class-index mask from :func:`class_scores`: background (``classes.background_index``)
+    where the score is below ``bg_threshold`` or no class is allowed, where TPRO's background
+    score ``(1 - best)**bg_alpha`` wins (when set), and on ``white`` glass (bool mask)."""
     background = best < max(bg_threshold, 0.0)  # < 0: no class allowed here
     if bg_alpha is not None:
         background |= np.power(np.clip(1.0 - best, 0.0, 1.0), bg_alpha) > best
-    if (classes.white_background if white_background is None else white_background) and rgb is not None:
-        if rgb.shape[:2] != mask.shape:
-            raise HistoWSSSError(f"image of {rgb.shape[1]}x{rgb.shape[0]} px does not match CAMs of {mask.shape[1]}x{mask.shape[0]} px")
-        background |= white_background_mask(rgb)
-    mask[background] = bg
-    return mask
+    if white is not None:
+        background |= white
+    return np.where(background, np.uint8(classes.background_index), argmax).astype(np.uint8, copy=False)
 
 
 def save_pseudo_mask(path: str | Path, mask: np.ndarray, classes: ClassTable) -> None:

@@ -78,6 +78,10 @@ class CamCanvas:
     tile: int
     downsample: float
     rgb: np.ndarray
+    #: cache of :func:`core.cams.class_scores` per (ty, tx, tile version, allowed classes); see
+    #: :func:`pseudo_tile` (filled from the slider worker thread, so keys carry the tile version)
+    scores: dict = field(default_factory=dict, repr=False, compare=False)
+    versions: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def empty(cls, num_classes: int, shape: tuple[int, int], tile: int, downsample: float) -> "CamCanvas":
@@ -109,6 +113,9 @@ class CamCanvas:
         self.cams[:, sy, sx] = cams
         self.rgb[sy, sx] = rgb
         self.probs[:, ty, tx] = probs
+        self.versions[(ty, tx)] = self.versions.get((ty, tx), 0) + 1  # cached scores of the old tile go stale
+        for key in [k for k in list(self.scores) if k[:2] == (ty, tx)]:
+            self.scores.pop(key, None)
         return sy, sx
 
 
@@ -117,15 +124,17 @@ def pseudo_tile(canvas: CamCanvas, classes: Any, ty: int, tx: int, cam_threshold
     """The automatic pseudo-mask (uint8 class index, background = C) of one computed tile:
     :func:`core.cams.pseudo_mask` gated by the tile's predicted probabilities (``gating``) with
     ``cam_threshold`` as the background threshold; ``white`` (the tile's white-glass mask) is
-    background too."""
-    from ..core.cams import pseudo_mask
+    background too. The threshold-independent scores are cached on the canvas per tile and
+    gating, so moving the CAM-threshold slider costs one comparison per pixel."""
+    from ..core.cams import allowed_classes, class_scores, threshold_scores
 
-    sy, sx = canvas.tile_slices(ty, tx)
-    m = pseudo_mask(canvas.cams[:, sy, sx], classes, probs=canvas.probs[:, ty, tx], prob_threshold=gating,
-                    bg_threshold=cam_threshold, white_background=False)
-    if white is not None:
-        m[white] = classes.background_index
-    return m
+    allowed = allowed_classes(classes, probs=canvas.probs[:, ty, tx], prob_threshold=gating)
+    key = (ty, tx, canvas.versions.get((ty, tx), 0), allowed.tobytes())
+    parts = canvas.scores.get(key)
+    if parts is None:
+        sy, sx = canvas.tile_slices(ty, tx)
+        parts = canvas.scores[key] = class_scores(canvas.cams[:, sy, sx], classes, allowed)
+    return threshold_scores(*parts, classes, bg_threshold=cam_threshold, white=white)
 
 
 def white_tile(canvas: CamCanvas, ty: int, tx: int, level: int | None) -> np.ndarray | None:
