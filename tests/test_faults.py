@@ -22,6 +22,7 @@ from PIL import Image
 
 from _generated import segmenter_run, tissue_image
 from fault_child import labels_for
+from napari_histo_wsss.core.atomic import remove_temporaries
 from napari_histo_wsss.core.batch import PredictSettings, SlideJob, predict_one
 from napari_histo_wsss.core.classes import get_preset
 from napari_histo_wsss.core.datasets import (
@@ -47,7 +48,8 @@ CLASSES = get_preset("wsss4luad")
 # ---------------------------------------------------------------------------------------------
 def _kill_during(mode: str, folder: Path, acks: int, rng: random.Random, timeout: float = 120.0) -> list[str]:
     """Start the child writer, wait for ``acks`` acknowledged writes, let it run into the next
-    write for a random moment, SIGKILL it. Returns the acknowledged lines."""
+    write for a random moment, SIGKILL it. Returns every acknowledged line, the last one being
+    the last write the child finished before it was killed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(CHILD), mode, str(folder)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -63,6 +65,9 @@ def _kill_during(mode: str, folder: Path, acks: int, rng: random.Random, timeout
         time.sleep(rng.uniform(0.0, 0.03))
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
+        # acks the child printed after the ones read above are still in the pipe: count them too,
+        # so the last line is the last write that finished before the kill
+        lines += [line.strip() for line in proc.stdout if line.startswith("ack")]
     finally:
         watchdog.cancel()
     assert len(lines) >= acks, f"{mode} child stopped early:\n{proc.stderr.read()[-4000:]}"
@@ -99,6 +104,13 @@ def test_kill_during_checkpoint_writing_keeps_the_previous_checkpoint(tmp_path):
     # A killed save can leave its hidden temporary behind; nothing reads it as a checkpoint.
     names = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert "last.pt" in names and all(n == "last.pt" or n.startswith(".last.pt.") for n in names)
+    # a run starting (or resuming) in that folder removes such temporaries, and only them
+    (tmp_path / "checkpoints" / ".last.pt.abc123.pt").write_bytes(b"half a checkpoint")
+    (tmp_path / "checkpoints" / "notes.tmp").write_text("not ours")
+    removed = remove_temporaries(tmp_path / "checkpoints", ["last.pt", "best.pt"])
+    assert ".last.pt.abc123.pt" in [p.name for p in removed]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "notes.tmp"]
+    assert load_model(tmp_path / "checkpoints" / "last.pt")[1]["step"] == meta["step"]
 
 
 def test_kill_during_zarr_prediction_leaves_it_marked_incomplete_and_a_rerun_completes_it(tmp_path):

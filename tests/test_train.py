@@ -266,3 +266,10 @@ def test_config_round_trip_and_validation():
     for bad in (dict(epochs=0), dict(lr=-1.0), dict(cam_mode="grad"), dict(segmix_shares=(0.0,)), dict(val_fraction=1.0)):
         with pytest.raises(TrainingError):
             TrainConfig(**bad).validate()
+
+
+def test_loader_workers_do_not_change_the_run(data, tmp_path):
+    """Augmentation is seeded per (seed, epoch, item), so worker processes give the same run."""
+    run_all(data, tmp_path / "w0", tiny(method="cam", epochs=1, num_workers=0))
+    run_all(data, tmp_path / "w2", tiny(method="cam", epochs=1, num_workers=2))
+    assert_same_weights(weights_of(tmp_path / "w0"), weights_of(tmp_path / "w2"))

@@ -199,8 +199,12 @@ def test_bad_mask_folders_and_runs_are_clear_errors(stage_one, tmp_path):
         list(train_segmenter(stage_one / "run", masks, tiny(), dataset=stage_one / "patches", out_dir=tmp_path / "o"))
     with pytest.raises(TrainingError, match="not found"):
         list(train_segmenter(tmp_path / "no-run", masks, tiny()))
+    # a run records its dataset (dataset.json); one that does not needs the dataset named
+    assert (stage_one / "run" / "dataset.json").is_file()
+    bare = tmp_path / "bare-run"
+    shutil.copytree(stage_one / "run", bare, ignore=shutil.ignore_patterns("dataset.json", "segmenter", "seg*"))
     with pytest.raises(TrainingError, match="does not record its training dataset"):
-        list(train_segmenter(stage_one / "run", masks, tiny(), out_dir=tmp_path / "o"))
+        list(train_segmenter(bare, masks, tiny(), out_dir=tmp_path / "o"))
 
 
 def test_project_corrections_override_pseudo_mask(stage_one, cmu_svs, tmp_path):

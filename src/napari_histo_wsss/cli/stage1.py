@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
-import signal
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from tqdm import tqdm
+
+from ._progress import StopOnSigint, drive
 
 # TrainConfig fields settable from the command line: option -> (field, type, help).
 _TRAIN_OPTIONS: dict[str, tuple[str, Any, str]] = {
@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "metrics.jsonl, checkpoints/last.pt and best.pt). Validation images with masks (DATASET/val) drive "
             "the SegMix curriculum and the choice of best.pt by pseudo-mask mIoU; without them a share of the "
             "patches is held out for a validation loss. Ctrl-C stops after the current step with a checkpoint; "
-            "--resume continues it (only --epochs, --device, --num-workers, --val-max-images and --no-amp may change)."
+            "--resume continues it (only --epochs, --device, --num-workers, --val-max-images and --no-amp may change). "
+            "Unset options take core.train.TrainConfig's defaults, recorded in RUN_DIR/config.json."
         ),
     )
     p.add_argument("dataset", help="dataset folder (or a project folder / project.json)")
@@ -97,30 +98,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.set_defaults(func=run_pseudo_masks)
 
 
-class _StopOnSigint:
-    """Context manager: the first Ctrl-C sets a flag polled by the core, a second one aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("stopping after the current step (Ctrl-C again to abort)...")
-
-    def __enter__(self) -> "_StopOnSigint":
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        signal.signal(signal.SIGINT, self._previous)
-
-
 def _config(args: argparse.Namespace) -> Any:
     from ..core.errors import TrainingError
     from ..core.train import TrainConfig
@@ -138,37 +115,6 @@ def _config(args: argparse.Namespace) -> Any:
             raise TrainingError(f"{saved}: unreadable run config: {e}") from e
         return dataclasses.replace(base, **given)
     return TrainConfig(**given)
-
-
-def _drive(events: Iterator[Any], bar_desc: str, on_event: Callable[[Any, tqdm], None] | None = None) -> Any:
-    """Show a generator of ProgressEvents on a tqdm bar; return the last event. The bar opens
-    with the first event, so errors found before any work are printed alone."""
-    first = next(events, None)
-    if first is None:
-        return None
-    last = None
-    with tqdm(total=None, desc=bar_desc, unit="step", dynamic_ncols=True) as bar:
-        for ev in itertools.chain([first], events):
-            last = ev
-            if ev.steps:
-                total = ev.steps * (ev.epochs or 1)
-                done = max(ev.epoch - 1, 0) * ev.steps + ev.step if ev.epochs else ev.step
-                if ev.kind in ("epoch", "done"):
-                    done = ev.epoch * ev.steps if ev.epochs else ev.steps
-                bar.total = total
-                bar.n = min(done, total)
-            post = {}
-            if ev.epochs:
-                post["epoch"] = f"{ev.epoch}/{ev.epochs}"
-            if ev.loss is not None:
-                post["loss"] = f"{ev.loss:.4f}"
-            bar.set_postfix(post, refresh=False)
-            bar.refresh()
-            if on_event is not None:
-                on_event(ev, bar)
-            elif ev.kind in ("log", "start", "cancelled") and ev.message:
-                tqdm.write(ev.message)
-    return last
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -197,8 +143,8 @@ def run_train(args: argparse.Namespace) -> int:
         elif ev.kind in ("log", "start", "cancelled", "done") and ev.message:
             tqdm.write(ev.message)
 
-    with _StopOnSigint() as stop:
-        last = _drive(train_classifier(spec, args.run_dir, cfg, resume=args.resume, should_stop=stop), "train-cls", show)
+    with StopOnSigint() as stop:
+        last = drive(train_classifier(spec, args.run_dir, cfg, resume=args.resume, should_stop=stop), "train-cls", show)
     if last is not None and last.kind == "cancelled":
         print(f"cancelled; continue with: histo-wsss train-cls {args.dataset} {args.run_dir} --resume")
         return 130
@@ -217,8 +163,8 @@ def run_pseudo_masks(args: argparse.Namespace) -> int:
     cams_dir = None
     if args.cams is not None:
         cams_dir = Path(args.cams) if args.cams else Path(args.out_dir) / "cams"
-    with _StopOnSigint() as stop:
-        last = _drive(generate_pseudo_masks(model, classes, args.images_dir, args.out_dir, settings, cams_dir=cams_dir,
+    with StopOnSigint() as stop:
+        last = drive(generate_pseudo_masks(model, classes, args.images_dir, args.out_dir, settings, cams_dir=cams_dir,
                                             labels=args.labels, device=device, should_stop=stop), "pseudo-masks")
     if last is not None and last.kind == "cancelled":
         return 130

@@ -10,9 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .stage1 import _drive, _StopOnSigint
-
-_SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
+from ._progress import StopOnSigint, drive
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -140,8 +138,8 @@ def run_train_seg(args: argparse.Namespace) -> int:
         elif ev.kind in ("start", "cancelled", "done") or (ev.kind == "log" and not ev.steps):
             tqdm.write(ev.message)
 
-    with _StopOnSigint() as stop:
-        last = _drive(train_segmenter(args.run_dir, args.pseudo_masks, cfg, dataset=args.dataset, out_dir=args.out,
+    with StopOnSigint() as stop:
+        last = drive(train_segmenter(args.run_dir, args.pseudo_masks, cfg, dataset=args.dataset, out_dir=args.out,
                                       resume=args.resume, should_stop=stop), "train-seg", show)
     if last is not None and last.kind == "cancelled":
         print(f"cancelled; continue with: histo-wsss train-seg {args.run_dir} --resume")
@@ -176,17 +174,17 @@ def run_predict(args: argparse.Namespace) -> int:
 
             gate = load_run(stage_one, map_location=device)[0]
         fn = segmenter_predict_fn(model, classes, device, gate=gate)
-    with _StopOnSigint() as stop:
+    with StopOnSigint() as stop:
         if src.is_dir():
             if args.cams:
                 raise HistoWSSSError("--cams is for slides; use 'histo-wsss pseudo-masks' for image folders")
-            last = _drive(predict_folder(src, args.out, fn, classes, tile=args.tile, overlap=args.overlap, tta=args.tta,
+            last = drive(predict_folder(src, args.out, fn, classes, tile=args.tile, overlap=args.overlap, tta=args.tta,
                                          should_stop=stop), "predict")
         else:
             from ..core.slide import open_slide
 
             with open_slide(src) as slide:
-                last = _drive(predict_slide(slide, fn, args.out, tile=args.tile, overlap=args.overlap,
+                last = drive(predict_slide(slide, fn, args.out, tile=args.tile, overlap=args.overlap,
                                             batch_size=args.batch_size, target_mpp=args.target_mpp,
                                             tissue=False if args.no_tissue else None, tta=args.tta, should_stop=stop,
                                             classes=classes, downsample=args.downsample,

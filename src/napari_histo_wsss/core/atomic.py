@@ -7,11 +7,12 @@ never a half-written file. Every project, checkpoint and export writer goes thro
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import HistoWSSSError
 
@@ -37,6 +38,20 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def remove_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the temporaries that :func:`atomic_path` left next to ``folder/<name>`` when a
+    process was killed mid-write (``.<name>.<random><suffix>``). Call it only where no other process
+    is writing those files (e.g. when a run starts in its own folder). Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    for name in names:
+        for p in folder.glob(f".{glob.escape(name)}.*"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def fsync_dir(folder: Path) -> None:

@@ -31,6 +31,7 @@ from .atomic import write_with
 from .classes import ClassTable
 from .datasets import list_images, parse_label_name, read_rgb, to_tensor
 from .errors import DatasetError, HistoWSSSError
+from .grid import axis_starts
 from .models.classifier import CAM_MODES, normalize_cams
 from .tissue import white_background_mask
 
@@ -112,15 +113,6 @@ def _feather(h: int, w: int, overlap: int, device: torch.device) -> torch.Tensor
     return (ry[:, None].clamp(max=overlap) * rx[None, :].clamp(max=overlap)) / overlap**2
 
 
-def _tile_starts(length: int, tile: int, step: int) -> list[int]:
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile + 1, step))
-    if starts[-1] != length - tile:
-        starts.append(length - tile)
-    return starts
-
-
 def cams_for_image(
     model: torch.nn.Module,
     rgb: np.ndarray,
@@ -174,8 +166,8 @@ def cams_for_image(
         acc = weight = None
         best = None
         with torch.no_grad():
-            for y0 in _tile_starts(h, tile, tile - ov):
-                for x0 in _tile_starts(w, tile, tile - ov):
+            for y0 in axis_starts(h, tile, tile - ov):
+                for x0 in axis_starts(w, tile, tile - ov):
                     xt = x[:, :, y0:y0 + tile, x0:x0 + tile]
                     m, lm = _tile_maps(model, xt, mode, scales, flip)
                     if acc is None:

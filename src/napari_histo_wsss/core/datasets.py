@@ -48,6 +48,7 @@ from PIL import Image
 
 from .classes import ClassTable, get_preset
 from .errors import ClassTableError, DatasetError
+from .grid import axis_starts
 from .atomic import fsync_dir, fsync_tree
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,7 +80,10 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """uint8 RGB ``(H, W, 3)`` -> float32 ``(3, H, W)`` normalised with the ImageNet mean/std."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"to_tensor expects a uint8 (H, W, 3) array, got {rgb.dtype} {rgb.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    rgb = np.ascontiguousarray(rgb)
+    if not rgb.flags.writeable:  # e.g. a read-only view of a cached tile: torch wants its own buffer
+        rgb = rgb.copy()
+    t = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
     return (t - _MEAN) / _STD
 
 
@@ -547,17 +551,6 @@ class MaskedDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------
 # make_patches: fully annotated images -> weakly labelled patch set
 # ---------------------------------------------------------------------------------------------
-def _positions(length: int, patch: int, stride: int) -> list[int]:
-    """Top-left offsets along one axis so that patches of ``patch`` px cover ``length`` px:
-    every ``stride`` px plus one patch flush with the far edge."""
-    if length <= patch:
-        return [0]
-    pos = list(range(0, length - patch + 1, stride))
-    if pos[-1] != length - patch:
-        pos.append(length - patch)
-    return pos
-
-
 def _split_count(fraction: float, n: int) -> int:
     if fraction <= 0:
         return 0
@@ -712,8 +705,8 @@ def _write_patch_set(
             n_padded += 1
             rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), constant_values=255)
             mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=bg)
-        for y in _positions(mask.shape[0], patch_size, stride):
-            for x in _positions(mask.shape[1], patch_size, stride):
+        for y in axis_starts(mask.shape[0], patch_size, stride):
+            for x in axis_starts(mask.shape[1], patch_size, stride):
                 frac = np.bincount(mask[y : y + patch_size, x : x + patch_size].ravel(), minlength=bg + 1) / area
                 if 1.0 - frac[bg] < min_tissue:
                     dropped["background"] += 1

@@ -48,6 +48,8 @@ from .errors import HistoWSSSError
 
 __all__ = [
     "UNLABELLED",
+    "index_to_stored",
+    "stored_to_index",
     "LABELS_NAME",
     "LabelPyramid",
     "IndexView",
@@ -100,7 +102,7 @@ def _num_levels(shape: tuple[int, int], min_side: int = _MIN_LEVEL_SIDE) -> int:
     return n
 
 
-def _to_stored(index_block: np.ndarray) -> np.ndarray:
+def index_to_stored(index_block: np.ndarray) -> np.ndarray:
     """Class indices -> OME-Zarr label values (index + 1; UNLABELLED -> 0)."""
     block = np.asarray(index_block)
     out = block.astype(np.uint16) + 1
@@ -108,7 +110,7 @@ def _to_stored(index_block: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8) if out.max(initial=0) < 256 else out
 
 
-def _to_index(stored_block: np.ndarray) -> np.ndarray:
+def stored_to_index(stored_block: np.ndarray) -> np.ndarray:
     """OME-Zarr label values -> class indices (0 -> UNLABELLED)."""
     block = np.asarray(stored_block)
     out = block.astype(np.int32) - 1
@@ -229,7 +231,7 @@ class LabelPyramid:
         or of the ``box = (y0, x0, y1, x1)`` of it."""
         arr = self.level(level)
         block = arr[...] if box is None else arr[box[0]:box[2], box[1]:box[3]]
-        return _to_index(block) if self.kind == "labels" else np.asarray(block)
+        return stored_to_index(block) if self.kind == "labels" else np.asarray(block)
 
     # -- writing ---------------------------------------------------------------------------------
     def write_block(self, y0: int, x0: int, block: np.ndarray) -> None:
@@ -243,7 +245,7 @@ class LabelPyramid:
             return
         try:
             if self.kind == "labels":
-                arr[y0:y1, x0:x1] = _to_stored(block[: y1 - y0, : x1 - x0])
+                arr[y0:y1, x0:x1] = index_to_stored(block[: y1 - y0, : x1 - x0])
             else:
                 arr[:, y0:y1, x0:x1] = np.asarray(block[:, : y1 - y0, : x1 - x0], dtype=np.float16)
         except Exception as e:  # noqa: BLE001
@@ -320,7 +322,7 @@ class IndexView:
         self.ndim = len(self.shape)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return _to_index(self._array[key])
+        return stored_to_index(self._array[key])
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[...]

@@ -103,6 +103,18 @@ class PatchGrid:
         return int(i) % n
 
 
+def axis_starts(length: int, size: int, step: int) -> list[int]:
+    """Start offsets along one axis of windows of ``size`` px every ``step`` px that cover
+    ``length`` px, the last window flush with the far edge (``[0]`` when ``length <= size``).
+    Shared by make-patches cropping and tiled CAM computation."""
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size + 1, step))
+    if starts[-1] != length - size:
+        starts.append(length - size)
+    return starts
+
+
 def make_grid(
     slide: Slide,
     tissue: TissueMask | None,

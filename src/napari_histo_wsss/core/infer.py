@@ -61,6 +61,8 @@ __all__ = [
     "predict_slide",
     "predict_image",
     "predict_folder",
+    "run_to_end",
+    "working_downsample",
 ]
 
 #: ``(B, 3, H, W)`` ImageNet-normalised float tensor -> ``(B, K, H, W)`` scores (probabilities).

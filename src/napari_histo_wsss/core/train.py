@@ -9,6 +9,7 @@ A run folder holds::
 
     config.json          the TrainConfig (written first, atomically)
     classes.json         the class table the model is trained for
+    dataset.json         the training dataset's folder and layout (stage two reads it)
     metrics.jsonl        one JSON object per finished epoch (losses, validation scores, timing,
                          the SegMix scheduler state), rewritten atomically each epoch
     checkpoints/last.pt  model + optimizer + scheduler + RNG state, after every epoch and on cancel
@@ -26,9 +27,15 @@ white background removed, scored with :mod:`core.metrics`); otherwise the image-
 loss on a held-out share of the training patches. The same signal drives the SegMix curriculum
 (:class:`~.segmix.SegMixScheduler`) and picks ``best.pt``.
 
-Distributed training: model, optimizer and per-rank sampling are made by small functions
-(:func:`build_model`, :func:`build_optimizer`, :func:`epoch_indices`) and only rank 0 writes
-files, so the loop can run under ``torchrun`` once a process group is initialised by the caller.
+Distributed training: under ``torchrun`` (``WORLD_SIZE`` in the environment) the same loop runs
+data-parallel through :class:`~.distributed.DistContext`: each of N ranks trains on ``B / N``
+images of every global batch of ``B`` (rank ``r`` takes every N-th index of the epoch order,
+so the ranks' shares together are the single-process batch), DistributedDataParallel averages
+the gradients, batch norms use the statistics of the global batch, losses are averaged and
+cancel requests and non-finite losses are agreed by all ranks, every rank validates the same
+(synchronised) model, and only rank 0 writes files. With plain CAM the run matches the
+single-process run of the same global batch (tests/test_distributed.py); a SegMix shuffle mixes
+tiles within each rank's share of the batch.
 """
 
 from __future__ import annotations
@@ -47,10 +54,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .atomic import write_json, write_text
+from .atomic import remove_temporaries, write_json, write_text
 from .classes import ClassTable
 from .datasets import DatasetSpec, MaskedSample, WeakLabelDataset, WeakSample, image_size, load_dataset
-from .device import autocast, grad_scaler, pick_device, seed_everything
+from .device import autocast, grad_scaler, seed_everything
+from .distributed import DistContext
 from .errors import DatasetError, HistoWSSSError, TrainingError
 from .models import CAMClassifier, check_classes, load_checkpoint, load_model, parameter_groups, save_model
 from .models.classifier import CAM_MODES, normalize_cams, pda_threshold_at
@@ -102,9 +110,15 @@ class TrainConfig:
     pixels whose normalised CAM is below ``pscl_min_score`` left out).
     ``feedback``: ``"auto"`` (val pseudo-mask mIoU when validation masks exist, else val loss),
     ``"miou"`` or ``"loss"``; it drives SegMix and picks ``best.pt``.
+
+    Defaults follow docs/benchmarks/stage1.md: plain CAM (SegMix did not beat it in the short
+    CPU runs measured there), output stride 32 (stride 16 dilates the last
+    stages, which PyTorch runs about ten times slower on CPUs for depthwise convolutions, for
+    no measured gain in pseudo-mask mIoU) and single-layer CAMs (``"last"``), which scored
+    above the multi-layer fusion in every measured run.
     """
 
-    method: str = "segmix"
+    method: str = "cam"
     epochs: int = 8
     batch_size: int = 16
     lr: float = 3e-4
@@ -114,7 +128,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     backbone: str = "efficientnet-lite0"
     weights: str = "imagenet"
-    output_stride: int = 16
+    output_stride: int = 32
     cam_weights: tuple[float, float, float] = (0.5, 0.25, 0.25)
     device: str = "auto"
     seed: int = 0
@@ -122,7 +136,7 @@ class TrainConfig:
     num_workers: int = 0
     patch_size: int | None = None
     augment: bool = True
-    cam_mode: str = "multi"
+    cam_mode: str = "last"
     feedback: str = "auto"
     val_fraction: float = 0.1
     val_max_images: int | None = None
@@ -210,15 +224,8 @@ class ProgressEvent:
 
 
 # ---------------------------------------------------------------------------------------------
-# building blocks (small functions so that a DistributedDataParallel driver can reuse them)
+# building blocks
 # ---------------------------------------------------------------------------------------------
-def _dist() -> tuple[int, int]:
-    """(rank, world size) of an initialised process group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def build_model(cfg: TrainConfig, num_classes: int, weights: str | None = None) -> CAMClassifier:
     """The CAM classifier of ``cfg`` (``weights`` overrides ``cfg.weights``, e.g. ``"none"`` when
     a checkpoint will be loaded anyway)."""
@@ -319,7 +326,7 @@ def supcon_loss(emb: Tensor, cam: Tensor, targets: Tensor, temperature: float = 
 # validation
 # ---------------------------------------------------------------------------------------------
 def evaluate_pseudo_masks(model: CAMClassifier, samples: Sequence[MaskedSample], classes: ClassTable,
-                          patch_size: int, cam_mode: str = "multi", device: torch.device | None = None,
+                          patch_size: int, cam_mode: str = "last", device: torch.device | None = None,
                           should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
     """Pseudo-mask scores of ``model`` on images with masks: CAMs gated by each image's labels
     (taken from its mask), white background per the class table, scored with the MLPS convention
@@ -471,8 +478,8 @@ def train_classifier(
     cfg.validate()
     spec = dataset if isinstance(dataset, DatasetSpec) else load_dataset(dataset)
     run = Path(run_dir)
-    rank, world = _dist()
-    main = rank == 0
+    dctx = DistContext.from_env(cfg.device).init()
+    rank, world, main = dctx.rank, dctx.world_size, dctx.is_main
     counts = _check_training_data(spec)
     classes = spec.classes
     patch, resize_note = _resolve_patch_size(spec, cfg)
@@ -523,7 +530,8 @@ def train_classifier(
     elif last_path.is_file():
         raise TrainingError(f"{run} already holds a trained run ({last_path}); resume it or choose a new folder")
 
-    device = pick_device(cfg.device)
+    device = dctx.device
+    local_bs = dctx.local_batch_size(cfg.batch_size)
     seed_everything(cfg.seed + rank)
     model = build_model(cfg, classes.num_classes, weights="none" if ckpt is not None else None).to(device)
     optimizer = build_optimizer(model, cfg)
@@ -546,21 +554,28 @@ def train_classifier(
         start_epoch, start_batch, global_step = int(ex["epoch"]), int(ex["batch"]), int(ex["global_step"])
         best, best_epoch = ex.get("best"), int(ex.get("best_epoch", 0))
         acc.update(ex.get("acc", {}))
-        torch.set_rng_state(ex["torch_rng"])
+        torch.set_rng_state(ex["torch_rng"] if world == 1 else torch.get_rng_state())
         if start_epoch >= cfg.epochs:
             yield ProgressEvent("done", epoch=start_epoch, epochs=cfg.epochs,
                                 message=f"{run} already trained for {start_epoch} of {cfg.epochs} epochs; raise epochs to continue")
             return
 
+    if main:  # temporaries of a checkpoint write that a kill cut short
+        remove_temporaries(ckpt_dir, ("last.pt", "best.pt"))
     if main:
         write_json(run / "config.json", cfg.to_dict())
         write_json(run / "classes.json", classes.to_dict())
+        # where the patches came from, so that `train-seg RUN_DIR` finds them without --dataset
+        write_json(run / "dataset.json", {"path": str(Path(spec.root).resolve()), "layout": spec.layout})
     history = _read_metrics(metrics_path, start_epoch)
 
     train_ds = _SeededItems(WeakLabelDataset(train_samples, size=patch, augment=cfg.augment), cfg.seed)
-    per_rank = len(epoch_indices(len(train_samples), cfg.seed, 0, rank, world))
-    drop_last = per_rank >= cfg.batch_size
-    steps = per_rank // cfg.batch_size if drop_last else 1
+    # every rank runs the same number of steps (a rank with one step more would wait forever)
+    per_rank = len(train_samples) // world
+    if per_rank == 0:
+        raise DatasetError(f"{spec.root}: {len(train_samples)} training patches cannot feed {world} processes")
+    drop_last = per_rank >= local_bs
+    steps = per_rank // local_bs if drop_last else 1
     if cfg.max_steps_per_epoch is not None:
         steps = min(steps, cfg.max_steps_per_epoch)
     total_steps = steps * cfg.epochs
@@ -569,6 +584,8 @@ def train_classifier(
     if held_out:
         val_loader = _loader(WeakLabelDataset(held_out, size=patch), range(len(held_out)), cfg.batch_size,
                              cfg.num_workers, False, pin)
+    # the module the step calls: DDP around forward_features when distributed, else the model's method
+    net = dctx.wrap_model(model, method="forward_features", find_unused_parameters=not cfg.pscl)
 
     def checkpoint(path: Path, epoch_done: int, batch_done: int, metrics: dict | None) -> None:
         meta = {"classes": classes, "config": cfg.to_dict(), "epoch": epoch_done, "patch_size": patch,
@@ -578,19 +595,24 @@ def train_classifier(
             extra = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "segmix": sched.state_dict() if sched is not None else None,
                      "epoch": epoch_done, "batch": batch_done, "global_step": global_step,
-                     "best": best, "best_epoch": best_epoch, "acc": dict(acc), "torch_rng": torch.get_rng_state()}
+                     "best": best, "best_epoch": best_epoch, "acc": dict(acc), "torch_rng": torch.get_rng_state(),
+                     "world_size": world}
         save_model(path, model, meta, extra)
 
     what = "resuming" if ckpt is not None else "training"
     yield ProgressEvent(
         "start", epoch=start_epoch + 1, epochs=cfg.epochs, step=start_batch, steps=steps,
         message=(f"{what} {cfg.method} ({cfg.backbone}, {cfg.weights} weights, os {cfg.output_stride}) on "
-                 f"{len(train_samples)} patches of {patch} px, {steps} steps/epoch, device {device}, "
+                 f"{len(train_samples)} patches of {patch} px, {steps} steps/epoch, device {device}"
+                 f"{f' x {world} processes' if world > 1 else ''}, "
                  f"feedback {'val pseudo-mask mIoU' if feedback == 'miou' else 'val loss'}"),
     )
     for n in notes:
         yield ProgressEvent("log", epoch=start_epoch + 1, epochs=cfg.epochs, message=n)
 
+    # every rank validates the same synchronised model; a stop request during validation is
+    # taken at the next step instead when distributed (ranks must agree on where they stop)
+    val_stop = should_stop if world == 1 else None
     t_run = time.perf_counter()
     steps_done_here = 0
     pos = saved = (start_epoch, start_batch)  # (epoch, steps done in it) now / in last.pt
@@ -602,15 +624,15 @@ def train_classifier(
             if epoch != start_epoch:
                 acc = {"loss": 0.0, "n": 0, "data_s": 0.0, "compute_s": 0.0, "samples": 0}
             train_ds.epoch = epoch
-            order = epoch_indices(len(train_samples), cfg.seed, epoch, rank, world)
-            order = order[first * cfg.batch_size: steps * cfg.batch_size if drop_last else None]
+            order = epoch_indices(len(train_samples), cfg.seed, epoch, rank, world)[:per_rank]
+            order = order[first * local_bs: steps * local_bs if drop_last else None]
             model.train()
             batch_i = first
             t_wait = time.perf_counter()
-            for x, y in _loader(train_ds, order, cfg.batch_size, cfg.num_workers, drop_last, pin):
+            for x, y in _loader(train_ds, order, local_bs, cfg.num_workers, drop_last, pin):
                 if batch_i >= steps:
                     break
-                if should_stop is not None and should_stop():
+                if dctx.any(should_stop is not None and should_stop()):
                     if main:
                         checkpoint(last_path, epoch, batch_i, None)
                     saved = pos
@@ -623,18 +645,18 @@ def train_classifier(
                 for g in optimizer.param_groups:
                     g["lr"] = g["base_lr"] * factor
                 if level is not None:
-                    g_mix = torch.Generator().manual_seed(_item_seed(cfg.seed, epoch, 1_000_000 + batch_i))
+                    g_mix = torch.Generator().manual_seed(_item_seed(cfg.seed + rank, epoch, 1_000_000 + batch_i))
                     x, y, _ = segmix_batch(x, y, level.tile, level.share, generator=g_mix, target_mode=cfg.segmix_targets)
                 x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
                 with autocast(device, cfg.amp):
-                    out = model.forward_features(x, pda_threshold=pda_t, labels=y)
+                    out = net(x, pda_threshold=pda_t, labels=y, embed=cfg.pscl)
                     loss = F.multilabel_soft_margin_loss(out["logits"].float(), y)
                     if cfg.pscl:
-                        g_pix = torch.Generator().manual_seed(_item_seed(cfg.seed, epoch, 2_000_000 + batch_i))
+                        g_pix = torch.Generator().manual_seed(_item_seed(cfg.seed + rank, epoch, 2_000_000 + batch_i))
                         loss = loss + cfg.pscl_weight * supcon_loss(
-                            model.embed(out["features"]), out["cam"], y, cfg.pscl_temperature, cfg.pscl_min_score,
+                            out["embedding"], out["cam"], y, cfg.pscl_temperature, cfg.pscl_min_score,
                             generator=g_pix)
-                value = float(loss.detach())
+                value = dctx.all_reduce_mean(float(loss.detach()))
                 if not math.isfinite(value):
                     kept = f"the last good checkpoint {last_path} is kept" if last_path.is_file() else "no checkpoint was written yet"
                     raise TrainingError(f"{run}: the loss became {value} at epoch {epoch + 1}, step {batch_i + 1} "
@@ -649,7 +671,7 @@ def train_classifier(
                 acc["compute_s"] += t1 - t0
                 acc["loss"] += value * x.shape[0]
                 acc["n"] += x.shape[0]
-                acc["samples"] += x.shape[0]
+                acc["samples"] += x.shape[0] * world
                 batch_i += 1
                 global_step += 1
                 pos = (epoch, batch_i)
@@ -664,9 +686,9 @@ def train_classifier(
             t_val = time.perf_counter()
             model.eval()
             if feedback == "miou" or val_masks:
-                val = evaluate_pseudo_masks(model, val_masks, classes, patch, cfg.cam_mode, device, should_stop)
+                val = evaluate_pseudo_masks(model, val_masks, classes, patch, cfg.cam_mode, device, val_stop)
             else:
-                loss_v = _evaluate_patches(model, val_loader, device, cfg.amp, should_stop)
+                loss_v = _evaluate_patches(model, val_loader, device, cfg.amp, val_stop)
                 val = None if loss_v is None else {"val_loss": loss_v}
             if val is None:  # stopped during validation: the epoch's training is kept, validation redone on resume
                 if main:
@@ -724,6 +746,8 @@ def train_classifier(
         if main and pos != saved:
             checkpoint(last_path, pos[0], pos[1], None)
         raise
+    finally:
+        dctx.shutdown()
 
 
 def load_run(run_dir: str | Path, which: str = "best", map_location: str | torch.device = "cpu"

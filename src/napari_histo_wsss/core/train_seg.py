@@ -30,6 +30,12 @@ A segmenter run folder (default ``<stage-one run>/segmenter``) holds ``config.js
 ``resume=True`` continues from ``last.pt``; cancelling (``should_stop`` or closing the generator)
 checkpoints the position first. ``best.pt`` is chosen by validation mIoU when the dataset has
 validation images with masks, else by the training loss.
+
+Under ``torchrun`` the loop runs data-parallel through :class:`~.distributed.DistContext`, as
+stage one does: rank ``r`` of N takes every N-th item of each global batch (real and synthetic
+shares alike), DistributedDataParallel averages the gradients, batch norms use global
+statistics, losses, NaN checks and stop requests are agreed by all ranks, and only rank 0
+writes files (it also makes missing pseudo-mask sets while the other ranks wait).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .atomic import write_json, write_text
+from .atomic import remove_temporaries, write_json, write_text
 from .classes import ClassTable
 from .datasets import (
     DatasetSpec,
@@ -63,7 +69,8 @@ from .datasets import (
     read_index_mask,
     to_tensor,
 )
-from .device import autocast, grad_scaler, pick_device, seed_everything
+from .device import autocast, grad_scaler, seed_everything
+from .distributed import DistContext
 from .errors import DatasetError, HistoWSSSError, TrainingError
 from .metrics import ConfusionMatrix
 from .models import Segmenter, check_classes, load_checkpoint, load_model, parameter_groups, save_model
@@ -540,7 +547,10 @@ def train_segmenter(
     if not spec.train:
         raise DatasetError(f"{spec.root}: no training images")
     patch = cfg.patch_size or cls_cfg.patch_size or _common_side(spec.train)
-    device = pick_device(cfg.device)
+    dctx = DistContext.from_env(cfg.device).init()
+    rank, world, main = dctx.rank, dctx.world_size, dctx.is_main
+    device = dctx.device
+    dctx.local_batch_size(cfg.batch_size)  # refuses a batch that does not split over the ranks
 
     # -- supervision ------------------------------------------------------------------------
     if spec.layout == "project" and pseudo_masks is None:
@@ -556,12 +566,14 @@ def train_segmenter(
             if pseudo_masks is None:
                 folder = out / "pseudo"
                 images_dir = spec.train[0].path.parent
-                yield ProgressEvent("log", message=f"making pseudo-mask sets {', '.join(PSEUDO_SETS)} under {folder}")
-                for ev in make_pseudo_mask_sets(classifier, classes, images_dir, folder, device=device,
-                                                should_stop=should_stop):
-                    yield ev
-                    if ev.kind == "cancelled":
-                        return
+                if main:
+                    yield ProgressEvent("log", message=f"making pseudo-mask sets {', '.join(PSEUDO_SETS)} under {folder}")
+                    for ev in make_pseudo_mask_sets(classifier, classes, images_dir, folder, device=device,
+                                                    should_stop=should_stop if world == 1 else None):
+                        yield ev
+                        if ev.kind == "cancelled":
+                            return
+                dctx.barrier()  # the other ranks read what rank 0 wrote
                 folders = [folder / name for name in PSEUDO_SETS]
             else:
                 folders = [Path(pseudo_masks)] if isinstance(pseudo_masks, (str, Path)) else [Path(p) for p in pseudo_masks]
@@ -624,6 +636,10 @@ def train_segmenter(
     real_ds = SegDataset(samples, classes, patch, augment=cfg.augment, corrected_weight=cfg.corrected_weight)
     n_synth = int(round(cfg.batch_size * cfg.synthesis_share)) if synth_ds is not None else 0
     n_real = max(1, cfg.batch_size - n_synth)
+    if n_real < world:
+        raise TrainingError(f"{n_real} real images per batch cannot be shared by {world} processes; "
+                            f"raise the batch size or lower the synthesis share")
+    local_real = len(range(rank, n_real, world))
     steps = max(1, len(real_ds) // n_real)
     if cfg.max_steps_per_epoch is not None:
         steps = min(steps, cfg.max_steps_per_epoch)
@@ -641,14 +657,18 @@ def train_segmenter(
             scaler.load_state_dict(ex["scaler"])
         start_epoch, start_batch, global_step = int(ex["epoch"]), int(ex["batch"]), int(ex["global_step"])
         best, best_epoch = ex.get("best"), int(ex.get("best_epoch", 0))
-        torch.set_rng_state(ex["torch_rng"])
+        torch.set_rng_state(ex["torch_rng"] if world == 1 else torch.get_rng_state())
         if start_epoch >= cfg.epochs:
             yield ProgressEvent("done", epoch=start_epoch, epochs=cfg.epochs,
                                 message=f"{out} already trained for {start_epoch} of {cfg.epochs} epochs")
             return
-    write_json(out / "config.json", {**cfg.to_dict(), "stage_one": str(run), "dataset": str(spec.root),
-                                     "supervision_source": source})
-    write_json(out / "classes.json", classes.to_dict())
+    if main:  # temporaries of a checkpoint write that a kill cut short
+        remove_temporaries(ckpt_dir, ("last.pt", "best.pt"))
+    if main:
+        write_json(out / "config.json", {**cfg.to_dict(), "stage_one": str(run), "dataset": str(spec.root),
+                                         "supervision_source": source})
+        write_json(out / "classes.json", classes.to_dict())
+    net = dctx.wrap_model(model)
     history = _read_history(metrics_path, start_epoch)
 
     def checkpoint(path: Path, epoch_done: int, batch_done: int, metrics: dict | None) -> None:
@@ -663,7 +683,8 @@ def train_segmenter(
 
     yield ProgressEvent("start", epoch=start_epoch, epochs=cfg.epochs, steps=steps,
                         message=f"segmenter on {len(samples)} images ({patch} px) from {source}; "
-                                f"{n_sets} mask set(s) weighted {list(set_weights)}; device {device}")
+                                f"{n_sets} mask set(s) weighted {list(set_weights)}; device {device}"
+                                f"{f' x {world} processes' if world > 1 else ''}")
     for note in notes:
         yield ProgressEvent("log", message=note)
 
@@ -679,30 +700,33 @@ def train_segmenter(
             model.train()
             run_loss, n_loss = 0.0, 0
             for b in range(start_batch if epoch == start_epoch else 0, steps):
-                if should_stop is not None and should_stop():
-                    checkpoint(last_path, epoch, b, None)
+                if dctx.any(should_stop is not None and should_stop()):
+                    if main:
+                        checkpoint(last_path, epoch, b, None)
                     saved_pos = pos
                     yield ProgressEvent("cancelled", epoch=epoch + 1, epochs=cfg.epochs, step=b, steps=steps,
                                         message=f"stopped at epoch {epoch + 1} step {b}; {last_path} saved (resume to continue)")
                     return
-                items = [real_ds[order[(b * n_real + j) % len(order)]] for j in range(n_real)]
+                # this rank's share of the global batch: every world-th real and synthetic item
+                items = [real_ds[order[(b * n_real + j) % len(order)]] for j in range(rank, n_real, world)]
                 if n_synth:
-                    items += [synth_ds[s_order[(b * n_synth + j) % len(s_order)]] for j in range(n_synth)]
+                    items += [synth_ds[s_order[(b * n_synth + j) % len(s_order)]] for j in range(rank, n_synth, world)]
                 x, targets, weight, labels = (torch.stack(t).to(device) for t in zip(*items))
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * lr_at(global_step, total_steps, cfg.warmup_steps)
                 with autocast(device, cfg.amp):
                     if use_aux:
-                        logits, aux_logits, cam = model(x, return_aux=True)
+                        logits, aux_logits, cam = net(x, return_aux=True)
                     else:
-                        logits = model(x)
+                        logits = net(x)
                 loss = mlps_loss(logits, targets, set_weights, bg, weight, oeem=cfg.oeem)
                 if use_aux:
-                    real = slice(0, n_real)
+                    real = slice(0, local_real)
                     loss = loss + cfg.image_loss_weight * image_level_loss(aux_logits[real], labels[real])
                     loss = loss + cfg.consistency_weight * consistency_loss(logits[real], cam[real])
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1} step {b + 1}; "
+                value = dctx.all_reduce_mean(float(loss.detach()))
+                if not math.isfinite(value):
+                    raise TrainingError(f"loss became {value} at epoch {epoch + 1} step {b + 1}; "
                                         f"lower the learning rate (last good checkpoint: {last_path})")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -710,14 +734,13 @@ def train_segmenter(
                 scaler.update()
                 global_step += 1
                 steps_here += 1
-                value = loss.item()
                 run_loss += value
                 n_loss += 1
                 pos = (epoch, b + 1)
                 elapsed = time.perf_counter() - t_run
                 yield ProgressEvent("step", epoch=epoch + 1, epochs=cfg.epochs, step=b + 1, steps=steps, loss=value,
                                     eta_s=elapsed / steps_here * (total_steps - global_step))
-            scores = _evaluate(model, val, classes, device, patch, should_stop) if val else None
+            scores = _evaluate(model, val, classes, device, patch, should_stop if world == 1 else None) if val else None
             train_loss = run_loss / max(n_loss, 1)
             signal = scores["miou"] if scores is not None else -train_loss
             improved = best is None or (signal is not None and signal > best)
@@ -728,10 +751,11 @@ def train_segmenter(
                    "val_per_class_iou": scores["per_class_iou"] if scores else None,
                    "seconds": time.perf_counter() - t_run}
             history.append(row)
-            write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-            if improved:
-                checkpoint(best_path, epoch + 1, 0, row)
-            checkpoint(last_path, epoch + 1, 0, row)
+            if main:
+                write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+                if improved:
+                    checkpoint(best_path, epoch + 1, 0, row)
+                checkpoint(last_path, epoch + 1, 0, row)
             pos = saved_pos = (epoch + 1, 0)
             yield ProgressEvent("epoch", epoch=epoch + 1, epochs=cfg.epochs, step=steps, steps=steps, loss=train_loss,
                                 metrics=row)
@@ -740,9 +764,11 @@ def train_segmenter(
         yield ProgressEvent("done", epoch=cfg.epochs, epochs=cfg.epochs, metrics={"best": best, "best_epoch": best_epoch},
                             message=f"trained {cfg.epochs} epochs; best epoch {best_epoch} -> {best_path}")
     except GeneratorExit:
-        if pos != saved_pos:
+        if main and pos != saved_pos:
             checkpoint(last_path, pos[0], pos[1], None)
         raise
+    finally:
+        dctx.shutdown()
 
 
 def _common_side(samples: Sequence[WeakSample]) -> int:

@@ -66,10 +66,10 @@ def layer_levels(layer: Any) -> list[Any]:
 
 def to_class_index(values: np.ndarray, plugin_layer: bool) -> np.ndarray:
     """Layer values -> class indices (plugin layers: value - 1, 0 -> UNLABELLED)."""
-    from ..core.export import _to_index
+    from ..core.export import stored_to_index
 
     arr = np.asarray(values)
-    return _to_index(arr) if plugin_layer else arr.astype(np.uint8)
+    return stored_to_index(arr) if plugin_layer else arr.astype(np.uint8)
 
 
 def index_levels(layer: Any) -> list[Any]:

@@ -100,10 +100,13 @@ class CAMClassifier(nn.Module):
         self.projector = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, int(embed_dim), 1))
 
     # -- training-time computation ---------------------------------------------------------
-    def forward_features(self, x: Tensor, pda_threshold: float | None = None, labels: Tensor | None = None) -> dict:
+    def forward_features(self, x: Tensor, pda_threshold: float | None = None, labels: Tensor | None = None,
+                         embed: bool = False) -> dict:
         """One pass: ``logits`` (B, C), ``cam`` (B, C, h, w) = head on the last feature map (raw,
         before ReLU), ``features`` (the backbone's four maps). With ``pda_threshold`` the logits
-        come from the last map after :func:`progressive_dropout_attention` (``cam`` does not)."""
+        come from the last map after :func:`progressive_dropout_attention` (``cam`` does not).
+        ``embed=True`` adds ``embedding`` (:meth:`embed` of the last map) computed in the same
+        call, so that data-parallel training synchronises the projector's gradients too."""
         feats = self.backbone(x)
         cam = self.head(feats[-1])
         if pda_threshold is None:
@@ -111,7 +114,10 @@ class CAMClassifier(nn.Module):
         else:
             erased = progressive_dropout_attention(feats[-1], cam, pda_threshold, labels)
             logits = self.head(erased.mean(dim=(2, 3), keepdim=True)).flatten(1)
-        return {"logits": logits, "cam": cam, "features": feats}
+        out = {"logits": logits, "cam": cam, "features": feats}
+        if embed:
+            out["embedding"] = self.embed(feats)
+        return out
 
     def forward(self, x: Tensor, pda_threshold: float | None = None, labels: Tensor | None = None) -> Tensor:
         """Logits (B, C) for the multi-label soft-margin loss."""
