@@ -60,6 +60,20 @@ def test_train_resume_and_pseudo_masks(data, tmp_path, capsys):
         assert set(np.unique(read_index_mask(p, luad))) <= present | {luad.background_index}
         assert np.load(out_dir / "cams" / f"{p.stem}.npy").shape == (3, *gt.shape)
 
+    # without labels the masks are gated by predicted probabilities at the threshold that the
+    # run's validation chose (recorded per epoch), unless one is given
+    row = next(r for r in rows if r["epoch"] == rows[-1]["best_epoch"])
+    by_t = row["val_miou_prob_by_threshold"]
+    assert set(by_t) == {"0.5", "0.6", "0.7", "0.8", "0.9"}
+    assert row["prob_threshold"] == min(float(t) for t, v in by_t.items() if v == max(by_t.values()))
+    assert row["val_miou_prob"] == max(by_t.values())
+    capsys.readouterr()
+    assert main(["pseudo-masks", str(run), str(images), str(tmp_path / "pm-prob"), "--device", "cpu"]) == 0
+    assert f"at {row['prob_threshold']:g} (chosen on the run's validation images)" in capsys.readouterr().out
+    assert main(["pseudo-masks", str(run), str(images), str(tmp_path / "pm-09"), "--device", "cpu",
+                 "--prob-threshold", "0.9"]) == 0
+    assert "chosen on the run's validation" not in capsys.readouterr().out
+
 
 def test_bad_input_is_one_line_error(tmp_path, capsys):
     one = make_dataset(tmp_path / "one", only_class=0, n_val=0)

@@ -177,7 +177,7 @@ def _pipeline(sh: _Script, out: Path, data: Path, slide: Path, args: argparse.Na
         "## Pipeline on WSSS4LUAD (held-out test images, split by image)", "",
         f"{s1['n_images']} test images never seen in training; {args.epochs} stage-one and {args.seg_epochs} stage-two epochs.", "",
         f"| | mIoU | fwIoU | {names} |", "|---" * (3 + len(s1["per_class_iou"])) + "|",
-        row("stage one pseudo-masks (SegMix CAM)", s1), row("stage two segmenter", s2), "",
+        row("stage one pseudo-masks (SegMix CAM, gated by predicted probabilities)", s1), row("stage two segmenter", s2), "",
         f"Whole-slide prediction of the bundled slide: `{zarr}`, QuPath GeoJSON `{out / 'slide_prediction.geojson'}`, "
         f"TIFF `{out / 'slide_prediction.tif'}`.", "",
     ]

@@ -90,7 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--labels", default=None, help="'names' or a folder of masks; default: gate by predicted probability")
     q.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path (default best)")
     q.add_argument("--mode", choices=["last", "multi"], default=None, help="CAM type (default: the run's cam_mode)")
-    q.add_argument("--prob-threshold", type=float, default=0.5, help="probability that switches a class on (default 0.5)")
+    q.add_argument("--prob-threshold", type=float, default=None,
+                   help="probability that switches a class on when gating by predictions (default: the threshold "
+                        "the run's validation chose, see metrics.jsonl 'prob_threshold', else 0.5)")
     q.add_argument("--bg-threshold", type=float, default=0.0, help="normalised CAM score below which a pixel is background")
     q.add_argument("--flip", action="store_true", help="average CAMs with the horizontally flipped image")
     q.add_argument("--tile", type=int, default=None, help="force tiling at this size (default: whole image up to 1024 px)")
@@ -154,12 +156,18 @@ def run_train(args: argparse.Namespace) -> int:
 def run_pseudo_masks(args: argparse.Namespace) -> int:
     from ..core.cams import PseudoMaskSettings, generate_pseudo_masks
     from ..core.device import pick_device
-    from ..core.train import load_run
+    from ..core.train import calibrated_prob_threshold, load_run
 
     device = pick_device(args.device)
     model, classes, cfg = load_run(args.run_dir, args.checkpoint, map_location=device)
+    threshold = args.prob_threshold
+    if threshold is None and args.labels is None:
+        threshold = calibrated_prob_threshold(args.run_dir, args.checkpoint if args.checkpoint == "last" else "best")
+        if threshold is not None:
+            print(f"gating by predicted probabilities at {threshold:g} (chosen on the run's validation images)")
     settings = PseudoMaskSettings(mode=args.mode or cfg.cam_mode, window=cfg.patch_size, tile=args.tile,
-                                  flip=args.flip, prob_threshold=args.prob_threshold, bg_threshold=args.bg_threshold)
+                                  flip=args.flip, prob_threshold=0.5 if threshold is None else threshold,
+                                  bg_threshold=args.bg_threshold)
     cams_dir = None
     if args.cams is not None:
         cams_dir = Path(args.cams) if args.cams else Path(args.out_dir) / "cams"

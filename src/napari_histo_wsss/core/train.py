@@ -325,31 +325,64 @@ def supcon_loss(emb: Tensor, cam: Tensor, targets: Tensor, temperature: float = 
 # ---------------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------------
+#: Probability thresholds tried for gating unlabelled images (see :func:`evaluate_pseudo_masks`).
+PROB_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
 def evaluate_pseudo_masks(model: CAMClassifier, samples: Sequence[MaskedSample], classes: ClassTable,
                           patch_size: int, cam_mode: str = "last", device: torch.device | None = None,
                           should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
     """Pseudo-mask scores of ``model`` on images with masks: CAMs gated by each image's labels
     (taken from its mask), white background per the class table, scored with the MLPS convention
     (:mod:`core.metrics`). Also the image-level loss of the window probabilities (see
-    :func:`~.cams.cams_for_image`). Returns None when ``should_stop()`` interrupts it.
+    :func:`~.cams.cams_for_image`) and the calibration of the gating of unlabelled images: from
+    the same CAMs, the mIoU of masks gated by the predicted probabilities at each of
+    :data:`PROB_THRESHOLDS` (``val_miou_prob_by_threshold``), the best threshold
+    (``prob_threshold``, the lowest of equals) and its mIoU (``val_miou_prob``). Returns None
+    when ``should_stop()`` interrupts it.
     """
     from .cams import cams_for_image, pseudo_mask
     from .metrics import ConfusionMatrix
 
+    names = classes.names + ["background"]
     cm = ConfusionMatrix(classes.num_classes + 1, classes.background_index)
+    by_t = {t: ConfusionMatrix(classes.num_classes + 1, classes.background_index) for t in PROB_THRESHOLDS}
     losses = []
     for s in samples:
         if should_stop is not None and should_stop():
             return None
         rgb, gt = s.image(), s.mask()
         cams, probs = cams_for_image(model, rgb, device=device, mode=cam_mode, window=patch_size)
-        mask = pseudo_mask(cams, classes, rgb=rgb, labels=s.labels)
-        cm.update(mask, gt)
+        cm.update(pseudo_mask(cams, classes, rgb=rgb, labels=s.labels), gt)
+        for t, cm_t in by_t.items():
+            cm_t.update(pseudo_mask(cams, classes, rgb=rgb, probs=probs, prob_threshold=t), gt)
         p = torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)
         losses.append(float(F.binary_cross_entropy(p, torch.from_numpy(s.labels.astype(np.float32)))))
-    scores = cm.scores(classes.names + ["background"])
+    scores = cm.scores(names)
+    prob = {t: cm_t.scores(names)["miou"] for t, cm_t in by_t.items()}
+    best_t = max(PROB_THRESHOLDS, key=lambda t: (prob[t] if prob[t] is not None else -1.0, -t))
     return {"val_miou": scores["miou"], "val_fwiou": scores["fwiou"], "val_pixel_accuracy": scores["pixel_accuracy"],
-            "val_iou": scores["per_class_iou"], "val_loss": float(np.mean(losses)) if losses else None}
+            "val_iou": scores["per_class_iou"], "val_loss": float(np.mean(losses)) if losses else None,
+            "val_miou_prob": prob[best_t], "prob_threshold": best_t,
+            "val_miou_prob_by_threshold": {str(t): v for t, v in prob.items()}}
+
+
+def calibrated_prob_threshold(run_dir: str | Path, which: str = "best") -> float | None:
+    """The probability threshold for gating unlabelled images that validation chose for the
+    ``best`` (or ``last``) checkpoint of a run (``prob_threshold`` in metrics.jsonl), or None
+    when the run had no validation images with masks."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    if not rows:
+        return None
+    row = rows[-1]
+    if which == "best":
+        row = next((r for r in rows if r.get("epoch") == rows[-1].get("best_epoch")), rows[-1])
+    value = row.get("prob_threshold")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _evaluate_patches(model: CAMClassifier, loader: torch.utils.data.DataLoader, device: torch.device, amp: bool,

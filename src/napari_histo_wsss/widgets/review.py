@@ -650,6 +650,11 @@ class ReviewWidget(Panel):
             return slide_cam_tiles(run_dir, which, slide_path, plan, mode, window, device, should_stop,
                                    classes=project.classes, save=None if project.read_only else save_cams)
 
+        from ..core.train import calibrated_prob_threshold
+
+        chosen = calibrated_prob_threshold(run_dir, which)
+        if chosen is not None:  # start the gating slider where the run's validation put it
+            self.gating.setValue(int(round(chosen * 100)))
         self.task.start(job, f"CAMs of {sid}")
         self.say(f"computing CAMs of {sid} with {run_dir.name} ({which}): {len(plan.tiles)} tiles, "
                  f"mask {plan.shape[1]}x{plan.shape[0]} px at {plan.downsample:.2f}x")
