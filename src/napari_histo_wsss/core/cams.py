@@ -17,7 +17,6 @@ window-mean logit)`` - "present somewhere in the image at the scale the model wa
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence

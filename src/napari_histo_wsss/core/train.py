@@ -233,8 +233,9 @@ def build_model(cfg: TrainConfig, num_classes: int, weights: str | None = None) 
                          output_stride=cfg.output_stride, cam_weights=cfg.cam_weights)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the pretrained backbone at ``cfg.lr`` and the new layers ``head_lr_mult`` faster.
+def build_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    """AdamW with the pretrained backbone at ``cfg.lr`` and the new layers ``head_lr_mult`` faster
+    (``cfg``: a TrainConfig or a SegConfig; both have ``lr``, ``head_lr_mult``, ``weight_decay``).
     Each group remembers its base rate in ``"base_lr"`` for :func:`lr_at`."""
     groups = parameter_groups(model, cfg.lr, cfg.head_lr_mult)
     for g in groups:
@@ -371,11 +372,7 @@ def calibrated_prob_threshold(run_dir: str | Path, which: str = "best") -> float
     """The probability threshold for gating unlabelled images that validation chose for the
     ``best`` (or ``last``) checkpoint of a run (``prob_threshold`` in metrics.jsonl), or None
     when the run had no validation images with masks."""
-    path = Path(run_dir) / "metrics.jsonl"
-    try:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return None
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
     if not rows:
         return None
     row = rows[-1]
@@ -466,7 +463,9 @@ def _check_resume_config(saved: dict, cfg: TrainConfig, where: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
-def _read_metrics(path: Path, upto_epoch: int) -> list[dict]:
+def read_metrics(path: Path, upto_epoch: int | None = None) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` (stage one or two), up to ``upto_epoch`` if given;
+    unreadable lines are skipped."""
     rows = []
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -474,7 +473,7 @@ def _read_metrics(path: Path, upto_epoch: int) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and int(row.get("epoch", 0)) <= upto_epoch:
+            if isinstance(row, dict) and (upto_epoch is None or int(row.get("epoch", 0)) <= upto_epoch):
                 rows.append(row)
     return rows
 
@@ -600,7 +599,7 @@ def train_classifier(
         write_json(run / "classes.json", classes.to_dict())
         # where the patches came from, so that `train-seg RUN_DIR` finds them without --dataset
         write_json(run / "dataset.json", {"path": str(Path(spec.root).resolve()), "layout": spec.layout})
-    history = _read_metrics(metrics_path, start_epoch)
+    history = read_metrics(metrics_path, start_epoch)
 
     train_ds = _SeededItems(WeakLabelDataset(train_samples, size=patch, augment=cfg.augment), cfg.seed)
     # every rank runs the same number of steps (a rank with one step more would wait forever)

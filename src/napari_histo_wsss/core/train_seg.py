@@ -71,9 +71,9 @@ from .datasets import (
 )
 from .device import autocast, grad_scaler, seed_everything
 from .distributed import DistContext
-from .errors import DatasetError, HistoWSSSError, TrainingError
+from .errors import DatasetError, TrainingError
 from .metrics import ConfusionMatrix
-from .models import Segmenter, check_classes, load_checkpoint, load_model, parameter_groups, save_model
+from .models import Segmenter, check_classes, load_checkpoint, load_model, save_model
 from .synthesis import (
     SYNTHESIS_KINDS,
     RealnessFilter,
@@ -531,7 +531,7 @@ def train_segmenter(
     Yields ``start``, ``log``, ``step``, ``epoch``, ``checkpoint`` and ``done``/``cancelled``
     progress events (``core.train.ProgressEvent``).
     """
-    from .train import ProgressEvent, load_run, lr_at
+    from .train import ProgressEvent, build_optimizer, load_run, lr_at, read_metrics
 
     cfg = config or SegConfig()
     cfg.validate()
@@ -608,10 +608,7 @@ def train_segmenter(
     use_aux = bool(cfg.synthesis)
     model = Segmenter(classes.num_classes, cfg.backbone, "none" if ckpt is not None else cfg.weights,
                       cfg.output_stride, aux_head=use_aux).to(device)
-    groups = parameter_groups(model, cfg.lr, cfg.head_lr_mult)
-    for group in groups:
-        group["base_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg)  # SegConfig has the same lr / head_lr_mult / weight_decay
     scaler = grad_scaler(device, cfg.amp)
 
     # -- synthetic data -----------------------------------------------------------------------
@@ -669,7 +666,7 @@ def train_segmenter(
                                          "supervision_source": source})
         write_json(out / "classes.json", classes.to_dict())
     net = dctx.wrap_model(model)
-    history = _read_history(metrics_path, start_epoch)
+    history = read_metrics(metrics_path, start_epoch)
 
     def checkpoint(path: Path, epoch_done: int, batch_done: int, metrics: dict | None) -> None:
         meta = {"classes": classes, "config": cfg.to_dict(), "epoch": epoch_done, "patch_size": patch,
@@ -776,10 +773,3 @@ def _common_side(samples: Sequence[WeakSample]) -> int:
     if not sides:
         return 224
     return int(np.bincount(sides).argmax())
-
-
-def _read_history(path: Path, upto_epoch: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in rows if int(r.get("epoch", 0)) <= upto_epoch]
