@@ -16,6 +16,12 @@ Usage (2 CPU cores; one experiment at a time)::
     python bench/stage1_experiments.py methods --dataset wsss4luad --epochs 6
     python bench/stage1_experiments.py methods --dataset glas --epochs 6 --patch-size 128 --stride 128
     python bench/stage1_experiments.py patches --dataset wsss4luad --epochs 6
+    python bench/stage1_experiments.py gating --dataset wsss4luad   # re-score the runs in --work
+
+``gating`` trains nothing: it re-scores the best checkpoint of every run already in ``--work``
+for the data set on its held-out images, gated by predicted probabilities at each threshold of
+``core.train.PROB_THRESHOLDS`` (the values validation calibrates among), beside the label-gated
+score.
 
 Results are appended as JSON lines to ``--results`` (default ``/tmp/histo-wsss-stage1/results.jsonl``)
 and printed as a table. Work files (patch sets, runs) go to ``--work`` (never the repository).
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -39,7 +46,7 @@ from napari_histo_wsss.core.cams import cams_for_image, pseudo_mask
 from napari_histo_wsss.core.datasets import list_images, load_dataset, make_patches
 from napari_histo_wsss.core.metrics import ConfusionMatrix
 from napari_histo_wsss.core.tissue import white_background_mask
-from napari_histo_wsss.core.train import TrainConfig, load_run, train_classifier
+from napari_histo_wsss.core.train import PROB_THRESHOLDS, TrainConfig, load_run, train_classifier
 
 DATA = Path(os.environ.get("HISTO_WSSS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 METHODS = {  # name -> (method, cam_mode used for feedback/selection during training)
@@ -87,12 +94,16 @@ def score(model, spec, patch: int, mode: str, white_background: bool, prior: np.
     classes = spec.classes
     k, bg = classes.num_classes + 1, classes.background_index
     cms = {name: ConfusionMatrix(k, bg) for name in ("labels", "probs", "baseline")}
+    by_t = {t: ConfusionMatrix(k, bg) for t in PROB_THRESHOLDS}
     t0 = time.perf_counter()
     for s in spec.val:
         rgb, gt = s.image(), s.mask()
         cams, probs = cams_for_image(model, rgb, mode=mode, window=patch)
         cms["labels"].update(pseudo_mask(cams, classes, rgb=rgb, labels=s.labels, white_background=white_background), gt)
         cms["probs"].update(pseudo_mask(cams, classes, rgb=rgb, probs=probs, white_background=white_background), gt)
+        for t, cm_t in by_t.items():
+            cm_t.update(pseudo_mask(cams, classes, rgb=rgb, probs=probs, prob_threshold=t,
+                                    white_background=white_background), gt)
         base = np.full(gt.shape, np.argmax(np.where(s.labels > 0, prior, -1.0)), dtype=np.uint8)
         if white_background:
             base[white_background_mask(rgb)] = bg
@@ -100,6 +111,7 @@ def score(model, spec, patch: int, mode: str, white_background: bool, prior: np.
     names = classes.names + ["background"]
     out = {f"miou_{n}": cm.scores(names)["miou"] for n, cm in cms.items()}
     out["iou_labels"] = cms["labels"].scores(names)["per_class_iou"]
+    out["miou_probs_by_threshold"] = {str(t): cm_t.scores(names)["miou"] for t, cm_t in by_t.items()}
     out["cam_s_per_image"] = (time.perf_counter() - t0) / max(len(spec.val), 1)
     return out
 
@@ -141,6 +153,33 @@ def run_one(args, dataset: str, patch: int, stride: int, name: str, epochs: int)
     return res
 
 
+RUN_NAME = re.compile(r"^(?P<dataset>[a-z0-9]+)-p(?P<patch>\d+)-s(?P<stride>\d+)-(?P<method>.+)-e(?P<epochs>\d+)-seed(?P<seed>\d+)$")
+
+
+def gating(args) -> str:
+    """Re-score the best checkpoint of every finished run of ``args.dataset`` in ``--work``:
+    probability-gated pseudo-masks at each of ``PROB_THRESHOLDS`` vs label-gated, with the CAM
+    mode the run trained with; a Markdown table (no training)."""
+    work = Path(args.work)
+    rows = []
+    for run in sorted((work / "runs").glob(f"{args.dataset}-p*")):
+        m = RUN_NAME.match(run.name)
+        if m is None or not (run / "checkpoints" / "best.pt").is_file():
+            continue
+        patch, stride, seed = int(m["patch"]), int(m["stride"]), int(m["seed"])
+        ps_dir, stats = patch_set(args.dataset, work, patch, stride, args.val_fraction, seed)
+        model, classes, cfg = load_run(run, "best")
+        prior = np.array([stats["class_counts"][n] for n in classes.names], dtype=np.float64)
+        r = score(model, load_dataset(ps_dir), patch, cfg.cam_mode, args.dataset != "glas", prior)
+        rows.append(f"| {patch}/{stride} {m['method']} {m['epochs']} ep ({cfg.cam_mode}) | "
+                    + " | ".join(f"{r['miou_probs_by_threshold'][str(t)]:.3f}" for t in PROB_THRESHOLDS)
+                    + f" | {r['miou_labels']:.3f} |")
+        print(rows[-1], flush=True)
+    head = ("| run (patch/stride, method, epochs, CAM) | " + " | ".join(f"probs > {t}" for t in PROB_THRESHOLDS)
+            + " | label-gated |\n|---|" + "---|" * (len(PROB_THRESHOLDS) + 1))
+    return head + "\n" + "\n".join(rows)
+
+
 def table(results: list[dict]) -> str:
     head = (f"{'dataset':<10} {'patch/stride':>12} {'method':<13} {'ep':>3} {'patches':>7} {'train s':>7} "
             f"{'last(lab)':>9} {'multi(lab)':>10} {'last(prob)':>10} {'multi(prob)':>11} {'baseline':>8} {'patch/s':>7} {'data%':>6}")
@@ -157,7 +196,9 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["methods", "patches"], help="methods: cam vs segmix vs segmix+multi; patches: patch size/stride sweep (plain CAM)")
+    p.add_argument("what", choices=["methods", "patches", "gating"],
+                   help="methods: cam vs segmix vs segmix+multi; patches: patch size/stride sweep (plain CAM); "
+                        "gating: re-score the runs in --work at each probability threshold")
     p.add_argument("--dataset", default="wsss4luad", choices=["wsss4luad", "glas"])
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--patch-size", type=int, default=128)
@@ -176,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.what == "gating":
+        print(f"\n{args.dataset}: mIoU of the held-out images' pseudo-masks by gating\n" + gating(args))
+        return 0
     results = []
     if args.what == "methods":
         jobs = [(args.patch_size, args.stride, m) for m in args.methods.split(",")]

@@ -87,6 +87,10 @@ def test_pseudo_mask_gating_and_white_background():
     # breast-style tables keep white tissue (fat) as tissue
     no_white = pseudo_mask(cams, LUAD, rgb=rgb, labels=[1, 1, 1], white_background=False)
     assert LUAD.background_index not in no_white
+    # so does GlaS, whose ground truth labels a gland's pale lumen as gland
+    glas = get_preset("glas")
+    lumen = pseudo_mask(cams[:2], glas, rgb=rgb, labels=[1, 1])
+    assert glas.background_index not in lumen and (lumen[:, :10] == 0).all()
     with pytest.raises(HistoWSSSError, match="3 entries|label vector"):
         pseudo_mask(cams, LUAD, labels=[1, 0])
 

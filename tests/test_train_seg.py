@@ -160,11 +160,17 @@ def test_cancel_saves_position_and_resume_finishes(stage_one):
 
 def test_synthesis_switch_trains_with_consistency(stage_one):
     out = stage_one / "seg-synth"
-    cfg = tiny(synthesis=("mosaic", "bezier"), synthesis_count=4, filter_steps=3, batch_size=4)
+    cfg = tiny(synthesis=("mosaic", "bezier"), synthesis_count=4, filter_steps=3, batch_size=4, max_steps_per_epoch=None)
     events = list(train_segmenter(stage_one / "run", stage_one / "seg" / "pseudo" / "fused", cfg,
                                   dataset=stage_one / "patches", out_dir=out))
     assert events[-1].kind == "done"
     assert any("realness filter kept 4 of 8" in e.message for e in events)
+    # half of each batch is synthetic, yet an epoch is as many batches as without synthesis
+    from napari_histo_wsss.core.datasets import load_dataset
+
+    n_train = len(load_dataset(stage_one / "patches").train)
+    assert n_train >= 8
+    assert sum(e.kind == "step" for e in events) == n_train // 4
     model, _, cfg2, _ = load_segmenter(out)
     assert model.aux is not None and cfg2.synthesis == ("mosaic", "bezier")
 

@@ -188,13 +188,14 @@ PRESETS: dict[str, ClassTable] = {
         ),
         background=_WHITE, white_background=True, preset="wsss4luad",
     ),
-    # GlaS as a 2-class gland / other-tissue problem (HistoSegNet's G.O vs Other).
+    # GlaS as a 2-class gland / other-tissue problem (HistoSegNet's G.O vs Other). Its ground
+    # truth labels every pixel (a gland's pale lumen is gland), so white is not forced to background.
     "glas": ClassTable(
         classes=(
             ClassDef("gland", (200, 40, 120), "G"),
             ClassDef("other tissue", (80, 160, 220), "O"),
         ),
-        background=_WHITE, white_background=True, preset="glas",
+        background=_WHITE, white_background=False, preset="glas",
     ),
 }
 

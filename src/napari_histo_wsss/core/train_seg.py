@@ -14,9 +14,11 @@ Supervision, per training image (design notes section 6):
   the ``corrected`` mask overrides every pseudo-mask set and the pixel's loss is multiplied by
   ``corrected_weight``.
 * **HisynSeg synthesis** (optional, ``synthesis=("mosaic", "bezier")``): synthetic images with
-  exact masks (filtered by a real-vs-synthetic discriminator) are mixed into every batch; the
-  segmenter then has an image-level CAM head trained with the multi-label loss on the real
-  patches plus a consistency loss between its CAM and the segmentation on those patches.
+  exact masks (filtered by a real-vs-synthetic discriminator) are mixed into every batch
+  (``synthesis_share`` of it); the segmenter then has an image-level CAM head trained with the
+  multi-label loss on the real patches plus a consistency loss between its CAM and the
+  segmentation on those patches. An epoch is the same number of batches with or without
+  synthesis (training images // batch size), so switching synthesis on costs no extra steps.
 * **Full supervision** (the reference): a folder of ground-truth masks as the only mask set, or
   ``supervision="full"`` on a make-patches dataset, which crops each patch's mask from the
   source masks recorded in ``make_patches.json``.
@@ -637,7 +639,7 @@ def train_segmenter(
         raise TrainingError(f"{n_real} real images per batch cannot be shared by {world} processes; "
                             f"raise the batch size or lower the synthesis share")
     local_real = len(range(rank, n_real, world))
-    steps = max(1, len(real_ds) // n_real)
+    steps = max(1, len(real_ds) // cfg.batch_size)  # the same compute per epoch with or without synthesis
     if cfg.max_steps_per_epoch is not None:
         steps = min(steps, cfg.max_steps_per_epoch)
     total_steps = steps * cfg.epochs
