@@ -271,3 +271,20 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     assert "noise.svs" in capsys.readouterr().err
     assert cli_main(["overview", str(bad), str(tmp_path / "x.jpg")]) == 2
     assert ".png" in capsys.readouterr().err
+
+
+def test_cli_demo_slide_steps(tmp_path, capsys):
+    """`histo-wsss demo --slide-only`: the bundled slide's info, overview and project, with the
+    commands it ran kept as a script and a summary naming the slide; rerunning reuses the project."""
+    out = tmp_path / "demo"
+    for _ in range(2):
+        assert cli_main(["demo", str(out), "--slide-only"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("$ histo-wsss info") == 2 and "$ histo-wsss overview" in printed
+    script = (out / "commands.sh").read_text().splitlines()
+    assert script[0] == "#!/usr/bin/env bash" and any(line.startswith("histo-wsss overview") for line in script)
+    summary = (out / "summary.md").read_text()
+    assert "CMU-1-Small-Region.svs" in summary and "tissue patches" in summary
+    assert Image.open(out / "overview.png").size[0] > 0
+    project = json.loads((out / "project" / "project.json").read_text())
+    assert len(project["slides"]) == 1  # the second run reopened the project instead of adding the slide again
