@@ -9,6 +9,7 @@ from napari_histo_wsss.core.classes import get_preset
 from napari_histo_wsss.core.datasets import WeakSample, parse_label_name
 from napari_histo_wsss.core.errors import DatasetError
 from napari_histo_wsss.core.synthesis import (
+    MAX_WHITE_SHARE,
     RealnessFilter,
     bezier,
     bezier_blob,
@@ -24,8 +25,12 @@ CLASSES = get_preset("wsss4luad")
 COLOURS = {0: (200, 60, 60), 1: (60, 180, 60), 2: (70, 70, 220)}
 
 
-def flat_pools(size: int = 64, glass: int = 0) -> dict[int, list[WeakSample]]:
+def flat_pools(size: int = 64, glass: int = 0, max_white: float = 1.0) -> dict[int, list[WeakSample]]:
     """Single-class patches of one flat colour each, with ``glass`` white rows at the top."""
+    return single_label_pools(flat_samples(size, glass), CLASSES, max_white=max_white)
+
+
+def flat_samples(size: int = 64, glass: int = 0) -> list[WeakSample]:
     samples = []
     for k, col in COLOURS.items():
         img = np.empty((size, size, 3), dtype=np.uint8)
@@ -34,7 +39,7 @@ def flat_pools(size: int = 64, glass: int = 0) -> dict[int, list[WeakSample]]:
         labels = np.zeros(3, dtype=np.uint8)
         labels[k] = 1
         samples.append(WeakSample(f"flat{k}", labels, None, reader=lambda img=img: img))
-    return single_label_pools(samples, CLASSES)
+    return samples
 
 
 def colour_class(img: np.ndarray) -> np.ndarray:
@@ -89,6 +94,17 @@ def test_single_label_pools_need_two_classes():
     only = [WeakSample("a", np.array([1, 0, 0], np.uint8), None, reader=lambda: np.zeros((8, 8, 3), np.uint8))]
     with pytest.raises(DatasetError, match="two classes"):
         single_label_pools(only, CLASSES)
+
+
+def test_mostly_white_patches_stay_out_of_the_pools():
+    """A single-label patch that is mostly glass or lumen would teach 'white = this class'."""
+    assert sorted(single_label_pools(flat_samples(glass=24), CLASSES)) == [0, 1, 2]  # 24 of 64 rows white: kept
+    assert MAX_WHITE_SHARE == 0.5
+    with pytest.raises(DatasetError, match="3 mostly white"):  # 40 of 64 rows white: left out
+        single_label_pools(flat_samples(glass=40), CLASSES)
+    mixed = flat_samples(glass=40)[:1] + flat_samples(glass=0)[1:]
+    pools = single_label_pools(mixed, CLASSES)
+    assert sorted(pools) == [1, 2]  # only the mostly white class-0 patch is gone
 
 
 def test_bezier_blob_is_a_closed_region():

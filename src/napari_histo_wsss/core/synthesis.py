@@ -6,6 +6,7 @@ patches, and the losses that let a segmenter learn from them.
   class of each quadrant.
 * **Bezier** (:func:`bezier`): a random closed blob (cubic Bezier curves through random points
   around a centre) cut from a patch of class B is pasted on a patch of class A.
+* The pools hold single-label patches that are not mostly white (:data:`MAX_WHITE_SHARE`).
 * In both, glass (grey > 200, :func:`~.tissue.white_background_mask`) inside a source patch is
   background in the mask for class tables with ``white_background``, so the masks stay exact.
 * **Real-vs-synthetic filter** (:class:`RealnessFilter`): a small CNN discriminator is trained
@@ -37,6 +38,7 @@ from .tissue import white_background_mask
 
 __all__ = [
     "SYNTHESIS_KINDS",
+    "MAX_WHITE_SHARE",
     "single_label_pools",
     "mosaic",
     "bezier",
@@ -50,17 +52,32 @@ __all__ = [
 SYNTHESIS_KINDS = ("mosaic", "bezier")
 
 
-def single_label_pools(samples: Sequence[WeakSample], classes: ClassTable) -> dict[int, list[WeakSample]]:
-    """Training patches with exactly one tissue class, grouped by that class. At least two
-    classes must have such patches, else synthesis cannot mix anything (DatasetError)."""
+#: Single-label patches more than this share white (grey > 200: glass, fat, a gland's lumen) are
+#: left out of the synthesis pools: what they would teach is "white = this class". On GlaS at
+#: 128 px, half of the gland-only patches are mostly lumen (docs/benchmarks/stage2.md).
+MAX_WHITE_SHARE = 0.5
+
+
+def single_label_pools(samples: Sequence[WeakSample], classes: ClassTable,
+                       max_white: float = MAX_WHITE_SHARE) -> dict[int, list[WeakSample]]:
+    """Training patches with exactly one tissue class and at most ``max_white`` of white pixels
+    (:func:`~.tissue.white_background_mask`), grouped by that class. At least two classes must
+    have such patches, else synthesis cannot mix anything (DatasetError)."""
     pools: dict[int, list[WeakSample]] = {}
+    white = 0
     for s in samples:
         lab = np.asarray(s.labels)
-        if lab.sum() == 1:
-            pools.setdefault(int(np.argmax(lab)), []).append(s)
+        if lab.sum() != 1:
+            continue
+        if max_white < 1 and white_background_mask(s.image()).mean() > max_white:
+            white += 1
+            continue
+        pools.setdefault(int(np.argmax(lab)), []).append(s)
     if len(pools) < 2:
         have = ", ".join(classes.names[k] for k in pools) or "none"
-        raise DatasetError(f"synthesis needs single-label patches of at least two classes; found them only for: {have}")
+        left_out = f" ({white} mostly white single-label patches left out)" if white else ""
+        raise DatasetError(f"synthesis needs single-label patches of at least two classes; "
+                           f"found them only for: {have}{left_out}")
     return pools
 
 

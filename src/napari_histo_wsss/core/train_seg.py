@@ -620,7 +620,9 @@ def train_segmenter(
         pools = single_label_pools(spec.train, classes)
         want = cfg.synthesis_count
         n_make = int(math.ceil(want / cfg.synthesis_keep)) if cfg.synthesis_filter else want
-        yield ProgressEvent("log", message=f"synthesising {n_make} {'/'.join(cfg.synthesis)} images")
+        sizes = ", ".join(f"{classes.names[k]} {len(v)}" for k, v in sorted(pools.items()))
+        yield ProgressEvent("log", message=f"synthesising {n_make} {'/'.join(cfg.synthesis)} images "
+                                           f"from single-label patches ({sizes})")
         pairs = synthesize(pools, classes, n_make, patch, cfg.synthesis, seed=cfg.seed)
         if cfg.synthesis_filter:
             real = [spec.train[i].image() for i in np.random.default_rng(cfg.seed).permutation(len(spec.train))[:256]]
