@@ -159,6 +159,7 @@ def main() -> None:
         st.epochs.setValue(2)
         st.batch_size.setValue(8)
         st.device.setCurrentText("cpu")
+        st.synthesis.setChecked(True)
         st.start()
         wait(app, lambda: not st.task.running)
         st.pred_tile.setValue(256)

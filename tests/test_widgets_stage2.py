@@ -69,6 +69,19 @@ def test_segmenter_train_predict_export(make_napari_viewer, qtbot, tmp_path, cmu
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     assert st.plot.point_count("loss") >= 1
     assert st.runs.currentText() == run_dir.name
+    assert not st.synthesis.isChecked() and st.config().synthesis == ()
+
+    # the same with HisynSeg synthesis from the project's single-label patches (stroma rows, tumour rows)
+    st.synthesis.setChecked(True)
+    synth_dir = st.start()
+    qtbot.waitUntil(lambda: not st.task.running, timeout=WAIT_MS)
+    assert "finished" in st.status.text(), st.status.text()
+    from napari_histo_wsss.core.train_seg import load_segmenter
+
+    seg, _, synth_cfg, _ = load_segmenter(synth_dir)
+    assert synth_cfg.synthesis == ("mosaic", "bezier") and seg.aux is not None
+    st.synthesis.setChecked(False)
+    st.runs.setCurrentIndex(st.runs.findText(run_dir.name))
 
     # predict the slide: a multiscale Labels layer with the class colours over the slide
     st.pred_tile.setValue(128)

@@ -45,6 +45,12 @@ class Stage2Widget(TrainingWidget):
         label = self.data_form.labelForField(self.source)
         if label is not None:
             label.setText("Classifier run")
+        self.synthesis = QCheckBox("HisynSeg synthesis (Mosaic + Bezier)")
+        self.synthesis.setToolTip(
+            "mix synthetic images with exact masks, built from single-label patches, into every batch "
+            "(plus a consistency loss); helps texture-like classes (lung tumour/stroma/normal), "
+            "not gland-shaped ones (docs/benchmarks/stage2.md)")
+        self.settings_form.addRow(self.synthesis)
 
         box, form = form_group("Predict the slide")
         self.pred_tile = QSpinBox()
@@ -127,7 +133,8 @@ class Stage2Widget(TrainingWidget):
         """A :class:`core.train_seg.SegConfig` from the form (plus ``overrides``)."""
         from ..core.train_seg import SegConfig
 
-        return self._config_from_form(SegConfig, overrides)
+        form = {"synthesis": ("mosaic", "bezier") if self.synthesis.isChecked() else ()}
+        return self._config_from_form(SegConfig, {**form, **overrides})
 
     def _load_run_config(self, run_dir: Path) -> Any:
         from ..core.train_seg import SegConfig
