@@ -173,6 +173,20 @@ def test_synthesis_switch_trains_with_consistency(stage_one):
     assert sum(e.kind == "step" for e in events) == n_train // 4
     model, _, cfg2, _ = load_segmenter(out)
     assert model.aux is not None and cfg2.synthesis == ("mosaic", "bezier")
+    # what Resume (panel and CLI) continues: the saved settings, without the records beside them
+    assert SegConfig.saved(out) == cfg
+
+
+def test_damaged_run_config_is_a_clear_error_on_resume(stage_one, tmp_path, capsys):
+    from napari_histo_wsss.cli import main as cli_main
+
+    out = tmp_path / "seg"
+    out.mkdir()
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(TrainingError, match="config.json: unreadable run config"):
+        SegConfig.saved(out)
+    assert cli_main(["train-seg", str(stage_one / "run"), "--out", str(out), "--resume"]) == 2
+    assert "unreadable run config" in capsys.readouterr().err
 
 
 def test_full_supervision_uses_ground_truth_crops(stage_one):

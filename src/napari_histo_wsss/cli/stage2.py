@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +115,8 @@ def _seg_config(args: argparse.Namespace) -> Any:
     if args.full_supervision:
         given["supervision"] = "full"
     out = Path(args.out) if args.out else Path(args.run_dir) / "segmenter"
-    saved = out / "config.json"
-    if args.resume and saved.is_file():
-        d = json.loads(saved.read_text(encoding="utf-8"))
-        known = {f.name for f in dataclasses.fields(SegConfig)}
-        return dataclasses.replace(SegConfig.from_dict({k: v for k, v in d.items() if k in known}), **given)
+    if args.resume and (out / "config.json").is_file():
+        return dataclasses.replace(SegConfig.saved(out), **given)
     return SegConfig(**given)
 
 

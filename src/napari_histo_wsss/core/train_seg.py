@@ -173,6 +173,19 @@ class SegConfig:
             raise TrainingError(f"unknown segmenter settings: {', '.join(unknown)}")
         return cls(**d)
 
+    @classmethod
+    def saved(cls, seg_dir: str | Path) -> "SegConfig":
+        """The settings a segmenter run folder was trained with (its ``config.json``, without the
+        records written beside them: ``stage_one``, ``dataset``, ``supervision_source``); an
+        unreadable file is a TrainingError naming it."""
+        path = Path(seg_dir) / "config.json"
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise TrainingError(f"{path}: unreadable run config: {e}") from e
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_dict({k: v for k, v in d.items() if k in known})
+
 
 # ---------------------------------------------------------------------------------------------
 # samples: an image, its mask sets, optional corrections

@@ -12,7 +12,6 @@ class colours (read-only: corrections belong on the pseudo-mask).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -139,9 +138,7 @@ class Stage2Widget(TrainingWidget):
     def _load_run_config(self, run_dir: Path) -> Any:
         from ..core.train_seg import SegConfig
 
-        d = _read_json(run_dir / "config.json")
-        known = {f.name for f in dataclasses.fields(SegConfig)}
-        return SegConfig.from_dict({k: v for k, v in d.items() if k in known})
+        return SegConfig.saved(run_dir)
 
     def _stage_one_run(self, run_dir: Path) -> Path:
         """The classifier run a segmenter run learns from: recorded in its config, else the form's."""
