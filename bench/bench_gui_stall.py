@@ -127,7 +127,7 @@ def main() -> None:
     from napari_histo_wsss.cli.gui import open_gui
     from napari_histo_wsss.core.train import TrainConfig, train_classifier
     from napari_histo_wsss.sample_data import sample_slide_path
-    from napari_histo_wsss.widgets.review import CamCanvas, Corrections
+    from napari_histo_wsss.core.review import CamCanvas, Corrections
 
     slide = sample_slide_path()
     rows: list[tuple[str, dict]] = []

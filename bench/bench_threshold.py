@@ -2,7 +2,7 @@
 
 When the pathologist moves the CAM-threshold or gating slider in the Review panel, the automatic
 pseudo-mask of the slide's CAM canvas is recomputed by the panel's worker job
-(:func:`widgets.review.pseudo_tiles`: per tile, cached :func:`core.cams.class_scores` +
+(:func:`core.review.pseudo_tiles`: per tile, cached :func:`core.cams.class_scores` +
 :func:`core.cams.threshold_scores`, white glass cached per level). This script builds a
 4096 x 4096 canvas with 3 classes from smooth random CAMs, then times one full update per slider
 position, every repeat at a new slider value (so a gating move that changes a tile's classes
@@ -22,7 +22,7 @@ import numpy as np
 
 
 def _canvas(side: int, tile: int, num_classes: int):
-    from napari_histo_wsss.widgets.review import CamCanvas
+    from napari_histo_wsss.core.review import CamCanvas
 
     rng = np.random.default_rng(0)
     canvas = CamCanvas.empty(num_classes, (side, side), tile, downsample=4.0)
@@ -53,7 +53,7 @@ def main() -> None:
 
     from napari_histo_wsss.core.cams import pseudo_mask
     from napari_histo_wsss.core.classes import get_preset
-    from napari_histo_wsss.widgets.review import pseudo_tiles
+    from napari_histo_wsss.core.review import pseudo_tiles
 
     classes = get_preset("wsss4luad")
     canvas = _canvas(args.side, args.tile, classes.num_classes)

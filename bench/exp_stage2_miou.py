@@ -78,10 +78,11 @@ def main() -> None:
     model, classes, _ = load_run(run)
     results = {}
     settings = PseudoMaskSettings(window=args.patch)
-    _drain(generate_pseudo_masks(model, classes, test_img, out / "stage1_test", settings), "stage-one masks")
+    _drain(generate_pseudo_masks(model, classes, test_img, out / "stage1_test", settings, overwrite=True),  # a rerun refreshes
+           "stage-one masks")
     results["stage one pseudo-masks (CAM, prob-gated)"] = evaluate_folders(out / "stage1_test", test_mask, classes)
     # the WSSS pseudo-mask setting: classes gated by the image labels (here read from the masks)
-    _drain(generate_pseudo_masks(model, classes, test_img, out / "stage1_test_lab", settings, labels=test_mask),
+    _drain(generate_pseudo_masks(model, classes, test_img, out / "stage1_test_lab", settings, labels=test_mask, overwrite=True),
            "stage-one masks, label-gated")
     results["stage one pseudo-masks (CAM, label-gated)"] = evaluate_folders(out / "stage1_test_lab", test_mask, classes)
     variants = {
@@ -105,7 +106,8 @@ def main() -> None:
         seconds[f"stage two: {name}"] = float(wall_file.read_text()) if wall_file.is_file() else None
         seg, classes, _, _ = load_segmenter(seg_dir, "last")
         pred = out / f"pred-{name}"
-        _drain(predict_folder(test_img, pred, segmenter_predict_fn(seg, classes), classes, tile=512, overlap=64), f"predict {name}")
+        _drain(predict_folder(test_img, pred, segmenter_predict_fn(seg, classes), classes, tile=512, overlap=64, overwrite=True),
+               f"predict {name}")
         results[f"stage two: {name}"] = evaluate_folders(pred, test_mask, classes)
     print(f"\n{args.dataset}: {len(list(test_img.iterdir()))} held-out images")
     print("| method | mIoU | fwIoU | " + " | ".join(f"IoU {n}" for n in classes.names) + " | train s |")

@@ -37,6 +37,7 @@ SUITE: list[tuple[str, str, list[str], str]] = [
     ("infer", "bench_infer.py", [], "whole-slide inference / bare forward throughput; peak memory vs slide size"),
     ("threshold", "bench_threshold.py", [], "pseudo-mask threshold update latency for a 4k x 4k view"),
     ("gui", "bench_gui_stall.py", [], "longest GUI event-loop stall while training"),
+    ("threads", "bench_threads.py", [], "stage-two training step alone and beside a busy process: torch defaults vs the thread policy"),
 ]
 
 
@@ -72,9 +73,10 @@ def run_one(script: str, args: list[str]) -> tuple[int, str, float]:
 
 
 def _method_reports() -> str:
-    """The method-quality reports (long training runs with their own commands), appended verbatim."""
+    """The reports of longer runs with their own commands (method quality; the GPU check, run on a
+    GPU machine with ``bench/gpu_check.sh``), appended verbatim."""
     parts = []
-    for name in ("stage1.md", "stage2.md"):
+    for name in ("stage1.md", "stage2.md", "gpu.md"):
         path = ROOT / "docs" / "benchmarks" / name
         if path.exists():
             body = path.read_text().strip()

@@ -64,10 +64,14 @@ def test_two_workers_predict_report_the_corrupt_slide_and_resume(inputs, tmp_pat
     np.testing.assert_array_equal(got.read_index(0), open_label_pyramid(ref).read_index(0))
     assert got.meta["model_saved_at"] and got.meta["slide"] == str(slides["b"])
 
-    # Interrupt c's output: it is recognisably incomplete, and the rerun redoes only it.
+    # Interrupt c's output: it is recognisably incomplete, and the rerun redoes only it. (A stopped
+    # overwrite keeps the old complete output, so the interrupted run writes a fresh one.)
+    import shutil
+
+    shutil.rmtree(res["c.jpg"].out)
     with open_slide(slides["c"]) as slide:
         events = list(infer.predict_slide(slide, infer.segmenter_predict_fn(model, classes, "cpu"), res["c.jpg"].out,
-                                          tile=128, overlap=16, batch_size=1, classes=classes, overwrite=True,
+                                          tile=128, overlap=16, batch_size=1, classes=classes,
                                           should_stop=iter([False, True, True]).__next__))
     assert events[-1].kind == "cancelled"
     with pytest.raises(ExportError, match="incomplete"):

@@ -115,7 +115,8 @@ def test_train_seg_under_torchrun_trains_and_only_rank0_writes(tmp_path, monkeyp
                   "--device", "cpu", "--max-steps-per-epoch", "2")
     assert "x 2 processes" in r.stdout + r.stderr
     seg = run / "segmenter"
-    assert sorted(p.name for p in seg.iterdir()) == ["checkpoints", "classes.json", "config.json", "metrics.jsonl", "pseudo"]
+    assert sorted(p.name for p in seg.iterdir()) == ["checkpoints", "classes.json", "config.json", "dataset.json",
+                                                     "metrics.jsonl", "pseudo"]
     assert sorted(p.name for p in (seg / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     (row,) = [json.loads(line) for line in (seg / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(row["train_loss"])

@@ -358,7 +358,7 @@ def test_damaged_checkpoints_are_named(tmp_path):
         load_model(truncated)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    with pytest.raises(HistoWSSSError, match=r"foreign\.pt is not a napari-histo-wsss model checkpoint"):
+    with pytest.raises(HistoWSSSError, match=r"foreign\.pt is not a napari-histo-wsss checkpoint"):
         load_model(foreign)
     with pytest.raises(HistoWSSSError, match=r"nothing\.pt does not exist"):
         load_model(tmp_path / "nothing.pt")

@@ -29,7 +29,8 @@ def project(tmp_path, cmu_svs) -> tuple[Project, str]:
 
 
 def _dot_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob(".*")]
+    """Hidden leftovers (temporaries); the project's lock file is not one."""
+    return [p for p in root.rglob(".*") if p != root / ".lock"]
 
 
 # -- round trip ------------------------------------------------------------------------------------

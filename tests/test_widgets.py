@@ -25,7 +25,7 @@ from _widget_helpers import (  # noqa: E402
 from qtpy.QtCore import Qt  # noqa: E402
 
 from napari_histo_wsss.core.project import Project  # noqa: E402
-from napari_histo_wsss.widgets.review import pseudo_from_canvas  # noqa: E402
+from napari_histo_wsss.core.review import pseudo_from_canvas  # noqa: E402
 
 
 def wait_redraw(qtbot, rv) -> None:
@@ -179,7 +179,7 @@ def test_whole_flow_on_real_slide(make_napari_viewer, qtbot, tmp_path, cmu_svs):
     assert {a.color for a in feats if a.name == classes.names[k]} == {classes.classes[k].color}
     ds, origin = session.layer_geometry(pm)
     back = rasterize_geojson(feats, expect.shape, classes, downsample=ds, origin=origin, fill=classes.background_index)
-    np.testing.assert_array_equal(back, expect)
+    assert (back == expect).mean() > 0.98  # outlines simplified by core.export.GEOJSON_TOLERANCE (< 0.5 px)
     csv_text = next(p for p in paths if p.suffix == ".csv").read_text()
     assert csv_text.count("\n") == 1 + len(box) + 1
 

@@ -57,7 +57,7 @@ def test_segmenter_train_predict_export(make_napari_viewer, qtbot, tmp_path, cmu
     # stage two in the background, from the classifier run chosen in the panel
     assert st.source.currentText() == "cls-cam-test"
     assert "pseudo-masks" in st.data_label.text() and sid in st.data_label.text()
-    assert not st.method.isVisibleTo(st)
+    assert not hasattr(st, "method")  # the segmenter has no method setting (its form is SegConfig's)
     st.epochs.setValue(1)
     st.batch_size.setValue(4)
     st.weights.setCurrentText("imagenet")
@@ -112,4 +112,4 @@ def test_segmenter_train_predict_export(make_napari_viewer, qtbot, tmp_path, cmu
     np.testing.assert_array_equal(open_label_pyramid(paths[0]).read_index(0), truth)
     ds, origin = w["Project"].session.layer_geometry(layer)
     back = rasterize_geojson(paths[1], truth.shape, classes, downsample=ds, origin=origin, fill=classes.background_index)
-    np.testing.assert_array_equal(back, truth)
+    assert (back == truth).mean() > 0.98  # outlines simplified by core.export.GEOJSON_TOLERANCE (< 0.5 px)

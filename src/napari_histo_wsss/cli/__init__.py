@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = [
     "slides",      # info
     "patches",     # make-patches
     "stage1",      # train-cls, pseudo-masks
+    "review",      # cams (the Review panel's slide CAMs and pseudo-masks)
     "evaluate",    # evaluate
     "stage2",      # train-seg, predict
     "exporting",   # export

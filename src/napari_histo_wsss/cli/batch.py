@@ -23,19 +23,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Predict every slide of SLIDES (slide files, folders of slides, or .txt files listing one slide path "
             "per line) with the segmenter of RUN_DIR into OUT/<slide name>.ome.zarr (OME-Zarr label pyramids). "
             "One Dask task per slide on a LocalCluster (default) or on the scheduler at --scheduler; a failing "
-            "slide is retried (--retries) and then reported, never skipped silently; the exit status is 1 when "
-            "any slide failed. Rerunning skips complete outputs and redoes interrupted (incomplete) ones."
+            "slide is reported in one line, never skipped silently (only transient I/O errors, such as a stale "
+            "network-share handle, are retried first: --retries); the exit status is 1 when any slide failed. "
+            "Rerunning skips complete outputs and redoes interrupted (incomplete) ones. "
+            "Use only a scheduler you trust: a Dask scheduler runs the code it is sent and unpickles what the "
+            "workers return, for anyone who can reach it; across machines, use a tls:// address with "
+            "--tls-ca/--tls-cert/--tls-key."
         ),
     )
     p.add_argument("run_dir", help="segmenter run folder (a train-seg output, or a stage-one run holding segmenter/)")
     p.add_argument("slides", nargs="+", help="slide files, folders of slides, or .txt lists of slide paths")
     p.add_argument("--out", required=True, help="output folder for the OME-Zarr predictions")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="address of a running Dask scheduler (e.g. tcp://host:8786); default: a local cluster")
+                   help="address of a running, trusted Dask scheduler (tcp://host:8786, or tls://host:8786 with the "
+                        "--tls-* files); default: a local cluster")
+    p.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up on a --scheduler that does not answer within this time (default 10)")
+    p.add_argument("--tls-ca", default=None, metavar="PEM", help="TLS: CA certificate that signed the cluster's")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="TLS: this client's certificate")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="TLS: this client's private key")
     p.add_argument("--workers", type=int, default=2, help="local cluster: number of worker processes (default 2)")
     p.add_argument("--threads", action="store_true",
                    help="local cluster: run the workers as threads of this process instead of processes")
-    p.add_argument("--retries", type=int, default=2, help="retries of a failed slide (default 2)")
+    p.add_argument("--retries", type=int, default=2, help="retries of a slide after a transient I/O error (default 2)")
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path (default best)")
     p.add_argument("--tile", type=int, default=512, help="tile side in working pixels (default 512)")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in working pixels (default 64)")
@@ -101,15 +111,37 @@ def _table(results: list) -> str:
     return "\n".join(lines)
 
 
-def run_predict_many(args: argparse.Namespace) -> int:
-    from ..core.batch import PredictSettings, SlideResult, predict_many
+def _security(args: argparse.Namespace) -> object | None:
+    """The TLS ``Security`` of --tls-ca/--tls-cert/--tls-key (all three or none), checked before
+    any work."""
+    from ..core.batch import tls_security
 
+    given = {"--tls-ca": args.tls_ca, "--tls-cert": args.tls_cert, "--tls-key": args.tls_key}
+    if not any(given.values()):
+        return None
+    missing = [flag for flag, value in given.items() if not value]
+    if missing:
+        raise HistoWSSSError(f"TLS needs --tls-ca, --tls-cert and --tls-key together; missing {', '.join(missing)}")
+    if args.scheduler is None:
+        raise HistoWSSSError("--tls-ca/--tls-cert/--tls-key are for a remote scheduler; give --scheduler tls://host:port")
+    return tls_security(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def run_predict_many(args: argparse.Namespace) -> int:
+    from ..core.batch import CONNECT_TIMEOUT_S, PredictSettings, SlideResult, predict_many
+
+    security = _security(args)
+    if args.connect_timeout is not None and args.scheduler is None:
+        raise HistoWSSSError("--connect-timeout is for a remote scheduler; give --scheduler too")
     slides = collect_slides(args.slides)
     settings = PredictSettings(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
                                target_mpp=args.target_mpp, downsample=args.downsample, tta=args.tta,
                                which=args.checkpoint, gate=args.gate, device=args.device,
                                torch_threads=args.torch_threads, overwrite=args.overwrite)
     where = args.scheduler or f"a local cluster of {args.workers} {'thread' if args.threads else 'process'} worker(s)"
+    if args.scheduler:  # say it where it is used: the scheduler runs code
+        where += (" (a scheduler you trust: it runs the code it is sent and unpickles the results"
+                  + ("; unencrypted" if security is None and not args.scheduler.startswith("tls://") else "") + ")")
     if not args.json:
         print(f"predicting {len(slides)} slide(s) on {where} into {args.out}", flush=True)
     done = 0
@@ -124,7 +156,8 @@ def run_predict_many(args: argparse.Namespace) -> int:
             print(f"[{done}/{len(slides)}] {res.slide.name}: {res.status} ({detail})", flush=True)
 
     results = predict_many(args.run_dir, slides, args.out, settings, scheduler=args.scheduler, workers=args.workers,
-                           processes=not args.threads, retries=args.retries, on_result=report)
+                           processes=not args.threads, retries=args.retries, on_result=report, security=security,
+                           connect_timeout=CONNECT_TIMEOUT_S if args.connect_timeout is None else args.connect_timeout)
     failed = [r for r in results if r.status == "failed"]
     if not args.json:
         counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}

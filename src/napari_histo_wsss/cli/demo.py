@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         slide = _sample_slide()
         info = sh("info", slide, "--json", capture=True)
-        sh("overview", slide, out / "overview.png")
+        sh("overview", slide, out / "overview.png", "--overwrite")  # a rerun into OUT replaces its outputs
         summary += ["## Bundled slide", "", _describe(json.loads(info)), "",
                     f"Overview with tissue contour and patch grid: `{out / 'overview.png'}`", "",
                     _project(out, slide), ""]
@@ -157,18 +157,18 @@ def _pipeline(sh: _Script, out: Path, data: Path, slide: Path, args: argparse.Na
     # a rerun into the same OUT continues (or keeps) what an earlier run trained
     again = ["--resume"] if (run_dir / "checkpoints" / "last.pt").exists() else []
     sh("train-cls", patches, run_dir, "--method", "segmix", "--epochs", args.epochs, "--device", args.device, "--seed", "0", *again)
-    sh("pseudo-masks", run_dir, test_img, out / "pseudo_test")
+    sh("pseudo-masks", run_dir, test_img, out / "pseudo_test", "--overwrite")
     s1 = _scores(sh("evaluate", out / "pseudo_test", test_mask, "--json", capture=True))
     again = ["--resume"] if (run_dir / "segmenter" / "checkpoints" / "last.pt").exists() else []
     # Mosaic/Bezier synthesis: the best stage two measured on WSSS4LUAD (docs/benchmarks/stage2.md)
     sh("train-seg", run_dir, "--dataset", patches, "--epochs", args.seg_epochs, "--synthesis", "mosaic,bezier",
        "--device", args.device, *again)
-    sh("predict", run_dir, test_img, out / "pred_test")
+    sh("predict", run_dir, test_img, out / "pred_test", "--overwrite")
     s2 = _scores(sh("evaluate", out / "pred_test", test_mask, "--json", capture=True))
     zarr = out / "slide_prediction.ome.zarr"
-    sh("predict", run_dir, slide, zarr)
-    sh("export", zarr, out / "slide_prediction.geojson")
-    sh("export", zarr, out / "slide_prediction.tif")
+    sh("predict", run_dir, slide, zarr, "--overwrite")
+    sh("export", zarr, out / "slide_prediction.geojson", "--overwrite")
+    sh("export", zarr, out / "slide_prediction.tif", "--overwrite")
 
     def row(name: str, s: dict) -> str:
         per = " | ".join(f"{v:.3f}" if v is not None else "n/a" for v in s["per_class_iou"].values())

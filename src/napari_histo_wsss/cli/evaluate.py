@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..core.errors import HistoWSSSError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -47,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
 
     spec = _classes_spec(Path(args.gt_dir), args.classes)
     classes = resolve_classes(spec)
+    if args.ignore_index is not None and not -1 <= args.ignore_index <= classes.background_index:
+        raise HistoWSSSError(f"--ignore-index {args.ignore_index} is not a class index of {spec} "
+                             f"(0..{classes.background_index}, where {classes.background_index} is the background; "
+                             "-1 scores every index)")
     with tqdm(total=None, unit="image", desc="evaluate", leave=False) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total

@@ -13,6 +13,8 @@ _BY_SUFFIX = {".zarr": "ome-zarr", ".tif": "tiff", ".tiff": "tiff", ".png": "png
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..core.export import GEOJSON_TOLERANCE
+
     p = subparsers.add_parser(
         "export",
         help="export a prediction or mask as OME-Zarr, pyramidal TIFF, palette PNG or QuPath GeoJSON; patch labels as CSV",
@@ -20,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "INPUT: an OME-Zarr written by 'predict', a class-index mask image (with --classes), or a project "
             "folder (with --slide and --mask NAME, e.g. pseudo, corrected, prediction; or OUT.csv for its "
             "patch labels). The format follows OUT's extension (.ome.zarr, .tif, .png, .geojson, .csv) unless "
-            "--format is given. GeoJSON coordinates are level-0 pixels (QuPath: File > Import objects)."
+            "--format is given. GeoJSON coordinates are level-0 pixels (QuPath: File > Import objects). An existing "
+            "OUT is replaced only with --overwrite, and only once the new output is complete (a failed export keeps "
+            "the old one); OUT may never be, hold or lie inside INPUT, not even with --overwrite."
         ),
     )
     p.add_argument("input", help="prediction .ome.zarr, mask image, or project folder")
@@ -35,8 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="GeoJSON/PNG from a pyramid: the finest level whose longer side is at most this (default 16384)")
     p.add_argument("--include-background", action="store_true", help="GeoJSON: export background polygons too")
     p.add_argument("--min-area", type=float, default=0.0, help="GeoJSON: drop regions smaller than this (label pixels)")
-    p.add_argument("--merge", action="store_true", help="GeoJSON: one MultiPolygon feature per class")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OME-Zarr output")
+    p.add_argument("--split", action="store_true",
+                   help="GeoJSON: one Polygon feature per connected region (default: one MultiPolygon per class)")
+    p.add_argument("--tolerance", type=float, default=GEOJSON_TOLERANCE, metavar="PX",
+                   help="GeoJSON: simplification tolerance in pixels of the exported level (times its downsample "
+                        f"in level-0 pixels); 0 keeps the exact pixel edges (default {GEOJSON_TOLERANCE:g})")
+    p.add_argument("--no-holes", dest="holes", action="store_false",
+                   help="GeoJSON: fill holes (outer outlines only; default: holes are inner rings)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (any format) once the new output is complete; never INPUT")
     p.set_defaults(func=run)
 
 
@@ -84,6 +95,21 @@ def _source(args: argparse.Namespace) -> tuple[list[Any], list[float], Any, floa
     return [read_index_mask(src, classes)], [float(args.downsample)], classes, None
 
 
+def _check_out(args: argparse.Namespace, out: Path, fmt: str) -> None:
+    """Refuse OUT before anything is read: an existing OUT without --overwrite, and INPUT itself
+    (or a folder around or inside it) always; a project folder may hold exports but not be one."""
+    from ..core.atomic import check_output
+
+    src = Path(args.input)
+    zarr_input = src.is_dir() and ((src / ".zgroup").is_file() or (src / "zarr.json").is_file())
+    if zarr_input or not (src.is_dir() or src.name == "project.json"):
+        inputs, protect = [src], []
+    else:
+        inputs, protect = [], [src, src.parent if src.name == "project.json" else src]
+    check_output(out, inputs=inputs, protect=protect, overwrite=args.overwrite, what="output",
+                 folder=None if fmt == "ome-zarr" else False)
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -91,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     fmt = _format(out, args.format)
+    _check_out(args, out, fmt)
     if fmt == "csv":
         from ..core.project import Project
 
@@ -110,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             export.export_palette_png(arr, out, classes)
         else:
             export.export_geojson(arr, out, classes, downsample=downsamples[k], include_background=args.include_background,
-                                  min_area=args.min_area, merge=args.merge)
+                                  min_area=args.min_area, split=args.split, tolerance=args.tolerance, holes=args.holes)
         if k:
             print(f"used pyramid level {k} ({arr.shape[1]}x{arr.shape[0]} px, downsample {downsamples[k]:g})")
     print(f"wrote {out}")

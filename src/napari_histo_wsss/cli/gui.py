@@ -60,6 +60,9 @@ def open_gui(path: str | Path | None = None, show: bool = True, viewer: Any = No
 def run_gui(args: argparse.Namespace) -> int:
     import napari
 
+    from ..core.device import apply_thread_policy
+
+    apply_thread_policy(gui=True)  # leave a core to the viewer (background jobs apply it again in their thread)
     open_gui(args.path)
     napari.run()
     return 0

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", help="folder of images (PNG/JPEG/TIFF)")
     p.add_argument("masks", help="folder of class-index masks with the same file stems")
-    p.add_argument("out", help="output folder (new or empty)")
+    p.add_argument("out", help="output folder (new or empty; not inside IMAGES or MASKS)")
     p.add_argument("--classes", default="wsss4luad",
                    help="class preset (wsss4luad, luad-histoseg, bcss-wsss, glas) or a classes JSON file (default: wsss4luad)")
     p.add_argument("--patch-size", type=int, default=224, help="patch side in pixels (default 224)")

@@ -8,9 +8,11 @@ quickest check that tissue detection and grid settings suit a slide before label
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -38,12 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ov = subparsers.add_parser(
         "overview", help="write a PNG thumbnail with the tissue outline and the patch grid",
         description="Draw the detected tissue (green outline) and the kept patches (blue squares) on a thumbnail "
-                    "of the slide and save it as a PNG.",
+                    "of the slide and save it as a PNG. An existing OUT is replaced only with --overwrite; OUT is "
+                    "never the slide itself.",
     )
     ov.add_argument("slide", help="slide or image file")
-    ov.add_argument("out", help="PNG file to write")
+    ov.add_argument("out", help="PNG file to write (new, or existing with --overwrite)")
     _grid_options(ov)
     ov.add_argument("--max-size", type=int, default=1024, help="longer side of the thumbnail in pixels (default 1024)")
+    ov.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never the slide)")
     ov.set_defaults(func=run_overview)
 
 
@@ -56,11 +60,57 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue share of a kept patch (default 0.5)")
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse out-of-range options in one line before the slide is read: the tissue mask of a
+    large slide can take minutes, and a typo should not cost them (or end in a traceback)."""
+    checks = [
+        ("--patch-size", args.patch_size, args.patch_size >= 1, "a positive number of pixels"),
+        ("--stride", args.stride, args.stride is None or args.stride >= 1, "a positive number of pixels"),
+        ("--target-mpp", args.target_mpp, math.isfinite(args.target_mpp) and args.target_mpp > 0,
+         "a positive number of micrometres per pixel"),
+        ("--level", args.level, args.level is None or args.level >= 0, "a pyramid level (0 = full resolution)"),
+        ("--min-tissue", args.min_tissue, 0.0 <= args.min_tissue <= 1.0, "a share between 0 and 1"),
+    ]
+    if hasattr(args, "max_size"):
+        checks.append(("--max-size", args.max_size, args.max_size >= 1, "a positive number of pixels"))
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise HistoWSSSError(f"{flag} must be {expected}, got {value}")
+
+
+@contextlib.contextmanager
+def _long_reads(desc: str) -> Iterator[None]:
+    """A progress bar for slide reads that take over a second: the thumbnail or tissue mask of a
+    slide without small stored levels decodes a whole large level. Ctrl-C stops the read at once
+    (``main`` prints one line and exits 130)."""
+    from tqdm import tqdm
+
+    from ..core.slide import read_progress
+
+    bar: tqdm | None = None
+
+    def report(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None or done < bar.n or total != bar.total:  # a new read
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=total, desc=desc, unit="block", delay=1.0, leave=False, dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    try:
+        with read_progress(report):
+            yield
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def _tissue_and_grid(slide: Slide, args: argparse.Namespace) -> tuple[TissueMask, PatchGrid]:
     from ..core.grid import make_grid
     from ..core.tissue import detect_tissue
 
-    tissue = detect_tissue(slide)
+    with _long_reads(f"{slide.path.name}: tissue mask"):
+        tissue = detect_tissue(slide)
     grid = make_grid(slide, tissue, patch_size=args.patch_size, target_mpp=args.target_mpp,
                      level=args.level, stride=args.stride, min_tissue=args.min_tissue)
     return tissue, grid
@@ -91,6 +141,7 @@ def slide_info(slide: Slide, tissue: TissueMask, grid: PatchGrid) -> dict[str, A
 def run_info(args: argparse.Namespace) -> int:
     from ..core.slide import open_slide
 
+    _check_options(args)
     with open_slide(args.slide) as slide:
         tissue, grid = _tissue_and_grid(slide, args)
         facts = slide_info(slide, tissue, grid)
@@ -140,15 +191,18 @@ def render_overview(slide: Slide, tissue: TissueMask, grid: PatchGrid, max_size:
 def run_overview(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from ..core.atomic import write_with
+    from ..core.atomic import check_output, write_with
     from ..core.slide import open_slide
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise HistoWSSSError(f"{out}: the overview is written as PNG; give a .png file name")
+    _check_options(args)
+    check_output(out, inputs=[args.slide], overwrite=args.overwrite, what="overview", folder=False)
     with open_slide(args.slide) as slide:
         tissue, grid = _tissue_and_grid(slide, args)
-        picture = render_overview(slide, tissue, grid, args.max_size)
+        with _long_reads(f"{slide.path.name}: thumbnail"):
+            picture = render_overview(slide, tissue, grid, args.max_size)
     write_with(out, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
     print(f"{out}: {picture.shape[1]} x {picture.shape[0]} px, tissue {100 * tissue.fraction():.1f}%, "
           f"{len(grid)} patches of {grid.patch_size} px (green: tissue outline, blue: patches)")

@@ -9,7 +9,6 @@ aborts at once.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,35 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ._progress import StopOnSigint, drive
-
-# TrainConfig fields settable from the command line: option -> (field, type, help).
-_TRAIN_OPTIONS: dict[str, tuple[str, Any, str]] = {
-    "--method": ("method", str, "cam (plain CAM classifier) or segmix (tile-shuffle curriculum)"),
-    "--epochs": ("epochs", int, "number of epochs"),
-    "--batch-size": ("batch_size", int, "patches per step"),
-    "--lr": ("lr", float, "learning rate of the pretrained backbone (new layers: x head_lr_mult)"),
-    "--backbone": ("backbone", str, "efficientnet-lite0/1/2, resnet18/34/50"),
-    "--weights": ("weights", str, "imagenet, none, or a .pth checkpoint path"),
-    "--output-stride": ("output_stride", int, "8, 16 or 32 (smaller = sharper CAMs, slower)"),
-    "--device": ("device", str, "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps"),
-    "--seed": ("seed", int, "random seed (CPU runs repeat exactly)"),
-    "--patch-size": ("patch_size", int, "patch side the images are resized to (default: their own size)"),
-    "--cam-mode": ("cam_mode", str, "CAMs for validation pseudo-masks: last (classic) or multi (multi-layer fusion)"),
-    "--feedback": ("feedback", str, "auto, miou (val pseudo-mask mIoU) or loss (val loss): drives SegMix and best.pt"),
-    "--val-fraction": ("val_fraction", float, "training patches held out for the val loss when there are no val masks"),
-    "--val-max-images": ("val_max_images", int, "score at most this many validation images per epoch"),
-    "--num-workers": ("num_workers", int, "data-loading worker processes (0 = in the training process)"),
-    "--max-steps-per-epoch": ("max_steps_per_epoch", int, "cap the steps of an epoch"),
-    "--pda-start-epoch": ("pda_start_epoch", int, "first epoch (0-based) of Progressive Dropout Attention"),
-    "--pscl-weight": ("pscl_weight", float, "weight of the contrastive term"),
-}
-_TRAIN_FLAGS: dict[str, tuple[str, bool, str]] = {
-    "--pda": ("pda", True, "MLPS Progressive Dropout Attention"),
-    "--pscl": ("pscl", True, "PSCL-style supervised contrastive term"),
-    "--no-amp": ("amp", False, "full precision on GPUs too"),
-    "--no-augment": ("augment", False, "no flips/rotations/colour jitter"),
-}
-
+from ._settings import add_settings_lazily, option_list, settings_from_args
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -57,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "metrics.jsonl, checkpoints/last.pt and best.pt). Validation images with masks (DATASET/val) drive "
             "the SegMix curriculum and the choice of best.pt by pseudo-mask mIoU; without them a share of the "
             "patches is held out for a validation loss. Ctrl-C stops after the current step with a checkpoint; "
-            "--resume continues it (only --epochs, --device, --num-workers, --val-max-images and --no-amp may change). "
+            "--resume continues it with its saved settings ({resumable} may change). "
             "Unset options take core.train.TrainConfig's defaults, recorded in RUN_DIR/config.json."
         ),
     )
@@ -65,11 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="run folder to create (or to continue with --resume)")
     p.add_argument("--classes", default=None, help="class preset or classes JSON (default: from the dataset)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
-    for opt, (_f, typ, help_) in _TRAIN_OPTIONS.items():
-        p.add_argument(opt, type=typ, default=None, help=help_)
-    for opt, (_f, _v, help_) in _TRAIN_FLAGS.items():
-        p.add_argument(opt, action="store_true", help=help_)
     p.add_argument("--json", action="store_true", help="print one JSON line per epoch instead of a progress bar")
+    # one option per TrainConfig field, from its declaration (names, types, choices, help, default)
+    add_settings_lazily(p, _train_config_class, then=_name_resumable)
     p.set_defaults(func=run_train)
 
     q = subparsers.add_parser(
@@ -79,7 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "For every image of IMAGES_DIR write OUT_DIR/<same stem>.png, a palette PNG of class indices in the "
             "class colours (index C = background). Classes are gated by the labels in the file names "
             "(--labels names), by the classes present in masks of the same names (--labels MASK_DIR), or by the "
-            "predicted probabilities (default). --cams also writes the float CAMs."
+            "predicted probabilities (default). --cams also writes the float CAMs. OUT_DIR (and a --cams folder "
+            "outside it) must not exist yet or be empty unless --overwrite is given, and may never be, hold or lie "
+            "inside IMAGES_DIR or the --labels mask folder, nor be or hold RUN_DIR. The folder appears only once "
+            "complete (written beside it, then renamed); with --overwrite it replaces the old one as a whole."
         ),
     )
     q.add_argument("run_dir", help="a train-cls run folder")
@@ -97,26 +69,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--flip", action="store_true", help="average CAMs with the horizontally flipped image")
     q.add_argument("--tile", type=int, default=None, help="force tiling at this size (default: whole image up to 1024 px)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT_DIR (and --cams folder) as a whole once the new one is complete")
     q.set_defaults(func=run_pseudo_masks)
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from ..core.errors import TrainingError
+def _train_config_class() -> Any:
     from ..core.train import TrainConfig
 
-    given = {field: getattr(args, opt[2:].replace("-", "_")) for opt, (field, _t, _h) in _TRAIN_OPTIONS.items()}
-    given = {k: v for k, v in given.items() if v is not None}
-    for opt, (field, value, _h) in _TRAIN_FLAGS.items():
-        if getattr(args, opt[2:].replace("-", "_")):
-            given[field] = value
-    saved = Path(args.run_dir) / "config.json"
-    if args.resume and saved.is_file():
-        try:
-            base = TrainConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as e:
-            raise TrainingError(f"{saved}: unreadable run config: {e}") from e
-        return dataclasses.replace(base, **given)
-    return TrainConfig(**given)
+    return TrainConfig
+
+
+def _name_resumable(parser: argparse.ArgumentParser, config_class: Any) -> None:
+    parser.description = parser.description.replace("{resumable}", option_list(config_class, config_class.resumable()))
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The TrainConfig of the options: on ``--resume`` of a run with a config.json, its saved
+    settings (:meth:`~..core.settings.Settings.saved`) with the options given; else the defaults
+    with them."""
+    from ..core.train import TrainConfig
+
+    base = TrainConfig.saved(args.run_dir) if args.resume and (Path(args.run_dir) / "config.json").is_file() else None
+    return settings_from_args(TrainConfig, args, base)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -154,11 +129,23 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_pseudo_masks(args: argparse.Namespace) -> int:
+    from ..core.atomic import check_output
     from ..core.cams import PseudoMaskSettings, generate_pseudo_masks
-    from ..core.device import pick_device
+    from ..core.device import apply_thread_policy, pick_device
     from ..core.train import calibrated_prob_threshold, load_run
 
+    # the destination before the model is loaded (generate_pseudo_masks checks it again, with --cams)
+    labels_dir = args.labels if args.labels not in (None, "names") else None
+    check_output(args.out_dir, inputs=[args.images_dir, labels_dir], overwrite=args.overwrite, protect=[args.run_dir],
+                 what="output folder", folder=True)
+    cams_dir = None
+    if args.cams is not None:
+        cams_dir = Path(args.cams) if args.cams else Path(args.out_dir) / "cams"
+        if not cams_dir.resolve().is_relative_to(Path(args.out_dir).resolve()):
+            check_output(cams_dir, inputs=[args.images_dir, labels_dir, args.out_dir], overwrite=args.overwrite,
+                         protect=[args.run_dir], what="CAM folder", folder=True)
     device = pick_device(args.device)
+    apply_thread_policy(gui=False)
     model, classes, cfg = load_run(args.run_dir, args.checkpoint, map_location=device)
     threshold = args.prob_threshold
     if threshold is None and args.labels is None:
@@ -168,12 +155,10 @@ def run_pseudo_masks(args: argparse.Namespace) -> int:
     settings = PseudoMaskSettings(mode=args.mode or cfg.cam_mode, window=cfg.patch_size, tile=args.tile,
                                   flip=args.flip, prob_threshold=0.5 if threshold is None else threshold,
                                   bg_threshold=args.bg_threshold)
-    cams_dir = None
-    if args.cams is not None:
-        cams_dir = Path(args.cams) if args.cams else Path(args.out_dir) / "cams"
     with StopOnSigint() as stop:
         last = drive(generate_pseudo_masks(model, classes, args.images_dir, args.out_dir, settings, cams_dir=cams_dir,
-                                            labels=args.labels, device=device, should_stop=stop), "pseudo-masks")
+                                            labels=args.labels, device=device, should_stop=stop,
+                                            overwrite=args.overwrite), "pseudo-masks")
     if last is not None and last.kind == "cancelled":
         return 130
     if last is not None:

@@ -10,23 +10,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ._progress import StopOnSigint, drive
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
-
-
-def _kinds(text: str) -> tuple[str, ...]:
-    from ..core.synthesis import SYNTHESIS_KINDS
-
-    kinds = tuple(k.strip().lower() for k in text.split(",") if k.strip())
-    bad = [k for k in kinds if k not in SYNTHESIS_KINDS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown synthesis kind(s) {', '.join(bad)}; choose from {', '.join(SYNTHESIS_KINDS)}")
-    return kinds
+from ._settings import add_settings_lazily, option_list, settings_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,33 +23,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the training patches (or, for a project, its pseudo-mask and corrections are used). Give one "
             "or more --pseudo-masks folders (masks named like the training images) to use your own; a folder "
             "of ground-truth masks, or --full-supervision on a make-patches dataset, trains the fully "
-            "supervised reference. Ctrl-C stops after the current step with a checkpoint; --resume continues."
+            "supervised reference. Ctrl-C stops after the current step with a checkpoint; --resume continues it "
+            "with its saved settings ({resumable} may change). Unset options take core.train_seg.SegConfig's "
+            "defaults, recorded in the segmenter run's config.json."
         ),
     )
     p.add_argument("run_dir", help="stage-one run folder (from train-cls)")
     p.add_argument("--dataset", default=None, help="training dataset folder (default: the one the run records)")
     p.add_argument("--pseudo-masks", action="append", default=None, metavar="DIR",
                    help="folder of masks named like the training images; repeat for several MLPS sets")
-    p.add_argument("--full-supervision", action="store_true",
-                   help="train on ground truth cropped from a make-patches dataset's source masks (reference)")
-    p.add_argument("--synthesis", type=_kinds, default=None, metavar="KINDS",
-                   help="HisynSeg synthesis: mosaic, bezier or mosaic,bezier (adds the consistency loss)")
-    p.add_argument("--set-weights", type=_floats, default=None, help="weights of the mask sets (default 0.6,0.2,0.2)")
-    p.add_argument("--oeem", action="store_true", help="OEEM pixel weighting of noisy pseudo-masks")
-    p.add_argument("--corrected-weight", type=float, default=None, help="loss weight of corrected pixels (default 2)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 10)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 8)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the backbone (default 3e-4)")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch")
-    p.add_argument("--patch-size", type=int, default=None, help="training image side (default: stage one's)")
-    p.add_argument("--backbone", default=None, help="efficientnet-lite0/1/2 or resnet18/34/50 (default efficientnet-lite0)")
-    p.add_argument("--weights", default=None, help="imagenet, none or a .pth file (default imagenet)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    p.add_argument("--no-amp", action="store_true", help="no mixed precision on GPUs")
-    p.add_argument("--val-max-images", type=int, default=None, help="cap on validation images scored per epoch")
+    p.add_argument("--full-supervision", dest="supervision", action="store_const", const="full",
+                   default=argparse.SUPPRESS,
+                   help="train on ground truth cropped from a make-patches dataset's source masks (reference; "
+                        "the same as --supervision full)")
     p.add_argument("--out", default=None, help="segmenter run folder (default RUN_DIR/segmenter)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run with its saved settings (only the options given change)")
+    # one option per SegConfig field, from its declaration (names, types, choices, help, default)
+    add_settings_lazily(p, _seg_config_class, then=_name_resumable)
     p.set_defaults(func=run_train_seg)
 
     q = subparsers.add_parser(
@@ -75,7 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "INPUT a folder of images: OUT/<same name>.png class-index palette masks. INPUT a slide: OUT is an "
             "OME-Zarr label pyramid written tile by tile (tissue tiles only, cosine-blended overlaps), marked "
             "incomplete until done. RUN_DIR is a segmenter run or a stage-one run holding one (segmenter/); "
-            "with --cams the stage-one classifier's CAM maps are written instead."
+            "with --cams the stage-one classifier's CAM maps are written instead. OUT must not exist yet (an empty "
+            "folder is fine for images) unless --overwrite is given, and may never be, hold or lie inside INPUT, "
+            "nor be or hold RUN_DIR; with --overwrite the new output is built beside the old one and replaces it "
+            "(an image folder as a whole) only once complete, so a failed or stopped run keeps the old one."
         ),
     )
     q.add_argument("run_dir", help="segmenter run folder, or the stage-one run that holds segmenter/")
@@ -92,32 +70,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--no-tissue", action="store_true", help="predict every tile, not only tissue")
     q.add_argument("--cams", action="store_true", help="write the stage-one classifier's CAM maps (slides only)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT once the new output is complete (never INPUT or RUN_DIR)")
     q.set_defaults(func=run_predict)
 
 
-def _seg_config(args: argparse.Namespace) -> Any:
-    import dataclasses
-
+def _seg_config_class() -> Any:
     from ..core.train_seg import SegConfig
 
-    given = {
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "max_steps_per_epoch": args.max_steps_per_epoch,
-        "patch_size": args.patch_size, "backbone": args.backbone, "weights": args.weights, "device": args.device,
-        "seed": args.seed, "set_weights": args.set_weights, "corrected_weight": args.corrected_weight,
-        "synthesis": args.synthesis, "val_max_images": args.val_max_images,
-    }
-    given = {k: v for k, v in given.items() if v is not None}
-    if args.oeem:
-        given["oeem"] = True
-    if args.no_amp:
-        given["amp"] = False
-    if args.full_supervision:
-        given["supervision"] = "full"
+    return SegConfig
+
+
+def _name_resumable(parser: argparse.ArgumentParser, config_class: Any) -> None:
+    parser.description = parser.description.replace("{resumable}", option_list(config_class, config_class.resumable()))
+
+
+def _seg_config(args: argparse.Namespace) -> Any:
+    """The SegConfig of the options: on ``--resume`` of a run with a config.json, its saved
+    settings (:meth:`~..core.settings.Settings.saved`) with the options given; else the defaults
+    with them."""
+    from ..core.train_seg import SegConfig
+
     out = Path(args.out) if args.out else Path(args.run_dir) / "segmenter"
-    if args.resume and (out / "config.json").is_file():
-        return dataclasses.replace(SegConfig.saved(out), **given)
-    return SegConfig(**given)
+    base = SegConfig.saved(out) if args.resume and (out / "config.json").is_file() else None
+    return settings_from_args(SegConfig, args, base)
 
 
 def run_train_seg(args: argparse.Namespace) -> int:
@@ -144,14 +120,21 @@ def run_train_seg(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..core.device import pick_device
+    from ..core.atomic import check_output
+    from ..core.device import apply_thread_policy, pick_device
     from ..core.errors import HistoWSSSError
     from ..core.infer import cam_predict_fn, predict_folder, predict_slide, segmenter_predict_fn
 
     src = Path(args.input)
     if not src.exists():
         raise HistoWSSSError(f"{src}: input not found")
+    if src.is_dir() and args.cams:
+        raise HistoWSSSError("--cams is for slides; use 'histo-wsss pseudo-masks' for image folders")
+    # the destination before the model is loaded: never the input or the run, never an old output unasked
+    check_output(args.out, inputs=[src], overwrite=args.overwrite, protect=[args.run_dir],
+                 what="output folder" if src.is_dir() else "output", folder=True if src.is_dir() else None)
     device = pick_device(args.device)
+    apply_thread_policy(gui=False)
     run = Path(args.run_dir)
     stage_one = run
     if args.cams:
@@ -172,10 +155,8 @@ def run_predict(args: argparse.Namespace) -> int:
         fn = segmenter_predict_fn(model, classes, device, gate=gate)
     with StopOnSigint() as stop:
         if src.is_dir():
-            if args.cams:
-                raise HistoWSSSError("--cams is for slides; use 'histo-wsss pseudo-masks' for image folders")
             last = drive(predict_folder(src, args.out, fn, classes, tile=args.tile, overlap=args.overlap, tta=args.tta,
-                                         should_stop=stop), "predict")
+                                         should_stop=stop, overwrite=args.overwrite), "predict")
         else:
             from ..core.slide import open_slide
 

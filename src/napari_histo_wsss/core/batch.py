@@ -8,9 +8,17 @@ travels back. The cluster is a ``LocalCluster`` on this machine by default (work
 so a crash in a slide decoder costs one worker, not the run) or any running scheduler
 (``scheduler="tcp://host:8786"``: an HPC or cloud cluster whose workers see the same files).
 
-Failures are never silent: a task that raises is retried by Dask (``retries``; a worker that
-dies is rescheduled by the scheduler) and a slide that still fails is reported with its error in
-the results, which the CLI prints as a table and turns into a non-zero exit status.
+Failures are never silent: a slide that fails is reported with its one-line error in the
+results, which the CLI prints as a table and turns into a non-zero exit status. Only transient
+I/O errors (an ``OSError`` such as a stale NFS handle) are retried by Dask (``retries``); a bad
+or missing slide (a :class:`~.errors.HistoWSSSError`) fails the same way on every try and is
+reported at once. A worker that dies is rescheduled by the scheduler. distributed's own log
+lines (task errors with tracebacks) are silenced while it runs.
+
+A scheduler must be trusted: it runs the code it is sent and unpickles what workers return, and
+so can anyone who can reach it. :func:`connect_scheduler` gives up after a short timeout with one
+clear line (a wrong address, or a port that is not a Dask scheduler) and speaks TLS with
+:func:`tls_security` (``tls://`` addresses; certificates required).
 
 Resume: an output that is complete (``complete: true``, written last by predict_slide) for the
 same slide, model and settings is skipped; an incomplete one (interrupted, crashed, full disk)
@@ -20,18 +28,21 @@ is refused unless ``overwrite`` is set, so a rerun never passes off a stale resu
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from .device import apply_thread_policy, available_cores
 from .errors import HistoWSSSError
+from .runs import checkpoint_file
 
 __all__ = [
     "PredictSettings",
@@ -41,7 +52,17 @@ __all__ = [
     "plan_jobs",
     "predict_one",
     "predict_many",
+    "connect_scheduler",
+    "tls_security",
+    "CONNECT_TIMEOUT_S",
 ]
+
+#: Seconds to wait for a scheduler to answer (Dask's own default is 30 s, and a port that accepts
+#: a connection but never answers would make ``Client()`` wait for ever).
+CONNECT_TIMEOUT_S = 10.0
+#: errno values of OSErrors that a retry cannot cure (missing or forbidden file, full disk).
+_LASTING_ERRNOS = {getattr(errno, n) for n in ("ENOENT", "EACCES", "EPERM", "ENOSPC", "EDQUOT", "EROFS", "EISDIR",
+                                                "ENOTDIR", "ENAMETOOLONG") if hasattr(errno, n)}
 
 @dataclass(frozen=True)
 class PredictSettings:
@@ -52,7 +73,7 @@ class PredictSettings:
     per working pixel; neither: level 0); ``which`` checkpoint of the run; ``gate``: switch off
     classes the stage-one classifier finds absent; ``device`` per worker (``auto``: a worker
     of a multi-GPU node takes GPU ``worker index % GPUs``); ``torch_threads``: intra-op
-    threads per task (None: the worker's default); ``overwrite``: recompute complete outputs.
+    threads per task (None: :func:`~.device.apply_thread_policy`'s choice); ``overwrite``: recompute complete outputs.
     """
 
     tile: int = 512
@@ -162,19 +183,6 @@ def _load_predictor(run_dir: str, which: str, gate: bool, device: str, stamp: in
     return segmenter_predict_fn(model, classes, device, gate=gate_model), classes, meta
 
 
-def _checkpoint_path(run_dir: str | Path, which: str) -> Path:
-    """The checkpoint file :func:`~.train_seg.load_segmenter` reads for ``which``."""
-    run = Path(run_dir)
-    if which not in ("best", "last"):
-        return Path(which)
-    if not (run / "checkpoints").is_dir() and (run / "segmenter").is_dir():
-        run = run / "segmenter"
-    path = run / "checkpoints" / f"{which}.pt"
-    if which == "best" and not path.is_file():
-        path = run / "checkpoints" / "last.pt"
-    return path
-
-
 def _worker_device(pref: str) -> torch.device:
     """The task's device: :func:`~.device.pick_device`, with a bare CUDA choice spread over the
     node's GPUs by the Dask worker's index (LocalCluster workers are named 0, 1, ...)."""
@@ -234,15 +242,15 @@ def predict_one(run_dir: str | Path, job: SlideJob, settings: PredictSettings) -
 
     Returns a ``done`` or ``skipped`` :class:`SlideResult`; raises (a :class:`HistoWSSSError`
     naming the file for bad input) on failure, so that Dask can retry it."""
-    from .infer import predict_slide, working_downsample
+    from .grid import working_downsample
+    from .infer import predict_slide
     from .export import open_label_pyramid
     from .slide import open_slide
 
     t0 = time.perf_counter()
-    if settings.torch_threads:
-        torch.set_num_threads(int(settings.torch_threads))
+    apply_thread_policy(threads=settings.torch_threads)  # in the worker thread that runs the model
     device = _worker_device(settings.device)
-    ckpt = _checkpoint_path(run_dir, settings.which)
+    ckpt = checkpoint_file(Path(run_dir), settings.which, subrun="segmenter")  # what load_segmenter reads
     if not ckpt.is_file():
         raise HistoWSSSError(f"{run_dir}: no segmenter checkpoint {ckpt.name} (train-seg first)")
     with _MODEL_LOCK:
@@ -250,7 +258,7 @@ def predict_one(run_dir: str | Path, job: SlideJob, settings: PredictSettings) -
                                                     ckpt.stat().st_mtime_ns)
     identity = {"model": str(ckpt.resolve()), "model_saved_at": meta.get("saved_at"), "gate": settings.gate}
     with open_slide(job.slide) as slide:
-        ds = working_downsample(slide, settings.target_mpp, settings.downsample)
+        ds = working_downsample(slide, settings.target_mpp, settings.downsample, strict=True)
         state = _existing_output(job, identity, ds, settings)
         if state == "complete":
             return SlideResult(job.slide, job.out, "skipped", time.perf_counter() - t0, worker=_worker_name())
@@ -272,6 +280,139 @@ def predict_one(run_dir: str | Path, job: SlideJob, settings: PredictSettings) -
 # ---------------------------------------------------------------------------------------------
 # the scheduler side
 # ---------------------------------------------------------------------------------------------
+def _is_transient(exc: BaseException) -> bool:
+    """Worth a retry: an I/O error that may pass (a stale NFS handle, a network share that
+    hiccups). A :class:`HistoWSSSError` (bad or missing input) or a bug fails the same way on
+    every try."""
+    return isinstance(exc, OSError) and not isinstance(exc, HistoWSSSError) and exc.errno not in _LASTING_ERRNOS
+
+
+def _slide_task(run_dir: str, job: SlideJob, settings: PredictSettings) -> SlideResult:
+    """The Dask task: :func:`predict_one`, with a lasting failure returned as a ``failed`` result
+    rather than raised. Dask retries whatever a task raises and logs each failure with its
+    traceback, so a bad slide would be read ``retries + 1`` times; only transient I/O errors are
+    raised (and so retried)."""
+    t0 = time.perf_counter()
+    try:
+        return predict_one(run_dir, job, settings)
+    except Exception as e:  # noqa: BLE001 - every failure becomes the slide's one-line error
+        if _is_transient(e):
+            raise
+        return SlideResult(job.slide, job.out, "failed", time.perf_counter() - t0, worker=_worker_name(),
+                           error=_error_text(e))
+
+
+@contextlib.contextmanager
+def _quiet_dask_logs() -> Iterator[None]:
+    """Silence distributed's log lines in this process while a run lasts (task errors with
+    tracebacks, connection retries): every failure reaches the caller as a one-line result.
+    Both the ``distributed`` logger (its records also reach the root logger's handlers when the
+    application configured logging) and its own stderr handler (for loggers with a level of
+    their own) are raised to CRITICAL, and restored after."""
+    import logging
+
+    import distributed  # noqa: F401 - its import sets these levels and adds the handler: first
+
+    logger = logging.getLogger("distributed")
+    handlers = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+    levels = [logger.level] + [h.level for h in handlers]
+    for item in [logger, *handlers]:
+        item.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for item, level in zip([logger, *handlers], levels):
+            item.setLevel(level)
+
+
+def tls_security(ca_file: str | Path, cert_file: str | Path, key_file: str | Path) -> Any:
+    """A ``distributed.security.Security`` for a ``tls://`` scheduler: the CA certificate that
+    signed the cluster's certificates, and this client's certificate and private key (PEM);
+    encryption required. Missing or unusable files are one :class:`HistoWSSSError` line."""
+    from distributed.security import Security
+
+    files = {"CA certificate": ca_file, "client certificate": cert_file, "client key": key_file}
+    for what, f in files.items():
+        if not Path(f).expanduser().is_file():
+            raise HistoWSSSError(f"{f}: TLS {what} not found")
+    ca, cert, key = (str(Path(f).expanduser()) for f in files.values())
+    security = Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
+    try:
+        security.get_connection_args("client")  # loads the files: a bad PEM fails here, clearly
+    except (OSError, ValueError) as e:
+        raise HistoWSSSError(f"TLS files {ca}, {cert}, {key} cannot be used: {e}") from e
+    return security
+
+
+def _probe_scheduler(address: str, timeout: float, security: Any | None) -> None:
+    """Ask ``address`` who it is, within ``timeout`` seconds: ``Client()`` waits for ever on a
+    port that accepts but never answers, and may try to allocate exabytes for a non-Dask reply."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect
+
+    args = security.get_connection_args("client") if security is not None else {}
+
+    async def identity() -> Any:
+        comm = await connect(address, timeout=timeout, **args)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    # asyncio.run in a thread of its own: the caller may be inside a running loop (a notebook).
+    with ThreadPoolExecutor(1, thread_name_prefix="histo-dask-probe") as pool:
+        try:
+            # a second more than connect's own timeout, so that its clearer error comes first
+            answer = pool.submit(lambda: asyncio.run(asyncio.wait_for(identity(), timeout + 1.0))).result()
+        except asyncio.TimeoutError as e:
+            raise HistoWSSSError(f"{address}: no Dask scheduler answered within {timeout:g} s "
+                                 "(wrong host or port, or not a Dask scheduler)") from e
+        except OSError as e:
+            raise HistoWSSSError(f"cannot reach the Dask scheduler at {address}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - whatever a non-Dask server makes the protocol do
+            raise HistoWSSSError(f"{address}: did not answer like a Dask scheduler ({type(e).__name__}: {e})") from e
+    kind = answer.get("type") if isinstance(answer, dict) else None
+    if kind != "Scheduler":
+        hint = " (give the scheduler's address, not a worker's)" if kind == "Worker" else ""
+        raise HistoWSSSError(f"{address}: answers as {kind or 'something else'}, not as a Dask scheduler{hint}")
+
+
+def connect_scheduler(address: str, timeout: float = CONNECT_TIMEOUT_S, security: Any | None = None) -> Any:
+    """A ``distributed.Client`` of the running scheduler at ``address``, or one
+    :class:`HistoWSSSError` line within about ``timeout`` seconds: an unknown scheme, a ``tls://``
+    address without certificates (``security``, see :func:`tls_security`), certificates with an
+    unencrypted address, nothing listening, or a server that is not a Dask scheduler.
+
+    The scheduler must be trusted: it runs the code it is sent and unpickles the results."""
+    from distributed import Client
+    from distributed.comm.addressing import parse_address
+    from distributed.comm.registry import get_backend
+
+    if not timeout > 0:
+        raise HistoWSSSError(f"the connect timeout must be positive, got {timeout}")
+    try:
+        scheme, location = parse_address(address)
+        get_backend(scheme)
+    except ValueError as e:
+        raise HistoWSSSError(f"{address}: not a Dask scheduler address ({e}); expected tcp://host:port "
+                             "or tls://host:port") from e
+    if scheme in ("tls", "wss") and security is None:
+        raise HistoWSSSError(f"{address}: a TLS scheduler needs certificates: the CA certificate, a client "
+                             "certificate and its key (--tls-ca, --tls-cert, --tls-key)")
+    if security is not None and getattr(security, "require_encryption", False) and scheme not in ("tls", "wss", "inproc"):
+        raise HistoWSSSError(f"{address}: TLS certificates were given for an unencrypted {scheme}:// address; "
+                             f"use tls://{location}")
+    if scheme != "inproc":  # in-process schedulers (tests) answer at once
+        _probe_scheduler(address, timeout, security)
+    try:
+        return Client(address, timeout=f"{timeout}s", security=security)
+    except Exception as e:  # noqa: BLE001 - a network failure between the probe and here
+        raise HistoWSSSError(f"cannot reach the Dask scheduler at {address}: {type(e).__name__}: {e}") from e
+
+
 def _error_text(exc: BaseException | None) -> str:
     if exc is None:
         return "unknown error"
@@ -293,43 +434,55 @@ def predict_many(
     processes: bool = True,
     retries: int = 2,
     on_result: Callable[[SlideResult], None] | None = None,
+    security: Any | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
 ) -> list[SlideResult]:
     """Predict every slide of ``slides`` into ``out_dir`` with Dask, one task per slide.
 
-    ``scheduler``: the address of a running Dask scheduler; None starts a ``LocalCluster`` of
-    ``workers`` single-threaded workers (``processes=False``: threads of this process, for
-    tests and notebooks). Each task runs :func:`predict_one` with up to ``retries`` retries.
+    ``scheduler``: the address of a running, trusted Dask scheduler (:func:`connect_scheduler`,
+    with ``security`` and ``connect_timeout``); None starts a ``LocalCluster`` of ``workers``
+    single-threaded workers (``processes=False``: threads of this process, for tests and
+    notebooks). Each task runs :func:`predict_one`; a transient I/O error is retried up to
+    ``retries`` times, any other failure is reported at once.
     ``on_result`` is called as each slide finishes, in completion order. Returns the results in
     the order of ``slides``; failed slides are in it with their error (nothing is dropped).
     """
-    from distributed import Client, LocalCluster, as_completed
-
     settings = settings or PredictSettings()
     if retries < 0:
         raise HistoWSSSError(f"retries must be >= 0, got {retries}")
     jobs = plan_jobs(slides, out_dir)
-    ckpt = _checkpoint_path(run_dir, settings.which)
+    ckpt = checkpoint_file(Path(run_dir), settings.which, subrun="segmenter")  # what load_segmenter reads
     if not ckpt.is_file():  # fail once, clearly, instead of once per slide on the workers
         raise HistoWSSSError(f"{run_dir}: no segmenter checkpoint {ckpt.name} found (train-seg first)")
     run = str(Path(run_dir).expanduser().absolute())
+
+    with _quiet_dask_logs():
+        return _run_jobs(run, jobs, settings, scheduler, workers, processes, retries, on_result, security,
+                         connect_timeout)
+
+
+def _run_jobs(run: str, jobs: list[SlideJob], settings: PredictSettings, scheduler: str | None, workers: int,
+              processes: bool, retries: int, on_result: Callable[[SlideResult], None] | None, security: Any | None,
+              connect_timeout: float) -> list[SlideResult]:
+    """:func:`predict_many` once its inputs are checked: start or reach the cluster, run the tasks."""
+    import logging
+
+    from distributed import Client, LocalCluster, as_completed
 
     cluster = None
     if scheduler is None:
         if workers < 1:
             raise HistoWSSSError(f"workers must be >= 1, got {workers}")
         if settings.torch_threads is None:  # share this machine's cores between the workers
-            settings = replace(settings, torch_threads=max(1, (os.cpu_count() or 1) // workers))
+            settings = replace(settings, torch_threads=max(1, available_cores() // workers))
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes,
-                               dashboard_address=None, silence_logs=40)
+                               dashboard_address=None, silence_logs=logging.CRITICAL)
         client = Client(cluster)
     else:
-        try:
-            client = Client(scheduler, timeout="30s")
-        except OSError as e:
-            raise HistoWSSSError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from e
+        client = connect_scheduler(scheduler, connect_timeout, security)
     results: dict[SlideJob, SlideResult] = {}
     try:
-        futures = {client.submit(predict_one, run, job, settings, key=f"predict-slide-{i}-{job.slide.name}",
+        futures = {client.submit(_slide_task, run, job, settings, key=f"predict-slide-{i}-{job.slide.name}",
                                  retries=retries, pure=False): job for i, job in enumerate(jobs)}
         for fut in as_completed(futures):
             job = futures[fut]

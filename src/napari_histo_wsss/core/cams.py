@@ -1,7 +1,7 @@
 """Class activation maps -> pseudo-masks, for images of any size.
 
 :func:`cams_for_image` runs a trained :class:`~.models.CAMClassifier` over an RGB image (whole when
-it fits, else in overlapping tiles blended with feathered weights) and returns per-class maps in
+it fits, else in overlapping tiles blended with cosine weights) and returns per-class maps in
 [0, 1] at image resolution plus image-level class probabilities. :func:`pseudo_mask` turns the maps
 into a class-index mask: per-class normalisation, gating by the image's labels (labelled patches)
 or by the predicted probabilities (unlabelled images), a background rule for weak activations and
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,12 +30,10 @@ from .atomic import write_with
 from .classes import ClassTable
 from .datasets import list_images, parse_label_name, read_rgb, to_tensor
 from .errors import DatasetError, HistoWSSSError
-from .grid import axis_starts
+from .grid import axis_starts, cosine_window
 from .models.classifier import CAM_MODES, normalize_cams
+from .progress import ProgressEvent
 from .tissue import white_background_mask
-
-if TYPE_CHECKING:
-    from .train import ProgressEvent
 
 __all__ = [
     "WHOLE_IMAGE_MAX",
@@ -103,13 +101,13 @@ def _tile_maps(model, x: torch.Tensor, mode: str, scales: Sequence[float], flip:
     return maps, logit_map
 
 
-def _feather(h: int, w: int, overlap: int, device: torch.device) -> torch.Tensor:
-    """Blending weights of a tile: a linear ramp over ``overlap`` px at each border, 1 inside."""
-    if overlap <= 0:
-        return torch.ones((h, w), device=device)
-    ry = torch.minimum(torch.arange(h, device=device) + 1, torch.arange(h, 0, -1, device=device)).float()
-    rx = torch.minimum(torch.arange(w, device=device) + 1, torch.arange(w, 0, -1, device=device)).float()
-    return (ry[:, None].clamp(max=overlap) * rx[None, :].clamp(max=overlap)) / overlap**2
+def _blend_weights(h: int, w: int, overlap: int, device: torch.device) -> torch.Tensor:
+    """(h, w) blending weights of one tile: the package's cosine window (:func:`~.grid.cosine_window`)
+    along each axis; a side shorter than two overlaps (an image thinner than a tile) gets a
+    shorter ramp, harmless since it is the only tile across that axis."""
+    wy = cosine_window(h, min(overlap, h // 2))
+    wx = cosine_window(w, min(overlap, w // 2))
+    return torch.from_numpy(np.outer(wy, wx)).to(device)
 
 
 def cams_for_image(
@@ -131,7 +129,8 @@ def cams_for_image(
         device: where to run; default the model's device (the model is moved there).
         tile: tile side for images larger than :data:`WHOLE_IMAGE_MAX` (default 512); pass a
             value to force tiling at that size. Tiles overlap by ``overlap`` px (default a
-            quarter tile) and are blended with linear feathering.
+            quarter tile, at most half) and are blended with the cosine window of
+            :func:`~.grid.cosine_window`, the same as whole-slide prediction.
         mode: ``"last"`` (classic CAM) or ``"multi"`` (last-stage CAM fused with LayerCAM maps of
             two earlier stages, see :meth:`CAMClassifier.cams`).
         window: patch size the classifier was trained on, for the image-level probabilities
@@ -160,8 +159,8 @@ def cams_for_image(
     else:
         tile = int(tile or 512)
         ov = int(overlap if overlap is not None else tile // 4)
-        if tile < 32 or not 0 <= ov < tile:
-            raise HistoWSSSError(f"tile must be >= 32 px and overlap within [0, tile), got tile={tile}, overlap={ov}")
+        if tile < 32 or not 0 <= ov <= tile // 2:
+            raise HistoWSSSError(f"tile must be >= 32 px and overlap within [0, tile/2], got tile={tile}, overlap={ov}")
         acc = weight = None
         best = None
         with torch.no_grad():
@@ -172,12 +171,13 @@ def cams_for_image(
                     if acc is None:
                         acc = torch.zeros((m.shape[0], h, w), device=dev)
                         weight = torch.zeros((h, w), device=dev)
-                    fw = _feather(m.shape[1], m.shape[2], ov, dev)
+                    fw = _blend_weights(m.shape[1], m.shape[2], ov, dev)
                     acc[:, y0:y0 + m.shape[1], x0:x0 + m.shape[2]] += m * fw
                     weight[y0:y0 + m.shape[1], x0:x0 + m.shape[2]] += fw
                     wl = _window_logits(lm, tuple(xt.shape[-2:]), window)
                     best = wl if best is None else torch.maximum(best, wl)
-        maps = acc / weight.clamp_min(_EPS)
+        # every pixel is covered; cosine weights at the image edges are tiny but never 0
+        maps = acc / weight.clamp_min(torch.finfo(weight.dtype).tiny)
         logits = best
     cams = normalize_cams(maps[None])[0]
     return cams.cpu().numpy().astype(np.float32), torch.sigmoid(logits).cpu().numpy().astype(np.float32)
@@ -333,17 +333,27 @@ def generate_pseudo_masks(
     labels: str | Callable[[Path], np.ndarray | None] | None = None,
     device: torch.device | str | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> Iterator["ProgressEvent"]:
+    overwrite: bool = False,
+) -> Iterator[ProgressEvent]:
     """Pseudo-masks for every image of ``images_dir``: ``out_dir/<same file stem>.png`` (palette
     PNG) and, with ``cams_dir``, ``<stem>.npy``/``.npz`` float CAMs. Yields a ``ProgressEvent``
-    (``core.train``) per image, then ``done`` (or ``cancelled`` when ``should_stop()`` says so).
+    (``core.progress``) per image, then ``done`` (or ``cancelled`` when ``should_stop()`` says so).
 
     ``labels``: None (gate by predicted probability), ``"names"`` (the image-level label in each
     file name, e.g. ``...-[1, 0, 1].png``; a name without one is an error), a folder of masks
     (labels = classes present in the mask of the same stem) or a callable ``path -> labels``.
+
+    ``out_dir`` (and a ``cams_dir`` outside it) appear whole or not at all: they are written in
+    hidden folders beside them that replace them at the end (:func:`~.atomic.replace_dir`), so a
+    cancel or an error leaves no half-filled folder and older ones untouched. An existing,
+    non-empty one needs ``overwrite`` (it is then replaced as a whole); none may be, hold or lie in
+    ``images_dir`` or the ``labels`` mask folder.
     """
+    import contextlib
+
+    from .atomic import check_output, replace_dir
     from .datasets import read_index_mask
-    from .train import ProgressEvent
+    from .errors import Cancelled
 
     s = settings or PseudoMaskSettings()
     images = list_images(images_dir)
@@ -364,25 +374,45 @@ def generate_pseudo_masks(
             return classes.check_labels(found, where=str(p))
     else:
         label_of = labels if callable(labels) else (lambda p: None)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cams_dir is not None:
-        Path(cams_dir).mkdir(parents=True, exist_ok=True)
     if cams_format not in ("npy", "npz"):
         raise HistoWSSSError(f"CAM format must be npy or npz, got {cams_format!r}")
+    label_dir = Path(labels) if isinstance(labels, (str, Path)) and str(labels) != "names" else None
+    inputs = [images_dir, label_dir]
+    out_dir = check_output(out_dir, inputs=inputs, overwrite=overwrite, what="output folder", folder=True)
+    cams_inside = None  # a CAM folder inside out_dir is written within out_dir's hidden folder
+    if cams_dir is not None:
+        cams_dir = Path(cams_dir)
+        if cams_dir.resolve().is_relative_to(out_dir.resolve()):
+            cams_inside = cams_dir.resolve().relative_to(out_dir.resolve())
+        else:
+            check_output(cams_dir, inputs=[*inputs, out_dir], overwrite=overwrite, what="CAM folder", folder=True)
+    kept = f"the previous {out_dir} is kept" if out_dir.exists() else f"nothing written to {out_dir}"
     n = len(images)
-    for i, (stem, path) in enumerate(images.items(), start=1):
-        if should_stop is not None and should_stop():
-            yield ProgressEvent("cancelled", step=i - 1, steps=n, message=f"stopped after {i - 1} of {n} images")
-            return
-        rgb = read_rgb(path)
-        cams, probs = cams_for_image(model, rgb, device=device, tile=s.tile, mode=s.mode, window=s.window,
-                                     scales=s.scales, flip=s.flip)
-        mask = pseudo_mask(cams, classes, rgb=rgb, labels=label_of(path), probs=probs,
-                           prob_threshold=s.prob_threshold, bg_threshold=s.bg_threshold, bg_alpha=s.bg_alpha,
-                           norm=s.norm, white_background=s.white_background)
-        save_pseudo_mask(out_dir / f"{stem}.png", mask, classes)
-        if cams_dir is not None:
-            save_cams(Path(cams_dir) / f"{stem}.{cams_format}", cams)
-        yield ProgressEvent("step", step=i, steps=n, metrics={"probs": probs.round(4).tolist()}, message=path.name)
+    done = 0
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp_out = stack.enter_context(replace_dir(out_dir))
+            tmp_cams = None
+            if cams_inside is not None:
+                tmp_cams = tmp_out / cams_inside
+                tmp_cams.mkdir(parents=True, exist_ok=True)
+            elif cams_dir is not None:
+                tmp_cams = stack.enter_context(replace_dir(cams_dir))
+            for i, (stem, path) in enumerate(images.items(), start=1):
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"stopped after {done} of {n} images; {kept}")
+                rgb = read_rgb(path)
+                cams, probs = cams_for_image(model, rgb, device=device, tile=s.tile, mode=s.mode, window=s.window,
+                                             scales=s.scales, flip=s.flip)
+                mask = pseudo_mask(cams, classes, rgb=rgb, labels=label_of(path), probs=probs,
+                                   prob_threshold=s.prob_threshold, bg_threshold=s.bg_threshold, bg_alpha=s.bg_alpha,
+                                   norm=s.norm, white_background=s.white_background)
+                save_pseudo_mask(tmp_out / f"{stem}.png", mask, classes)
+                if tmp_cams is not None:
+                    save_cams(tmp_cams / f"{stem}.{cams_format}", cams)
+                done = i
+                yield ProgressEvent("step", step=i, steps=n, metrics={"probs": probs.round(4).tolist()}, message=path.name)
+    except Cancelled as e:
+        yield ProgressEvent("cancelled", step=done, steps=n, message=str(e))
+        return
     yield ProgressEvent("done", step=n, steps=n, message=f"{n} pseudo-masks written to {out_dir}")

@@ -49,10 +49,9 @@ from PIL import Image
 from .classes import ClassTable, get_preset
 from .errors import ClassTableError, DatasetError
 from .grid import axis_starts
-from .atomic import fsync_dir, fsync_tree
+from .atomic import check_output, fsync_dir, fsync_tree
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .models.backbones import IMAGENET_MEAN, IMAGENET_STD  # the models' input normalisation (re-exported)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TRAIN_DIRS = ("training", "train", "1.training", "train_examples")
@@ -612,6 +611,8 @@ def make_patches(
     for d in (images_dir, masks_dir):
         if not d.is_dir():
             raise DatasetError(f"{d}: folder not found")
+    # never in, around or onto the inputs (the emptiness rule below would not catch out inside them)
+    check_output(out, inputs=[images_dir, masks_dir], overwrite=True, what="output folder", folder=True)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DatasetError(f"{out}: output folder exists and is not empty; choose a new folder or delete it")
 

@@ -20,7 +20,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .errors import SlideError
+from .errors import HistoWSSSError, SlideError
 from .slide import Slide
 from .tissue import TissueMask
 
@@ -103,16 +103,38 @@ class PatchGrid:
         return int(i) % n
 
 
-def axis_starts(length: int, size: int, step: int) -> list[int]:
+def axis_starts(length: int, size: int, step: int, flush: bool = True) -> list[int]:
     """Start offsets along one axis of windows of ``size`` px every ``step`` px that cover
-    ``length`` px, the last window flush with the far edge (``[0]`` when ``length <= size``).
-    Shared by make-patches cropping and tiled CAM computation."""
+    ``length`` px (``[0]`` when ``length <= size``). The one tiler of the package: make-patches
+    cropping, tiled CAMs, whole-slide and image prediction and the Review canvas all lay their
+    tiles with it.
+
+    ``flush=True``: the last window is moved back to end flush with the far edge (every window
+    lies inside the image, the last overlap may be larger). ``flush=False``: a regular lattice
+    every ``step`` px whose last window may reach past the far edge (the caller pads or crops);
+    both give the same number of windows."""
     if length <= size:
         return [0]
     starts = list(range(0, length - size + 1, step))
     if starts[-1] != length - size:
-        starts.append(length - size)
+        starts.append(length - size if flush else starts[-1] + step)
     return starts
+
+
+def cosine_window(tile: int, overlap: int) -> np.ndarray:
+    """``(tile,)`` float32 blending weights of a tile: 1 inside, cosine ramps over ``overlap`` px
+    at both ends with ``rise[i] + fall[i] == 1`` for tiles ``tile - overlap`` apart (a partition
+    of unity, so a pointwise model gives the same result tiled as whole), and never 0 (so the
+    weight sum can always be divided by). The one blending window of tiled CAMs and prediction."""
+    if not 0 <= overlap <= tile // 2:
+        raise HistoWSSSError(f"overlap must lie in [0, tile/2], got overlap={overlap} for tile={tile}")
+    w = np.ones(tile, dtype=np.float64)
+    if overlap:
+        t = (np.arange(overlap) + 0.5) / overlap
+        rise = np.sin(0.5 * np.pi * t) ** 2
+        w[:overlap] = rise
+        w[tile - overlap:] = rise[::-1]
+    return w.astype(np.float32)
 
 
 def make_grid(
@@ -138,7 +160,7 @@ def make_grid(
         raise SlideError(f"{slide.path}: stride must be positive, got {stride}")
     if not 0.0 <= min_tissue <= 1.0:
         raise SlideError(f"{slide.path}: min_tissue must lie in 0..1, got {min_tissue}")
-    downsample = _working_downsample(slide, target_mpp, level)
+    downsample = working_downsample(slide, target_mpp, level=level)
     size0 = max(1, int(round(patch_size * downsample)))
     stride0 = size0 if stride is None else max(1, int(round(stride * downsample)))
     w0, h0 = slide.dimensions
@@ -158,8 +180,19 @@ def make_grid(
     return PatchGrid(gx, gy, size0, int(patch_size), fractions, stride0)
 
 
-def _working_downsample(slide: Slide, target_mpp: float | None, level: int | None) -> float:
-    """Level-0 pixels per working pixel for the grid's resolution settings."""
+def working_downsample(slide: Slide, target_mpp: float | None = None, downsample: float | None = None,
+                       level: int | None = None, strict: bool = False) -> float:
+    """Level-0 pixels per working pixel, the one rule for every resolution setting: an explicit
+    ``downsample``, else pyramid ``level``'s downsample, else ``target_mpp / slide.mpp``, else 1.
+
+    A slide that does not state its pixel size cannot honour ``target_mpp``: by default the work
+    falls back to level 0 with a warning (laying a patch grid still makes sense); ``strict=True``
+    raises a :class:`SlideError` instead, for callers whose output would silently be at the wrong
+    scale (whole-slide prediction with a model trained at ``target_mpp``)."""
+    if downsample is not None:
+        if not (np.isfinite(downsample) and downsample > 0):
+            raise SlideError(f"{slide.path}: downsample must be a positive number, got {downsample}")
+        return float(downsample)
     if level is not None:
         if not 0 <= level < len(slide.level_downsamples):
             raise SlideError(f"{slide.path}: level {level} does not exist (slide has {len(slide.level_downsamples)} levels)")
@@ -167,11 +200,14 @@ def _working_downsample(slide: Slide, target_mpp: float | None, level: int | Non
     if target_mpp is not None:
         if not target_mpp > 0:
             raise SlideError(f"{slide.path}: target_mpp must be positive, got {target_mpp}")
-        if slide.mpp is None:
+        if not slide.mpp:
+            if strict:
+                raise SlideError(f"{slide.path}: the slide does not state its pixel size (mpp), so a target of "
+                                 f"{target_mpp} um/px cannot be honoured; give a downsample or a level instead")
             warnings.warn(
                 f"{slide.path}: microns per pixel unknown; patches are laid at level 0 instead of {target_mpp} um/px",
                 stacklevel=3,
             )
             return 1.0
-        return float(target_mpp) / slide.mpp
+        return float(target_mpp) / float(slide.mpp)
     return 1.0

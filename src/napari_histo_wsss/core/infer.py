@@ -40,15 +40,18 @@ import torch
 import torch.nn.functional as F
 
 from .classes import ClassTable
-from .datasets import IMAGENET_MEAN, IMAGENET_STD, list_images, read_rgb, to_tensor
+from .datasets import list_images, read_rgb, to_tensor
 from .device import autocast
-from .errors import Cancelled, HistoWSSSError, SlideError
+from .errors import HistoWSSSError, SlideError
 from .export import LabelPyramid, export_palette_png
+from .grid import axis_starts, cosine_window, working_downsample
+from .models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from .progress import ProgressEvent, run_to_end
+from .tissue import white_background_mask
 
 if TYPE_CHECKING:
     from .slide import Slide
     from .tissue import TissueMask
-    from .train import ProgressEvent
 
 __all__ = [
     "PredictFn",
@@ -62,26 +65,10 @@ __all__ = [
     "predict_image",
     "predict_folder",
     "run_to_end",
-    "working_downsample",
 ]
 
 #: ``(B, 3, H, W)`` ImageNet-normalised float tensor -> ``(B, K, H, W)`` scores (probabilities).
 PredictFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def cosine_window(tile: int, overlap: int) -> np.ndarray:
-    """``(tile,)`` float32 blending weights: 1 inside, cosine ramps over ``overlap`` px at both
-    ends with ``rise[i] + fall[i] == 1`` for tiles ``tile - overlap`` apart, and never 0 (so
-    the weight sum can always be divided by)."""
-    if not 0 <= overlap <= tile // 2:
-        raise HistoWSSSError(f"overlap must lie in [0, tile/2], got overlap={overlap} for tile={tile}")
-    w = np.ones(tile, dtype=np.float64)
-    if overlap:
-        t = (np.arange(overlap) + 0.5) / overlap
-        rise = np.sin(0.5 * np.pi * t) ** 2
-        w[:overlap] = rise
-        w[tile - overlap:] = rise[::-1]
-    return w.astype(np.float32)
 
 
 @dataclass
@@ -110,25 +97,6 @@ class TilePlan:
         return int(self.active.shape[1])
 
 
-def _grid_count(length: int, tile: int, stride: int) -> int:
-    return max(1, math.ceil(max(length - tile, 0) / stride) + 1)
-
-
-def working_downsample(slide: "Slide", target_mpp: float | None = None, downsample: float | None = None) -> float:
-    """Level-0 pixels per working pixel: ``downsample`` if given, else ``target_mpp / slide.mpp``
-    (a slide without a pixel size cannot honour ``target_mpp``: clear error), else 1."""
-    if downsample is not None:
-        if not downsample > 0:
-            raise HistoWSSSError(f"downsample must be positive, got {downsample}")
-        return float(downsample)
-    if target_mpp is None:
-        return 1.0
-    if not slide.mpp:
-        raise SlideError(f"{slide.path}: the slide does not state its pixel size (mpp), so a target of "
-                         f"{target_mpp} um/px cannot be honoured; give a downsample or a level instead")
-    return max(float(target_mpp) / float(slide.mpp), 1e-6)
-
-
 def plan_tiles(slide: "Slide", tile: int = 512, overlap: int = 64, downsample: float = 1.0,
                tissue: "TissueMask | None | bool" = None, min_tissue: float = 0.0) -> TilePlan:
     """Lay the tile grid over the slide. ``tissue``: a mask, ``None`` (detect it) or ``False``
@@ -140,7 +108,8 @@ def plan_tiles(slide: "Slide", tile: int = 512, overlap: int = 64, downsample: f
     width, height = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
     stride = tile - overlap
     cosine_window(tile, overlap)  # validates the overlap
-    rows, cols = _grid_count(height, tile, stride), _grid_count(width, tile, stride)
+    rows = len(axis_starts(height, tile, stride, flush=False))  # a regular lattice: the streaming blend needs it
+    cols = len(axis_starts(width, tile, stride, flush=False))
     if tissue is False:
         active = np.ones((rows, cols), dtype=bool)
     else:
@@ -164,11 +133,15 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
-def _white_fraction_map(x: torch.Tensor, grey_threshold: int = 200) -> torch.Tensor:
-    """(B, 1, H, W) 1.0 where the de-normalised grey level exceeds ``grey_threshold`` (glass)."""
-    rgb = (x * _STD.to(x.device) + _MEAN.to(x.device)) * 255.0
-    grey = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
-    return (grey > grey_threshold).float()[:, None]
+def _white_glass(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) float 1.0 on white glass of a normalised batch, by the package's one rule
+    (:func:`~.tissue.white_background_mask` of each de-normalised tile). Prediction keeps every
+    white pixel as glass (``min_size=0``, no speck removal): that is the rule every stage-two
+    figure in docs/benchmarks.md was measured with; the de-normalised floats give exactly the
+    grey levels of the original uint8 pixels (checked over all 2**24 colours in the tests)."""
+    rgb = ((x.detach().cpu().float() * _STD + _MEAN) * 255.0).permute(0, 2, 3, 1).numpy()
+    glass = np.stack([white_background_mask(im, min_size=0) for im in rgb])
+    return torch.from_numpy(glass).to(torch.float32)[:, None]
 
 
 def segmenter_predict_fn(model: torch.nn.Module, classes: ClassTable, device: torch.device | str | None = None,
@@ -190,6 +163,7 @@ def segmenter_predict_fn(model: torch.nn.Module, classes: ClassTable, device: to
 
     @torch.no_grad()
     def predict(x: torch.Tensor) -> torch.Tensor:
+        glass = _white_glass(x) if white else None
         x = x.to(dev, non_blocking=True)
         with autocast(dev, amp):
             logits = model(x)
@@ -201,7 +175,7 @@ def segmenter_predict_fn(model: torch.nn.Module, classes: ClassTable, device: to
             keep[torch.arange(p.shape[0]), p.argmax(dim=1)] = True
             prob = prob * keep[:, :, None, None]
             prob = prob / prob.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        bg = _white_fraction_map(x) if white else torch.zeros_like(prob[:, :1])
+        bg = glass.to(dev) if glass is not None else torch.zeros_like(prob[:, :1])
         return torch.cat([prob * (1 - bg), bg], dim=1)
 
     return predict
@@ -297,7 +271,7 @@ def predict_slide(
     output: str = "labels",
     overwrite: bool = False,
     read_workers: int = 2,
-) -> Iterator["ProgressEvent"]:
+) -> Iterator[ProgressEvent]:
     """Predict a whole slide into an OME-Zarr pyramid at ``out_path`` (see the module doc).
 
     ``predict_fn`` maps a normalised batch ``(B, 3, tile, tile)`` to ``(B, K, tile, tile)`` scores
@@ -313,15 +287,13 @@ def predict_slide(
     figures in ``metrics`` or ``cancelled`` (``should_stop()`` polled per batch; the output
     stays marked incomplete). Closing the generator also leaves it incomplete.
     """
-    from .train import ProgressEvent
-
     if classes is None:
         raise HistoWSSSError("predict_slide needs the class table (classes=...) to label its output")
     if output not in ("labels", "maps"):
         raise HistoWSSSError(f"output must be 'labels' or 'maps', got {output!r}")
     if batch_size < 1:
         raise HistoWSSSError(f"batch size must be >= 1, got {batch_size}")
-    ds = working_downsample(slide, target_mpp, downsample)
+    ds = working_downsample(slide, target_mpp, downsample, strict=True)  # never predict at a silently wrong scale
     plan = plan_tiles(slide, tile, overlap, ds, tissue)
     fn = with_flip_tta(predict_fn) if tta else predict_fn
     c = classes.num_classes
@@ -345,8 +317,14 @@ def predict_slide(
     def submit(batch: Sequence[tuple[int, int]]) -> list[Future]:
         return [pool.submit(_read_tile, slide, plan, r, col) for r, col in batch]
 
-    yield ProgressEvent("start", steps=n_active, message=f"{n_active} of {plan.active.size} tiles hold tissue; "
-                        f"working image {plan.width}x{plan.height} px at downsample {ds:g}")
+    try:
+        yield ProgressEvent("start", steps=n_active, message=f"{n_active} of {plan.active.size} tiles hold tissue; "
+                            f"working image {plan.width}x{plan.height} px at downsample {ds:g}")
+    except BaseException:  # closed at the start: nothing is left running, no staging folder behind
+        pool.shutdown(wait=False)
+        writer.close()
+        pyr.abort()
+        raise
     # -- streaming blend state ------------------------------------------------------------------
     k_acc = None  # channels of the score accumulators (set at the first prediction)
     # Carries of not yet final margins, only where something was predicted: per column the
@@ -410,7 +388,8 @@ def predict_slide(
         for bi, batch in enumerate(batches):
             if should_stop is not None and should_stop():
                 yield ProgressEvent("cancelled", step=tiles_done, steps=n_active,
-                                    message=f"stopped after {tiles_done} of {n_active} tiles; {pyr.root} is incomplete")
+                                    message=f"stopped after {tiles_done} of {n_active} tiles; " + (
+                                        f"the previous {pyr.path} is kept" if pyr.replacing else f"{pyr.root} is incomplete"))
                 return
             t0 = time.perf_counter()
             x = torch.stack([f.result() for f in pending])
@@ -457,6 +436,7 @@ def predict_slide(
                 writer.close()
             except BaseException:  # noqa: BLE001 - the first error is already propagating
                 pass
+            pyr.abort()  # an unfinished replacement is dropped; the previous output stays whole
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,13 +456,12 @@ def predict_image(rgb: np.ndarray, predict_fn: PredictFn, tile: int = 512, overl
         return out[:, :h, :w].numpy()
     stride = tile - overlap
     win = torch.from_numpy(np.outer(cosine_window(tile, overlap), cosine_window(tile, overlap)))
-    rows, cols = _grid_count(h, tile, stride), _grid_count(w, tile, stride)
-    canvas = np.full((rows * stride + overlap, cols * stride + overlap, 3), 255, dtype=np.uint8)
+    ys, xs = axis_starts(h, tile, stride, flush=False), axis_starts(w, tile, stride, flush=False)
+    canvas = np.full((ys[-1] + tile, xs[-1] + tile, 3), 255, dtype=np.uint8)  # white past the edges
     canvas[:h, :w] = rgb
     acc = weight = None
-    for r in range(rows):
-        for col in range(cols):
-            y0, x0 = r * stride, col * stride
+    for y0 in ys:
+        for x0 in xs:
             with torch.no_grad():
                 out = fn(to_tensor(canvas[y0:y0 + tile, x0:x0 + tile])[None]).float().cpu()[0]
             if acc is None:
@@ -495,37 +474,38 @@ def predict_image(rgb: np.ndarray, predict_fn: PredictFn, tile: int = 512, overl
 
 def predict_folder(images_dir: str | Path, out_dir: str | Path, predict_fn: PredictFn, classes: ClassTable,
                    tile: int = 512, overlap: int = 64, tta: bool = False,
-                   should_stop: Callable[[], bool] | None = None) -> Iterator["ProgressEvent"]:
+                   should_stop: Callable[[], bool] | None = None, overwrite: bool = False) -> Iterator[ProgressEvent]:
     """Class-index palette PNGs ``out_dir/<stem>.png`` for every image of ``images_dir`` (argmax
-    of :func:`predict_image`; with :func:`segmenter_predict_fn` the last channel is background)."""
-    from .train import ProgressEvent
+    of :func:`predict_image`; with :func:`segmenter_predict_fn` the last channel is background).
+
+    ``out_dir`` appears whole or not at all: the masks are written in a hidden folder beside it
+    that replaces it at the end (:func:`~.atomic.replace_dir`), so a cancel or an error leaves no
+    half-filled folder and an older ``out_dir`` untouched. An existing, non-empty ``out_dir`` needs
+    ``overwrite`` (then it is replaced as a whole); it may never be, hold or lie in ``images_dir``."""
+    from .atomic import check_output, replace_dir
+    from .errors import Cancelled
 
     images = list_images(images_dir)
     if not images:
         raise HistoWSSSError(f"{images_dir}: no images found")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output(out_dir, inputs=[images_dir], overwrite=overwrite, what="output folder", folder=True)
+    kept = f"the previous {out} is kept" if out.exists() else f"nothing written to {out}"
     n = len(images)
     t0 = time.perf_counter()
-    for i, (stem, path) in enumerate(images.items(), start=1):
-        if should_stop is not None and should_stop():
-            yield ProgressEvent("cancelled", step=i - 1, steps=n, message=f"stopped after {i - 1} of {n} images")
-            return
-        scores = predict_image(read_rgb(path), predict_fn, tile, overlap, tta)
-        if scores.shape[0] not in (classes.num_classes, classes.num_classes + 1):
-            raise HistoWSSSError(f"predict function gives {scores.shape[0]} channels for {classes.num_classes} classes")
-        export_palette_png(np.argmax(scores, axis=0).astype(np.uint8), out / f"{stem}.png", classes)
-        el = time.perf_counter() - t0
-        yield ProgressEvent("step", step=i, steps=n, eta_s=el / i * (n - i), message=path.name)
+    done = 0
+    try:
+        with replace_dir(out) as tmp:
+            for i, (stem, path) in enumerate(images.items(), start=1):
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"stopped after {done} of {n} images; {kept}")
+                scores = predict_image(read_rgb(path), predict_fn, tile, overlap, tta)
+                if scores.shape[0] not in (classes.num_classes, classes.num_classes + 1):
+                    raise HistoWSSSError(f"predict function gives {scores.shape[0]} channels for {classes.num_classes} classes")
+                export_palette_png(np.argmax(scores, axis=0).astype(np.uint8), tmp / f"{stem}.png", classes)
+                done = i
+                el = time.perf_counter() - t0
+                yield ProgressEvent("step", step=i, steps=n, eta_s=el / i * (n - i), message=path.name)
+    except Cancelled as e:
+        yield ProgressEvent("cancelled", step=done, steps=n, message=str(e))
+        return
     yield ProgressEvent("done", step=n, steps=n, message=f"{n} masks written to {out}")
-
-
-def run_to_end(events: Iterator["ProgressEvent"]) -> "ProgressEvent":
-    """Consume a generator of progress events and return the last one; a ``cancelled`` end
-    raises :class:`~.errors.Cancelled`."""
-    last = None
-    for ev in events:
-        last = ev
-    if last is not None and last.kind == "cancelled":
-        raise Cancelled(last.message)
-    return last

@@ -8,6 +8,10 @@ Layout of a project folder (e.g. ``case-12.wsss/``)::
     masks/<slide_id>/<name> zarr v3 arrays ("tissue", "cam", "pseudo", "corrected", ...) with attrs
                             downsample, classes_hash, complete
     runs/                   training runs (written by core.train / core.train_seg)
+    .lock                   empty file whose advisory lock (``fcntl.flock``) serialises the saves
+                            of all processes that have the project open
+    .session-<pid>-<token>  one per GUI window that has the project open (pid, host, start time),
+                            locked while that window lives
 
 Durability: ``project.json`` and ``labels.csv`` are rewritten whole through :mod:`core.atomic`
 (temp file + fsync + rename) on every change, so a crash or ``kill -9`` leaves the previous or the
@@ -16,11 +20,23 @@ new version, never a mix. A mask is written into a hidden temporary zarr array, 
 is repaired on the next open (the previous complete array is restored). Temporary names start
 with ``.`` and are cleaned up on open.
 
+Several writers (two GUI windows, a GUI and a script): every save takes the exclusive lock on
+``.lock``, re-reads the file from disk (when another process changed it), applies only this
+call's change (set or remove of patch rows keyed by ``slide_id,x,y,size0``; a slide added; a
+setting changed) and writes the result atomically, so no writer's saves are lost (not "last writer
+wins"). Opening reads the manifest and the labels under the shared lock (a consistent pair).
+On platforms without ``fcntl`` (Windows) saves are not coordinated between processes.
+
+Safety: slide ids, mask names and run names become folder names, so they must match
+``_SAFE_NAME`` (checked when ``project.json`` is read and wherever they become paths), and every
+such path must resolve inside the project folder: nothing a project file says reaches outside it.
+
 Coordinates are level-0 pixels; ``size0`` is a patch's side in level-0 pixels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -28,17 +44,26 @@ import json
 import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
 import threading
+import time
 import uuid
+import weakref
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from .atomic import fsync_dir, fsync_tree, write_json, write_text
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: saves are not coordinated between processes
+    fcntl = None  # type: ignore[assignment]
+
+from .atomic import atomic_path, fsync_dir, fsync_tree, remove_temporaries, write_text
 from .classes import ClassTable, get_preset
 from .errors import ClassTableError, HistoWSSSError, ProjectError
 
@@ -50,9 +75,13 @@ MANIFEST_NAME = "project.json"
 LABELS_NAME = "labels.csv"
 MASKS_DIR = "masks"
 RUNS_DIR = "runs"
+LOCK_NAME = ".lock"
+SESSION_PREFIX = ".session-"
 _FIXED_COLUMNS = ("slide_id", "x", "y", "size0")
 _TRAILING_COLUMNS = ("updated", "who")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Slide ids, mask names and run names become folder names: no separators, no "..", no leading dot
+# (hidden names are temporaries), no absolute paths. Used with fullmatch (``$`` would accept "\n").
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MASK_CHUNK = 1024
 
 
@@ -104,28 +133,117 @@ class PatchLabelTable:
         return int(self.x.shape[0])
 
 
+@dataclass(frozen=True)
+class SessionInfo:
+    """Another process that has the project open for writing (from its ``.session-*`` file)."""
+
+    pid: int
+    host: str
+    started: str
+    program: str
+    path: Path
+
+    def message(self, root: Path) -> str:
+        where = f"pid {self.pid} on host {self.host}" + (f", {self.program}" if self.program else "")
+        since = f" since {self.started}" if self.started else ""
+        return (f"project {root} is open in another window ({where}{since}); saves from both merge "
+                "safely, but each window shows the other's new labels only after reopening")
+
+
+class _DiskLock:
+    """The advisory lock of a project folder across processes: ``fcntl.flock`` on ``.lock``.
+
+    Re-entrant for one :class:`Project` (its callers hold ``Project._lock``, so one thread at a
+    time): a save inside a locked section does not lock again (a second ``flock`` on another file
+    descriptor of the same file would wait for ourselves). Where locking is impossible (no
+    ``fcntl``, a file system without ``flock``, a read-only folder without a ``.lock`` file) it
+    degrades to no lock: the project still works as before, only writers are not coordinated.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+        self._depth = 0
+        self._exclusive = False
+        self._pid = os.getpid()
+
+    def _open(self) -> int | None:
+        if self._fd is None and fcntl is not None:
+            try:  # an empty file that is never rewritten: the lock lives on its inode
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError:
+                try:
+                    fd = os.open(self.path, os.O_RDONLY)  # read-only folder: shared locks still work
+                except OSError:
+                    return None
+            self._fd = fd
+            weakref.finalize(self, os.close, fd)
+        return self._fd
+
+    @contextlib.contextmanager
+    def hold(self, exclusive: bool) -> Iterator[None]:
+        if self._pid != os.getpid():
+            # a forked child (e.g. a data loader worker) shares the parent's open file, and so its
+            # lock: locking or unlocking through it would change the parent's. Use a file of its own.
+            self._fd, self._depth, self._pid = None, 0, os.getpid()
+        if self._depth:
+            if exclusive and not self._exclusive:
+                raise RuntimeError("a shared project lock cannot be upgraded to an exclusive one")
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        fd = self._open()
+        locked = False
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                locked = True
+            except OSError:  # e.g. a network mount without flock: carry on uncoordinated
+                pass
+        self._depth, self._exclusive = 1, exclusive
+        try:
+            yield
+        finally:
+            self._depth = 0
+            if locked:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 class Project:
     """An open project folder. Create with :meth:`create`, open with :meth:`open`.
 
     Every mutating method saves at once (atomically); there is no separate save step. A project
     on a read-only disk opens for reading (``read_only`` is True) and refuses changes with a
-    :class:`ProjectError`. Methods are safe to call from several threads of one process; two
-    processes editing the same project concurrently are not coordinated (last save wins per file).
+    :class:`ProjectError`. Methods are safe to call from several threads of one process, and
+    several processes may save into one project at the same time: each save merges its change into
+    the files on disk under the project's lock (see the module docstring). ``open_elsewhere`` tells
+    whether another window had the project open when this one opened it.
     """
 
     SCHEMA_VERSION = 1
 
-    def __init__(self, root: Path, manifest: dict, labels: dict, read_only: bool):
+    def __init__(self, root: Path, manifest: dict, labels: dict, read_only: bool,
+                 digests: tuple[str | None, str | None] = (None, None), disk_lock: _DiskLock | None = None):
         self.root = root
         self.classes: ClassTable = ClassTable.from_dict(manifest["classes"])
         self.settings: dict[str, Any] = dict(manifest["settings"])
         self.slides: dict[str, SlideRecord] = {k: SlideRecord.from_dict(v) for k, v in manifest["slides"].items()}
         self.read_only = read_only
+        self.open_elsewhere: SessionInfo | None = None
         self._created = str(manifest.get("created", ""))
         self._labels: dict[tuple[str, int, int, int], tuple[np.ndarray, str, str]] = labels
+        # digests of the project.json / labels.csv bytes that memory reflects: a save re-reads a
+        # file only when another process has replaced it since
+        self._manifest_digest, self._labels_digest = digests
         self._grids: dict[str, "PatchGrid"] = {}
         self._lock = threading.RLock()
         self._grid_lock = threading.Lock()  # tissue detection is slow: do not block label saves
+        self._disk_lock = disk_lock if disk_lock is not None else _DiskLock(root / LOCK_NAME)
+        self._session: Path | None = None
+        self._end_session: Callable[[], Any] | None = None
 
     # -- paths -----------------------------------------------------------------------------------
     @property
@@ -140,6 +258,23 @@ class Project:
     def runs_dir(self) -> Path:
         return self.root / RUNS_DIR
 
+    def run_dir(self, name: str) -> Path:
+        """The folder of the training run ``name`` under ``runs/`` (not created); ``name`` must be
+        a safe name, so a run name never reaches outside the project. ``runs/`` itself may link
+        to another disk (checkpoints are large); a run is then a direct child of its target."""
+        path = self.runs_dir / _check_name("run name", name, self.runs_dir)
+        return self._inside(path, also=self.runs_dir.resolve())
+
+    def _inside(self, path: Path, also: Path | None = None) -> Path:
+        """Second line of defence after the name checks: ``path``, symlinks resolved, lies inside
+        the project folder (a symlink planted in the project could otherwise lead out), or is a
+        direct child of the folder ``also``."""
+        real, root = path.resolve(), self.root.resolve()
+        if real != root and not real.is_relative_to(root) and not (also is not None and real.parent == also):
+            raise ProjectError(f"{path}: leads to {real}, outside the project folder {root} (a symbolic link?); "
+                               "refusing to read or write there")
+        return path
+
     def __repr__(self) -> str:
         return f"Project({str(self.root)!r}, classes={self.classes.names}, slides={len(self.slides)}, labelled patches={len(self._labels)})"
 
@@ -152,10 +287,12 @@ class Project:
         patch_size: int = 224,
         target_mpp: float | None = 1.0,
         min_tissue: float = 0.5,
+        session: bool = False,
     ) -> "Project":
         """Create a new project in ``path`` (absent or empty folder). ``classes`` is a
         :class:`ClassTable` or a preset name. ``target_mpp`` = microns per pixel of the patches the
-        models see (1.0 is about 10x); ``None`` reads patches at level 0."""
+        models see (1.0 is about 10x); ``None`` reads patches at level 0. ``session``: register
+        this process as a window that has the project open (see :meth:`open`)."""
         root = Path(path).expanduser().resolve()
         table = get_preset(classes) if isinstance(classes, str) else classes
         settings = _check_settings({"patch_size": patch_size, "target_mpp": target_mpp, "min_tissue": min_tissue}, root)
@@ -180,37 +317,95 @@ class Project:
         project = cls(root, manifest, {}, read_only=False)
         # labels first, manifest last: a folder is a project only once project.json exists.
         try:
-            project._save_labels()
-            project._save_manifest()
+            with project._disk(exclusive=True):
+                project._write_labels({})
+                project._write_manifest(project.settings, project.slides)
         except ProjectError:
             _remove_partial_project(root, made_root)
             raise
+        if session:
+            project._start_session()
         return project
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Project":
+    def open(cls, path: str | os.PathLike, session: bool = False) -> "Project":
         """Open an existing project (its folder or its ``project.json``). Raises ProjectError for
-        a missing or damaged manifest or label file, or a schema newer than this plugin's."""
+        a missing or damaged manifest or label file, an unsafe slide id, or a schema newer than
+        this plugin's.
+
+        ``open_elsewhere`` is set to another live window's :class:`SessionInfo` (or None).
+        ``session=True`` (the GUI) registers this process as such a window until
+        :meth:`end_session` or the end of the process; scripts need not."""
         root = Path(path).expanduser().resolve()
         if root.is_file() and root.name == MANIFEST_NAME:
             root = root.parent
         mpath = root / MANIFEST_NAME
         if not mpath.is_file():
             raise ProjectError(f"{root}: not a napari-histo-wsss project (no {MANIFEST_NAME})")
-        manifest = _read_manifest(mpath, cls.SCHEMA_VERSION)
-        try:
-            table = ClassTable.from_dict(manifest["classes"])
-        except (ClassTableError, TypeError, AttributeError) as e:
-            raise ProjectError(f"{mpath}: damaged class table: {e}") from e
-        manifest["settings"] = _check_settings(manifest["settings"], mpath)
-        lpath = root / LABELS_NAME
-        if not lpath.is_file():
-            raise ProjectError(f"{lpath}: the patch label file is missing; restore it from a backup")
-        labels = _read_labels(lpath, table, set(manifest["slides"]))
-        project = cls(root, manifest, labels, read_only=not _writable(root))
+        disk_lock = _DiskLock(root / LOCK_NAME)
+        with disk_lock.hold(exclusive=False):  # no save between the two reads: a consistent pair
+            mdata = _read_bytes(mpath, "the project manifest")
+            manifest = _parse_manifest(mpath, mdata, cls.SCHEMA_VERSION)
+            table = _classes_of(manifest, mpath)
+            manifest["settings"] = _check_settings(manifest["settings"], mpath)
+            lpath = root / LABELS_NAME
+            if not lpath.is_file():
+                raise ProjectError(f"{lpath}: the patch label file is missing; restore it from a backup")
+            ldata = _read_bytes(lpath, "patch labels")
+            labels = _parse_labels(lpath, ldata, table, set(manifest["slides"]))
+        project = cls(root, manifest, labels, read_only=not _writable(root),
+                      digests=(_digest(mdata), _digest(ldata)), disk_lock=disk_lock)
         if not project.read_only:
             project._clean_temporaries()
+        project.open_elsewhere = project.other_session()
+        if session:
+            project._start_session()
         return project
+
+    # -- other windows -----------------------------------------------------------------------------
+    def _start_session(self) -> None:
+        """Register this process as a window that has the project open: a ``.session-*`` file
+        (pid, host, start time) holding an exclusive ``flock`` while this process lives. Best
+        effort: a read-only folder or a file system without ``flock`` just has no session."""
+        if self._session is not None or self.read_only or fcntl is None:
+            return
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+                "program": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""}
+        path = self.root / f"{SESSION_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        fd = None
+        try:
+            # written under the project lock (so _clean_temporaries never meets its temporary) and
+            # locked before it is renamed into place, so it is never seen unlocked while we live
+            with self._disk(exclusive=True), atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(info) + "\n", encoding="utf-8")
+                fd = os.open(tmp, os.O_RDWR)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (OSError, HistoWSSSError):
+            if fd is not None:
+                os.close(fd)
+            return
+        self._session = path
+        self._end_session = weakref.finalize(self, _release_session, path, fd)
+
+    def end_session(self) -> None:
+        """Unregister this window (the GUI calls it when it opens another project); the project
+        stays usable."""
+        if self._end_session is not None:
+            self._end_session()
+        self._session = self._end_session = None
+
+    def other_session(self) -> SessionInfo | None:
+        """A live window of another process that has this project open, or None. Session files of
+        processes that ended (their lock is free, or their pid is gone on this host) are stale:
+        they never count, and are removed."""
+        me = (os.getpid(), socket.gethostname())
+        for path in sorted(self.root.glob(f"{SESSION_PREFIX}*")):
+            if path == self._session or path.name.endswith(".tmp"):
+                continue
+            info = _live_session(path, remove_stale=not self.read_only)
+            if info is not None and (info.pid, info.host) != me:
+                return info
+        return None
 
     # -- slides ------------------------------------------------------------------------------------
     def add_slide(self, path: str | os.PathLike) -> str:
@@ -224,19 +419,20 @@ class Project:
             for sid, rec in self.slides.items():
                 if Path(rec.path) == p:
                     return sid
-            with open_slide(p) as slide:
-                w, h = slide.dimensions
-                rec = SlideRecord(
-                    path=str(p), width=int(w), height=int(h), mpp=slide.mpp, format=slide.format,
-                    objective_power=slide.objective_power, relpath=os.path.relpath(p, self.root), added=_now(),
-                )
+        with open_slide(p) as slide:
+            w, h = slide.dimensions
+            rec = SlideRecord(
+                path=str(p), width=int(w), height=int(h), mpp=slide.mpp, format=slide.format,
+                objective_power=slide.objective_power, relpath=os.path.relpath(p, self.root), added=_now(),
+            )
+        self._check_writable(self.manifest_path)
+        with self._disk(exclusive=True):
+            self._sync()  # another window may have added slides (or this very one) meanwhile
+            for sid, known in self.slides.items():
+                if Path(known.path) == p:
+                    return sid
             sid = self._new_slide_id(p)
-            self.slides[sid] = rec
-            try:
-                self._save_manifest()
-            except ProjectError:
-                del self.slides[sid]
-                raise
+            self._write_manifest(self.settings, {**self.slides, sid: rec})
             return sid
 
     def _new_slide_id(self, p: Path) -> str:
@@ -251,12 +447,12 @@ class Project:
         sid, n = base, 2
         while sid in self.slides:
             sid, n = f"{base}-{n}", n + 1
-        return sid
+        return _check_name("slide id", sid, self.manifest_path)
 
     def _record(self, slide_id: str) -> SlideRecord:
         try:
             return self.slides[slide_id]
-        except KeyError:
+        except (KeyError, TypeError):
             raise ProjectError(f"{self.manifest_path}: unknown slide id {slide_id!r}") from None
 
     def slide_path(self, slide_id: str) -> Path:
@@ -284,14 +480,11 @@ class Project:
         unknown = set(changes) - {"patch_size", "target_mpp", "min_tissue"}
         if unknown:
             raise ProjectError(f"{self.manifest_path}: unknown setting(s) {sorted(unknown)}")
-        with self._lock:
-            old = dict(self.settings)
-            self.settings = _check_settings({**self.settings, **changes}, self.manifest_path)
-            try:
-                self._save_manifest()
-            except ProjectError:
-                self.settings = old
-                raise
+        self._check_writable(self.manifest_path)
+        with self._disk(exclusive=True):
+            self._sync()
+            settings = _check_settings({**self.settings, **changes}, self.manifest_path)
+            self._write_manifest(settings, self.slides)
             self._grids.clear()
 
     def tissue(self, slide_id: str):
@@ -332,7 +525,6 @@ class Project:
         ``x``, ``y``: level-0 top-left (scalars or length-N arrays); ``labels``: a ``(C,)`` vector
         applied to all, or ``(N, C)``, 0/1 over the project's tissue classes (ClassTableError if
         the length differs from the class table)."""
-        self._record(slide_id)
         xs = np.atleast_1d(np.asarray(x, dtype=np.int64))
         ys = np.atleast_1d(np.asarray(y, dtype=np.int64))
         if xs.shape != ys.shape or xs.ndim != 1:
@@ -349,33 +541,35 @@ class Project:
         who = " ".join(str(who).split())
         stamp = _now()
         size0 = int(size0)
-        with self._lock:
-            previous = dict(self._labels)
+        self._check_writable(self.labels_path)
+        with self._disk(exclusive=True):
+            self._sync()
+            self._record(slide_id)
+            # This call's rows go over what is on disk now (other writers' rows included): under
+            # the lock, saves apply in the order they happen, so each row's ``updated`` stamp is
+            # that of its latest save and no other row changes.
+            labels = dict(self._labels)
             for xi, yi, row in zip(xs.tolist(), ys.tolist(), lab):
-                self._labels[(slide_id, xi, yi, size0)] = (np.array(row, dtype=np.uint8), stamp, who)
-            self._commit_labels(previous)
+                labels[(slide_id, xi, yi, size0)] = (np.array(row, dtype=np.uint8), stamp, who)
+            self._write_labels(labels)
 
     def remove_patch_labels(self, slide_id: str, x: Any, y: Any, size0: int) -> None:
         """Delete the labels of one or several patches (absent ones are ignored) and save."""
         xs = np.atleast_1d(np.asarray(x, dtype=np.int64)).tolist()
         ys = np.atleast_1d(np.asarray(y, dtype=np.int64)).tolist()
-        with self._lock:
-            previous = dict(self._labels)
+        self._check_writable(self.labels_path)
+        with self._disk(exclusive=True):
+            self._sync()
+            labels = dict(self._labels)
             changed = False
             for xi, yi in zip(xs, ys):
-                changed |= self._labels.pop((slide_id, xi, yi, int(size0)), None) is not None
+                changed |= labels.pop((slide_id, xi, yi, int(size0)), None) is not None
             if changed:
-                self._commit_labels(previous)
-
-    def _commit_labels(self, previous: dict) -> None:
-        try:
-            self._save_labels()
-        except ProjectError:
-            self._labels = previous  # memory stays equal to what is on disk
-            raise
+                self._write_labels(labels)
 
     def patch_labels(self, slide_id: str | None = None) -> PatchLabelTable:
-        """All patch labels, or those of one slide, in insertion order."""
+        """All patch labels, or those of one slide, in insertion order (as of this object's last
+        save or :meth:`refresh`)."""
         with self._lock:
             items = [(k, v) for k, v in self._labels.items() if slide_id is None or k[0] == slide_id]
         n, c = len(items), self.classes.num_classes
@@ -390,12 +584,21 @@ class Project:
             class_names=self.classes.names,
         )
 
+    def refresh(self) -> None:
+        """Catch up with what other processes saved into the project since (slides, settings,
+        labels); saves do this by themselves."""
+        with self._disk(exclusive=False):
+            self._sync()
+
     # -- masks -------------------------------------------------------------------------------------
-    def _mask_path(self, slide_id: str, name: str) -> Path:
+    def _slide_dir(self, slide_id: str) -> Path:
         self._record(slide_id)
-        if not _SAFE_NAME.match(name):
-            raise ProjectError(f"mask name {name!r} must be letters, digits, '.', '_' or '-'")
-        return self.root / MASKS_DIR / slide_id / name
+        _check_name("slide id", slide_id, self.manifest_path)  # also checked when project.json is read
+        return self._inside(self.root / MASKS_DIR / slide_id)
+
+    def _mask_path(self, slide_id: str, name: str) -> Path:
+        folder = self._slide_dir(slide_id)
+        return self._inside(folder / _check_name("mask name", name, folder))
 
     def write_mask(self, slide_id: str, name: str, array: np.ndarray, downsample: float) -> None:
         """Store a 2-D mask or a ``(C, h, w)`` stack (e.g. CAMs) as a zarr v3 array under
@@ -416,9 +619,13 @@ class Project:
         chunks = tuple(min(s, _MASK_CHUNK) for s in array.shape[-2:])
         if array.ndim == 3:
             chunks = (1,) + chunks
-        with self._lock:
+        # The whole write holds the exclusive lock: its temporaries then exist only while the lock
+        # is held, which is what lets _clean_temporaries in another process tell them from
+        # leftovers of a killed one.
+        with self._disk(exclusive=True):
             try:
                 final.parent.mkdir(parents=True, exist_ok=True)
+                self._inside(final.parent)
                 z = zarr.create_array(store=str(tmp), shape=array.shape, dtype=array.dtype, chunks=chunks, zarr_format=3)
                 z[...] = array
                 # "complete" goes in last: an array without it is never read as valid.
@@ -442,26 +649,26 @@ class Project:
         import zarr
 
         final = self._mask_path(slide_id, name)
-        path = final if final.exists() else _complete_backup(final)
-        if path is None:
-            return None
-        try:
-            z = zarr.open_array(str(path), mode="r")
-            attrs = dict(z.attrs)
-            if attrs.get("complete") is not True:
-                raise ProjectError(f"{final}: mask was not completely written (damaged); write it again")
-            if attrs.get("classes_hash") != self.classes_hash():
-                raise ProjectError(f"{final}: mask was written for a different class table than this project's")
-            return np.asarray(z[...]), float(attrs["downsample"])
-        except ProjectError:
-            raise
-        except Exception as e:  # zarr raises several types for missing/garbled metadata or chunks
-            raise ProjectError(f"{final}: cannot read mask: {e}") from e
+        with self._disk(exclusive=False):  # not in the middle of another process's swap
+            path = final if final.exists() else _complete_backup(final)
+            if path is None:
+                return None
+            try:
+                z = zarr.open_array(str(path), mode="r")
+                attrs = dict(z.attrs)
+                if attrs.get("complete") is not True:
+                    raise ProjectError(f"{final}: mask was not completely written (damaged); write it again")
+                if attrs.get("classes_hash") != self.classes_hash():
+                    raise ProjectError(f"{final}: mask was written for a different class table than this project's")
+                return np.asarray(z[...]), float(attrs["downsample"])
+            except ProjectError:
+                raise
+            except Exception as e:  # zarr raises several types for missing/garbled metadata or chunks
+                raise ProjectError(f"{final}: cannot read mask: {e}") from e
 
     def mask_names(self, slide_id: str) -> list[str]:
         """Names of the masks stored for a slide."""
-        self._record(slide_id)
-        folder = self.root / MASKS_DIR / slide_id
+        folder = self._slide_dir(slide_id)
         if not folder.is_dir():
             return []
         return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / "zarr.json").is_file())
@@ -472,6 +679,39 @@ class Project:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     # -- saving ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _disk(self, exclusive: bool) -> Iterator[None]:
+        """This object's thread lock plus the project's lock across processes (shared for
+        reading, exclusive for a read-modify-write)."""
+        with self._lock, self._disk_lock.hold(exclusive):
+            yield
+
+    def _sync(self) -> None:
+        """Adopt what other processes saved since this object last read or wrote the files (call
+        with the lock held). Every change of this object is saved at once, so memory holds
+        nothing unsaved and the files on disk are the state to apply the next change to."""
+        mdata = _read_bytes(self.manifest_path, "the project manifest")
+        digest = _digest(mdata)
+        if digest != self._manifest_digest:
+            manifest = _parse_manifest(self.manifest_path, mdata, self.SCHEMA_VERSION)
+            if _classes_of(manifest, self.manifest_path).to_dict() != self.classes.to_dict():
+                raise ProjectError(f"{self.manifest_path}: the class table was changed by another program; "
+                                   "open the project again")
+            settings = _check_settings(manifest["settings"], self.manifest_path)
+            if settings != self.settings:
+                self._grids.clear()
+            self.settings = settings
+            self.slides = {k: SlideRecord.from_dict(v) for k, v in manifest["slides"].items()}
+            self._created = str(manifest.get("created", self._created))
+            self._manifest_digest = digest
+        if not self.labels_path.is_file():
+            raise ProjectError(f"{self.labels_path}: the patch label file is missing; restore it from a backup")
+        ldata = _read_bytes(self.labels_path, "patch labels")
+        digest = _digest(ldata)
+        if digest != self._labels_digest:
+            self._labels = _parse_labels(self.labels_path, ldata, self.classes, set(self.slides))
+            self._labels_digest = digest
+
     def _check_writable(self, what: Path) -> None:
         if self.read_only:
             raise ProjectError(f"{what}: cannot save, the project folder {self.root} is read-only; copy the project to a writable disk")
@@ -483,50 +723,159 @@ class Project:
         except HistoWSSSError as e:  # core.atomic turns OSError into HistoWSSSError
             raise ProjectError(f"{e} (project {self.root})") from e
 
-    def _save_manifest(self) -> None:
+    def _write_manifest(self, settings: dict, slides: dict[str, SlideRecord]) -> None:
+        """Save a manifest with ``settings`` and ``slides``; memory takes them only once saved."""
         manifest = {
             "schema_version": self.SCHEMA_VERSION,
             "created": self._created or _now(),
             "classes": self.classes.to_dict(),
-            "settings": self.settings,
-            "slides": {k: v.to_dict() for k, v in self.slides.items()},
+            "settings": settings,
+            "slides": {k: v.to_dict() for k, v in slides.items()},
         }
-        self._write(self.manifest_path, lambda: write_json(self.manifest_path, manifest))
+        text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+        self._write(self.manifest_path, lambda: write_text(self.manifest_path, text))
+        self.settings, self.slides = settings, slides
+        self._manifest_digest = _digest(text.encode("utf-8"))
 
-    def _save_labels(self) -> None:
+    def _write_labels(self, labels: dict) -> None:
+        """Save ``labels`` as the whole label file; memory takes them only once saved."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow([*_FIXED_COLUMNS, *self.classes.names, *_TRAILING_COLUMNS])
-        for (sid, x, y, s0), (lab, stamp, who) in self._labels.items():
+        for (sid, x, y, s0), (lab, stamp, who) in labels.items():
             w.writerow([sid, x, y, s0, *lab.tolist(), stamp, who])
         text = buf.getvalue()
         self._write(self.labels_path, lambda: write_text(self.labels_path, text))
+        self._labels = labels
+        self._labels_digest = _digest(text.encode("utf-8"))
 
     def _clean_temporaries(self) -> None:
-        """Remove temporaries left by a killed process; restore a mask whose swap was cut short."""
-        for p in self.root.glob(".*.tmp"):
-            p.unlink(missing_ok=True)
-        masks = self.root / MASKS_DIR
-        if not masks.is_dir():
-            return
-        for folder in masks.iterdir():
-            if not folder.is_dir():
-                continue
-            for p in folder.glob(".*"):
-                m = re.match(r"^\.(.+)\.(tmp|old)-[0-9a-f]+$", p.name)
-                if m is None:
+        """Remove temporaries left by a killed process; restore a mask whose swap was cut short.
+
+        Why this never deletes a live writer's temporaries: it runs under the exclusive project
+        lock, and every writer of these temporaries (label and manifest saves, ``write_mask``,
+        session registration) holds that lock for as long as its temporaries exist, so whatever
+        is found here belongs to a process that died. While another window has the project open
+        nothing is removed at all (defence in depth against a writer outside the lock, e.g. an
+        older version of the plugin): the temporaries are hidden and harmless, and a later open
+        removes them."""
+        with self._disk(exclusive=True):
+            if self.other_session() is not None:
+                return
+            # only this module's temporaries: another program may be writing its own file here
+            remove_temporaries(self.root, [MANIFEST_NAME, LABELS_NAME])
+            for p in self.root.glob(f".{SESSION_PREFIX}*.tmp"):
+                p.unlink(missing_ok=True)
+            for p in self.root.glob(".write-test-*.tmp"):  # _writable's probes live for microseconds
+                with contextlib.suppress(OSError):
+                    if time.time() - p.lstat().st_mtime > 60:
+                        p.unlink()
+            masks = self.root / MASKS_DIR
+            if not masks.is_dir() or masks.is_symlink():
+                return
+            for folder in masks.iterdir():
+                # only real folders of safe names: a planted symlink must not lead the clean-up out
+                if folder.is_symlink() or not folder.is_dir() or not _SAFE_NAME.fullmatch(folder.name):
                     continue
-                final = folder / m.group(1)
-                if m.group(2) == "old" and not final.exists() and _is_complete(p):
-                    os.rename(p, final)
-                else:
-                    shutil.rmtree(p, ignore_errors=True)
+                for p in folder.glob(".*"):
+                    m = re.match(r"^\.(.+)\.(tmp|old)-[0-9a-f]+$", p.name)
+                    if m is None or p.is_symlink():
+                        continue
+                    final = folder / m.group(1)
+                    if m.group(2) == "old" and not final.exists() and _is_complete(p):
+                        os.rename(p, final)
+                    else:
+                        shutil.rmtree(p, ignore_errors=True)
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _check_name(kind: str, name: Any, where: Path | str) -> str:
+    """``name`` if it is safe as a single folder name (``_SAFE_NAME``), else one ProjectError line
+    naming ``where`` (the file it came from or the folder it would go in) and the name."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        raise ProjectError(f"{where}: {kind} {name!r} is not allowed: it must be letters, digits, '.', '_' or '-' "
+                           "starting with a letter or digit, so that it stays inside the project folder")
+    return name
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ProjectError(f"{path}: cannot read {what}: {e.strerror or e}") from e
+
+
+def _classes_of(manifest: dict, path: Path) -> ClassTable:
+    try:
+        return ClassTable.from_dict(manifest["classes"])
+    except (ClassTableError, TypeError, AttributeError) as e:
+        raise ProjectError(f"{path}: damaged class table: {e}") from e
+
+
+def _live_session(path: Path, remove_stale: bool) -> SessionInfo | None:
+    """The session recorded in ``path`` if its process still has it open, else None (and the
+    stale file is removed when ``remove_stale``). Live = its ``flock`` is held by someone and,
+    on this host, its pid still runs (a forked child may hold an inherited lock). Without
+    ``fcntl`` (Windows) nothing can be judged: no session counts and none is removed."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            raw = json.loads(os.read(fd, 65536).decode("utf-8"))
+            info = SessionInfo(int(raw["pid"]), str(raw["host"]), str(raw.get("started", "")),
+                               str(raw.get("program", "")), path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            info = None  # damaged: nobody to name
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            held = False
+        except OSError:  # BlockingIOError: held; other errors (no flock here): trust the pid check
+            held = True
+        if held and info is not None and info.host == socket.gethostname() and not _pid_alive(info.pid):
+            held = False
+        if held:
+            return info  # None for a damaged file someone holds: left alone, but nobody to warn about
+        if remove_stale:
+            path.unlink(missing_ok=True)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # POSIX only (this runs only where fcntl exists)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
+
+
+def _release_session(path: Path, fd: int) -> None:
+    """Remove a session file, then drop its lock (in this order: it is never seen unlocked)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def _remove_partial_project(root: Path, made_root: bool) -> None:
     """Undo a :meth:`Project.create` that failed half-way, so that the folder can be used again."""
-    steps: list[Callable[[], None]] = [(root / LABELS_NAME).unlink, (root / MASKS_DIR).rmdir, (root / RUNS_DIR).rmdir]
+    steps: list[Callable[[], None]] = [(root / LABELS_NAME).unlink, (root / LOCK_NAME).unlink,
+                                       (root / MASKS_DIR).rmdir, (root / RUNS_DIR).rmdir]
     if made_root:
         steps.append(root.rmdir)
     for step in steps:
@@ -542,7 +891,7 @@ def _writable(root: Path) -> bool:
     except OSError:
         return False
     os.close(fd)
-    os.unlink(tmp)
+    Path(tmp).unlink(missing_ok=True)  # missing: removed by a clean-up of another process
     return True
 
 
@@ -582,11 +931,11 @@ def _check_settings(settings: Any, where: Path) -> dict:
     return {**settings, "patch_size": patch_size, "target_mpp": mpp, "min_tissue": min_tissue}
 
 
-def _read_manifest(path: Path, supported: int) -> dict:
+def _parse_manifest(path: Path, data: bytes, supported: int) -> dict:
+    """The manifest read from ``path`` (its bytes ``data``), checked: schema, sections, slide
+    records and slide ids (they become folder names under ``masks/``)."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ProjectError(f"{path}: cannot read the project manifest: {e.strerror or e}") from e
+        manifest = json.loads(data.decode("utf-8"))
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise ProjectError(f"{path}: damaged project manifest (not valid JSON: {e})") from e
     if not isinstance(manifest, dict):
@@ -602,6 +951,7 @@ def _read_manifest(path: Path, supported: int) -> dict:
         if not isinstance(manifest.get(key), kind):
             raise ProjectError(f"{path}: damaged project manifest (missing or invalid {key!r})")
     for sid, rec in manifest["slides"].items():
+        _check_name("slide id", sid, path)
         try:
             SlideRecord.from_dict(rec)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -609,11 +959,10 @@ def _read_manifest(path: Path, supported: int) -> dict:
     return manifest
 
 
-def _read_labels(path: Path, classes: ClassTable, slide_ids: set[str]) -> dict:
+def _parse_labels(path: Path, data: bytes, classes: ClassTable, slide_ids: set[str]) -> dict:
+    """The label rows of ``path`` (its bytes ``data``) keyed by ``(slide_id, x, y, size0)``."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ProjectError(f"{path}: cannot read patch labels: {e.strerror or e}") from e
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ProjectError(f"{path}: damaged patch label file (not UTF-8 text)") from e
     rows = csv.reader(io.StringIO(text))
@@ -632,19 +981,29 @@ def _read_labels(path: Path, classes: ClassTable, slide_ids: set[str]) -> dict:
             raise ProjectError(f"{path}: label columns do not match the project's class table ({detail})")
         raise ProjectError(f"{path}: damaged patch label file (header {header!r}, expected {expected!r})")
     c = classes.num_classes
-    out: dict[tuple[str, int, int, int], tuple[np.ndarray, str, str]] = {}
-    for line, row in enumerate(rows, start=2):
-        if len(row) != len(expected):
-            raise ProjectError(f"{path}: line {line}: damaged row ({len(row)} fields, expected {len(expected)})")
-        sid = row[0]
-        if sid not in slide_ids:
-            raise ProjectError(f"{path}: line {line}: slide id {sid!r} is not in {MANIFEST_NAME}")
-        try:
-            x, y, s0 = int(row[1]), int(row[2]), int(row[3])
-            lab = np.array([int(v) for v in row[4 : 4 + c]], dtype=np.int64)
-        except ValueError as e:
-            raise ProjectError(f"{path}: line {line}: damaged row ({e})") from e
-        if s0 <= 0 or not np.isin(lab, (0, 1)).all():
-            raise ProjectError(f"{path}: line {line}: damaged row (size0 must be positive and labels 0/1)")
-        out[(sid, x, y, s0)] = (lab.astype(np.uint8), row[4 + c], row[5 + c])
-    return out
+    keys: list[tuple[str, int, int, int]] = []
+    values: list[int] = []
+    tails: list[tuple[str, str]] = []
+    # plain Python per row, one numpy array at the end: a save that merges another window's
+    # changes parses the whole file, which must stay fast for tens of thousands of rows
+    try:
+        for line, row in enumerate(rows, start=2):
+            if len(row) != len(expected):
+                raise ProjectError(f"{path}: line {line}: damaged row ({len(row)} fields, expected {len(expected)})")
+            sid = row[0]
+            if sid not in slide_ids:
+                raise ProjectError(f"{path}: line {line}: slide id {sid!r} is not in {MANIFEST_NAME}")
+            try:
+                x, y, s0 = int(row[1]), int(row[2]), int(row[3])
+                lab = [int(v) for v in row[4 : 4 + c]]
+            except ValueError as e:
+                raise ProjectError(f"{path}: line {line}: damaged row ({e})") from e
+            if s0 <= 0 or any(v not in (0, 1) for v in lab):
+                raise ProjectError(f"{path}: line {line}: damaged row (size0 must be positive and labels 0/1)")
+            keys.append((sid, x, y, s0))
+            values.extend(lab)
+            tails.append((row[4 + c], row[5 + c]))
+    except csv.Error as e:
+        raise ProjectError(f"{path}: damaged patch label file ({e})") from e
+    labels = np.array(values, dtype=np.uint8).reshape(len(keys), c)
+    return {key: (labels[i], updated, who) for i, (key, (updated, who)) in enumerate(zip(keys, tails))}

@@ -19,18 +19,27 @@ is still large (e.g. the single-level ``CMU-1-Small-Region.svs``) get coarser le
 
 Conventions: locations are level-0 pixels ``(x, y)``; sizes are ``(w, h)``; arrays are
 ``(rows, cols, 3)``. Reads outside the slide are white (255).
+
+A TIFF's declared size is checked against its tile (or strip) tables before anything is read
+(:func:`_check_tile_table`): a few-kilobyte file can declare a 200000 x 200000 image, and the
+tiles it does not hold would otherwise read as blank, one 120 GB decode at a time. Reads that must
+decode much of a large level (a thumbnail or tissue mask of a slide without small stored levels)
+report their progress and can be stopped through :func:`read_progress`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import dask.array as da
 import numpy as np
@@ -49,6 +58,10 @@ CHUNK_SIDE = 512
 PLAUSIBLE_MPP = (0.05, 20.0)
 #: Relative tolerance when matching a requested downsample to a level's downsample.
 _DOWNSAMPLE_TOL = 1e-3
+#: A generic/OME TIFF level with more than this share of its tiles (or strips) without data is
+#: refused as an empty placeholder; fewer is a :class:`SlideWarning` (those tiles read white, like
+#: glass: some writers leave the tiles of unscanned glass out on purpose).
+MAX_MISSING_TILE_SHARE = 0.9
 
 #: tifffile's ``TiffFile.is_<kind>`` flags of vendor TIFF formats that OpenSlide reads.
 _OPENSLIDE_TIFF_KINDS = {"svs": "Aperio SVS", "ndpi": "Hamamatsu NDPI", "scn": "Leica SCN", "bif": "Ventana BIF", "philips": "Philips TIFF"}
@@ -56,6 +69,37 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 #: Pillow formats treated as plain images (TIFF goes through tifffile instead).
 _PIL_FORMATS = {"PNG", "JPEG", "BMP", "MPO", "WEBP", "GIF"}
 _UNIT_TO_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+
+
+class SlideWarning(UserWarning):
+    """A slide opens, but part of it does not read as stored (e.g. tiles without data)."""
+
+
+class _TileTableError(SlideError):
+    """A TIFF's declared size and its tile tables disagree: refused outright (no OpenSlide retry,
+    whose generic-TIFF reader would read the same tables)."""
+
+
+#: ``callback(blocks_done, blocks_total)`` of the large built-level reads made in this context.
+_READ_PROGRESS: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
+    "histo_wsss_read_progress", default=None)
+
+
+@contextlib.contextmanager
+def read_progress(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """Report the progress of large reads of built levels made inside the ``with`` block.
+
+    A built level of a slide whose coarsest stored level is large (a flat 100k-pixel TIFF) is
+    computed from the whole stored level, in blocks: a thumbnail or tissue mask of it can take
+    minutes. ``callback(blocks_done, blocks_total)`` runs in the reading thread after each block;
+    it may raise (``KeyboardInterrupt``, :class:`~.errors.Cancelled`) to stop the read: blocks not
+    started are dropped and the exception propagates.
+    """
+    token = _READ_PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _READ_PROGRESS.reset(token)
 
 
 # -- levels: one reader per pyramid level, in level pixel coordinates -----------------------------
@@ -198,10 +242,20 @@ class _BuiltLevel(_Level):
             out[by : by + bh, bx : bx + bw] = np.asarray(Image.fromarray(block).reduce(f))
 
         blocks = [(by, bx) for by in range(0, h, step) for bx in range(0, w, step)]
+        progress = _READ_PROGRESS.get()
         if len(blocks) == 1:
             fill(*blocks[0])
-        else:  # decoding (OpenSlide, tifffile codecs) and Pillow release the GIL
+        elif progress is None:  # decoding (OpenSlide, tifffile codecs) and Pillow release the GIL
             list(_block_pool().map(lambda b: fill(*b), blocks))  # list() re-raises a block's error
+        else:
+            futures = [_block_pool().submit(fill, *b) for b in blocks]
+            try:
+                for done, fut in enumerate(as_completed(futures), 1):
+                    fut.result()  # re-raises a block's error
+                    progress(done, len(blocks))
+            finally:  # an error or a stop: blocks not started yet are dropped
+                for fut in futures:
+                    fut.cancel()
         return out
 
 
@@ -379,6 +433,8 @@ class Slide:
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
         """The whole slide, with its longer side at most ``max_size`` pixels (aspect kept)."""
+        if not max_size >= 1:
+            raise SlideError(f"{self.path}: a thumbnail needs a positive size in pixels, got {max_size}")
         w, h = self.dimensions
         scale = max(w, h) / float(max_size)
         if scale <= 1:
@@ -441,6 +497,8 @@ def open_slide(path: str | os.PathLike) -> Slide:
 
     vendor = _openslide_vendor(p)
     if vendor is not None and vendor != "generic-tiff":
+        if head[:4] in _TIFF_MAGIC and vendor != "hamamatsu":
+            _check_vendor_tiff(p)
         slide = _open_openslide(p, vendor)
     elif head[:4] in _TIFF_MAGIC:
         slide = _open_tiff(p, vendor)
@@ -518,6 +576,8 @@ def _open_tiff(path: Path, vendor: str | None) -> Slide:
     try:
         slide: Slide | None = _open_tifffile(path)
         error: SlideError | None = None
+    except _TileTableError:
+        raise
     except SlideError as e:
         slide, error = None, e
     if vendor == "generic-tiff" and (slide is None or slide.native_levels == 1):
@@ -555,7 +615,11 @@ def _open_tifffile(path: Path) -> Slide:
             # the remains as a plain TIFF would silently lose the vendor metadata (mpp, objective).
             raise SlideError(f"{path}: {_OPENSLIDE_TIFF_KINDS[vendor_kind]} file that OpenSlide cannot open (the file looks truncated or damaged)")
         series_index, series, layout = _pick_series(tf, path)
-        store = series.aszarr()
+        file_size = path.stat().st_size
+        for i, lvl_series in enumerate(series.levels):
+            _check_tile_table(lvl_series.keyframe, path, i, file_size)
+        # Tiles without data (a minority, warned about above) read as white glass, not black.
+        store = series.aszarr(fillvalue=int(np.iinfo(layout.dtype).max))
         node = zarr.open(store, mode="r")
         arrays = [node[str(i)] for i in range(len(series.levels))] if len(series.levels) > 1 else [node]
         axes = series.axes
@@ -585,6 +649,74 @@ def _open_tifffile(path: Path) -> Slide:
         tf.close()
         raise SlideError(f"{path}: cannot read TIFF structure: {e}") from e
     return Slide(path, "ome-tiff" if is_ome else "generic-tiff", "tifffile", levels, mpp, objective, props, layout.samples, tf.close)
+
+
+def _check_vendor_tiff(path: Path) -> None:
+    """:func:`_check_tile_table` on the tiled directories of a TIFF-based vendor slide (SVS, SCN,
+    BIF, Philips) before OpenSlide opens it: OpenSlide accepts an SVS whose directory declares
+    60000 x 60000 px over a table of 130 tiles and reads the rest as white. Missing tiles are
+    left to OpenSlide (Philips writes sparse slides on purpose). A file tifffile cannot parse is
+    left to OpenSlide too."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            pages = [pg for pg in tf.pages if getattr(pg, "is_tiled", False)]
+            file_size = path.stat().st_size
+            for i, page in enumerate(pages):
+                _check_tile_table(page, path, i, file_size, sparse_ok=True)
+    except _TileTableError:
+        raise
+    except Exception:  # noqa: BLE001 - OpenSlide has the last word on its own formats
+        return
+
+
+def _check_tile_table(page: Any, path: Path, level: int, file_size: int, sparse_ok: bool = False) -> None:
+    """Refuse a TIFF level whose declared size its tile (or strip) table cannot back; warn when
+    some of its tiles have no data. Reads only the tables, no tile.
+
+    A forged or truncated directory can declare 200000 x 200000 pixels with one tile offset (or
+    611,524 zero ones) in a few kilobytes; tifffile reads the tiles it lacks as empty, so such a
+    file would open, and a thumbnail would decode 120 GB of nothing. Checked: one table entry per
+    declared tile; no tile data past the end of the file; at most :data:`MAX_MISSING_TILE_SHARE`
+    of the tiles without data (zero offset or byte count; ``sparse_ok`` skips this check);
+    uncompressed tiles hold the bytes their pixels need.
+    """
+    width, height = int(page.imagewidth), int(page.imagelength)
+    kind = "tile" if page.is_tiled else "strip"
+    where = f"{path}: TIFF level {level} declares {width} x {height} px"
+    expected = math.prod(int(n) for n in page.chunked)
+    offsets = np.asarray(page.dataoffsets, dtype=np.uint64)
+    counts = np.asarray(page.databytecounts, dtype=np.uint64)
+    listed = min(len(offsets), len(counts))
+    if listed < expected:
+        raise _TileTableError(f"{where} in {expected} {kind}s but its {kind} table lists only {listed} "
+                              "(the file looks truncated or damaged)")
+    offsets, counts = offsets[:expected], counts[:expected]
+    present = (offsets > 0) & (counts > 0)
+    stored = int(np.count_nonzero(present))
+    beyond = int(np.count_nonzero(offsets[present] + counts[present] > np.uint64(file_size)))
+    if beyond:
+        raise _TileTableError(f"{where}, but {beyond} of its {expected} {kind}s lie past the end of the file "
+                              f"({file_size} bytes; the file looks truncated or damaged)")
+    missing = expected - stored
+    if missing > MAX_MISSING_TILE_SHARE * expected and not sparse_ok:
+        raise _TileTableError(f"{where}, but {missing} of its {expected} {kind}s have no data (zero offset or byte "
+                              "count): the file looks damaged or is an empty placeholder")
+    if missing and not sparse_ok:
+        warnings.warn(f"{path}: {missing} of the {expected} {kind}s of TIFF level {level} have no data; they read "
+                      "as white", SlideWarning, stacklevel=5)
+    if int(page.compression) == 1:  # COMPRESSION.NONE: the tiles' bytes follow from their pixels
+        itemsize = np.dtype(page.dtype).itemsize if page.dtype is not None else 1
+        chunk_bytes = math.prod(int(n) for n in page.chunks) * itemsize
+        needed = min(stored * chunk_bytes, math.prod(int(n) for n in page.shape) * itemsize)
+        held = int(counts[present].sum())
+        if 2 * held < needed:
+            raise _TileTableError(f"{where} uncompressed ({needed} bytes of pixels), but its {kind}s hold only {held} "
+                                  "bytes (the file looks truncated or damaged)")
+        if 2 * file_size < needed:
+            raise _TileTableError(f"{where} uncompressed ({needed} bytes of pixels), but the file has only "
+                                  f"{file_size} bytes (the file looks truncated or damaged)")
 
 
 class _Layout:

@@ -1,15 +1,18 @@
 """Stage one: training the CAM classifier, as a cancellable generator of progress events.
 
-:func:`train_classifier` is the one training loop for every option of :class:`TrainConfig`
-(plain CAM or the SegMix shuffle curriculum, Progressive Dropout Attention, a PSCL-style
-contrastive term). It yields :class:`ProgressEvent` objects that a CLI progress bar and a napari
-``thread_worker`` consume alike, and it polls ``should_stop`` between steps.
+:func:`train_classifier` trains for every option of :class:`TrainConfig` (plain CAM or the
+SegMix shuffle curriculum, Progressive Dropout Attention, a PSCL-style contrastive term). It
+yields :class:`~.progress.ProgressEvent` objects that a CLI progress bar and a napari
+``thread_worker`` consume alike, and it polls ``should_stop`` between steps. The loop is the
+shared training skeleton (:func:`~.engine.run_training`, also stage two's); this module supplies
+its :class:`ClassifierTask` (data, model, SegMix/PDA/PSCL loss, validation, selection signal).
 
 A run folder holds::
 
     config.json          the TrainConfig (written first, atomically)
     classes.json         the class table the model is trained for
-    dataset.json         the training dataset's folder and layout (stage two reads it)
+    dataset.json         the training dataset's folder and layout (stage two reads it) and a
+                         fingerprint of its patch list (a resume on other patches is refused)
     metrics.jsonl        one JSON object per finished epoch (losses, validation scores, timing,
                          the SegMix scheduler state), rewritten atomically each epoch
     checkpoints/last.pt  model + optimizer + scheduler + RNG state, after every epoch and on cancel
@@ -42,27 +45,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .atomic import remove_temporaries, write_json, write_text
 from .classes import ClassTable
 from .datasets import DatasetSpec, MaskedSample, WeakLabelDataset, WeakSample, image_size, load_dataset
-from .device import autocast, grad_scaler, seed_everything
-from .distributed import DistContext
+from .device import autocast
+from .engine import (  # noqa: F401 - build_optimizer, lr_at: re-exported, older imports read them here
+    Batches,
+    EpochSummary,
+    RunContext,
+    TrainingTask,
+    build_optimizer,
+    item_seed,
+    lr_at,
+    make_loader,
+    run_training,
+)
 from .errors import DatasetError, HistoWSSSError, TrainingError
-from .models import CAMClassifier, check_classes, load_checkpoint, load_model, parameter_groups, save_model
+from .models import CAMClassifier, check_classes, load_model
+from .models.backbones import BACKBONES, OUTPUT_STRIDES
 from .models.classifier import CAM_MODES, normalize_cams, pda_threshold_at
+from .progress import EVENT_KINDS, ProgressEvent  # noqa: F401 - re-exported: older imports read them here
+from .runs import checkpoint_file, read_metrics
 from .segmix import SegMixScheduler, default_tiles, segmix_batch
+from .settings import Settings, known_backbone, positive_sum, setting
 
 __all__ = [
     "TrainConfig",
@@ -79,16 +93,19 @@ __all__ = [
 
 METHODS = ("cam", "segmix")
 FEEDBACKS = ("auto", "miou", "loss")
-EVENT_KINDS = ("start", "step", "epoch", "checkpoint", "done", "cancelled", "log")
 
-# Settings that may differ when a run is resumed; every other field must match the saved config
-# (they change the model, the data order or the optimisation, so the run would not be one run).
-RESUMABLE_CHANGES = frozenset({"epochs", "device", "amp", "num_workers", "val_max_images"})
+# Sections of `histo-wsss train-cls --help` and of the Training panel's "Advanced" form.
+_RUN, _OPT, _MODEL, _DATA, _PERF = "training settings", "optimisation", "model and CAMs", "data and validation", "performance"
+_SEGMIX, _EXTRA = "SegMix curriculum (method segmix)", "Progressive Dropout Attention and contrastive term"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Everything that defines a classifier training run (saved as the run's ``config.json``).
+
+    Each field is declared once with its help, range and choices (:func:`~.settings.setting`);
+    validation, ``config.json``, the resume rule, the ``train-cls`` options and the Training
+    panel's form all come from these declarations.
 
     Model: ``backbone``, ``weights`` (``"imagenet"``, ``"none"`` or a .pth path), ``output_stride``,
     ``cam_weights`` (last / stride-16 / stride-8 maps fused by ``cam_mode="multi"``).
@@ -118,109 +135,77 @@ class TrainConfig:
     above the multi-layer fusion in every measured run.
     """
 
-    method: str = "cam"
-    epochs: int = 8
-    batch_size: int = 16
-    lr: float = 3e-4
-    head_lr_mult: float = 10.0
-    weight_decay: float = 1e-4
-    warmup_steps: int = 20
-    max_steps_per_epoch: int | None = None
-    backbone: str = "efficientnet-lite0"
-    weights: str = "imagenet"
-    output_stride: int = 32
-    cam_weights: tuple[float, float, float] = (0.5, 0.25, 0.25)
-    device: str = "auto"
-    seed: int = 0
-    amp: bool = True
-    num_workers: int = 0
-    patch_size: int | None = None
-    augment: bool = True
-    cam_mode: str = "last"
-    feedback: str = "auto"
-    val_fraction: float = 0.1
-    val_max_images: int | None = None
-    segmix_tiles: tuple[int, ...] | None = None
-    segmix_shares: tuple[float, ...] = (0.25, 0.5)
-    segmix_warmup: int = 1
-    segmix_decay: float = 0.93
-    segmix_targets: str = "area"
-    pda: bool = False
-    pda_start_epoch: int = 4
-    pda_decay: float = 0.98
-    pscl: bool = False
-    pscl_weight: float = 0.1
-    pscl_temperature: float = 0.1
-    pscl_min_score: float = 0.5
+    what = "training setting"
+    error = TrainingError
 
-    def __post_init__(self) -> None:
-        self.cam_weights = tuple(float(w) for w in self.cam_weights)
-        self.segmix_shares = tuple(float(s) for s in self.segmix_shares)
-        if self.segmix_tiles is not None:
-            self.segmix_tiles = tuple(int(t) for t in self.segmix_tiles)
-
-    def validate(self) -> None:
-        """Raise :class:`TrainingError` naming the first setting that cannot work."""
-        checks = [
-            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be a positive number, got {self.lr}"),
-            (self.head_lr_mult > 0, f"head_lr_mult must be positive, got {self.head_lr_mult}"),
-            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
-            (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
-             f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}"),
-            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
-            (self.patch_size is None or self.patch_size >= 32, f"patch size must be >= 32 px, got {self.patch_size}"),
-            (self.cam_mode in CAM_MODES, f"cam_mode must be one of {', '.join(CAM_MODES)}, got {self.cam_mode!r}"),
-            (self.feedback in FEEDBACKS, f"feedback must be one of {', '.join(FEEDBACKS)}, got {self.feedback!r}"),
-            (0.0 <= self.val_fraction < 1.0, f"val_fraction must lie in [0, 1), got {self.val_fraction}"),
-            (self.val_max_images is None or self.val_max_images >= 1, "val_max_images must be >= 1 or None"),
-            (self.segmix_targets in ("area", "union"), f"segmix_targets must be area or union, got {self.segmix_targets!r}"),
-            (bool(self.segmix_shares) and all(0 < s <= 1 for s in self.segmix_shares),
-             f"segmix_shares must lie in (0, 1], got {list(self.segmix_shares)}"),
-            (self.segmix_tiles is None or (bool(self.segmix_tiles) and min(self.segmix_tiles) >= 1),
-             f"segmix_tiles must be positive pixel sizes, got {self.segmix_tiles}"),
-            (0 < self.segmix_decay <= 1, f"segmix_decay must lie in (0, 1], got {self.segmix_decay}"),
-            (self.segmix_warmup >= 0, f"segmix_warmup must be >= 0, got {self.segmix_warmup}"),
-            (0 < self.pda_decay <= 1, f"pda_decay must lie in (0, 1], got {self.pda_decay}"),
-            (self.pscl_temperature > 0, f"pscl_temperature must be positive, got {self.pscl_temperature}"),
-            (len(self.cam_weights) == 3 and min(self.cam_weights) >= 0 and sum(self.cam_weights) > 0,
-             f"cam_weights must be three non-negative weights, got {list(self.cam_weights)}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainingError(f"training setting: {message}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Inverse of :meth:`to_dict`; unknown keys (from a newer version) are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise TrainingError(f"unknown training setting(s) {', '.join(unknown)} (saved by a newer version?)")
-        return cls(**d)
-
-
-@dataclass
-class ProgressEvent:
-    """One report of a long job. ``epoch`` counts from 1, ``step`` is the step within the epoch
-    (or the item, for jobs without epochs), ``eta_s`` the estimated seconds left."""
-
-    kind: str
-    epoch: int = 0
-    epochs: int = 0
-    step: int = 0
-    steps: int = 0
-    loss: float | None = None
-    metrics: dict = field(default_factory=dict)
-    eta_s: float | None = None
-    message: str = ""
+    method: str = setting("cam", choices=METHODS, basic=True, group=_RUN,
+                          help="cam (plain CAM classifier) or segmix (tile-shuffle curriculum)")
+    epochs: int = setting(8, range=(1, None), basic=True, resumable=True, group=_RUN, help="number of epochs")
+    batch_size: int = setting(16, range=(1, None), basic=True, group=_RUN, help="patches per step")
+    lr: float = setting(3e-4, range=(0, None), open="lo", basic=True, group=_RUN, label="Learning rate", decimals=6,
+                        step=1e-4, help="learning rate of the pretrained backbone (new layers: x head_lr_mult)")
+    head_lr_mult: float = setting(10.0, range=(0, None), open="lo", group=_OPT, label="Head LR multiplier",
+                                  help="the new layers learn this many times faster than the backbone")
+    weight_decay: float = setting(1e-4, range=(0, None), group=_OPT, decimals=6, step=1e-4, help="AdamW weight decay")
+    warmup_steps: int = setting(20, range=(0, None), group=_OPT,
+                                help="steps of linear learning-rate warm-up before the cosine decay")
+    max_steps_per_epoch: int | None = setting(None, range=(1, None), none="all", group=_OPT,
+                                              help="cap the steps of an epoch (default: one pass over the data)")
+    backbone: str = setting("efficientnet-lite0", choices=BACKBONES, strict=False, check=known_backbone, basic=True,
+                            group=_RUN, help="efficientnet-lite0/1/2, resnet18/34/50")
+    weights: str = setting("imagenet", choices=("imagenet", "none"), strict=False, basic=True, group=_RUN,
+                           browse="PyTorch weights (*.pth *.pt);;All files (*)",
+                           help="imagenet, none, or a .pth checkpoint path (e.g. pathology-pretrained)")
+    output_stride: int = setting(32, choices=OUTPUT_STRIDES, group=_MODEL,
+                                 help="8, 16 or 32 (smaller = sharper CAMs, slower)")
+    cam_weights: tuple[float, float, float] = setting(
+        (0.5, 0.25, 0.25), range=(0, None), check=positive_sum, group=_MODEL, label="CAM weights",
+        help="weights of the last-stage, stride-16 and stride-8 maps that cam-mode multi fuses")
+    device: str = setting("auto", choices=("auto", "cpu", "cuda", "mps"), strict=False, basic=True, resumable=True,
+                          group=_RUN, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    seed: int = setting(0, range=(0, 2**32 - 1), basic=True, group=_RUN, help="random seed (CPU runs repeat exactly)")
+    amp: bool = setting(True, resumable=True, group=_PERF, label="Mixed precision on GPUs",
+                        help="mixed precision on GPUs (off: full precision there too)")
+    num_workers: int = setting(0, range=(0, None), resumable=True, gui=False, group=_PERF,
+                               help="data-loading worker processes (0 = in the training process)")
+    patch_size: int | None = setting(None, range=(32, None), none="auto", gui=False, group=_DATA,
+                                     help="patch side the images are resized to (default: their own size)")
+    augment: bool = setting(True, group=_DATA, label="Augment (flips, turns, colour jitter)",
+                            help="flips, 90-degree turns and mild colour jitter of the training patches")
+    cam_mode: str = setting("last", choices=CAM_MODES, group=_MODEL, label="CAM mode",
+                            help="CAMs for validation pseudo-masks: last (classic) or multi (multi-layer fusion)")
+    feedback: str = setting("auto", choices=FEEDBACKS, group=_DATA,
+                            help="auto, miou (val pseudo-mask mIoU) or loss (val loss): drives SegMix and best.pt")
+    val_fraction: float = setting(0.1, range=(0, 1), open="hi", group=_DATA, label="Validation share",
+                                  help="training patches held out for the val loss when there are no val masks")
+    val_max_images: int | None = setting(None, range=(1, None), none="all", resumable=True, group=_DATA,
+                                         label="Max. validation images",
+                                         help="score at most this many validation images per epoch")
+    segmix_tiles: tuple[int, ...] | None = setting(
+        None, range=(1, None), min_items=1, none="auto", group=_SEGMIX, label="SegMix tiles (px)",
+        help="tile sides of the curriculum, e.g. 112,56,32 (default: about 1/2, 1/4, 1/7 of the patch)")
+    segmix_shares: tuple[float, ...] = setting((0.25, 0.5), range=(0, 1), open="lo", min_items=1, group=_SEGMIX,
+                                               label="SegMix shares", help="shares of the tiles swapped, e.g. 0.25,0.5")
+    segmix_warmup: int = setting(1, range=(0, None), group=_SEGMIX, label="SegMix warm-up epochs",
+                                 help="epochs without shuffling at the start")
+    segmix_decay: float = setting(0.93, range=(0, 1), open="lo", group=_SEGMIX, label="SegMix decay",
+                                  help="decay per epoch of the curriculum's threshold")
+    segmix_targets: str = setting("area", choices=("area", "union"), group=_SEGMIX, label="SegMix targets",
+                                  help="labels of a shuffled image: area (soft, by tile area) or union (of the sources)")
+    pda: bool = setting(False, group=_EXTRA, label="Progressive Dropout Attention (MLPS)",
+                        help="MLPS Progressive Dropout Attention")
+    pda_start_epoch: int = setting(4, range=(0, None), group=_EXTRA, label="PDA start epoch",
+                                   help="first epoch (0-based) of Progressive Dropout Attention")
+    pda_decay: float = setting(0.98, range=(0, 1), open="lo", group=_EXTRA, label="PDA decay",
+                               help="decay per epoch of the attention threshold")
+    pscl: bool = setting(False, group=_EXTRA, label="Contrastive term (PSCL)",
+                         help="PSCL-style supervised contrastive term")
+    pscl_weight: float = setting(0.1, range=(0, None), group=_EXTRA, label="PSCL weight",
+                                 help="weight of the contrastive term")
+    pscl_temperature: float = setting(0.1, range=(0, None), open="lo", group=_EXTRA, label="PSCL temperature",
+                                      help="temperature of the contrastive term")
+    pscl_min_score: float = setting(0.5, range=(0, 1), group=_EXTRA, label="PSCL min. score",
+                                    help="pixels whose normalised CAM is below this are left out of the term")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,24 +218,6 @@ def build_model(cfg: TrainConfig, num_classes: int, weights: str | None = None) 
                          output_stride=cfg.output_stride, cam_weights=cfg.cam_weights)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    """AdamW with the pretrained backbone at ``cfg.lr`` and the new layers ``head_lr_mult`` faster
-    (``cfg``: a TrainConfig or a SegConfig; both have ``lr``, ``head_lr_mult``, ``weight_decay``).
-    Each group remembers its base rate in ``"base_lr"`` for :func:`lr_at`."""
-    groups = parameter_groups(model, cfg.lr, cfg.head_lr_mult)
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_at(step: int, total: int, warmup: int) -> float:
-    """Learning-rate factor at global ``step`` of ``total``: linear warm-up, then cosine to 0."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / (warmup + 1)
-    span = max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-
 def epoch_indices(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
     """The shuffled sample order of one epoch: a function of ``(seed, epoch)`` only, so runs and
     resumed runs agree; with ``world`` > 1 each rank takes every ``world``-th index."""
@@ -258,33 +225,40 @@ def epoch_indices(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) 
     return order[rank::world]
 
 
-def _item_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1)[0])
+_item_seed = item_seed  # the per-item seeds of augmentation, SegMix and PSCL sampling
 
 
-class _SeededItems(torch.utils.data.Dataset):
-    """Wraps a dataset so each item's random augmentation depends only on (seed, epoch, index):
-    the same in the main process and in loader workers, before and after a resume."""
+class _NamedItems(torch.utils.data.Dataset):
+    """Wraps a dataset of weak samples so that an I/O error reading one (e.g. a slide reader's)
+    is a DatasetError naming the patch."""
 
-    def __init__(self, base: torch.utils.data.Dataset, seed: int):
-        self.base, self.seed, self.epoch = base, seed, 0
+    def __init__(self, base: torch.utils.data.Dataset):
+        self.base = base
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> Any:
+        try:
+            return self.base[i]
+        except OSError as e:
+            s = self.base.samples[i] if hasattr(self.base, "samples") else None
+            where = (s.path or s.name) if s is not None else f"training item {i}"
+            raise DatasetError(f"{where}: cannot read the training patch: {e}") from e
+
+
+class _SeededItems(_NamedItems):
+    """Wraps a dataset so each item's random augmentation depends only on (seed, epoch, index):
+    the same in the main process and in loader workers, before and after a resume."""
+
+    def __init__(self, base: torch.utils.data.Dataset, seed: int):
+        super().__init__(base)
+        self.seed, self.epoch = seed, 0
+
+    def __getitem__(self, i: int) -> Any:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_item_seed(self.seed, self.epoch, i))
-            return self.base[i]
-
-
-def _loader(dataset: torch.utils.data.Dataset, indices: Sequence[int], batch_size: int, num_workers: int,
-            drop_last: bool, pin: bool) -> torch.utils.data.DataLoader:
-    # A private generator keeps the DataLoader from drawing on the global RNG (drop-connect uses it).
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=list(int(i) for i in indices), num_workers=num_workers,
-        drop_last=drop_last, pin_memory=pin, persistent_workers=False, generator=torch.Generator().manual_seed(0),
-    )
+            return super().__getitem__(i)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +356,7 @@ def calibrated_prob_threshold(run_dir: str | Path, which: str = "best") -> float
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _evaluate_patches(model: CAMClassifier, loader: torch.utils.data.DataLoader, device: torch.device, amp: bool,
+def _evaluate_patches(model: CAMClassifier, loader: Batches, device: torch.device, amp: bool,
                       should_stop: Callable[[], bool] | None) -> float | None:
     """Mean multi-label loss over held-out patches (unaugmented); None when interrupted."""
     total, n = 0.0, 0
@@ -451,33 +425,9 @@ def _resolve_patch_size(spec: DatasetSpec, cfg: TrainConfig) -> tuple[int, str |
     return patch, note
 
 
-def _check_resume_config(saved: dict, cfg: TrainConfig, where: Path) -> None:
-    mine = cfg.to_dict()
-    diff = [k for k in mine if k not in RESUMABLE_CHANGES and k in saved and saved[k] != mine[k]]
-    if diff:
-        parts = ", ".join(f"{k}: saved {saved[k]!r} vs now {mine[k]!r}" for k in diff[:4])
-        raise TrainingError(f"{where}: cannot resume with different settings ({parts}); only "
-                            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change. Start a new run folder instead")
-
-
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
-def read_metrics(path: Path, upto_epoch: int | None = None) -> list[dict]:
-    """The rows of a run's ``metrics.jsonl`` (stage one or two), up to ``upto_epoch`` if given;
-    unreadable lines are skipped."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and (upto_epoch is None or int(row.get("epoch", 0)) <= upto_epoch):
-                rows.append(row)
-    return rows
-
-
 def _scheduler_for(cfg: TrainConfig, patch_size: int, stride: int, mode: str) -> SegMixScheduler | None:
     if cfg.method != "segmix":
         return None
@@ -499,287 +449,191 @@ def train_classifier(
     ``should_stop()`` is polled before every step and during validation; when it returns True
     the current position is checkpointed and the generator ends with ``cancelled``. Closing the
     generator (``.close()``) also checkpoints. ``resume=True`` continues from
-    ``checkpoints/last.pt`` (a run folder without one starts from the beginning).
+    ``checkpoints/last.pt`` (a run folder with a ``config.json`` but no checkpoint yet starts from
+    the beginning; a folder holding no run is an error, so is a dataset whose fingerprint differs
+    from the one in ``dataset.json``). The run and checkpoint folders are checked writable before
+    the first step. The loop itself is :func:`~.engine.run_training`; this stage is its
+    :class:`ClassifierTask`.
 
     Raises :class:`DatasetError` for unusable data (one class only, images smaller than the patch
     size, labels of the wrong length, no training images, no validation data for the chosen
-    feedback) and :class:`TrainingError` for bad settings, a checkpoint of another class table
-    or other settings, and a NaN/infinite loss (the last good checkpoint is kept).
+    feedback; a patch that cannot be read, also in a loader worker) and :class:`TrainingError`
+    for bad settings, a checkpoint of another class table, other settings or another dataset, a
+    NaN/infinite loss and a checkpoint that cannot be written (disk full: the last good checkpoint
+    is kept whole in both cases and named in the message).
     """
     cfg = config or TrainConfig()
-    cfg.validate()
-    spec = dataset if isinstance(dataset, DatasetSpec) else load_dataset(dataset)
-    run = Path(run_dir)
-    dctx = DistContext.from_env(cfg.device).init()
-    rank, world, main = dctx.rank, dctx.world_size, dctx.is_main
-    counts = _check_training_data(spec)
-    classes = spec.classes
-    patch, resize_note = _resolve_patch_size(spec, cfg)
-    cfg = dataclasses.replace(cfg, patch_size=patch)  # config.json records the size actually used
-    ckpt_dir = run / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    metrics_path = run / "metrics.jsonl"
+    yield from run_training(ClassifierTask(dataset, cfg), cfg, run_dir, resume, should_stop)
 
-    # -- validation data and feedback signal --------------------------------------------------
-    val_masks = list(spec.val)
-    if cfg.val_max_images is not None:
-        val_masks = val_masks[: cfg.val_max_images]
-    feedback = cfg.feedback if cfg.feedback != "auto" else ("miou" if val_masks else "loss")
-    train_samples: list[WeakSample] = list(spec.train)
-    held_out: list[WeakSample] = []
-    notes: list[str] = []
-    if feedback == "miou" and not val_masks:
-        raise DatasetError(f"{spec.root}: feedback 'miou' needs validation images with masks (val/img + val/mask), "
-                           "but the validation set is empty; use feedback 'loss' or make-patches --val-fraction")
-    if feedback == "loss" and not val_masks:
-        n_val = int(round(cfg.val_fraction * len(train_samples)))
-        if cfg.val_fraction > 0 and n_val == 0:
-            n_val = 1
-        if n_val == 0 or len(train_samples) - n_val < 2:
-            raise DatasetError(
-                f"{spec.root}: no validation data: the dataset has no validation images with masks and "
-                f"{'val_fraction is 0' if cfg.val_fraction == 0 else f'{len(train_samples)} training images are too few to hold some out'}; "
-                "set val_fraction > 0 or add val/img + val/mask"
-            )
-        order = np.random.default_rng([int(cfg.seed), 7919]).permutation(len(train_samples))
-        held_out = [train_samples[i] for i in sorted(order[:n_val])]
-        train_samples = [train_samples[i] for i in sorted(order[n_val:])]
-        notes.append(f"no validation images with masks: {n_val} training patches held out for the validation loss")
-    if resize_note:
-        notes.append(resize_note)
-    missing = [n for n, k in zip(classes.names, counts) if k == 0]
-    if missing:
-        notes.append(f"no training patch is labelled {', '.join(missing)}: the classifier cannot learn it")
 
-    # -- resume state ------------------------------------------------------------------------
-    ckpt = None
-    if resume and last_path.is_file():
-        ckpt = load_checkpoint(last_path)
-        check_classes(ckpt["meta"], classes, what=f"the dataset {spec.root}")
-        _check_resume_config(ckpt["meta"].get("config", {}), cfg, last_path)
-    elif resume:
-        notes.append(f"{run} has no checkpoint yet: starting from the beginning")
-    elif last_path.is_file():
-        raise TrainingError(f"{run} already holds a trained run ({last_path}); resume it or choose a new folder")
+class ClassifierTask(TrainingTask):
+    """Stage one for :func:`~.engine.run_training`: the CAM classifier on weakly labelled
+    patches (plain CAM or the SegMix curriculum, PDA, PSCL), validated by pseudo-mask mIoU on
+    images with masks or by the loss on held-out patches, which also drives SegMix."""
 
-    device = dctx.device
-    local_bs = dctx.local_batch_size(cfg.batch_size)
-    seed_everything(cfg.seed + rank)
-    model = build_model(cfg, classes.num_classes, weights="none" if ckpt is not None else None).to(device)
-    optimizer = build_optimizer(model, cfg)
-    scaler = grad_scaler(device, cfg.amp)
-    stride = model.backbone.strides[-1]
-    sched = _scheduler_for(cfg, patch, stride, "max" if feedback == "miou" else "min")
+    what = "training run"
+    trained = "trained run"
+    loss_per_item = True
 
-    start_epoch, start_batch, global_step = 0, 0, 0
-    best: float | None = None
-    best_epoch = 0
-    acc = {"loss": 0.0, "n": 0, "data_s": 0.0, "compute_s": 0.0, "samples": 0}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["state_dict"])
-        ex = ckpt["extra"]
-        optimizer.load_state_dict(ex["optimizer"])
-        if ex.get("scaler"):
-            scaler.load_state_dict(ex["scaler"])
-        if sched is not None and ex.get("segmix"):
-            sched.load_state_dict(ex["segmix"])
-        start_epoch, start_batch, global_step = int(ex["epoch"]), int(ex["batch"]), int(ex["global_step"])
-        best, best_epoch = ex.get("best"), int(ex.get("best_epoch", 0))
-        acc.update(ex.get("acc", {}))
-        torch.set_rng_state(ex["torch_rng"] if world == 1 else torch.get_rng_state())
-        if start_epoch >= cfg.epochs:
-            yield ProgressEvent("done", epoch=start_epoch, epochs=cfg.epochs,
-                                message=f"{run} already trained for {start_epoch} of {cfg.epochs} epochs; raise epochs to continue")
-            return
+    def __init__(self, dataset: DatasetSpec | str | Path, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.dataset = dataset
+        self.sched: SegMixScheduler | None = None
+        self.level: Any = None
+        self.pda_t: float | None = None
 
-    if main:  # temporaries of a checkpoint write that a kill cut short
-        remove_temporaries(ckpt_dir, ("last.pt", "best.pt"))
-    if main:
-        write_json(run / "config.json", cfg.to_dict())
-        write_json(run / "classes.json", classes.to_dict())
-        # where the patches came from, so that `train-seg RUN_DIR` finds them without --dataset
-        write_json(run / "dataset.json", {"path": str(Path(spec.root).resolve()), "layout": spec.layout})
-    history = read_metrics(metrics_path, start_epoch)
+    def check_inputs(self) -> None:
+        self.spec = self.dataset if isinstance(self.dataset, DatasetSpec) else load_dataset(self.dataset)
 
-    train_ds = _SeededItems(WeakLabelDataset(train_samples, size=patch, augment=cfg.augment), cfg.seed)
-    # every rank runs the same number of steps (a rank with one step more would wait forever)
-    per_rank = len(train_samples) // world
-    if per_rank == 0:
-        raise DatasetError(f"{spec.root}: {len(train_samples)} training patches cannot feed {world} processes")
-    drop_last = per_rank >= local_bs
-    steps = per_rank // local_bs if drop_last else 1
-    if cfg.max_steps_per_epoch is not None:
-        steps = min(steps, cfg.max_steps_per_epoch)
-    total_steps = steps * cfg.epochs
-    pin = device.type == "cuda"
-    val_loader = None
-    if held_out:
-        val_loader = _loader(WeakLabelDataset(held_out, size=patch), range(len(held_out)), cfg.batch_size,
-                             cfg.num_workers, False, pin)
-    # the module the step calls: DDP around forward_features when distributed, else the model's method
-    net = dctx.wrap_model(model, method="forward_features", find_unused_parameters=not cfg.pscl)
+    def load(self, ctx: RunContext) -> None:
+        spec = self.spec
+        counts = _check_training_data(spec)
+        self.classes = classes = spec.classes
+        patch, resize_note = _resolve_patch_size(spec, self.cfg)
+        self.cfg = cfg = dataclasses.replace(self.cfg, patch_size=patch)  # config.json records the size actually used
+        self.patch_size = patch
+        # -- validation data and feedback signal ------------------------------------------------
+        val_masks = list(spec.val)
+        if cfg.val_max_images is not None:
+            val_masks = val_masks[: cfg.val_max_images]
+        feedback = cfg.feedback if cfg.feedback != "auto" else ("miou" if val_masks else "loss")
+        train_samples: list[WeakSample] = list(spec.train)
+        held_out: list[WeakSample] = []
+        if feedback == "miou" and not val_masks:
+            raise DatasetError(f"{spec.root}: feedback 'miou' needs validation images with masks (val/img + val/mask), "
+                               "but the validation set is empty; use feedback 'loss' or make-patches --val-fraction")
+        if feedback == "loss" and not val_masks:
+            n_val = int(round(cfg.val_fraction * len(train_samples)))
+            if cfg.val_fraction > 0 and n_val == 0:
+                n_val = 1
+            if n_val == 0 or len(train_samples) - n_val < 2:
+                raise DatasetError(
+                    f"{spec.root}: no validation data: the dataset has no validation images with masks and "
+                    f"{'val_fraction is 0' if cfg.val_fraction == 0 else f'{len(train_samples)} training images are too few to hold some out'}; "
+                    "set val_fraction > 0 or add val/img + val/mask"
+                )
+            order = np.random.default_rng([int(cfg.seed), 7919]).permutation(len(train_samples))
+            held_out = [train_samples[i] for i in sorted(order[:n_val])]
+            train_samples = [train_samples[i] for i in sorted(order[n_val:])]
+            ctx.notes.append(f"no validation images with masks: {n_val} training patches held out for the validation loss")
+        if resize_note:
+            ctx.notes.append(resize_note)
+        missing = [n for n, k in zip(classes.names, counts) if k == 0]
+        if missing:
+            ctx.notes.append(f"no training patch is labelled {', '.join(missing)}: the classifier cannot learn it")
+        self.val_masks, self.feedback = val_masks, feedback
+        self.train_samples, self.held_out = train_samples, held_out
+        self.higher_is_better = feedback == "miou"
+        self.signal_name = "val mIoU" if feedback == "miou" else "val loss"
 
-    def checkpoint(path: Path, epoch_done: int, batch_done: int, metrics: dict | None) -> None:
-        meta = {"classes": classes, "config": cfg.to_dict(), "epoch": epoch_done, "patch_size": patch,
-                "cam_mode": cfg.cam_mode, "feedback": feedback, "metrics": metrics or {}}
-        extra = None
-        if path == last_path:
-            extra = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "segmix": sched.state_dict() if sched is not None else None,
-                     "epoch": epoch_done, "batch": batch_done, "global_step": global_step,
-                     "best": best, "best_epoch": best_epoch, "acc": dict(acc), "torch_rng": torch.get_rng_state(),
-                     "world_size": world}
-        save_model(path, model, meta, extra)
+    def build_model(self, ctx: RunContext, fresh: bool) -> torch.nn.Module:
+        return build_model(self.cfg, self.classes.num_classes, weights=None if fresh else "none").to(ctx.device)
 
-    what = "resuming" if ckpt is not None else "training"
-    yield ProgressEvent(
-        "start", epoch=start_epoch + 1, epochs=cfg.epochs, step=start_batch, steps=steps,
-        message=(f"{what} {cfg.method} ({cfg.backbone}, {cfg.weights} weights, os {cfg.output_stride}) on "
-                 f"{len(train_samples)} patches of {patch} px, {steps} steps/epoch, device {device}"
-                 f"{f' x {world} processes' if world > 1 else ''}, "
-                 f"feedback {'val pseudo-mask mIoU' if feedback == 'miou' else 'val loss'}"),
-    )
-    for n in notes:
-        yield ProgressEvent("log", epoch=start_epoch + 1, epochs=cfg.epochs, message=n)
+    def setup(self, ctx: RunContext, model: torch.nn.Module) -> Iterator[ProgressEvent]:
+        cfg, patch, world = self.cfg, self.patch_size, ctx.world
+        self.sched = _scheduler_for(cfg, patch, model.backbone.strides[-1], "max" if self.feedback == "miou" else "min")
+        self.local_bs = ctx.dctx.local_batch_size(cfg.batch_size)
+        self.train_ds = _SeededItems(WeakLabelDataset(self.train_samples, size=patch, augment=cfg.augment), cfg.seed)
+        # every rank runs the same number of steps (a rank with one step more would wait forever)
+        self.per_rank = len(self.train_samples) // world
+        if self.per_rank == 0:
+            raise DatasetError(f"{self.spec.root}: {len(self.train_samples)} training patches cannot feed {world} processes")
+        self.drop_last = self.per_rank >= self.local_bs
+        steps = self.per_rank // self.local_bs if self.drop_last else 1
+        if cfg.max_steps_per_epoch is not None:
+            steps = min(steps, cfg.max_steps_per_epoch)
+        self.steps = steps
+        self.val_loader = None
+        if self.held_out:
+            self.val_loader = make_loader(_NamedItems(WeakLabelDataset(self.held_out, size=patch)), range(len(self.held_out)),
+                                          cfg.batch_size, cfg.num_workers, False, ctx.pin)
+        return iter(())
 
-    # every rank validates the same synchronised model; a stop request during validation is
-    # taken at the next step instead when distributed (ranks must agree on where they stop)
-    val_stop = should_stop if world == 1 else None
-    t_run = time.perf_counter()
-    steps_done_here = 0
-    pos = saved = (start_epoch, start_batch)  # (epoch, steps done in it) now / in last.pt
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            level = sched.current() if sched is not None else None
-            pda_t = pda_threshold_at(epoch, cfg.pda_start_epoch, 1.0, cfg.pda_decay) if cfg.pda else None
-            first = start_batch if epoch == start_epoch else 0
-            if epoch != start_epoch:
-                acc = {"loss": 0.0, "n": 0, "data_s": 0.0, "compute_s": 0.0, "samples": 0}
-            train_ds.epoch = epoch
-            order = epoch_indices(len(train_samples), cfg.seed, epoch, rank, world)[:per_rank]
-            order = order[first * local_bs: steps * local_bs if drop_last else None]
-            model.train()
-            batch_i = first
-            t_wait = time.perf_counter()
-            for x, y in _loader(train_ds, order, local_bs, cfg.num_workers, drop_last, pin):
-                if batch_i >= steps:
-                    break
-                if dctx.any(should_stop is not None and should_stop()):
-                    if main:
-                        checkpoint(last_path, epoch, batch_i, None)
-                    saved = pos
-                    yield ProgressEvent("cancelled", epoch=epoch + 1, epochs=cfg.epochs, step=batch_i, steps=steps,
-                                        message=f"stopped at epoch {epoch + 1}, step {batch_i}; checkpoint {last_path}")
-                    return
-                t0 = time.perf_counter()
-                acc["data_s"] += t0 - t_wait
-                factor = lr_at(global_step, total_steps, min(cfg.warmup_steps, total_steps // 4))
-                for g in optimizer.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-                if level is not None:
-                    g_mix = torch.Generator().manual_seed(_item_seed(cfg.seed + rank, epoch, 1_000_000 + batch_i))
-                    x, y, _ = segmix_batch(x, y, level.tile, level.share, generator=g_mix, target_mode=cfg.segmix_targets)
-                x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
-                with autocast(device, cfg.amp):
-                    out = net(x, pda_threshold=pda_t, labels=y, embed=cfg.pscl)
-                    loss = F.multilabel_soft_margin_loss(out["logits"].float(), y)
-                    if cfg.pscl:
-                        g_pix = torch.Generator().manual_seed(_item_seed(cfg.seed + rank, epoch, 2_000_000 + batch_i))
-                        loss = loss + cfg.pscl_weight * supcon_loss(
-                            out["embedding"], out["cam"], y, cfg.pscl_temperature, cfg.pscl_min_score,
-                            generator=g_pix)
-                value = dctx.all_reduce_mean(float(loss.detach()))
-                if not math.isfinite(value):
-                    kept = f"the last good checkpoint {last_path} is kept" if last_path.is_file() else "no checkpoint was written yet"
-                    raise TrainingError(f"{run}: the loss became {value} at epoch {epoch + 1}, step {batch_i + 1} "
-                                        f"(learning rate {cfg.lr:g}); {kept}. Lower the learning rate or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t1 = time.perf_counter()
-                acc["compute_s"] += t1 - t0
-                acc["loss"] += value * x.shape[0]
-                acc["n"] += x.shape[0]
-                acc["samples"] += x.shape[0] * world
-                batch_i += 1
-                global_step += 1
-                pos = (epoch, batch_i)
-                steps_done_here += 1
-                rate = (time.perf_counter() - t_run) / steps_done_here
-                eta = rate * (total_steps - global_step)
-                yield ProgressEvent("step", epoch=epoch + 1, epochs=cfg.epochs, step=batch_i, steps=steps, loss=value,
-                                    eta_s=eta, metrics={"lr": cfg.lr * factor})
-                t_wait = time.perf_counter()
+    def state_dict(self) -> dict:
+        return {"segmix": self.sched.state_dict() if self.sched is not None else None}
 
-            # -- end of epoch: validation, feedback, metrics, checkpoints -------------------------
-            t_val = time.perf_counter()
-            model.eval()
-            if feedback == "miou" or val_masks:
-                val = evaluate_pseudo_masks(model, val_masks, classes, patch, cfg.cam_mode, device, val_stop)
-            else:
-                loss_v = _evaluate_patches(model, val_loader, device, cfg.amp, val_stop)
-                val = None if loss_v is None else {"val_loss": loss_v}
-            if val is None:  # stopped during validation: the epoch's training is kept, validation redone on resume
-                if main:
-                    checkpoint(last_path, epoch, steps, None)
-                saved = pos = (epoch, steps)
-                yield ProgressEvent("cancelled", epoch=epoch + 1, epochs=cfg.epochs, step=steps, steps=steps,
-                                    message=f"stopped during validation of epoch {epoch + 1}; checkpoint {last_path}")
-                return
-            signal = val["val_miou"] if feedback == "miou" else val["val_loss"]
-            seg_state = None
-            if sched is not None:
-                sched.step(signal if signal is not None else float("nan"))
-                seg_state = sched.state_dict()
-                seg_state.pop("ladder", None)
-            improved = signal is not None and (best is None or (signal > best if feedback == "miou" else signal < best))
-            if improved:
-                best, best_epoch = float(signal), epoch + 1
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": acc["loss"] / max(acc["n"], 1),
-                **val,
-                "feedback": feedback,
-                "best_epoch": best_epoch,
-                "lr": optimizer.param_groups[0]["lr"],
-                # tile/share used in this epoch (None/0 = unshuffled), then the scheduler after its step
-                "segmix": None if sched is None else {
-                    "tile": level.tile if level else None, "share": level.share if level else 0.0,
-                    "next_level": seg_state["level"], "next_tile": seg_state["tile"], "next_share": seg_state["share"],
-                    "threshold": seg_state["threshold"], "feedback": seg_state["feedback"], "mode": seg_state["mode"]},
-                "pda_threshold": pda_t,
-                "data_s": acc["data_s"],
-                "compute_s": acc["compute_s"],
-                "val_s": time.perf_counter() - t_val,
-                "patches_per_s": acc["samples"] / max(acc["data_s"] + acc["compute_s"], 1e-9),
-            }
-            history.append(row)
-            if main:
-                write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-                if improved:
-                    checkpoint(best_path, epoch + 1, 0, row)
-                checkpoint(last_path, epoch + 1, 0, row)
-            saved = pos = (epoch + 1, 0)
-            yield ProgressEvent("epoch", epoch=epoch + 1, epochs=cfg.epochs, step=steps, steps=steps,
-                                loss=row["train_loss"], metrics=row,
-                                eta_s=(time.perf_counter() - t_run) / max(steps_done_here, 1) * (total_steps - global_step))
-            yield ProgressEvent("checkpoint", epoch=epoch + 1, epochs=cfg.epochs, step=steps, steps=steps,
-                                message=f"saved {last_path}" + (f" and {best_path} (best so far)" if improved else ""))
-        score = "n/a" if best is None else f"{best:.4f}"
-        yield ProgressEvent("done", epoch=cfg.epochs, epochs=cfg.epochs, step=steps, steps=steps,
-                            metrics={"best": best, "best_epoch": best_epoch, "feedback": feedback},
-                            message=f"trained {cfg.epochs} epochs; best {'val mIoU' if feedback == 'miou' else 'val loss'} "
-                                    f"{score} at epoch {best_epoch} -> {best_path}")
-    except GeneratorExit:
-        # The consumer closed the generator at a yield (e.g. a GUI cancelling hard): keep the position.
-        if main and pos != saved:
-            checkpoint(last_path, pos[0], pos[1], None)
-        raise
-    finally:
-        dctx.shutdown()
+    def load_state(self, extra: dict) -> None:
+        if self.sched is not None and extra.get("segmix"):
+            self.sched.load_state_dict(extra["segmix"])
+
+    def wrap(self, ctx: RunContext, model: torch.nn.Module) -> torch.nn.Module:
+        # DDP around forward_features when distributed, else the model's method
+        return ctx.dctx.wrap_model(model, method="forward_features", find_unused_parameters=not self.cfg.pscl)
+
+    def checkpoint_meta(self) -> dict:
+        return {"cam_mode": self.cfg.cam_mode, "feedback": self.feedback}
+
+    def start_message(self, ctx: RunContext) -> str:
+        cfg = self.cfg
+        return (f"{'resuming' if ctx.resumed else 'training'} {cfg.method} ({cfg.backbone}, {cfg.weights} weights, "
+                f"os {cfg.output_stride}) on {len(self.train_samples)} patches of {self.patch_size} px, "
+                f"{self.steps} steps/epoch, device {ctx.device}{f' x {ctx.world} processes' if ctx.world > 1 else ''}, "
+                f"feedback {'val pseudo-mask mIoU' if self.feedback == 'miou' else 'val loss'}")
+
+    def batches(self, ctx: RunContext, epoch: int, first: int) -> Iterable[Any]:
+        cfg = self.cfg
+        self.level = self.sched.current() if self.sched is not None else None
+        self.pda_t = pda_threshold_at(epoch, cfg.pda_start_epoch, 1.0, cfg.pda_decay) if cfg.pda else None
+        self.train_ds.epoch = epoch
+        order = epoch_indices(len(self.train_samples), cfg.seed, epoch, ctx.rank, ctx.world)[: self.per_rank]
+        order = order[first * self.local_bs: self.steps * self.local_bs if self.drop_last else None]
+        return make_loader(self.train_ds, order, self.local_bs, cfg.num_workers, self.drop_last, ctx.pin)
+
+    def loss(self, ctx: RunContext, net: torch.nn.Module, batch: Any, epoch: int, step: int) -> tuple[Tensor, int]:
+        cfg, level, rank = self.cfg, self.level, ctx.rank
+        x, y = batch
+        if level is not None:
+            g_mix = torch.Generator().manual_seed(_item_seed(cfg.seed + rank, epoch, 1_000_000 + step))
+            x, y, _ = segmix_batch(x, y, level.tile, level.share, generator=g_mix, target_mode=cfg.segmix_targets)
+        x, y = x.to(ctx.device, non_blocking=ctx.pin), y.to(ctx.device, non_blocking=ctx.pin)
+        with ctx.autocast():
+            out = net(x, pda_threshold=self.pda_t, labels=y, embed=cfg.pscl)
+            loss = F.multilabel_soft_margin_loss(out["logits"].float(), y)
+            if cfg.pscl:
+                g_pix = torch.Generator().manual_seed(_item_seed(cfg.seed + rank, epoch, 2_000_000 + step))
+                loss = loss + cfg.pscl_weight * supcon_loss(
+                    out["embedding"], out["cam"], y, cfg.pscl_temperature, cfg.pscl_min_score, generator=g_pix)
+        return loss, x.shape[0]
+
+    def validate(self, ctx: RunContext, model: torch.nn.Module) -> dict | None:
+        if self.feedback == "miou" or self.val_masks:
+            return evaluate_pseudo_masks(model, self.val_masks, self.classes, self.patch_size, self.cfg.cam_mode,
+                                         ctx.device, ctx.validation_stop)
+        loss_v = _evaluate_patches(model, self.val_loader, ctx.device, self.cfg.amp, ctx.validation_stop)
+        return None if loss_v is None else {"val_loss": loss_v}
+
+    def signal(self, val: dict, train_loss: float) -> float | None:
+        return val["val_miou"] if self.feedback == "miou" else val["val_loss"]
+
+    def epoch_row(self, ctx: RunContext, s: EpochSummary) -> dict:
+        sched, level = self.sched, self.level
+        seg_state = None
+        if sched is not None:  # the feedback moves the curriculum
+            sched.step(s.signal if s.signal is not None else float("nan"))
+            seg_state = sched.state_dict()
+            seg_state.pop("ladder", None)
+        acc = s.acc
+        return {
+            "epoch": s.epoch,
+            "train_loss": s.train_loss,
+            **s.val,
+            "feedback": self.feedback,
+            "best_epoch": s.best_epoch,
+            "lr": s.lr,
+            # tile/share used in this epoch (None/0 = unshuffled), then the scheduler after its step
+            "segmix": None if sched is None else {
+                "tile": level.tile if level else None, "share": level.share if level else 0.0,
+                "next_level": seg_state["level"], "next_tile": seg_state["tile"], "next_share": seg_state["share"],
+                "threshold": seg_state["threshold"], "feedback": seg_state["feedback"], "mode": seg_state["mode"]},
+            "pda_threshold": self.pda_t,
+            "data_s": acc["data_s"],
+            "compute_s": acc["compute_s"],
+            "val_s": s.val_s,
+            "patches_per_s": acc["samples"] / max(acc["data_s"] + acc["compute_s"], 1e-9),
+        }
+
+    def done_metrics(self) -> dict:
+        return {"feedback": self.feedback}
 
 
 def load_run(run_dir: str | Path, which: str = "best", map_location: str | torch.device = "cpu"
@@ -793,21 +647,16 @@ def load_run(run_dir: str | Path, which: str = "best", map_location: str | torch
     run = Path(run_dir)
     if not (run / "config.json").is_file():
         raise TrainingError(f"{run}: not a training run folder (no config.json)")
-    if which in ("best", "last"):
-        path = run / "checkpoints" / f"{which}.pt"
-        if which == "best" and not path.is_file():
-            path = run / "checkpoints" / "last.pt"
-        if not path.is_file():
-            raise TrainingError(f"{run}: no checkpoint yet (training stopped before its first step?); resume or retrain it")
-    else:
-        path = Path(which)
+    path = checkpoint_file(run, which)
+    if which in ("best", "last") and not path.is_file():
+        raise TrainingError(f"{run}: no checkpoint yet (training stopped before its first step?); resume or retrain it")
+    cfg = TrainConfig.saved(run)
     try:
-        cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text(encoding="utf-8")))
         classes = ClassTable.from_dict(json.loads((run / "classes.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as e:
-        raise TrainingError(f"{run}: config.json or classes.json is unreadable: {e}") from e
+        raise TrainingError(f"{run / 'classes.json'}: unreadable class table: {e}") from e
     except HistoWSSSError as e:
-        raise TrainingError(f"{run}: {e}") from e
+        raise TrainingError(f"{run / 'classes.json'}: {e}") from e
     model, meta = load_model(path, map_location=map_location)
     if not isinstance(model, CAMClassifier):
         raise TrainingError(f"{path}: holds a {meta.get('kind')} model, not a CAM classifier")

@@ -27,11 +27,21 @@ Without mask folders, the pseudo-mask sets are made from the stage-one run's tra
 (:func:`make_pseudo_mask_sets`: one multi-layer CAM pass, gated by the labels in the file names) under
 ``<out>/pseudo/<set>/`` and reused by later runs.
 
-A segmenter run folder (default ``<stage-one run>/segmenter``) holds ``config.json``,
-``classes.json``, ``metrics.jsonl`` and ``checkpoints/{last,best}.pt``, all written atomically;
-``resume=True`` continues from ``last.pt``; cancelling (``should_stop`` or closing the generator)
-checkpoints the position first. ``best.pt`` is chosen by validation mIoU when the dataset has
+A segmenter run folder (default ``<stage-one run>/segmenter``) holds ``config.json`` (with the
+absolute paths of the stage-one run and the dataset), ``classes.json``, ``dataset.json`` (the
+dataset's fingerprint, as in stage one), ``metrics.jsonl`` and ``checkpoints/{last,best}.pt``,
+all written atomically; ``resume=True`` continues from ``last.pt`` (a folder holding no run, or
+a dataset other than the run's, is an error, found before any pseudo-mask is made); cancelling
+(``should_stop`` or closing the generator) checkpoints the position first. The run folders are
+checked writable before any work, and a checkpoint that cannot be written (disk full) is one
+line naming the checkpoint to resume from. ``best.pt`` is chosen by validation mIoU when the dataset has
 validation images with masks, else by the training loss.
+
+The loop is the training skeleton both stages share (:func:`~.engine.run_training`: run folder,
+resume, optimiser step, cancel, bookkeeping); this module supplies its :class:`SegmenterTask`.
+Batches come from a DataLoader (``num_workers`` worker processes; each item's augmentation then
+seeded by ``(seed, epoch, position)``, so any number of workers gives the same run; without
+workers the items draw on the global torch RNG in batch order, as earlier versions did).
 
 Under ``torchrun`` the loop runs data-parallel through :class:`~.distributed.DistContext`, as
 stage one does: rank ``r`` of N takes every N-th item of each global batch (real and synthetic
@@ -43,20 +53,18 @@ writes files (it also makes missing pseudo-mask sets while the other ranks wait)
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .atomic import remove_temporaries, write_json, write_text
+from .atomic import write_text
 from .classes import ClassTable
 from .datasets import (
     DatasetSpec,
@@ -71,11 +79,15 @@ from .datasets import (
     read_index_mask,
     to_tensor,
 )
-from .device import autocast, grad_scaler, seed_everything
-from .distributed import DistContext
+from .engine import EpochSummary, RunContext, TrainingTask, item_seed, make_loader, run_training
 from .errors import DatasetError, TrainingError
 from .metrics import ConfusionMatrix
-from .models import Segmenter, check_classes, load_checkpoint, load_model, save_model
+from .models import Segmenter, load_model
+from .models.backbones import BACKBONES, OUTPUT_STRIDES
+from .progress import ProgressEvent
+from .review import MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_PSEUDO
+from .runs import checkpoint_file
+from .settings import Settings, known_backbone, positive_sum, setting
 from .synthesis import (
     SYNTHESIS_KINDS,
     RealnessFilter,
@@ -85,8 +97,8 @@ from .synthesis import (
     synthesize,
 )
 
-__all__ = ["SegConfig", "SegSample", "SegDataset", "train_segmenter", "load_segmenter", "mlps_loss",
-           "oeem_weights", "make_pseudo_mask_sets", "PSEUDO_SETS"]
+__all__ = ["SegConfig", "SegSample", "SegDataset", "SegmenterTask", "train_segmenter", "load_segmenter", "recorded_stage_one",
+           "mlps_loss", "oeem_weights", "make_pseudo_mask_sets", "PSEUDO_SETS"]
 
 #: The pseudo-mask sets made from a stage-one classifier: name -> (CAM mode, weights of the
 #: last-stage CAM and the stride-16 and stride-8 LayerCAMs; None = the classifier's own).
@@ -96,95 +108,89 @@ PSEUDO_SETS: dict[str, tuple[str, tuple[float, float, float] | None]] = {
     "shallow": ("multi", (0.0, 0.0, 1.0)),  # stride-8 LayerCAM: sharp, noisier boundaries
 }
 
-# Settings that may change when resuming (others would make it a different run).
-_RESUMABLE = frozenset({"epochs", "device", "amp", "num_workers", "val_max_images"})
+# Sections of `histo-wsss train-seg --help` and of the Segmenter panel's "Advanced" form.
+_RUN, _OPT, _MODEL, _SUP, _PERF = "training settings", "optimisation", "model", "supervision", "performance"
+_SYNTH = "HisynSeg synthesis"
 
 
 @dataclass
-class SegConfig:
-    """Everything that defines a segmenter training run (saved as ``config.json``)."""
+class SegConfig(Settings):
+    """Everything that defines a segmenter training run (saved as ``config.json``, beside the
+    ``records`` of its inputs).
 
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 3e-4
-    head_lr_mult: float = 10.0
-    weight_decay: float = 1e-4
-    warmup_steps: int = 20
-    max_steps_per_epoch: int | None = None
-    backbone: str = "efficientnet-lite0"
-    weights: str = "imagenet"
-    output_stride: int = 16
-    device: str = "auto"
-    seed: int = 0
-    amp: bool = True
-    num_workers: int = 0
-    patch_size: int | None = None
-    augment: bool = True
-    set_weights: tuple[float, ...] = (0.6, 0.2, 0.2)
-    oeem: bool = False
-    corrected_weight: float = 2.0
-    supervision: str = "pseudo"
-    synthesis: tuple[str, ...] = ()
-    synthesis_count: int = 256
-    synthesis_share: float = 0.5
-    synthesis_filter: bool = True
-    synthesis_keep: float = 0.5
-    filter_steps: int = 150
-    consistency_weight: float = 0.1
-    image_loss_weight: float = 0.1
-    val_max_images: int | None = None
+    Each field is declared once with its help, range and choices (:func:`~.settings.setting`);
+    validation, ``config.json``, the resume rule, the ``train-seg`` options and the Segmenter
+    panel's form all come from these declarations. Optimisation as in stage one (AdamW, the new
+    layers ``head_lr_mult`` faster, warm-up then cosine); supervision and synthesis as in the
+    module notes above."""
 
-    def __post_init__(self) -> None:
-        self.set_weights = tuple(float(w) for w in self.set_weights)
-        self.synthesis = tuple(str(s) for s in self.synthesis)
+    what = "segmenter setting"
+    error = TrainingError
+    #: written into config.json beside the settings: the stage-one run, the dataset, what supervised
+    records = frozenset({"stage_one", "dataset", "supervision_source"})
 
-    def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be positive, got {self.lr}"),
-            (bool(self.set_weights) and min(self.set_weights) >= 0 and sum(self.set_weights) > 0,
-             f"set_weights must be non-negative with a positive sum, got {list(self.set_weights)}"),
-            (self.corrected_weight > 0, f"corrected_weight must be positive, got {self.corrected_weight}"),
-            (self.supervision in ("pseudo", "full"), f"supervision must be pseudo or full, got {self.supervision!r}"),
-            (all(s in SYNTHESIS_KINDS for s in self.synthesis),
-             f"synthesis must be among {', '.join(SYNTHESIS_KINDS)}, got {list(self.synthesis)}"),
-            (0 < self.synthesis_share < 1, f"synthesis_share must lie in (0, 1), got {self.synthesis_share}"),
-            (0 < self.synthesis_keep <= 1, f"synthesis_keep must lie in (0, 1], got {self.synthesis_keep}"),
-            (self.synthesis_count >= 1, f"synthesis_count must be >= 1, got {self.synthesis_count}"),
-            (self.patch_size is None or self.patch_size >= 32, f"patch size must be >= 32 px, got {self.patch_size}"),
-            (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "max_steps_per_epoch must be >= 1 or None"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainingError(f"segmenter setting: {message}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["set_weights"] = list(self.set_weights)
-        d["synthesis"] = list(self.synthesis)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SegConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainingError(f"unknown segmenter settings: {', '.join(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def saved(cls, seg_dir: str | Path) -> "SegConfig":
-        """The settings a segmenter run folder was trained with (its ``config.json``, without the
-        records written beside them: ``stage_one``, ``dataset``, ``supervision_source``); an
-        unreadable file is a TrainingError naming it."""
-        path = Path(seg_dir) / "config.json"
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise TrainingError(f"{path}: unreadable run config: {e}") from e
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls.from_dict({k: v for k, v in d.items() if k in known})
+    epochs: int = setting(10, range=(1, None), basic=True, resumable=True, group=_RUN, help="number of epochs")
+    batch_size: int = setting(8, range=(1, None), basic=True, group=_RUN, help="images per step")
+    lr: float = setting(3e-4, range=(0, None), open="lo", basic=True, group=_RUN, label="Learning rate", decimals=6,
+                        step=1e-4, help="learning rate of the backbone (new layers: x head_lr_mult)")
+    head_lr_mult: float = setting(10.0, range=(0, None), open="lo", group=_OPT, label="Head LR multiplier",
+                                  help="the new layers learn this many times faster than the backbone")
+    weight_decay: float = setting(1e-4, range=(0, None), group=_OPT, decimals=6, step=1e-4, help="AdamW weight decay")
+    warmup_steps: int = setting(20, range=(0, None), group=_OPT,
+                                help="steps of linear learning-rate warm-up before the cosine decay")
+    max_steps_per_epoch: int | None = setting(None, range=(1, None), none="all", group=_OPT,
+                                              help="cap the steps of an epoch (default: one pass over the data)")
+    backbone: str = setting("efficientnet-lite0", choices=BACKBONES, strict=False, check=known_backbone, basic=True,
+                            group=_RUN, help="efficientnet-lite0/1/2, resnet18/34/50")
+    weights: str = setting("imagenet", choices=("imagenet", "none"), strict=False, basic=True, group=_RUN,
+                           browse="PyTorch weights (*.pth *.pt);;All files (*)",
+                           help="imagenet, none, or a .pth checkpoint path (e.g. pathology-pretrained)")
+    output_stride: int = setting(16, choices=OUTPUT_STRIDES, group=_MODEL,
+                                 help="8, 16 or 32: feature stride of the DeepLabV3+ encoder (smaller = finer, slower)")
+    device: str = setting("auto", choices=("auto", "cpu", "cuda", "mps"), strict=False, basic=True, resumable=True,
+                          group=_RUN, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    seed: int = setting(0, range=(0, 2**32 - 1), basic=True, group=_RUN, help="random seed (CPU runs repeat exactly)")
+    amp: bool = setting(True, resumable=True, group=_PERF, label="Mixed precision on GPUs",
+                        help="mixed precision on GPUs (off: full precision there too)")
+    num_workers: int = setting(0, range=(0, None), resumable=True, gui=False, group=_PERF,
+                               help="data-loading worker processes (0 = in the training process)")
+    patch_size: int | None = setting(None, range=(32, None), none="auto", gui=False, group=_SUP,
+                                     help="training image side (default: stage one's)")
+    augment: bool = setting(True, group=_SUP, label="Augment (flips, turns, colour jitter)",
+                            help="flips, 90-degree turns and mild colour jitter of the training images")
+    set_weights: tuple[float, ...] = setting((0.6, 0.2, 0.2), range=(0, None), min_items=1, check=positive_sum,
+                                             group=_SUP, label="Mask set weights",
+                                             help="loss weights of the pseudo-mask sets (MLPS), e.g. 0.6,0.2,0.2")
+    oeem: bool = setting(False, group=_SUP, label="OEEM pixel weighting",
+                         help="OEEM pixel weighting of noisy pseudo-masks")
+    corrected_weight: float = setting(2.0, range=(0, None), open="lo", group=_SUP, label="Corrected-pixel weight",
+                                      help="loss weight of the pixels a pathologist corrected")
+    supervision: str = setting("pseudo", choices=("pseudo", "full"), gui=False, group=_SUP,
+                               help="pseudo (pseudo-masks) or full (ground truth cropped from a make-patches "
+                                    "dataset's source masks: the reference)")
+    synthesis: tuple[str, ...] = setting(
+        (), choices=SYNTHESIS_KINDS, basic=True, toggle=SYNTHESIS_KINDS, group=_SYNTH,
+        label="HisynSeg synthesis (Mosaic + Bezier)",
+        help="HisynSeg synthesis: mosaic, bezier or mosaic,bezier. Synthetic images with exact masks, built from "
+             "single-label patches, join every batch (plus a consistency loss); helps texture-like classes "
+             "(lung tumour/stroma/normal), not gland-shaped ones (docs/benchmarks/stage2.md)")
+    synthesis_count: int = setting(256, range=(1, None), group=_SYNTH, label="Synthetic images",
+                                   help="synthetic images trained with (after the realness filter)")
+    synthesis_share: float = setting(0.5, range=(0, 1), open="both", group=_SYNTH, label="Synthetic share",
+                                     help="share of each batch that is synthetic")
+    synthesis_filter: bool = setting(True, group=_SYNTH, label="Realness filter",
+                                     help="keep the synthetic images a real-vs-synthetic discriminator finds most real")
+    synthesis_keep: float = setting(0.5, range=(0, 1), open="lo", group=_SYNTH, label="Realness filter keeps",
+                                    help="share of the synthetic images the realness filter keeps")
+    filter_steps: int = setting(150, range=(1, None), group=_SYNTH, label="Realness filter steps",
+                                help="training steps of the realness filter")
+    consistency_weight: float = setting(0.1, range=(0, None), group=_SYNTH, label="Consistency weight",
+                                        help="weight of the CAM-segmentation consistency loss (with synthesis)")
+    image_loss_weight: float = setting(0.1, range=(0, None), group=_SYNTH, label="Image-level loss weight",
+                                       help="weight of the image-level loss of the CAM head (with synthesis)")
+    val_max_images: int | None = setting(None, range=(1, None), none="all", resumable=True, group=_SUP,
+                                         label="Max. validation images",
+                                         help="score at most this many validation images per epoch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +359,6 @@ def make_pseudo_mask_sets(model: torch.nn.Module, classes: ClassTable, images_di
     from .cams import pseudo_mask, save_pseudo_mask
     from .datasets import parse_label_name, read_rgb
     from .models.classifier import normalize_cams
-    from .train import ProgressEvent
 
     for name in sets:
         if name not in PSEUDO_SETS:
@@ -456,10 +461,13 @@ def _project_samples(spec: DatasetSpec) -> list[SegSample]:
             cache[(sid, name)] = project.read_mask(sid, name)
         return cache[(sid, name)]
 
-    def crop(arr: np.ndarray, ds: float, x: int, y: int, s0: int, size: int) -> np.ndarray:
+    bg = spec.classes.background_index
+
+    def crop(arr: np.ndarray, ds: float, x: int, y: int, s0: int, size: int, fill: int = bg) -> np.ndarray:
+        # a patch reaching past the mask is padded with background/ignore (never with class 0)
         x0, y0 = int(round(x / ds)), int(round(y / ds))
         n = max(1, int(round(s0 / ds)))
-        part = np.zeros((n, n), dtype=arr.dtype)
+        part = np.full((n, n), fill, dtype=arr.dtype)
         src = arr[y0:y0 + n, x0:x0 + n]
         part[: src.shape[0], : src.shape[1]] = src
         return _resize_to(part, size, True)
@@ -468,11 +476,11 @@ def _project_samples(spec: DatasetSpec) -> list[SegSample]:
     for s in spec.train:
         sid, x, y, s0 = s.name.rsplit("_", 3)
         x, y, s0 = int(x), int(y), int(s0)
-        pseudo = mask_of(sid, "pseudo")
+        pseudo = mask_of(sid, MASK_PSEUDO)
         if pseudo is None:
             raise DatasetError(f"{spec.root}: slide {sid} has labelled patches but no pseudo-mask; "
                                "make its pseudo-masks (review step) before training the segmenter")
-        corr, flag = mask_of(sid, "corrected"), mask_of(sid, "corrected_flag")
+        corr, flag = mask_of(sid, MASK_CORRECTED), mask_of(sid, MASK_CORRECTED_FLAG)
 
         def load_mask(arr=pseudo[0], ds=pseudo[1], x=x, y=y, s0=s0, size=size) -> np.ndarray:
             return crop(arr, ds, x, y, s0, size)
@@ -480,7 +488,8 @@ def _project_samples(spec: DatasetSpec) -> list[SegSample]:
         corrected = None
         if corr is not None and flag is not None:
             def corrected(c=corr, f=flag, x=x, y=y, s0=s0, size=size) -> tuple[np.ndarray, np.ndarray]:
-                return crop(c[0], c[1], x, y, s0, size), crop(f[0].astype(np.uint8), f[1], x, y, s0, size).astype(bool)
+                return (crop(c[0], c[1], x, y, s0, size),
+                        crop(f[0].astype(np.uint8), f[1], x, y, s0, size, fill=0).astype(bool))
         out.append(SegSample(s.name, s.image, [load_mask], s.labels, corrected))
     return out
 
@@ -506,16 +515,10 @@ def _evaluate(model: Segmenter, samples: Sequence[MaskedSample], classes: ClassT
 def load_segmenter(run_dir: str | Path, which: str = "best", map_location: str | torch.device = "cpu"
                    ) -> tuple[Segmenter, ClassTable, SegConfig, dict]:
     """The trained segmenter of a run folder (a segmenter run, or a stage-one run holding
-    ``segmenter/``), its class table, config and checkpoint meta."""
-    run = Path(run_dir)
-    if (run / "segmenter" / "checkpoints").is_dir():
-        run = run / "segmenter"
-    if which in ("best", "last"):
-        path = run / "checkpoints" / f"{which}.pt"
-        if which == "best" and not path.is_file():
-            path = run / "checkpoints" / "last.pt"
-    else:
-        path = Path(which)
+    ``segmenter/``), its class table, config and checkpoint meta (its ``stage_one`` made
+    absolute, also for runs that recorded it relative: :func:`recorded_stage_one`)."""
+    path = checkpoint_file(Path(run_dir), which, subrun="segmenter")
+    run = path.parent.parent if path.parent.name == "checkpoints" else Path(run_dir)
     if not path.is_file():
         raise TrainingError(f"{run}: no segmenter checkpoint (train-seg first)")
     model, meta = load_model(path, map_location=map_location)
@@ -523,7 +526,36 @@ def load_segmenter(run_dir: str | Path, which: str = "best", map_location: str |
         raise TrainingError(f"{path}: holds a {meta.get('kind')} model, not a segmenter")
     classes = ClassTable.from_dict(meta["classes"])
     cfg = SegConfig.from_dict(meta.get("config", {}))
+    if meta.get("stage_one"):
+        seg_dir = path.parent.parent if path.parent.name == "checkpoints" else run
+        meta["stage_one"] = recorded_stage_one(meta["stage_one"], seg_dir)
     return model, classes, cfg, meta
+
+
+def _is_stage_one_run(folder: Path) -> bool:
+    try:
+        return "method" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def recorded_stage_one(recorded: str, seg_dir: str | Path) -> str:
+    """The stage-one run a segmenter run records, as an absolute path. Runs are saved with it
+    absolute; older runs kept it as typed, often relative to the folder the command ran in, so
+    such an entry is looked up against each folder above the segmenter run (which, by default,
+    lies inside its stage-one run), then the current folder, then taken to be the segmenter run's
+    parent if that is a stage-one run; otherwise it is returned unchanged (loading it then names
+    it)."""
+    p = Path(recorded)
+    if p.is_absolute():
+        return recorded
+    seg = Path(seg_dir).resolve()
+    for base in (*seg.parents, Path.cwd()):
+        if _is_stage_one_run(base / p):
+            return str((base / p).resolve())
+    if _is_stage_one_run(seg.parent):
+        return str(seg.parent)
+    return recorded
 
 
 def train_segmenter(
@@ -544,245 +576,229 @@ def train_segmenter(
     one the run records). ``out_dir``: default ``run_dir/segmenter``.
 
     Yields ``start``, ``log``, ``step``, ``epoch``, ``checkpoint`` and ``done``/``cancelled``
-    progress events (``core.train.ProgressEvent``).
+    progress events (``core.progress.ProgressEvent``). The loop itself is
+    :func:`~.engine.run_training`, as for stage one; this stage is its :class:`SegmenterTask`.
     """
-    from .train import ProgressEvent, build_optimizer, load_run, lr_at, read_metrics
-
     cfg = config or SegConfig()
-    cfg.validate()
     run = Path(run_dir)
-    if not run.is_dir():
-        raise TrainingError(f"{run}: stage-one run folder not found")
     out = Path(out_dir) if out_dir is not None else run / "segmenter"
-    classifier, classes, cls_cfg = load_run(run)
-    spec = dataset if isinstance(dataset, DatasetSpec) else load_dataset(dataset or _stage_one_dataset(run), classes)
-    if spec.classes.names != classes.names:
-        raise TrainingError(f"{spec.root}: dataset classes ({', '.join(spec.classes.names)}) differ from the "
-                            f"stage-one run's ({', '.join(classes.names)})")
-    if not spec.train:
-        raise DatasetError(f"{spec.root}: no training images")
-    patch = cfg.patch_size or cls_cfg.patch_size or _common_side(spec.train)
-    dctx = DistContext.from_env(cfg.device).init()
-    rank, world, main = dctx.rank, dctx.world_size, dctx.is_main
-    device = dctx.device
-    dctx.local_batch_size(cfg.batch_size)  # refuses a batch that does not split over the ranks
+    yield from run_training(SegmenterTask(run, pseudo_masks, cfg, dataset), cfg, out, resume, should_stop)
 
-    # -- supervision ------------------------------------------------------------------------
-    if spec.layout == "project" and pseudo_masks is None:
-        samples = _project_samples(spec)
-        source = "project pseudo-mask + corrections"
-    else:
-        if any(s.path is None for s in spec.train):
-            raise DatasetError(f"{spec.root}: mask folders need training images stored as files")
-        if cfg.supervision == "full" and pseudo_masks is None:
-            sets = [_source_masks(spec)]
-            source = "ground truth (make-patches source masks)"
+
+class _BatchItems(torch.utils.data.Dataset):
+    """The items of stage two's batches, by key ``(synthetic, index, seed)``: item ``index`` of
+    the real or the synthetic dataset. With a ``seed`` its random augmentation depends on that
+    seed only (loader workers: the same run for any number of them); without, it draws on the
+    global torch RNG in the training process, in batch order (no workers: the random stream of
+    earlier versions, so their runs repeat exactly)."""
+
+    def __init__(self, real: torch.utils.data.Dataset, synthetic: torch.utils.data.Dataset | None):
+        self.real, self.synthetic = real, synthetic
+
+    def __len__(self) -> int:
+        return len(self.real) + (len(self.synthetic) if self.synthetic is not None else 0)
+
+    def __getitem__(self, key: tuple[bool, int, int | None]) -> Any:
+        synthetic, i, seed = key
+        ds = self.synthetic if synthetic else self.real
+        if seed is None:
+            return ds[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return ds[i]
+
+
+class SegmenterTask(TrainingTask):
+    """Stage two for :func:`~.engine.run_training`: a DeepLabV3+ segmenter on (corrected)
+    pseudo-mask sets or ground truth, optionally with HisynSeg synthetic images mixed into every
+    batch; validated by mIoU on the dataset's validation images (without them, best.pt follows
+    the train loss)."""
+
+    what = "segmenter run"
+    trained = "trained segmenter"
+    loss_per_item = False  # the train loss is the mean of the steps' losses
+    higher_is_better = True  # val mIoU, or minus the train loss without validation images
+
+    def __init__(self, run: Path, pseudo_masks: str | Path | Sequence[str | Path] | None, cfg: SegConfig,
+                 dataset: DatasetSpec | str | Path | None):
+        super().__init__(cfg)
+        self.stage_one, self.pseudo_masks, self.dataset = Path(run), pseudo_masks, dataset
+
+    def check_inputs(self) -> None:
+        if not self.stage_one.is_dir():
+            raise TrainingError(f"{self.stage_one}: stage-one run folder not found")
+
+    def load(self, ctx: RunContext) -> None:
+        from .train import load_run
+
+        run, cfg, dataset = self.stage_one, self.cfg, self.dataset
+        self.classifier, classes, cls_cfg = load_run(run)
+        spec = dataset if isinstance(dataset, DatasetSpec) else load_dataset(dataset or _stage_one_dataset(run), classes)
+        if spec.classes.names != classes.names:
+            raise TrainingError(f"{spec.root}: dataset classes ({', '.join(spec.classes.names)}) differ from the "
+                                f"stage-one run's ({', '.join(classes.names)})")
+        if not spec.train:
+            raise DatasetError(f"{spec.root}: no training images")
+        self.classes, self.spec = classes, spec
+        self.patch_size = cfg.patch_size or cls_cfg.patch_size or _common_side(spec.train)
+        self.val = list(spec.val)[: cfg.val_max_images] if cfg.val_max_images else list(spec.val)
+        self.signal_name = "val mIoU" if self.val else "train loss"
+
+    @property
+    def classes_source(self) -> str:
+        return f"the stage-one run {self.stage_one}"
+
+    def prepare(self, ctx: RunContext) -> Iterator[ProgressEvent]:
+        """The supervision: mask sets (made from the classifier when none are given), or the
+        project's pseudo-mask and corrections."""
+        cfg, spec, classes, pseudo_masks = self.cfg, self.spec, self.classes, self.pseudo_masks
+        if spec.layout == "project" and pseudo_masks is None:
+            samples = _project_samples(spec)
+            source = "project pseudo-mask + corrections"
         else:
-            if pseudo_masks is None:
-                folder = out / "pseudo"
-                images_dir = spec.train[0].path.parent
-                if main:
-                    yield ProgressEvent("log", message=f"making pseudo-mask sets {', '.join(PSEUDO_SETS)} under {folder}")
-                    for ev in make_pseudo_mask_sets(classifier, classes, images_dir, folder, device=device,
-                                                    should_stop=should_stop if world == 1 else None):
-                        yield ev
-                        if ev.kind == "cancelled":
-                            return
-                dctx.barrier()  # the other ranks read what rank 0 wrote
-                folders = [folder / name for name in PSEUDO_SETS]
+            if any(s.path is None for s in spec.train):
+                raise DatasetError(f"{spec.root}: mask folders need training images stored as files")
+            if cfg.supervision == "full" and pseudo_masks is None:
+                sets = [_source_masks(spec)]
+                source = "ground truth (make-patches source masks)"
             else:
-                folders = [Path(pseudo_masks)] if isinstance(pseudo_masks, (str, Path)) else [Path(p) for p in pseudo_masks]
-            for f in folders:
-                if not f.is_dir():
-                    raise DatasetError(f"{f}: pseudo-mask folder not found")
-            sets = [_folder_masks(spec.train, f, classes) for f in folders]
-            source = ", ".join(str(f) for f in folders)
-        samples = [SegSample(s.name, s.image, [ms[i] for ms in sets], np.asarray(s.labels))
-                   for i, s in enumerate(spec.train)]
-    n_sets = len(samples[0].masks)
-    set_weights = tuple(cfg.set_weights[:n_sets]) if len(cfg.set_weights) >= n_sets else (1.0,) * n_sets
-    if n_sets == 1:
-        set_weights = (1.0,)
+                if pseudo_masks is None:
+                    folder = ctx.run / "pseudo"
+                    images_dir = spec.train[0].path.parent
+                    if ctx.main:
+                        yield ProgressEvent("log", message=f"making pseudo-mask sets {', '.join(PSEUDO_SETS)} under {folder}")
+                        for ev in make_pseudo_mask_sets(self.classifier, classes, images_dir, folder, device=ctx.device,
+                                                        should_stop=ctx.validation_stop):
+                            yield ev
+                            if ev.kind == "cancelled":
+                                return
+                    ctx.dctx.barrier()  # the other ranks read what rank 0 wrote
+                    folders = [folder / name for name in PSEUDO_SETS]
+                else:
+                    folders = ([Path(pseudo_masks)] if isinstance(pseudo_masks, (str, Path))
+                               else [Path(p) for p in pseudo_masks])
+                for f in folders:
+                    if not f.is_dir():
+                        raise DatasetError(f"{f}: pseudo-mask folder not found")
+                sets = [_folder_masks(spec.train, f, classes) for f in folders]
+                source = ", ".join(str(f) for f in folders)
+            samples = [SegSample(s.name, s.image, [ms[i] for ms in sets], np.asarray(s.labels))
+                       for i, s in enumerate(spec.train)]
+        n_sets = len(samples[0].masks)
+        set_weights = tuple(cfg.set_weights[:n_sets]) if len(cfg.set_weights) >= n_sets else (1.0,) * n_sets
+        if n_sets == 1:
+            set_weights = (1.0,)
+        self.samples, self.source, self.n_sets, self.set_weights = samples, source, n_sets, set_weights
 
-    # -- resume state ---------------------------------------------------------------------------
-    ckpt_dir = out / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    metrics_path = out / "metrics.jsonl"
-    ckpt = None
-    if resume and last_path.is_file():
-        ckpt = load_checkpoint(last_path)
-        check_classes(ckpt["meta"], classes, what=f"the stage-one run {run}")
-        saved = ckpt["meta"].get("config", {})
-        diff = [k for k, v in cfg.to_dict().items() if k not in _RESUMABLE and saved.get(k) != v]
-        if diff:
-            raise TrainingError(f"{last_path}: cannot resume with changed settings: {', '.join(diff)}")
-    elif last_path.is_file() and not resume:
-        raise TrainingError(f"{out} already holds a trained segmenter ({last_path}); resume it or choose another folder")
+    def build_model(self, ctx: RunContext, fresh: bool) -> torch.nn.Module:
+        cfg = self.cfg
+        return Segmenter(self.classes.num_classes, cfg.backbone, cfg.weights if fresh else "none",
+                         cfg.output_stride, aux_head=bool(cfg.synthesis)).to(ctx.device)
 
-    seed_everything(cfg.seed)
-    use_aux = bool(cfg.synthesis)
-    model = Segmenter(classes.num_classes, cfg.backbone, "none" if ckpt is not None else cfg.weights,
-                      cfg.output_stride, aux_head=use_aux).to(device)
-    optimizer = build_optimizer(model, cfg)  # SegConfig has the same lr / head_lr_mult / weight_decay
-    scaler = grad_scaler(device, cfg.amp)
+    def setup(self, ctx: RunContext, model: torch.nn.Module) -> Iterator[ProgressEvent]:
+        cfg, spec, classes, patch = self.cfg, self.spec, self.classes, self.patch_size
+        synth_ds = None
+        if cfg.synthesis:
+            pools = single_label_pools(spec.train, classes)
+            want = cfg.synthesis_count
+            n_make = int(math.ceil(want / cfg.synthesis_keep)) if cfg.synthesis_filter else want
+            sizes = ", ".join(f"{classes.names[k]} {len(v)}" for k, v in sorted(pools.items()))
+            yield ProgressEvent("log", message=f"synthesising {n_make} {'/'.join(cfg.synthesis)} images "
+                                               f"from single-label patches ({sizes})")
+            pairs = synthesize(pools, classes, n_make, patch, cfg.synthesis, seed=cfg.seed)
+            if cfg.synthesis_filter:
+                real = [spec.train[i].image() for i in np.random.default_rng(cfg.seed).permutation(len(spec.train))[:256]]
+                filt = RealnessFilter(steps=cfg.filter_steps, seed=cfg.seed, device=ctx.device)
+                losses = filt.fit(real, [p[0] for p in pairs])
+                keep = filt.keep([p[0] for p in pairs], cfg.synthesis_keep)
+                pairs = [pairs[i] for i in keep]
+                ctx.notes.append(f"realness filter kept {len(pairs)} of {n_make} synthetic images "
+                                 f"(discriminator loss {np.mean(losses[-20:]):.3f})")
+            synth_ds = _SyntheticDataset(pairs, classes, self.n_sets)
+        real_ds = SegDataset(self.samples, classes, patch, augment=cfg.augment, corrected_weight=cfg.corrected_weight)
+        n_synth = int(round(cfg.batch_size * cfg.synthesis_share)) if synth_ds is not None else 0
+        n_real = max(1, cfg.batch_size - n_synth)
+        if n_real < ctx.world:
+            raise TrainingError(f"{n_real} real images per batch cannot be shared by {ctx.world} processes; "
+                                f"raise the batch size or lower the synthesis share")
+        steps = max(1, len(real_ds) // cfg.batch_size)  # the same compute per epoch with or without synthesis
+        if cfg.max_steps_per_epoch is not None:
+            steps = min(steps, cfg.max_steps_per_epoch)
+        self.items = _BatchItems(real_ds, synth_ds)
+        self.n_real, self.n_synth = n_real, n_synth
+        self.local_real = len(range(ctx.rank, n_real, ctx.world))
+        self.steps = steps
 
-    # -- synthetic data -----------------------------------------------------------------------
-    synth_ds = None
-    notes = []
-    if cfg.synthesis:
-        pools = single_label_pools(spec.train, classes)
-        want = cfg.synthesis_count
-        n_make = int(math.ceil(want / cfg.synthesis_keep)) if cfg.synthesis_filter else want
-        sizes = ", ".join(f"{classes.names[k]} {len(v)}" for k, v in sorted(pools.items()))
-        yield ProgressEvent("log", message=f"synthesising {n_make} {'/'.join(cfg.synthesis)} images "
-                                           f"from single-label patches ({sizes})")
-        pairs = synthesize(pools, classes, n_make, patch, cfg.synthesis, seed=cfg.seed)
-        if cfg.synthesis_filter:
-            real = [spec.train[i].image() for i in np.random.default_rng(cfg.seed).permutation(len(spec.train))[:256]]
-            filt = RealnessFilter(steps=cfg.filter_steps, seed=cfg.seed, device=device)
-            losses = filt.fit(real, [p[0] for p in pairs])
-            keep = filt.keep([p[0] for p in pairs], cfg.synthesis_keep)
-            pairs = [pairs[i] for i in keep]
-            notes.append(f"realness filter kept {len(pairs)} of {n_make} synthetic images "
-                         f"(discriminator loss {np.mean(losses[-20:]):.3f})")
-        synth_ds = _SyntheticDataset(pairs, classes, n_sets)
+    def run_record(self) -> dict:
+        # absolute paths: `predict --gate` and a resume find the stage-one run from any folder
+        return {**self.cfg.to_dict(), "stage_one": str(self.stage_one.resolve()),
+                "dataset": str(Path(self.spec.root).resolve()), "supervision_source": self.source}
 
-    real_ds = SegDataset(samples, classes, patch, augment=cfg.augment, corrected_weight=cfg.corrected_weight)
-    n_synth = int(round(cfg.batch_size * cfg.synthesis_share)) if synth_ds is not None else 0
-    n_real = max(1, cfg.batch_size - n_synth)
-    if n_real < world:
-        raise TrainingError(f"{n_real} real images per batch cannot be shared by {world} processes; "
-                            f"raise the batch size or lower the synthesis share")
-    local_real = len(range(rank, n_real, world))
-    steps = max(1, len(real_ds) // cfg.batch_size)  # the same compute per epoch with or without synthesis
-    if cfg.max_steps_per_epoch is not None:
-        steps = min(steps, cfg.max_steps_per_epoch)
-    total_steps = steps * cfg.epochs
-    val = list(spec.val)[: cfg.val_max_images] if cfg.val_max_images else list(spec.val)
+    def checkpoint_meta(self) -> dict:
+        return {"stage_one": str(self.stage_one.resolve())}
 
-    start_epoch, start_batch, global_step = 0, 0, 0
-    best: float | None = None
-    best_epoch = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["state_dict"])
-        ex = ckpt["extra"]
-        optimizer.load_state_dict(ex["optimizer"])
-        if ex.get("scaler"):
-            scaler.load_state_dict(ex["scaler"])
-        start_epoch, start_batch, global_step = int(ex["epoch"]), int(ex["batch"]), int(ex["global_step"])
-        best, best_epoch = ex.get("best"), int(ex.get("best_epoch", 0))
-        torch.set_rng_state(ex["torch_rng"] if world == 1 else torch.get_rng_state())
-        if start_epoch >= cfg.epochs:
-            yield ProgressEvent("done", epoch=start_epoch, epochs=cfg.epochs,
-                                message=f"{out} already trained for {start_epoch} of {cfg.epochs} epochs")
-            return
-    if main:  # temporaries of a checkpoint write that a kill cut short
-        remove_temporaries(ckpt_dir, ("last.pt", "best.pt"))
-    if main:
-        write_json(out / "config.json", {**cfg.to_dict(), "stage_one": str(run), "dataset": str(spec.root),
-                                         "supervision_source": source})
-        write_json(out / "classes.json", classes.to_dict())
-    net = dctx.wrap_model(model)
-    history = read_metrics(metrics_path, start_epoch)
+    def start_message(self, ctx: RunContext) -> str:
+        return (f"segmenter on {len(self.samples)} images ({self.patch_size} px) from {self.source}; "
+                f"{self.n_sets} mask set(s) weighted {list(self.set_weights)}; device {ctx.device}"
+                f"{f' x {ctx.world} processes' if ctx.world > 1 else ''}")
 
-    def checkpoint(path: Path, epoch_done: int, batch_done: int, metrics: dict | None) -> None:
-        meta = {"classes": classes, "config": cfg.to_dict(), "epoch": epoch_done, "patch_size": patch,
-                "stage_one": str(run), "metrics": metrics or {}}
-        extra = None
-        if path == last_path:
-            extra = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
-                     "batch": batch_done, "global_step": global_step, "best": best, "best_epoch": best_epoch,
-                     "torch_rng": torch.get_rng_state()}
-        save_model(path, model, meta, extra)
+    def batches(self, ctx: RunContext, epoch: int, first: int) -> Iterable[Any]:
+        cfg, n_real, n_synth, rank, world = self.cfg, self.n_real, self.n_synth, ctx.rank, ctx.world
+        real, synth = self.items.real, self.items.synthetic
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.randperm(len(real), generator=g).tolist()
+        s_order = torch.randperm(len(synth), generator=g).tolist() if synth is not None else []
+        workers = cfg.num_workers > 0
 
-    yield ProgressEvent("start", epoch=start_epoch, epochs=cfg.epochs, steps=steps,
-                        message=f"segmenter on {len(samples)} images ({patch} px) from {source}; "
-                                f"{n_sets} mask set(s) weighted {list(set_weights)}; device {device}"
-                                f"{f' x {world} processes' if world > 1 else ''}")
-    for note in notes:
-        yield ProgressEvent("log", message=note)
+        def seed(slot: int) -> int | None:  # slot: position in the epoch's global batches
+            return item_seed(cfg.seed, epoch, slot) if workers else None
 
-    bg = classes.background_index
-    pos = saved_pos = (start_epoch, start_batch)
-    t_run = time.perf_counter()
-    steps_here = 0
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            order = torch.randperm(len(real_ds), generator=g).tolist()
-            s_order = torch.randperm(len(synth_ds), generator=g).tolist() if synth_ds is not None else []
-            model.train()
-            run_loss, n_loss = 0.0, 0
-            for b in range(start_batch if epoch == start_epoch else 0, steps):
-                if dctx.any(should_stop is not None and should_stop()):
-                    if main:
-                        checkpoint(last_path, epoch, b, None)
-                    saved_pos = pos
-                    yield ProgressEvent("cancelled", epoch=epoch + 1, epochs=cfg.epochs, step=b, steps=steps,
-                                        message=f"stopped at epoch {epoch + 1} step {b}; {last_path} saved (resume to continue)")
-                    return
-                # this rank's share of the global batch: every world-th real and synthetic item
-                items = [real_ds[order[(b * n_real + j) % len(order)]] for j in range(rank, n_real, world)]
-                if n_synth:
-                    items += [synth_ds[s_order[(b * n_synth + j) % len(s_order)]] for j in range(rank, n_synth, world)]
-                x, targets, weight, labels = (torch.stack(t).to(device) for t in zip(*items))
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * lr_at(global_step, total_steps, cfg.warmup_steps)
-                with autocast(device, cfg.amp):
-                    if use_aux:
-                        logits, aux_logits, cam = net(x, return_aux=True)
-                    else:
-                        logits = net(x)
-                loss = mlps_loss(logits, targets, set_weights, bg, weight, oeem=cfg.oeem)
-                if use_aux:
-                    real = slice(0, local_real)
-                    loss = loss + cfg.image_loss_weight * image_level_loss(aux_logits[real], labels[real])
-                    loss = loss + cfg.consistency_weight * consistency_loss(logits[real], cam[real])
-                value = dctx.all_reduce_mean(float(loss.detach()))
-                if not math.isfinite(value):
-                    raise TrainingError(f"loss became {value} at epoch {epoch + 1} step {b + 1}; "
-                                        f"lower the learning rate (last good checkpoint: {last_path})")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                global_step += 1
-                steps_here += 1
-                run_loss += value
-                n_loss += 1
-                pos = (epoch, b + 1)
-                elapsed = time.perf_counter() - t_run
-                yield ProgressEvent("step", epoch=epoch + 1, epochs=cfg.epochs, step=b + 1, steps=steps, loss=value,
-                                    eta_s=elapsed / steps_here * (total_steps - global_step))
-            scores = _evaluate(model, val, classes, device, patch, should_stop if world == 1 else None) if val else None
-            train_loss = run_loss / max(n_loss, 1)
-            signal = scores["miou"] if scores is not None else -train_loss
-            improved = best is None or (signal is not None and signal > best)
-            if improved:
-                best, best_epoch = signal, epoch + 1
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                   "val_miou": scores["miou"] if scores else None,
-                   "val_per_class_iou": scores["per_class_iou"] if scores else None,
-                   "seconds": time.perf_counter() - t_run}
-            history.append(row)
-            if main:
-                write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-                if improved:
-                    checkpoint(best_path, epoch + 1, 0, row)
-                checkpoint(last_path, epoch + 1, 0, row)
-            pos = saved_pos = (epoch + 1, 0)
-            yield ProgressEvent("epoch", epoch=epoch + 1, epochs=cfg.epochs, step=steps, steps=steps, loss=train_loss,
-                                metrics=row)
-            yield ProgressEvent("checkpoint", epoch=epoch + 1, epochs=cfg.epochs,
-                                message=f"saved {last_path}" + (f" and {best_path}" if improved else ""))
-        yield ProgressEvent("done", epoch=cfg.epochs, epochs=cfg.epochs, metrics={"best": best, "best_epoch": best_epoch},
-                            message=f"trained {cfg.epochs} epochs; best epoch {best_epoch} -> {best_path}")
-    except GeneratorExit:
-        if main and pos != saved_pos:
-            checkpoint(last_path, pos[0], pos[1], None)
-        raise
-    finally:
-        dctx.shutdown()
+        keys = []
+        for b in range(first, self.steps):
+            # this rank's share of the global batch: every world-th real and synthetic item
+            step = [(False, order[(b * n_real + j) % len(order)], seed(b * cfg.batch_size + j))
+                    for j in range(rank, n_real, world)]
+            if n_synth:
+                step += [(True, s_order[(b * n_synth + j) % len(s_order)], seed(b * cfg.batch_size + n_real + j))
+                         for j in range(rank, n_synth, world)]
+            keys.append(step)
+        return make_loader(self.items, num_workers=cfg.num_workers, pin=ctx.pin, batches=keys)
+
+    def loss(self, ctx: RunContext, net: torch.nn.Module, batch: Any, epoch: int, step: int) -> tuple[torch.Tensor, int]:
+        cfg = self.cfg
+        x, targets, weight, labels = (t.to(ctx.device) for t in batch)
+        with ctx.autocast():
+            if cfg.synthesis:
+                logits, aux_logits, cam = net(x, return_aux=True)
+            else:
+                logits = net(x)
+        loss = mlps_loss(logits, targets, self.set_weights, self.classes.background_index, weight, oeem=cfg.oeem)
+        if cfg.synthesis:  # the image-level head and the consistency term learn from the real images only
+            real = slice(0, self.local_real)
+            loss = loss + cfg.image_loss_weight * image_level_loss(aux_logits[real], labels[real])
+            loss = loss + cfg.consistency_weight * consistency_loss(logits[real], cam[real])
+        return loss, x.shape[0]
+
+    def validate(self, ctx: RunContext, model: torch.nn.Module) -> dict | None:
+        if not self.val:
+            return {}
+        scores = _evaluate(model, self.val, self.classes, ctx.device, self.patch_size, ctx.validation_stop)
+        if scores is None:
+            return None
+        return {"val_miou": scores["miou"], "val_per_class_iou": scores["per_class_iou"]}
+
+    def signal(self, val: dict, train_loss: float) -> float | None:
+        return val["val_miou"] if val else -train_loss
+
+    def format_signal(self, value: float | None) -> str:
+        if value is not None and not self.val:
+            value = -value  # the train loss, kept negated so that higher is better
+        return super().format_signal(value)
+
+    def epoch_row(self, ctx: RunContext, s: EpochSummary) -> dict:
+        return {"epoch": s.epoch, "train_loss": s.train_loss, "lr": s.lr,
+                "val_miou": s.val.get("val_miou"), "val_per_class_iou": s.val.get("val_per_class_iou"),
+                "seconds": s.seconds}
 
 
 def _common_side(samples: Sequence[WeakSample]) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QFormLayout, QGroupBox, QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QLabel, QVBoxLayout, QWidget
 
 from ..core.errors import HistoWSSSError
 from ._state import Session
@@ -138,3 +138,206 @@ def color_swatch(rgb: tuple[int, int, int], size: int = 14) -> QLabel:
     sw.setFixedSize(size, size)
     sw.setStyleSheet(f"background-color: rgb({rgb[0]},{rgb[1]},{rgb[2]}); border: 1px solid #222;")
     return sw
+
+
+# ---------------------------------------------------------------------------------------------
+# settings forms
+# ---------------------------------------------------------------------------------------------
+_INT_MAX = 2**31 - 1  # QSpinBox holds a C int
+_OPEN_INT_MAX = 10**6  # widget bound of a whole-number field the core leaves open (keeps the dock narrow)
+_OPEN_FLOAT_MAX = 1000.0  # the same for numbers
+ADVANCED_MAX_HEIGHT = 360  # px: the "Advanced settings" box scrolls beyond this
+
+
+class SettingsForm(QWidget):
+    """The form of a settings class (:mod:`..core.settings`), generated from its fields'
+    metadata: one widget per field with ``gui=True``, its default, limits and choices from the
+    declaration and its help as tooltip. ``basic`` fields fill the main group box; the others
+    sit under a collapsed "Advanced settings" section, by section (``group``), so a panel is
+    not a wall of thirty fields.
+
+    Why not magicgui (a napari dependency): with napari 0.9 / magicgui 0.10 under PyQt6,
+    ``create_widget`` rounds a float default of 3e-4 to 0.0 (two decimals unless a step is
+    given), shows an ``int | None`` default of None as the minimum (it has no "automatic"
+    state), offers no editable choice list (``weights``: "imagenet", "none" or a file path;
+    ``device``: also ``cuda:1``) and has no widget for ``tuple[float, ...]`` or
+    ``tuple[int, ...] | None``. Plain Qt widgets handle each case in a few lines: number
+    fields with the field's decimals, an "auto"/"all" special value for None, editable combo
+    boxes, and comma-separated text for lists parsed by the core's
+    :func:`~..core.settings.parse_value` (the command line's parser).
+
+    ``widgets[name]`` is the field's editor (QSpinBox, QDoubleSpinBox, QComboBox, QCheckBox or
+    QLineEdit); :meth:`values` reads them.
+    """
+
+    def __init__(self, config_class: Any, title: str = "Settings", skip: Any = (), parent: QWidget | None = None):
+        from qtpy.QtWidgets import QFrame, QScrollArea, QToolButton
+
+        super().__init__(parent)
+        self.config_class = config_class
+        self.widgets: dict[str, QWidget] = {}
+        self._get: dict[str, Callable[[], Any]] = {}
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.box, self.form = form_group(title)
+        layout.addWidget(self.box)
+        self.advanced_button = QToolButton()
+        self.advanced_button.setText("Advanced settings")
+        self.advanced_button.setCheckable(True)
+        self.advanced_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.advanced_button.setArrowType(Qt.ArrowType.RightArrow)
+        self.advanced_button.setAutoRaise(True)
+        self.advanced_button.toggled.connect(self.show_advanced)
+        # the advanced fields scroll inside a box of bounded height: opened, the panel stays usable
+        # on a laptop screen (napari does not scroll a dock widget)
+        inner = QWidget()
+        self.advanced_form = QFormLayout(inner)
+        self.advanced_form.setContentsMargins(6, 0, 6, 6)
+        self.advanced = QScrollArea()
+        self.advanced.setWidget(inner)
+        self.advanced.setWidgetResizable(True)
+        self.advanced.setFrameShape(QFrame.Shape.NoFrame)
+        self.advanced.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.advanced.setMaximumHeight(ADVANCED_MAX_HEIGHT)
+        self.advanced.setVisible(False)
+
+        kinds = config_class.kinds()
+        sections: dict[str, list] = {}
+        for f in config_class.settings_fields():
+            info = f.metadata["setting"]
+            if not info.gui or f.name in skip:
+                continue
+            if info.basic:
+                self._add_row(self.form, f, kinds[f.name])
+            else:
+                sections.setdefault(info.group, []).append(f)
+        for group, fields in sections.items():
+            if group:
+                heading = QLabel(f"<i>{group[:1].upper() + group[1:]}</i>")
+                self.advanced_form.addRow(heading)
+            for f in fields:
+                self._add_row(self.advanced_form, f, kinds[f.name])
+        if sections:
+            self.form.addRow(self.advanced_button)
+            self.form.addRow(self.advanced)
+        else:
+            self.advanced_button.hide()
+
+    def show_advanced(self, shown: bool) -> None:
+        """Open or close the "Advanced settings" section."""
+        self.advanced.setVisible(shown)
+        self.advanced_button.setArrowType(Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow)
+        if self.advanced_button.isChecked() != shown:
+            self.advanced_button.setChecked(shown)
+
+    def _add_row(self, form: QFormLayout, f: Any, kind: Any) -> None:
+        info = f.metadata["setting"]
+        editor, get, put, row = _editor(f.name, kind, info, f.default)
+        editor.setToolTip(info.help)
+        put(f.default)
+        if get() != f.default:  # a widget that cannot hold the declared default would be a silent drift
+            raise RuntimeError(f"the form field {f.name} shows {get()!r}, not the default {f.default!r}")
+        if isinstance(editor, QCheckBox):
+            form.addRow(row)
+        else:
+            form.addRow(info.gui_label(f.name), row)
+        self.widgets[f.name], self._get[f.name] = editor, get
+
+    def values(self) -> dict[str, Any]:
+        """The fields' values (a list field that does not parse is an error naming it)."""
+        return {name: get() for name, get in self._get.items()}
+
+
+def _editor(name: str, kind: Any, info: Any, default: Any
+            ) -> tuple[QWidget, Callable[[], Any], Callable[[Any], None], Any]:
+    """(editor, read, write, what the form row holds) for one settings field; an emptied text
+    field reads as the ``default``."""
+    from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QHBoxLayout, QLineEdit, QPushButton, QSpinBox
+
+    from ..core.settings import format_value, parse_value
+
+    if kind.base is bool or info.toggle is not None:  # a check box (a toggle sets a preset value)
+        box = QCheckBox(info.gui_label(name))
+        if info.toggle is None:
+            return box, box.isChecked, lambda v: box.setChecked(bool(v)), box
+        on, off = info.toggle, default
+        return box, (lambda: on if box.isChecked() else off), (lambda v: box.setChecked(bool(v) and v != off)), box
+
+    if info.choices:  # a list: fixed choices, or offered ones that other values may join (editable)
+        combo = QComboBox()
+        combo.addItems([format_value(c) for c in info.choices])
+        combo.setEditable(not info.strict)
+        convert = kind.base if kind.base in (int, float) else str
+
+        def get_choice() -> Any:
+            text = combo.currentText().strip()
+            return convert(text) if text else default
+
+        def put_choice(v: Any) -> None:
+            combo.setCurrentText(format_value(v))
+
+        row: Any = combo
+        if info.browse:
+            button = QPushButton("...")
+            button.setMaximumWidth(30)
+            button.setToolTip("choose a file")
+            button.clicked.connect(lambda: _browse_into(combo, info.gui_label(name), info.browse))
+            row = QHBoxLayout()
+            row.addWidget(combo, 1)
+            row.addWidget(button)
+        return combo, get_choice, put_choice, row
+
+    if kind.base is int:
+        spin = QSpinBox()
+        lo, hi = info.range or (None, None)
+        lo = 0 if lo is None else int(lo) + (1 if info.open in ("lo", "both") else 0)
+        hi = _OPEN_INT_MAX if hi is None else min(int(hi) - (1 if info.open in ("hi", "both") else 0), _INT_MAX)
+        if kind.optional:  # the value below the range stands for None ("auto", "all")
+            lo -= 1
+            spin.setSpecialValueText(info.none or "none")
+        spin.setRange(lo, hi)
+        if info.step:
+            spin.setSingleStep(int(info.step))
+
+        def get_int() -> Any:
+            v = spin.value()
+            return None if kind.optional and v == spin.minimum() else v
+
+        return spin, get_int, lambda v: spin.setValue(spin.minimum() if v is None else int(v)), spin
+
+    if kind.base is float:
+        spin = QDoubleSpinBox()
+        decimals = info.decimals if info.decimals is not None else 3
+        spin.setDecimals(decimals)
+        eps = 10.0 ** -decimals
+        lo, hi = info.range or (None, None)
+        lo = -_OPEN_FLOAT_MAX if lo is None else lo + (eps if info.open in ("lo", "both") else 0.0)
+        hi = _OPEN_FLOAT_MAX if hi is None else hi - (eps if info.open in ("hi", "both") else 0.0)
+        spin.setRange(lo, hi)
+        spin.setSingleStep(info.step or (0.1 if hi - lo <= 10 else 1.0))
+        return spin, lambda: round(spin.value(), decimals), lambda v: spin.setValue(float(v)), spin
+
+    # text: a list of values, comma-separated (parsed like the command line), or a free string
+    edit = QLineEdit()
+    if info.none:
+        edit.setPlaceholderText(info.none)
+
+    def get_text() -> Any:
+        if kind.base is str:
+            return edit.text().strip() or default
+        try:
+            return parse_value(edit.text(), kind, info)
+        except ValueError as e:
+            from ._state import GuiError
+
+            raise GuiError(f"{info.gui_label(name)}: {e}") from None
+
+    return edit, get_text, lambda v: edit.setText(format_value(v)), edit
+
+
+def _browse_into(combo: Any, title: str, file_filter: str) -> None:
+    from qtpy.QtWidgets import QFileDialog
+
+    path, _f = QFileDialog.getOpenFileName(combo, title, "", file_filter)
+    if path:
+        combo.setCurrentText(path)

@@ -1,7 +1,7 @@
 """Run a core generator of progress events off the GUI thread, with progress, ETA and cancel.
 
 Every long job of the core (training, CAMs, prediction) is a generator of
-:class:`~napari_histo_wsss.core.train.ProgressEvent` that accepts a ``should_stop`` callable and
+:class:`~napari_histo_wsss.core.progress.ProgressEvent` that accepts a ``should_stop`` callable and
 saves its checkpoint when asked to stop (or when closed). :class:`BackgroundTask` drives such a
 generator inside a napari ``GeneratorWorker`` (a thread of Qt's pool) and hands each event to the
 GUI thread, where the caller touches layers. It also
@@ -74,6 +74,9 @@ def _drive(factory: JobFactory, stop: threading.Event, done: threading.Event) ->
     gen: Iterator[Any] | None = None
     after_stop = 0
     try:
+        from ..core.device import apply_thread_policy  # imports torch, so only once a job runs
+
+        apply_thread_policy(gui=True)  # in the thread that runs the job: one core stays with the viewer
         gen = factory(stop.is_set)
         for item in gen:
             yield item

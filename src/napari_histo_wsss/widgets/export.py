@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..core.progress import ProgressEvent
 from ._common import Panel, compact, form_group, guarded
 from ._state import GuiError
 
@@ -116,19 +117,12 @@ def score_masks(pred: np.ndarray, gt: np.ndarray, classes: Any) -> dict:
     return cm.scores(classes.names)
 
 
-@dataclass
-class ExportDone:
-    """One written file (duck-types a progress event for the progress bar)."""
+@dataclass(eq=False)
+class ExportDone(ProgressEvent):
+    """One written file, as a progress event of the export job."""
 
-    path: Path
-    step: int
-    steps: int
     kind: str = "step"
-    epoch: int = 0
-    epochs: int = 0
-    loss: float | None = None
-    eta_s: float | None = None
-    message: str = ""
+    path: Path | None = None
 
 
 class ExportWidget(Panel):
@@ -161,6 +155,11 @@ class ExportWidget(Panel):
         for key, (title, suffix) in FORMATS.items():
             cb = QCheckBox(f"{title} ({suffix})")
             cb.setChecked(key in ("ome-zarr", "geojson"))
+            if key == "geojson":  # written with core.export's defaults, as `histo-wsss export` does
+                from ..core.export import GEOJSON_TOLERANCE
+
+                cb.setToolTip(f"one MultiPolygon per class, holes as inner rings, outlines simplified by "
+                              f"{GEOJSON_TOLERANCE:g} px of the exported level; level-0 pixel coordinates")
             self.format_boxes[key] = cb
             form.addRow(cb)
         self.export_btn = QPushButton("Export")
@@ -293,7 +292,7 @@ class ExportWidget(Panel):
                         ex.export_geojson(arr, path, classes, downsample=lds, origin=origin)
                 else:
                     ex.export_patch_labels_csv(table, path)
-                yield ExportDone(path, i, len(paths), message=path.name)
+                yield ExportDone(path=path, step=i, steps=len(paths), message=path.name)
 
         self.written = []
         self.files_label.setText("")

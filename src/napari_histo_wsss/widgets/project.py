@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from napari.utils.notifications import show_warning
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -258,21 +259,35 @@ class ProjectWidget(Panel):
         table = classes if classes is not None else self.classes.class_table()
         mpp = self.target_mpp.value() or None
         project = Project.create(Path(path), table, patch_size=self.patch_size.value(), target_mpp=mpp,
-                                 min_tissue=self.min_tissue.value())
+                                 min_tissue=self.min_tissue.value(), session=True)
         self.path_edit.setText(str(path))
-        self.session.set_project(project)
+        self._make_current(project)
         self.say(f"created project {project.root} with classes {', '.join(table.names)}", notify=True)
         return project
 
     def open_project(self, path: str | Path) -> Any:
-        """Open an existing project folder and make it current."""
+        """Open an existing project folder and make it current; warn when another window has it
+        open too: saves from both merge, but neither window shows the other's new edits."""
         from ..core.project import Project
 
-        project = Project.open(Path(path))
+        project = Project.open(Path(path), session=True)
         self.path_edit.setText(str(path))
-        self.session.set_project(project)
-        self.say(f"opened {project.root}: {len(project.slides)} slide(s), classes {', '.join(project.classes.names)}")
+        self._make_current(project)
+        opened = f"opened {project.root}: {len(project.slides)} slide(s), classes {', '.join(project.classes.names)}"
+        if project.open_elsewhere is not None:
+            warning = project.open_elsewhere.message(project.root)
+            self.say(f"{opened}. Warning: {warning}")
+            show_warning(warning)
+        else:
+            self.say(opened)
         return project
+
+    def _make_current(self, project: Any) -> None:
+        """Make ``project`` current; the previous one stops counting as open in this window."""
+        previous = self.session.project
+        self.session.set_project(project)
+        if previous is not None and previous is not project:
+            previous.end_session()
 
     @guarded
     def _on_apply(self, *_: Any) -> None:

@@ -1,10 +1,12 @@
 """Review and correct panel: CAMs and pseudo-masks over the slide, live thresholds, corrections.
 
-Compute (background job): the trained classifier of a run is applied to the slide in tiles read
-at the project's working resolution (:func:`core.cams.cams_for_image`); each finished tile is
-shown at once. Everything is kept on one *canvas*: a single-level raster of the slide at the
-working resolution, or coarser so that its longer side stays under "max. mask side" (napari
-cannot paint multiscale Labels and paints huge ones slowly; design section 7).
+The model of this step lives in :mod:`core.review` (the slide canvas, its tiling, the automatic
+pseudo-mask, the corrected-pixel rules and the project mask names); this panel shows it and
+turns the pathologist's strokes into :class:`~..core.review.Corrections`.
+
+Compute (background job): :func:`core.review.compute_slide_cams` - the same job as
+``histo-wsss cams`` - applies a run's classifier to the slide tile by tile and stores the project
+masks ``cam``, ``cam_probs`` and ``pseudo``; each finished tile is shown at once.
 
 Layers (all placed over the slide with :meth:`Session.overlay_transform`):
 
@@ -16,19 +18,15 @@ Layers (all placed over the slide with :meth:`Session.overlay_transform`):
 * ``reviewed`` - the outline of the regions marked reviewed.
 
 Sliders (CAM threshold, gating probability, white-background grey level) recompute the automatic
-mask with :func:`core.cams.pseudo_mask` tile by tile and redraw it; pixels the user corrected are
-kept. The corrected flag is ``touched & (current value != automatic value)``: painting or filling
-marks pixels touched (napari's ``paint`` event), undo restores the automatic value so the flag
-clears by itself. The CAM job stores the project masks ``cam`` (float16) and ``cam_probs`` (per
-tile, NaN where not computed) from its worker thread; corrections autosave (debounced) and on
+mask tile by tile (:func:`core.review.pseudo_tiles`) and redraw it; pixels the user corrected are
+kept. Painting or filling marks pixels touched (napari's ``paint`` event); undo restores the
+automatic value so the corrected flag clears by itself. Corrections autosave (debounced) and on
 "Save" as ``pseudo``, ``corrected``, ``corrected_flag`` and ``reviewed``.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -47,9 +45,30 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.errors import HistoWSSSError
+from ..core.review import (
+    CLASSIFIER_RUN_PREFIX,
+    MASK_CORRECTED,
+    MASK_PSEUDO,
+    CamCanvas,
+    CamPlan,
+    CamTile,
+    Corrections,
+    PseudoTile,
+    ReviewSettings,
+    calibrated_gating,
+    compute_slide_cams,
+    corrections_for_plan,
+    list_runs,
+    load_canvas,
+    load_corrections,
+    plan_slide_cams,
+    pseudo_from_canvas,
+    pseudo_tile,
+    pseudo_tiles,
+    white_tile,
+)
 from ._common import Panel, clear_layout, color_swatch, compact, form_group, guarded, label_colormap, same_layer
 from ._state import GuiError
-from .training import list_runs
 
 CAM_PREFIX = "CAM "
 PSEUDO_LAYER = "pseudo-mask"
@@ -58,297 +77,12 @@ _REVIEWED_RGBA = (0.0, 0.9, 0.9, 1.0)
 _AUTOSAVE_MS = 1500
 _REDRAW_MS = 60
 _REFRESH_S = 0.3  # at most this often the CAM layers are re-uploaded while tiles arrive
-
-
-# ---------------------------------------------------------------------------------------------
-# the canvas (pure numpy, no Qt)
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class CamCanvas:
-    """CAMs of one slide on a single-level raster.
-
-    ``cams`` (C, h, w) float32 in [0, 1]; ``probs`` (C, th, tw) float32 image-level probability
-    of each class per tile, NaN where the tile was not computed (no tissue, or cancelled);
-    ``tile`` canvas pixels per tile side; ``downsample`` level-0 pixels per canvas pixel; ``rgb``
-    the slide at canvas resolution (white where not computed) for the white-background rule.
-    """
-
-    cams: np.ndarray
-    probs: np.ndarray
-    tile: int
-    downsample: float
-    rgb: np.ndarray
-    #: cache of :func:`core.cams.class_scores` per (ty, tx, tile version, allowed classes); see
-    #: :func:`pseudo_tile` (filled from the slider worker thread, so keys carry the tile version)
-    scores: dict = field(default_factory=dict, repr=False, compare=False)
-    versions: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def empty(cls, num_classes: int, shape: tuple[int, int], tile: int, downsample: float) -> "CamCanvas":
-        h, w = shape
-        th, tw = math.ceil(h / tile), math.ceil(w / tile)
-        return cls(
-            cams=np.zeros((num_classes, h, w), dtype=np.float32),
-            probs=np.full((num_classes, th, tw), np.nan, dtype=np.float32),
-            tile=int(tile), downsample=float(downsample),
-            rgb=np.full((h, w, 3), 255, dtype=np.uint8),
-        )
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.cams.shape[1]), int(self.cams.shape[2])
-
-    def tile_slices(self, ty: int, tx: int) -> tuple[slice, slice]:
-        h, w = self.shape
-        t = self.tile
-        return slice(ty * t, min((ty + 1) * t, h)), slice(tx * t, min((tx + 1) * t, w))
-
-    def computed_tiles(self) -> list[tuple[int, int]]:
-        done = ~np.isnan(self.probs[0])
-        return [(int(a), int(b)) for a, b in zip(*np.nonzero(done))]
-
-    def put(self, ty: int, tx: int, cams: np.ndarray, probs: np.ndarray, rgb: np.ndarray) -> tuple[slice, slice]:
-        """Store one computed tile (already at canvas resolution, cropped to the canvas)."""
-        sy, sx = self.tile_slices(ty, tx)
-        self.cams[:, sy, sx] = cams
-        self.rgb[sy, sx] = rgb
-        self.probs[:, ty, tx] = probs
-        self.versions[(ty, tx)] = self.versions.get((ty, tx), 0) + 1  # cached scores of the old tile go stale
-        for key in [k for k in list(self.scores) if k[:2] == (ty, tx)]:
-            self.scores.pop(key, None)
-        return sy, sx
-
-
-def pseudo_tile(canvas: CamCanvas, classes: Any, ty: int, tx: int, cam_threshold: float, gating: float,
-                white: np.ndarray | None = None) -> np.ndarray:
-    """The automatic pseudo-mask (uint8 class index, background = C) of one computed tile:
-    :func:`core.cams.pseudo_mask` gated by the tile's predicted probabilities (``gating``) with
-    ``cam_threshold`` as the background threshold; ``white`` (the tile's white-glass mask) is
-    background too. The threshold-independent scores are cached on the canvas per tile and
-    gating, so moving the CAM-threshold slider costs one comparison per pixel."""
-    from ..core.cams import allowed_classes, class_scores, threshold_scores
-
-    allowed = allowed_classes(classes, probs=canvas.probs[:, ty, tx], prob_threshold=gating)
-    key = (ty, tx, canvas.versions.get((ty, tx), 0), allowed.tobytes())
-    parts = canvas.scores.get(key)
-    if parts is None:
-        sy, sx = canvas.tile_slices(ty, tx)
-        parts = canvas.scores[key] = class_scores(canvas.cams[:, sy, sx], classes, allowed)
-    return threshold_scores(*parts, classes, bg_threshold=cam_threshold, white=white)
-
-
-def white_tile(canvas: CamCanvas, ty: int, tx: int, level: int | None) -> np.ndarray | None:
-    """White glass (grey > ``level``, small specks removed) of one tile; None when ``level`` is None."""
-    from ..core.tissue import white_background_mask
-
-    if level is None:
-        return None
-    sy, sx = canvas.tile_slices(ty, tx)
-    return white_background_mask(canvas.rgb[sy, sx], grey_threshold=int(level))
-
-
-def pseudo_from_canvas(canvas: CamCanvas, classes: Any, cam_threshold: float, gating: float,
-                       white_level: int | None) -> np.ndarray:
-    """The automatic pseudo-mask of the whole canvas (tiles not computed are background)."""
-    out = np.full(canvas.shape, classes.background_index, dtype=np.uint8)
-    for ty, tx in canvas.computed_tiles():
-        out[canvas.tile_slices(ty, tx)] = pseudo_tile(canvas, classes, ty, tx, cam_threshold, gating,
-                                                      white_tile(canvas, ty, tx, white_level))
-    return out
-
-
-@dataclass
-class PseudoTile:
-    """A recomputed tile of the automatic mask (duck-types a progress event)."""
-
-    ty: int
-    tx: int
-    mask: np.ndarray
-    step: int
-    steps: int
-    kind: str = "step"
-    epoch: int = 0
-    epochs: int = 0
-    loss: float | None = None
-    eta_s: float | None = None
-    message: str = ""
-
-
-def pseudo_tiles(canvas: CamCanvas, classes: Any, tiles: list[tuple[int, int]], cam_threshold: float,
-                 gating: float, white_level: int | None, white_cache: dict,
-                 should_stop: Callable[[], bool]) -> Iterator[PseudoTile]:
-    """Worker-thread job of the live sliders: the automatic mask of ``tiles`` in the given order
-    (visible ones first). White masks depend only on the white level and are cached per tile."""
-    n = len(tiles)
-    for i, (ty, tx) in enumerate(tiles, start=1):
-        if should_stop():
-            return
-        key = (white_level, ty, tx)
-        if key not in white_cache:
-            white_cache[key] = white_tile(canvas, ty, tx, white_level)
-        yield PseudoTile(ty, tx, pseudo_tile(canvas, classes, ty, tx, cam_threshold, gating, white_cache[key]), i, n)
-
-
-@dataclass
-class CamTile:
-    """A finished tile, sent from the worker thread (duck-types a progress event)."""
-
-    ty: int
-    tx: int
-    cams: np.ndarray
-    probs: np.ndarray
-    rgb: np.ndarray
-    step: int
-    steps: int
-    eta_s: float | None
-    kind: str = "step"
-    epoch: int = 0
-    epochs: int = 0
-    loss: float | None = None
-    message: str = ""
-
-
-@dataclass
-class CamPlan:
-    """Where the tiles of a slide lie: canvas geometry and working resolution."""
-
-    shape: tuple[int, int]        # canvas (h, w)
-    downsample: float             # level-0 px per canvas px
-    tile: int                     # canvas px per tile side
-    work_downsample: float        # level-0 px per model input px
-    tiles: list[tuple[int, int]] = field(default_factory=list)   # (ty, tx) holding tissue
-
-    @property
-    def tile_work(self) -> int:
-        """Model input pixels per tile side."""
-        return max(1, int(round(self.tile * self.downsample / self.work_downsample)))
-
-
-def plan_cams(slide_dims: tuple[int, int], work_downsample: float, tile_work: int, max_side: int,
-              tissue: Any = None) -> CamPlan:
-    """Canvas at the working resolution (coarser if its longer side would exceed ``max_side``),
-    tiles of ``tile_work`` model pixels; tiles without tissue (per ``tissue.box_fraction``) skipped."""
-    w0, h0 = slide_dims
-    ds = max(float(work_downsample), max(w0, h0) / float(max_side))
-    h, w = max(1, math.ceil(h0 / ds)), max(1, math.ceil(w0 / ds))
-    tile = max(8, int(round(tile_work * work_downsample / ds)))
-    plan = CamPlan((h, w), ds, tile, float(work_downsample))
-    for ty in range(math.ceil(h / tile)):
-        for tx in range(math.ceil(w / tile)):
-            if tissue is not None and tissue.box_fraction(tx * tile * ds, ty * tile * ds, tile * ds, tile * ds) <= 0:
-                continue
-            plan.tiles.append((ty, tx))
-    return plan
-
-
-def _resize_stack(maps: np.ndarray, size: int) -> np.ndarray:
-    """(C, s, s) float maps -> (C, size, size), area-averaged (bilinear when enlarging)."""
-    if maps.shape[1] == size and maps.shape[2] == size:
-        return maps
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(maps))[None]
-    mode = "area" if maps.shape[1] >= size else "bilinear"
-    kw = {} if mode == "area" else {"align_corners": False}
-    return F.interpolate(t, size=(size, size), mode=mode, **kw)[0].numpy()
-
-
-def slide_cam_tiles(run_dir: Path, which: str, slide_path: Path, plan: CamPlan, mode: str, window: int,
-                    device: str, should_stop: Callable[[], bool], classes: Any = None,
-                    save: Callable[[CamCanvas], None] | None = None) -> Iterator[CamTile]:
-    """Worker-thread job: load the run's classifier and compute the CAMs of each planned tile.
-
-    With ``save``, the tiles are also gathered on a canvas of their own that ``save`` stores when
-    the job ends or is cancelled, so that the large float CAM arrays are written off the GUI thread."""
-    from PIL import Image
-
-    from ..core.cams import cams_for_image
-    from ..core.slide import open_slide
-    from ..core.train import load_run
-
-    model, run_classes, _cfg = load_run(run_dir, which=which)
-    if classes is not None and run_classes.names != classes.names:
-        raise GuiError(f"{run_dir}: the run was trained on classes {', '.join(run_classes.names)}, "
-                       f"the project has {', '.join(classes.names)}")
-    canvas = CamCanvas.empty(run_classes.num_classes, plan.shape, plan.tile, plan.downsample) if save else None
-    t0 = time.monotonic()
-    n = len(plan.tiles)
-    tw = plan.tile_work
-    size0 = plan.tile * plan.downsample
-    h, w = plan.shape
-    try:
-        with open_slide(slide_path) as slide:
-            for i, (ty, tx) in enumerate(plan.tiles, start=1):
-                if should_stop():
-                    return
-                rgb = slide.read_scaled((tx * size0, ty * size0), (size0, size0), (tw, tw))
-                cams, probs = cams_for_image(model, rgb, device=device if device != "auto" else None, mode=mode,
-                                             window=window)
-                cams = _resize_stack(cams, plan.tile)
-                small = np.asarray(Image.fromarray(rgb).resize((plan.tile, plan.tile), Image.Resampling.BOX))
-                ch, cw = min(plan.tile, h - ty * plan.tile), min(plan.tile, w - tx * plan.tile)
-                tile = CamTile(ty, tx, cams[:, :ch, :cw], probs, small[:ch, :cw], step=i, steps=n,
-                               eta_s=(time.monotonic() - t0) / i * (n - i), message=f"tile {i}/{n}")
-                if canvas is not None:
-                    canvas.put(ty, tx, tile.cams, tile.probs, tile.rgb)
-                yield tile
-    finally:
-        if canvas is not None and canvas.computed_tiles():
-            save(canvas)
-
+_DEFAULTS = ReviewSettings()
+_AS_TRAINED = "as trained"  # the CAM mode entry that stands for ReviewSettings.mode None (the run's cam_mode)
 
 # ---------------------------------------------------------------------------------------------
-# corrections (pure numpy, no Qt)
+# the panel
 # ---------------------------------------------------------------------------------------------
-class Corrections:
-    """The editable mask (layer values = class index + 1) and what the user changed in it."""
-
-    def __init__(self, auto: np.ndarray, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.auto = auto
-        self.data = (auto.astype(np.uint8) + 1)
-        self.touched = np.zeros(auto.shape, dtype=bool)
-        self.reviewed = np.zeros(auto.shape, dtype=bool)
-
-    def touch_from_paint(self, atoms: Any) -> None:
-        """Mark the pixels of a napari ``paint`` event's history atoms as touched."""
-        for atom in atoms:
-            key = getattr(atom, "slice_key", None)
-            if key is not None:
-                m = getattr(atom, "mask", None)
-                if m is None:
-                    self.touched[key] = True
-                else:
-                    self.touched[key] |= np.asarray(m, dtype=bool)
-            else:
-                self.touched[tuple(atom[0])] = True
-
-    def flag(self) -> np.ndarray:
-        """Pixels whose value differs from the automatic mask because the user changed them."""
-        return self.touched & (self.data != self.auto + 1)
-
-    def set_auto(self, auto: np.ndarray, region: tuple[slice, slice] | None = None) -> None:
-        """New automatic values for the whole mask, or for ``region`` (``auto`` then holds just that
-        region): thresholds moved or tiles arrived. Corrected pixels keep the user's value."""
-        sl = region if region is not None else (slice(None), slice(None))
-        touched, data = self.touched[sl], self.data[sl]
-        keep = touched & (data != self.auto[sl] + 1)
-        self.auto[sl] = auto
-        self.data[sl] = np.where(keep, data, self.auto[sl] + 1)
-        self.touched[sl] = keep
-
-    def corrected(self) -> np.ndarray:
-        """Class-index mask of the layer (erased pixels, value 0, become background C)."""
-        out = self.data.astype(np.int16) - 1
-        out[out < 0] = self.num_classes
-        return out.astype(np.uint8)
-
-    def area_per_class(self) -> np.ndarray:
-        """Corrected pixels per resulting class index (0..C, C = background/erased)."""
-        return np.bincount(self.corrected()[self.flag()], minlength=self.num_classes + 1)[: self.num_classes + 1]
-
-
 # ---------------------------------------------------------------------------------------------
 # the panel
 # ---------------------------------------------------------------------------------------------
@@ -397,20 +131,23 @@ class ReviewWidget(Panel):
         self.which.addItems(["best", "last"])
         form.addRow("Checkpoint", self.which)
         self.mode = QComboBox()
-        self.mode.addItems(["multi", "last"])
-        self.mode.setToolTip("multi: last-stage CAM fused with two earlier stages (finer); last: classic CAM")
+        for text, mode in ((_AS_TRAINED, None), ("last", "last"), ("multi", "multi")):
+            self.mode.addItem(text, mode)
+        self.mode.setCurrentIndex(self.mode.findData(_DEFAULTS.mode))
+        self.mode.setToolTip(f"{_AS_TRAINED}: the run's cam_mode, the CAMs its validation scored (the core's default); "
+                             "last: classic CAM; multi: last-stage CAM fused with two earlier stages (finer)")
         form.addRow("CAM mode", self.mode)
         self.tile = QSpinBox()
         self.tile.setRange(64, 4096)
         self.tile.setSingleStep(64)
-        self.tile.setValue(1024)
+        self.tile.setValue(_DEFAULTS.tile)
         self.tile.setSuffix(" px")
         self.tile.setToolTip("tile side in model pixels; gating uses one class probability per tile")
         form.addRow("Tile", self.tile)
         self.max_side = QSpinBox()
         self.max_side.setRange(256, 16384)
         self.max_side.setSingleStep(256)
-        self.max_side.setValue(4096)
+        self.max_side.setValue(_DEFAULTS.max_side)
         self.max_side.setSuffix(" px")
         self.max_side.setToolTip("the editable mask is at most this many pixels across (painting stays fast)")
         form.addRow("Max. mask side", self.max_side)
@@ -432,13 +169,13 @@ class ReviewWidget(Panel):
         self.main_layout.addWidget(box)
 
         box, form = form_group("Pseudo-mask")
-        self.cam_thr = _slider(0, 100, 20)
+        self.cam_thr = _slider(0, 100, int(round(_DEFAULTS.cam_threshold * 100)))
         self.cam_thr_label = QLabel()
         form.addRow("CAM threshold", self._with_label(self.cam_thr, self.cam_thr_label))
         self.gating = _slider(0, 100, 50)
         self.gating_label = QLabel()
         form.addRow("Gating (class prob.)", self._with_label(self.gating, self.gating_label))
-        self.white = _slider(150, 255, 200)
+        self.white = _slider(150, 255, _DEFAULTS.white_level)
         self.white_label = QLabel()
         form.addRow("White background", self._with_label(self.white, self.white_label))
         self.show_cams = QCheckBox("Show CAM layers")
@@ -572,7 +309,7 @@ class ReviewWidget(Panel):
         self.runs.clear()
         p = self.session.project
         if p is not None:
-            for r in list_runs(Path(p.runs_dir), "cls-"):
+            for r in list_runs(Path(p.runs_dir), CLASSIFIER_RUN_PREFIX):
                 self.runs.addItem(r.name, str(r))
         if current:
             self.runs.setCurrentText(current)
@@ -617,12 +354,13 @@ class ReviewWidget(Panel):
         self.say("cancelling: tiles computed so far are kept")
 
     def compute(self, run_dir: str | Path | None = None) -> CamPlan:
-        """Start computing the CAMs of the current slide with a run's classifier (background)."""
+        """Start computing the CAMs of the current slide with a run's classifier (background):
+        :func:`core.review.compute_slide_cams`, the job of ``histo-wsss cams``."""
         if self.task.running:
             raise GuiError("CAMs are already being computed: wait for them or press Cancel")
         project = self.session.require_project()
-        sid, slide = self.session.require_slide()
-        grid = self.session.require_grid()
+        sid, _slide = self.session.require_slide()
+        self.session.require_grid()
         if run_dir is None:
             data = self.runs.currentData()
             if not data:
@@ -634,38 +372,37 @@ class ReviewWidget(Panel):
             raise GuiError(f"{run_dir / 'checkpoints' / (which + '.pt')}: no such checkpoint; the run has not finished an epoch yet")
         if self._dirty:
             self.save()
-        tissue = project.tissue(sid)
-        plan = plan_cams(slide.dimensions, grid.downsample, self.tile.value(), self.max_side.value(), tissue)
-        if not plan.tiles:
-            raise GuiError(f"no tissue found on {sid}: nothing to compute")
-        self._start_canvas(project, plan)
-        slide_path = Path(project.slide_path(sid))
-        mode, window, device = self.mode.currentText(), int(grid.patch_size), self.device.currentText()
-
-        def save_cams(canvas: CamCanvas) -> None:  # runs in the worker thread (Project is thread-safe)
-            project.write_mask(sid, "cam", canvas.cams.astype(np.float16), canvas.downsample)
-            project.write_mask(sid, "cam_probs", canvas.probs.astype(np.float16), canvas.downsample * canvas.tile)
-
-        def job(should_stop: Callable[[], bool]) -> Iterator[CamTile]:
-            return slide_cam_tiles(run_dir, which, slide_path, plan, mode, window, device, should_stop,
-                                   classes=project.classes, save=None if project.read_only else save_cams)
-
-        from ..core.train import calibrated_prob_threshold
-
-        chosen = calibrated_prob_threshold(run_dir, which)
+        plan = plan_slide_cams(project, sid, self.tile.value(), self.max_side.value())
+        chosen = calibrated_gating(run_dir, which)
         if chosen is not None:  # start the gating slider where the run's validation put it
             self.gating.setValue(int(round(chosen * 100)))
+        settings = ReviewSettings(which=which, mode=self.mode.currentData(), tile=self.tile.value(),
+                                  max_side=self.max_side.value(), device=self.device.currentText(),
+                                  cam_threshold=self.cam_threshold, gating=self.gating_threshold,
+                                  white_level=int(self.white.value()))
+        self._start_canvas(project, plan)
+
+        def job(should_stop: Callable[[], bool]) -> Iterator[Any]:
+            return compute_slide_cams(project, sid, run_dir, settings, should_stop, overwrite=True,
+                                      save=not project.read_only, keep_partial=True, plan=plan)
+
         self.task.start(job, f"CAMs of {sid}")
+        kept = int(self.edits.flag().sum()) if self.edits is not None else 0
         self.say(f"computing CAMs of {sid} with {run_dir.name} ({which}): {len(plan.tiles)} tiles, "
-                 f"mask {plan.shape[1]}x{plan.shape[0]} px at {plan.downsample:.2f}x")
+                 f"mask {plan.shape[1]}x{plan.shape[0]} px at {plan.downsample:.2f}x"
+                 + (f"; {kept} corrected pixels kept" if kept else ""))
         return plan
 
     def _start_canvas(self, project: Any, plan: CamPlan) -> None:
         self._clear()
-        self._slide_id = self.session.slide_id
+        self._slide_id = sid = self.session.slide_id
         c = project.classes.num_classes
         self.canvas = CamCanvas.empty(c, plan.shape, plan.tile, plan.downsample)
-        self.edits = Corrections(np.full(plan.shape, project.classes.background_index, dtype=np.uint8), c)
+        try:  # recomputing keeps the saved corrections: new tiles replace only automatic values
+            self.edits = corrections_for_plan(project, sid, plan)
+        except HistoWSSSError as e:
+            self.say(f"the saved corrections of {sid} cannot be read ({e}); starting without them")
+            self.edits = Corrections(np.full(plan.shape, project.classes.background_index, dtype=np.uint8), c)
         self.show_layers()
 
     def _on_tile(self, ev: Any) -> None:
@@ -888,9 +625,7 @@ class ReviewWidget(Panel):
     def reviewed_fraction(self) -> float:
         if self.edits is None or self.canvas is None:
             return 0.0
-        region = np.zeros(self.canvas.shape, dtype=bool)
-        for ty, tx in self.canvas.computed_tiles():
-            region[self.canvas.tile_slices(ty, tx)] = True
+        region = self.canvas.computed_region()
         total = int(region.sum())
         return float((self.edits.reviewed & region).sum()) / total if total else 0.0
 
@@ -934,8 +669,7 @@ class ReviewWidget(Panel):
 
     def _snapshot(self) -> dict[str, np.ndarray]:
         """The masks to save, copied (painting may go on while they are written)."""
-        e = self.edits
-        return {"pseudo": e.auto.copy(), "corrected": e.corrected(), "corrected_flag": e.flag(), "reviewed": e.reviewed.copy()}
+        return self.edits.masks()
 
     def _autosave_now(self) -> None:
         """Autosave in the background (writing slide-sized masks must not freeze painting)."""
@@ -962,7 +696,7 @@ class ReviewWidget(Panel):
         if outcome == "done":
             if not self._dirty:
                 self.save_label.setText("all corrections saved")
-            self.session.mask_saved.emit("corrected")
+            self.session.mask_saved.emit(MASK_CORRECTED)
         elif outcome == "failed":
             self._dirty = True  # kept in memory; retried on the next edit or 'Save'
             self.save_label.setText("<span style='color:#ff6b6b'>NOT saved (kept in memory)</span>")
@@ -985,7 +719,7 @@ class ReviewWidget(Panel):
         self._dirty = False
         self._autosave.stop()
         self.save_label.setText("all corrections saved")
-        self.session.mask_saved.emit("corrected")
+        self.session.mask_saved.emit(MASK_CORRECTED)
 
     @guarded
     def _on_load(self, *_: Any) -> None:
@@ -995,32 +729,16 @@ class ReviewWidget(Panel):
         """Show the CAMs, pseudo-mask, corrections and review marks saved for the current slide."""
         project = self.session.require_project()
         sid, _slide = self.session.require_slide()
-        cams = project.read_mask(sid, "cam")
-        probs = project.read_mask(sid, "cam_probs")
-        if cams is None or probs is None:
+        canvas = load_canvas(project, sid)
+        if canvas is None:
             raise GuiError(f"no saved CAMs for slide {sid}: press 'Compute CAMs'")
-        arr, ds = cams
-        parr, pds = probs
-        tile = max(1, int(round(pds / ds)))
-        canvas = CamCanvas(arr.astype(np.float32), parr.astype(np.float32), tile, ds,
-                           np.full(arr.shape[1:] + (3,), 255, dtype=np.uint8))
-        with project.open_slide(sid) as slide:
-            h, w = canvas.shape
-            canvas.rgb[:] = slide.read_scaled((0, 0), (w * ds, h * ds), (w, h))
         self._clear()
         self._slide_id = sid
         self.canvas = canvas
-        pseudo = project.read_mask(sid, "pseudo")
+        pseudo = project.read_mask(sid, MASK_PSEUDO)
         auto = pseudo[0] if pseudo is not None else pseudo_from_canvas(
             canvas, project.classes, self.cam_threshold, self.gating_threshold, self.white_level)
-        self.edits = Corrections(auto.astype(np.uint8), project.classes.num_classes)
-        corrected, flag, reviewed = (project.read_mask(sid, n) for n in ("corrected", "corrected_flag", "reviewed"))
-        if corrected is not None and flag is not None:
-            f = flag[0].astype(bool)
-            self.edits.data[f] = corrected[0][f] + 1
-            self.edits.touched[:] = f
-        if reviewed is not None:
-            self.edits.reviewed[:] = reviewed[0].astype(bool)
+        self.edits = load_corrections(project, sid, auto.astype(np.uint8), canvas.downsample)
         self.show_layers()
         self.save_label.setText("loaded from the project")
         self.say(f"loaded the saved CAMs and corrections of {sid} ({int(self.edits.flag().sum())} corrected pixels)")

@@ -4,8 +4,9 @@ Train: the project's labelled patches with their saved pseudo-masks and the path
 corrections (Review panel; corrected pixels override and weigh more) are the training set of
 :func:`core.train_seg.train_segmenter` (learning from a chosen stage-one classifier run), run in
 the background with the same progress, ETA, live loss plot, cancel and resume as the classifier
-(:class:`~.training.TrainingWidget`, whose form, run list, plot and progress handling this panel
-shares). Predict: :func:`core.infer.predict_slide` writes an OME-Zarr label pyramid into
+(:class:`~.training.TrainingWidget`, whose run list, plot and progress handling this panel
+shares; its settings form is generated from :class:`core.train_seg.SegConfig`, with the core's
+defaults). Predict: :func:`core.infer.predict_slide` writes an OME-Zarr label pyramid into
 the run folder tile by tile; when it is complete it is shown as a multiscale Labels layer with the
 class colours (read-only: corrections belong on the pseudo-mask).
 """
@@ -18,9 +19,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QPushButton, QSpinBox, QWidget
 
+from ..core.settings import read_run_config
+from ..core.train_seg import SegConfig
 from ._common import form_group, guarded, label_colormap
 from ._state import GuiError
-from .training import TrainingWidget, _read_json, list_runs
+from .training import TrainingWidget, list_runs
 
 PREDICTION_LAYER = "prediction"
 
@@ -32,24 +35,17 @@ class Stage2Widget(TrainingWidget):
     run_prefix = "seg-"
     task_key = "train-seg"
     task_title = "Segmenter training"
-    has_method = False
+    config_class = SegConfig
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
         self.prediction_path: Path | None = None
-        self.settings_form.setRowVisible(self.method, False)
         self.source.setToolTip("the stage-one classifier run whose pseudo-masks the segmenter learns from")
         self.session.mask_saved.connect(self._refresh_data)
         self.session.runs_changed.connect(self._refresh_data)
         label = self.data_form.labelForField(self.source)
         if label is not None:
             label.setText("Classifier run")
-        self.synthesis = QCheckBox("HisynSeg synthesis (Mosaic + Bezier)")
-        self.synthesis.setToolTip(
-            "mix synthetic images with exact masks, built from single-label patches, into every batch "
-            "(plus a consistency loss); helps texture-like classes (lung tumour/stroma/normal), "
-            "not gland-shaped ones (docs/benchmarks/stage2.md)")
-        self.settings_form.addRow(self.synthesis)
 
         box, form = form_group("Predict the slide")
         self.pred_tile = QSpinBox()
@@ -128,23 +124,11 @@ class Stage2Widget(TrainingWidget):
                            "in the Review panel first")
         return load_dataset(project.root)
 
-    def config(self, **overrides: Any) -> Any:
-        """A :class:`core.train_seg.SegConfig` from the form (plus ``overrides``)."""
-        from ..core.train_seg import SegConfig
-
-        form = {"synthesis": ("mosaic", "bezier") if self.synthesis.isChecked() else ()}
-        return self._config_from_form(SegConfig, {**form, **overrides})
-
-    def _load_run_config(self, run_dir: Path) -> Any:
-        from ..core.train_seg import SegConfig
-
-        return SegConfig.saved(run_dir)
-
     def _stage_one_run(self, run_dir: Path) -> Path:
         """The classifier run a segmenter run learns from: recorded in its config, else the form's."""
         cfg_path = run_dir / "config.json"
         if cfg_path.is_file():
-            recorded = _read_json(cfg_path).get("stage_one")
+            recorded = read_run_config(cfg_path).get("stage_one")
             if recorded:
                 return Path(recorded)
         data = self.source.currentData()

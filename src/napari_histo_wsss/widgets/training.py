@@ -1,6 +1,8 @@
 """Training panel: stage-one CAM classifier training in the background with a live loss plot.
 
-The form maps one to one onto :class:`core.train.TrainConfig`; Start runs
+The form is generated from :class:`core.train.TrainConfig`'s field declarations
+(:class:`~._common.SettingsForm`: the core's defaults, limits and help, the less common settings
+under "Advanced settings"); Start runs
 :func:`core.train.train_classifier` in a :class:`~._worker.BackgroundTask` (the event loop stays
 free; the core checkpoints every epoch and on Cancel), Resume continues the selected run from its
 last checkpoint. Training data is the project's labelled patches (all slides) or an imported
@@ -18,35 +20,25 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from qtpy.QtWidgets import (
     QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QWidget,
 )
 
-from ._common import Panel, compact, form_group, guarded
+from ..core.models.backbones import BACKBONES  # noqa: F401 - the form lists them (TrainConfig.backbone)
+from ..core.review import list_runs
+from ..core.train import TrainConfig
+from ._common import Panel, SettingsForm, compact, form_group, guarded
 from ._plot import LivePlot
 from ._state import GuiError
 from ._worker import describe_event, progress_units
 
 SOURCE_PROJECT = "project labels (all slides)"
 SOURCE_FOLDER = "imported patch folder"
-BACKBONES = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "resnet18", "resnet34", "resnet50"]
 _LOSS_COLOURS = ["#4fc3f7", "#ffb74d", "#e57373", "#ba68c8"]
 _SCORE_COLOURS = ["#81c784", "#fff176", "#f06292", "#90a4ae"]
-
-
-def list_runs(runs_dir: Path, prefix: str = "") -> list[Path]:
-    """Run folders (holding a ``config.json``) under ``runs_dir``, newest first."""
-    if not runs_dir.is_dir():
-        return []
-    runs = [p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-            and p.name.startswith(prefix) and (p / "config.json").is_file()]
-    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -60,14 +52,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return rows
-
-
-def _read_json(path: Path) -> dict:
-    """A run's JSON file; a missing or damaged one is a clear error naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GuiError(f"{path}: cannot read the run's settings ({e}); start a new run instead") from e
 
 
 def segmix_state(metrics: dict) -> str:
@@ -101,8 +85,8 @@ class TrainingWidget(Panel):
     run_prefix = "cls-"
     task_key = "train-cls"
     task_title = "Classifier training"
-    #: Whether the form's "Method" (cam / segmix) is a setting of this panel's trainer.
-    has_method = True
+    #: The trainer's settings class: the form is generated from its fields (core defaults).
+    config_class: Any = TrainConfig
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(napari_viewer, parent)
@@ -117,47 +101,13 @@ class TrainingWidget(Panel):
         form.addRow(self.data_label)
         self.main_layout.addWidget(box)
 
-        box, form = form_group("Settings")
-        self.settings_form = form
-        self.method = QComboBox()
-        self.method.addItems(["segmix", "cam"])
-        self.method.setToolTip("segmix: patch-shuffle curriculum (recommended); cam: plain CAM classifier")
-        form.addRow("Method", self.method)
-        self.epochs = QSpinBox()
-        self.epochs.setRange(1, 1000)
-        self.epochs.setValue(8)
-        form.addRow("Epochs", self.epochs)
-        self.batch_size = QSpinBox()
-        self.batch_size.setRange(1, 1024)
-        self.batch_size.setValue(16)
-        form.addRow("Batch size", self.batch_size)
-        self.lr = QDoubleSpinBox()
-        self.lr.setDecimals(5)
-        self.lr.setRange(1e-5, 1.0)
-        self.lr.setSingleStep(1e-4)
-        self.lr.setValue(1e-3)
-        form.addRow("Learning rate", self.lr)
-        self.backbone = QComboBox()
-        self.backbone.addItems(BACKBONES)
-        form.addRow("Backbone", self.backbone)
-        self.weights = QComboBox()
-        self.weights.setEditable(True)
-        self.weights.addItems(["imagenet", "none"])
-        wbtn = QPushButton("...")
-        wbtn.setMaximumWidth(30)
-        wbtn.setToolTip("a .pth weights file (e.g. pathology-pretrained)")
-        wbtn.clicked.connect(self._browse_weights)
-        wrow = QHBoxLayout()
-        wrow.addWidget(self.weights, 1)
-        wrow.addWidget(wbtn)
-        form.addRow("Weights", wrow)
-        self.device = QComboBox()
-        self.device.addItems(["auto", "cpu", "cuda", "mps"])
-        form.addRow("Device", self.device)
-        self.seed = QSpinBox()
-        self.seed.setRange(0, 2**31 - 1)
-        form.addRow("Seed", self.seed)
-        self.main_layout.addWidget(box)
+        # the form of the trainer's settings class, generated from its field declarations: the
+        # core's defaults, limits and help; each field's editor is also an attribute (self.epochs...)
+        self.settings = SettingsForm(self.config_class, "Settings")
+        for name, editor in self.settings.widgets.items():
+            if not hasattr(self, name):
+                setattr(self, name, editor)
+        self.main_layout.addWidget(self.settings)
 
         box, form = form_group("Run")
         self.runs = compact(QComboBox())
@@ -203,20 +153,13 @@ class TrainingWidget(Panel):
         """Training data sources offered in the form."""
         return [SOURCE_PROJECT, SOURCE_FOLDER]
 
-    def _browse_weights(self) -> None:
-        path, _f = QFileDialog.getOpenFileName(self, "Backbone weights", "", "PyTorch weights (*.pth *.pt);;All files (*)")
-        if path:
-            self.weights.setCurrentText(path)
-
     def _trains_on_project(self) -> bool:
         """Whether the training patches come from the project (their size is the project's)."""
         return self.source.currentText() == SOURCE_PROJECT
 
     def _load_run_config(self, run_dir: Path) -> Any:
         """The saved config of a run folder (what Resume continues)."""
-        from ..core.train import TrainConfig
-
-        return TrainConfig.from_dict(_read_json(run_dir / "config.json"))
+        return self.config_class.saved(run_dir)
 
     def _refresh(self) -> None:
         p = self.session.project
@@ -256,37 +199,19 @@ class TrainingWidget(Panel):
         self.runs.blockSignals(False)
 
     def config(self, **overrides: Any) -> Any:
-        """A :class:`core.train.TrainConfig` from the form (plus ``overrides``)."""
-        from ..core.train import TrainConfig
-
-        return self._config_from_form(TrainConfig, overrides)
-
-    def _config_from_form(self, config_class: Any, overrides: dict[str, Any]) -> Any:
-        """``config_class(**form values, **overrides)``; a form setting the trainer does not know is
-        an error (never silently ignored)."""
+        """The trainer's settings (:attr:`config_class`) from the form, plus ``overrides``; a
+        setting the trainer does not know is an error (never silently ignored)."""
+        values = self.settings.values()
         project = self.session.project
-        values: dict[str, Any] = {
-            "epochs": self.epochs.value(),
-            "batch_size": self.batch_size.value(),
-            "lr": self.lr.value(),
-            "backbone": self.backbone.currentText(),
-            "weights": self.weights.currentText().strip() or "imagenet",
-            "device": self.device.currentText(),
-            "seed": self.seed.value(),
-        }
-        if self.has_method:
-            values["method"] = self.method.currentText()
         if project is not None and self._trains_on_project():
             values["patch_size"] = int(project.settings.get("patch_size", 224))
         values.update(overrides)
-        names = {f.name for f in dataclasses.fields(config_class)}
+        names = {f.name for f in dataclasses.fields(self.config_class)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise GuiError(f"this version of the trainer has no setting(s) {', '.join(unknown)}")
-        cfg = config_class(**values)
-        validate = getattr(cfg, "validate", None)
-        if validate is not None:
-            validate()
+        cfg = self.config_class(**values)
+        cfg.validate()
         return cfg
 
     def dataset(self) -> Any:
@@ -334,7 +259,7 @@ class TrainingWidget(Panel):
         spec = self.dataset()
         cfg = self.config()
         method = getattr(cfg, "method", "") or "run"
-        run_dir = Path(project.runs_dir) / f"{self.run_prefix}{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = project.run_dir(f"{self.run_prefix}{method}-{time.strftime('%Y%m%d-%H%M%S')}")
         self._launch(spec, run_dir, cfg, resume=False)
         return run_dir
 

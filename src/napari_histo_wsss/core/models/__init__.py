@@ -3,9 +3,14 @@ their ImageNet checkpoints, ResNet-18/34/50 with torchvision's names), the stage
 classifier, the stage-two DeepLabV3+ segmenter and self-describing checkpoints."""
 
 from .backbones import (
+    BACKBONE_REGISTRY,
     BACKBONES,
     DEFAULT_BACKBONE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     Backbone,
+    BackboneSpec,
+    backbone_spec,
     build_backbone,
     load_weights,
     parameter_groups,
@@ -15,9 +20,14 @@ from .classifier import CAM_MODES, CAMClassifier, normalize_cams, pda_threshold_
 from .segmenter import Segmenter
 
 __all__ = [
+    "BACKBONE_REGISTRY",
     "BACKBONES",
     "DEFAULT_BACKBONE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "Backbone",
+    "BackboneSpec",
+    "backbone_spec",
     "build_backbone",
     "load_weights",
     "parameter_groups",

@@ -9,13 +9,19 @@ mismatch is an error rather than a silently random layer.
 ``weights`` is one of ``"imagenet"`` (the architecture's ImageNet checkpoint), ``"none"``
 (random initialisation), the path of a local ``.pth``/``.pt`` file, or an ``http(s)`` URL
 (downloaded once into the torch hub cache).
+
+:data:`BACKBONE_REGISTRY` is the one list of backbones: name -> builder, the normalisation of
+the input tensors the backbone takes, and the channels of its four maps. The CLI, the widgets
+and checkpoints (which record the name) all go through it; the data pipeline
+(``core.datasets.to_tensor``) and inference import the normalisation constants from here.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +30,13 @@ from ..errors import HistoWSSSError
 
 __all__ = [
     "Backbone",
+    "BackboneSpec",
+    "BACKBONE_REGISTRY",
     "BACKBONES",
     "DEFAULT_BACKBONE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "backbone_spec",
     "build_backbone",
     "load_weights",
     "parameter_groups",
@@ -33,8 +44,10 @@ __all__ = [
     "state_dict_from_url",
 ]
 
-DEFAULT_BACKBONE = "efficientnet-lite0"
-BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "resnet18", "resnet34", "resnet50")
+#: ImageNet channel mean/std of RGB in 0..1: the normalisation every registered backbone takes
+#: (``core.datasets.to_tensor`` produces it; EfficientNet-Lite converts it to its own [-1, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 OUTPUT_STRIDES = (8, 16, 32)
 
 # Wrappers that training frameworks put in front of backbone keys (DataParallel, Lightning,
@@ -68,6 +81,51 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
+def _efficientnet_lite(name: str, output_stride: int, **kwargs) -> Backbone:
+    from .efficientnet_lite import EfficientNetLite  # imported here: it imports Backbone from this module
+
+    return EfficientNetLite(name, output_stride=output_stride, **kwargs)
+
+
+def _resnet(name: str, output_stride: int, **kwargs) -> Backbone:
+    from .resnet import ResNet
+
+    return ResNet(name, output_stride=output_stride, **kwargs)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registered backbone: ``build(name, output_stride, **kwargs)`` makes it with random
+    weights; ``mean``/``std`` normalise its RGB input (0..1); ``channels`` of its four maps."""
+
+    build: Callable[..., Backbone]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channels: tuple[int, int, int, int]
+
+
+#: The backbones, in the order the CLI help and the widgets list them.
+BACKBONE_REGISTRY: dict[str, BackboneSpec] = {
+    "efficientnet-lite0": BackboneSpec(_efficientnet_lite, IMAGENET_MEAN, IMAGENET_STD, (24, 40, 112, 1280)),
+    "efficientnet-lite1": BackboneSpec(_efficientnet_lite, IMAGENET_MEAN, IMAGENET_STD, (24, 40, 112, 1280)),
+    "efficientnet-lite2": BackboneSpec(_efficientnet_lite, IMAGENET_MEAN, IMAGENET_STD, (24, 48, 120, 1280)),
+    "resnet18": BackboneSpec(_resnet, IMAGENET_MEAN, IMAGENET_STD, (64, 128, 256, 512)),
+    "resnet34": BackboneSpec(_resnet, IMAGENET_MEAN, IMAGENET_STD, (64, 128, 256, 512)),
+    "resnet50": BackboneSpec(_resnet, IMAGENET_MEAN, IMAGENET_STD, (256, 512, 1024, 2048)),
+}
+BACKBONES = tuple(BACKBONE_REGISTRY)
+DEFAULT_BACKBONE = "efficientnet-lite0"
+
+
+def backbone_spec(name: str) -> tuple[str, BackboneSpec]:
+    """The registry name and entry of ``name``, spelled as users and old configs write it
+    (``EfficientNet_Lite0`` -> ``efficientnet-lite0``); an unknown name is a HistoWSSSError."""
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in BACKBONE_REGISTRY:
+        raise HistoWSSSError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return key, BACKBONE_REGISTRY[key]
+
+
 def build_backbone(
     name: str = DEFAULT_BACKBONE,
     weights: str | Path | None = "imagenet",
@@ -76,25 +134,15 @@ def build_backbone(
 ) -> Backbone:
     """Build a backbone by name and load its weights.
 
-    ``name``: one of :data:`BACKBONES`; ``weights``: ``"imagenet"``, ``"none"``/``None``, a
-    local checkpoint path or an http(s) URL; ``output_stride``: 8, 16 or 32 (the last stages are
+    ``name``: one of :data:`BACKBONES` (any case, ``_`` for ``-``); ``weights``: ``"imagenet"``,
+    ``"none"``/``None``, a local checkpoint path or an http(s) URL; ``output_stride``: 8, 16 or 32 (the last stages are
     dilated instead of strided, so pretrained weights stay valid). Extra keyword arguments go to
     the backbone class (e.g. ``drop_connect_rate`` for EfficientNet-Lite).
     """
-    key = str(name).strip().lower().replace("_", "-")
-    if key not in BACKBONES:
-        raise HistoWSSSError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    key, spec = backbone_spec(name)
     if output_stride not in OUTPUT_STRIDES:
         raise HistoWSSSError(f"output stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
-    # Imported here: the architecture modules import Backbone from this module.
-    if key.startswith("efficientnet-lite"):
-        from .efficientnet_lite import EfficientNetLite
-
-        model: Backbone = EfficientNetLite(key, output_stride=output_stride, **kwargs)
-    else:
-        from .resnet import ResNet
-
-        model = ResNet(key, output_stride=output_stride, **kwargs)
+    model = spec.build(key, output_stride, **kwargs)
     load_weights(model, weights)
     return model
 
@@ -141,7 +189,14 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     except FileNotFoundError as e:
         raise HistoWSSSError(f"weights file {path} does not exist") from e
     except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
-        raise HistoWSSSError(f"weights file {path} is damaged or not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        from .checkpoint import foreign_objects, torch_error_text
+
+        foreign = foreign_objects(e)
+        if foreign is not None:
+            raise HistoWSSSError(f"weights file {path} holds Python objects ({foreign}) besides tensors and is not loaded, "
+                                 "so that it cannot run code; save only its weights (the state_dict) with torch.save "
+                                 "and pass that file") from e
+        raise HistoWSSSError(f"weights file {path} is damaged or not a PyTorch checkpoint ({torch_error_text(e)})") from e
     return _unwrap_state_dict(obj, str(path))
 
 
@@ -160,7 +215,9 @@ def state_dict_from_url(url: str, check_hash: bool = False) -> dict[str, Tensor]
             f"connected machine and pass its local path as the weights, or copy it into {cache}"
         ) from e
     except Exception as e:  # noqa: BLE001 - hash mismatch, truncated or foreign file
-        raise HistoWSSSError(f"weights downloaded from {url} are damaged or not a PyTorch checkpoint ({e}); "
+        from .checkpoint import torch_error_text
+
+        raise HistoWSSSError(f"weights downloaded from {url} are damaged or not a PyTorch checkpoint ({torch_error_text(e)}); "
                              f"delete the cached copy in {cache} and retry") from e
     return _unwrap_state_dict(obj, url)
 

@@ -13,14 +13,19 @@ A checkpoint is one ``torch.save`` file written atomically (temp file + rename, 
 
 :func:`load_model` rebuilds the network from ``meta`` with random initialisation (no download,
 no pretrained package needed) and loads the weights strictly. Files are read with
-``weights_only=True``, so a checkpoint cannot run code.
+``weights_only=True``, so a checkpoint cannot run code; no message ever suggests loading one
+with ``weights_only=False`` (:func:`torch_error_text` removes torch's advice to do so), and a
+valid torch file that is not ours is called that, not "damaged".
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
+import pickle
 import platform
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,7 +40,8 @@ from ..errors import HistoWSSSError, TrainingError
 from .classifier import CAMClassifier
 from .segmenter import Segmenter
 
-__all__ = ["FORMAT_VERSION", "MODEL_KINDS", "save_model", "load_model", "load_checkpoint", "check_classes", "framework_versions"]
+__all__ = ["FORMAT_VERSION", "MODEL_KINDS", "save_model", "load_model", "load_checkpoint", "check_classes",
+           "framework_versions", "torch_error_text", "foreign_objects"]
 
 FORMAT_VERSION = 1
 MODEL_KINDS: dict[str, type[nn.Module]] = {"classifier": CAMClassifier, "segmenter": Segmenter}
@@ -65,7 +71,67 @@ def save_model(path: str | Path, model: nn.Module, meta: Mapping[str, Any] | Non
     info = json.loads(json.dumps(info, default=_json_default))
     payload = {"meta": info, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "extra": dict(extra or {})}
-    write_with(path, lambda tmp: torch.save(payload, tmp))
+    write_with(path, lambda tmp: _save_payload(payload, tmp))
+
+
+def _save_payload(payload: dict, tmp: Path) -> None:
+    """``torch.save`` through a Python file, so that a failed write (disk full, quota, I/O error)
+    is the ``OSError`` with its errno that :mod:`core.atomic` turns into one line. torch's writer
+    swallows the error of a ``write`` and raises ``RuntimeError: ... unexpected pos`` instead, so
+    the file records the error it raised and that error is raised again."""
+    with open(tmp, "wb") as f:
+        out = _RecordingFile(f)
+        try:
+            torch.save(payload, out)
+        except RuntimeError as e:
+            if out.error is not None:
+                raise out.error from e
+            if re.search(r"unexpected pos|PytorchStreamWriter", str(e)):
+                raise OSError(errno.EIO, f"write failed ({torch_error_text(e)})") from e
+            raise
+
+
+class _RecordingFile:
+    """A binary file that keeps the ``OSError`` its ``write`` raised."""
+
+    def __init__(self, f: Any):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def torch_error_text(error: BaseException) -> str:
+    """torch's error text as one line: its first sentence, never its advice to load with
+    ``weights_only=False`` (which lets a file run code) or to allowlist globals."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    m = re.search(r"WeightsUnpickler error:\s*(.*)", text, re.S)
+    if m:
+        text = m.group(1)
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    kept = [s for s in sentences if not re.search(r"weights_only|safe_globals|allowlist|trust", s, re.I)]
+    short = (kept[0] if kept else "").strip() or "unreadable"  # the rest is torch's boilerplate
+    if len(short) > 300:
+        short = short[:297] + "..."
+    return f"{type(error).__name__}: {short}"
+
+
+def foreign_objects(error: BaseException) -> str | None:
+    """The Python object a torch file holds that a weights-only load refused (e.g.
+    ``numpy.core.multiarray._reconstruct``, ``torch.nn.modules.linear.Linear``), or None when
+    the error is not such a refusal (a damaged or truncated file)."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return None
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    return m.group(1) if m else None
 
 
 def _json_default(value: Any) -> Any:
@@ -86,9 +152,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zips, pickles and foreign files raise many types
-        raise HistoWSSSError(f"checkpoint {path} is damaged or truncated and cannot be read ({type(e).__name__}: {e})") from e
+        foreign = foreign_objects(e)
+        if foreign is not None:
+            raise HistoWSSSError(f"{path} is not a napari-histo-wsss checkpoint: it holds Python objects ({foreign}) "
+                                 "that our checkpoints never contain, so it was saved by another program") from e
+        raise HistoWSSSError(f"checkpoint {path} is damaged or truncated and cannot be read ({torch_error_text(e)})") from e
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) and isinstance(ckpt.get("state_dict"), dict)):
-        raise HistoWSSSError(f"{path} is not a napari-histo-wsss model checkpoint (no 'meta' and 'state_dict')")
+        what = "a bare state_dict" if isinstance(ckpt, dict) and ckpt and all(
+            isinstance(v, torch.Tensor) for v in ckpt.values()) else "no 'meta' and 'state_dict'"
+        raise HistoWSSSError(f"{path} is not a napari-histo-wsss checkpoint ({what}; it was saved by another program)")
     version = ckpt["meta"].get("format_version", 0)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise HistoWSSSError(f"checkpoint {path} has format version {version}, newer than this napari-histo-wsss "

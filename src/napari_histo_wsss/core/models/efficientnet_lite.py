@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..datasets import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import HistoWSSSError
-from .backbones import Backbone, read_state_dict
+from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, read_state_dict
 
 __all__ = ["EfficientNetLite", "LITE_VARIANTS"]
 

@@ -1,0 +1,101 @@
+"""``histo-wsss cams``: a project's slide CAMs and pseudo-masks, headless.
+
+The Review panel's "Compute CAMs" from the command line: the same core job
+(:func:`~..core.review.compute_slide_cams`) with the same settings writes the project masks
+``cam``, ``cam_probs`` and ``pseudo`` of each slide, which stage two (``train-seg`` on the
+project) reads. Existing layers are replaced only with ``--overwrite``; the pathologist's
+``corrected``, ``corrected_flag`` and ``reviewed`` masks are never touched. Ctrl-C stops after
+the current tile and writes nothing for that slide (a second Ctrl-C aborts at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from tqdm import tqdm
+
+from ._progress import StopOnSigint, drive
+
+def _defaults() -> Any:
+    from ..core.review import ReviewSettings
+
+    return ReviewSettings()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    d = _defaults()
+    p = subparsers.add_parser(
+        "cams",
+        help="compute a project's slide CAMs and pseudo-masks (the Review panel's 'Compute CAMs')",
+        description=(
+            "Apply a classifier run of PROJECT to its slides tile by tile and store each slide's CAMs "
+            "(cam, cam_probs) and automatic pseudo-mask (pseudo) in the project, exactly as the Review panel "
+            "does; stage two (train-seg PROJECT) trains on them. Existing layers are kept unless --overwrite; "
+            "the pathologist's corrections (corrected, corrected_flag, reviewed) are never replaced."
+        ),
+    )
+    p.add_argument("project", help="project folder (or its project.json)")
+    p.add_argument("--slide", action="append", default=None, metavar="S",
+                   help="slide id (repeatable; default: every slide of the project)")
+    p.add_argument("--run", default=None,
+                   help="classifier run: a folder name under PROJECT/runs or a path (default: the newest cls-* run)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing cam, cam_probs and pseudo layers")
+    p.add_argument("--checkpoint", choices=["best", "last"], default=d.which, help=f"checkpoint (default {d.which})")
+    p.add_argument("--mode", choices=["multi", "last"], default=d.mode,
+                   help="CAM type: multi (fused with two earlier stages, finer) or last (default: the run's "
+                        "cam_mode, the CAMs its validation scored)")
+    p.add_argument("--tile", type=int, default=d.tile,
+                   help=f"tile side in model pixels; gating uses one class probability per tile (default {d.tile})")
+    p.add_argument("--max-side", type=int, default=d.max_side,
+                   help=f"the mask's longer side at most, in pixels (default {d.max_side})")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N, mps (default auto)")
+    p.add_argument("--cam-threshold", type=float, default=d.cam_threshold,
+                   help=f"normalised CAM score below which a pixel is background (default {d.cam_threshold})")
+    p.add_argument("--gating", type=float, default=None,
+                   help="class probability that switches a class on in a tile (default: the threshold the run's "
+                        "validation chose, else 0.5)")
+    p.add_argument("--white-level", type=int, default=d.white_level,
+                   help=f"grey level above which a pixel is white glass, for class tables with a white "
+                        f"background (default {d.white_level})")
+    p.set_defaults(func=run_cams)
+
+
+def run_cams(args: argparse.Namespace) -> int:
+    from ..core.errors import ProjectError
+    from ..core.project import Project
+    from ..core.review import PATHOLOGIST_MASKS, ReviewSettings, compute_slide_cams, existing_computed, resolve_run
+
+    project = Project.open(args.project)
+    slides = args.slide or list(project.slides)
+    if not slides:
+        raise ProjectError(f"{project.root}: the project has no slides; add one first")
+    for sid in slides:
+        if sid not in project.slides:
+            raise ProjectError(f"{project.manifest_path}: unknown slide id {sid!r}; the project has "
+                               f"{', '.join(project.slides) or 'no slides'}")
+    if not args.overwrite:  # refuse before computing anything, not after the first slides
+        taken = {sid: existing_computed(project, sid) for sid in slides}
+        taken = {sid: names for sid, names in taken.items() if names}
+        if taken:
+            listing = "; ".join(f"{sid}: {', '.join(names)}" for sid, names in taken.items())
+            raise ProjectError(f"{project.root}: slides already hold CAM layers ({listing}); pass --overwrite to "
+                               f"replace them (the pathologist's {', '.join(PATHOLOGIST_MASKS)} are never replaced)")
+    run_dir = resolve_run(project, args.run)
+    settings = ReviewSettings(which=args.checkpoint, mode=args.mode, tile=args.tile, max_side=args.max_side,
+                              device=args.device, cam_threshold=args.cam_threshold, gating=args.gating,
+                              white_level=args.white_level)
+    settings.validate()
+    print(f"classifier run {run_dir}")
+
+    def show(ev: Any, bar: tqdm) -> None:
+        if ev.kind in ("start", "cancelled", "done") and ev.message:
+            tqdm.write(ev.message)
+
+    with StopOnSigint() as stop:
+        for sid in slides:
+            last = drive(compute_slide_cams(project, sid, run_dir, settings, should_stop=stop, overwrite=args.overwrite,
+                                            keep_partial=False), f"cams {sid}", show)
+            if last is not None and last.kind == "cancelled":
+                return 130
+    return 0

@@ -1,0 +1,341 @@
+"""The review step in core (no Qt): the slide CAM canvas, its tiling, the automatic pseudo-mask,
+the corrected-pixel rules, the project mask names, and ``histo-wsss cams`` on the real CMU slide
+with a classifier trained one tiny epoch."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _review_project import RUN, labelled_project_with_classifier
+
+from napari_histo_wsss.cli import main
+from napari_histo_wsss.core.cams import pseudo_mask
+from napari_histo_wsss.core.classes import get_preset
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.core.project import Project
+from napari_histo_wsss.core.review import (
+    COMPUTED_MASKS,
+    MASK_CAM,
+    MASK_CAM_PROBS,
+    MASK_CORRECTED,
+    MASK_CORRECTED_FLAG,
+    MASK_PSEUDO,
+    MASK_REVIEWED,
+    CamCanvas,
+    CamTile,
+    Corrections,
+    ReviewSettings,
+    compute_slide_cams,
+    corrections_for_plan,
+    load_corrections,
+    plan_cams,
+    plan_slide_cams,
+    pseudo_from_canvas,
+    pseudo_tile,
+)
+
+LUAD = get_preset("wsss4luad")
+
+
+# ---------------------------------------------------------------------------------------------
+# pure numpy
+# ---------------------------------------------------------------------------------------------
+class _HalfTissue:
+    """A tissue mask stand-in: tissue only left of level-0 x = ``edge``."""
+
+    def __init__(self, edge: float) -> None:
+        self.edge = edge
+
+    def box_fraction(self, x0: float, y0: float, w0: float, h0: float) -> float:
+        return float(max(0.0, min(1.0, (self.edge - x0) / w0)))
+
+
+def test_plan_cams_tiles_the_canvas_and_skips_glass():
+    # 10,000 x 6,000 level-0 px at 4x working resolution: 2500 x 1500 canvas under a 4096 max side
+    plan = plan_cams((10_000, 6_000), 4.0, 512, 4096)
+    assert plan.shape == (1500, 2500) and plan.downsample == 4.0 and plan.tile == 512 and plan.tile_work == 512
+    assert plan.tiles == [(ty, tx) for ty in range(3) for tx in range(5)]  # last row/column cropped at the edge
+    # a max side below the working size coarsens the canvas, the tile keeps its model-pixel size
+    small = plan_cams((10_000, 6_000), 4.0, 512, 1000)
+    assert small.shape == (600, 1000) and small.downsample == 10.0 and small.tile_work == 512 and small.tile == 205
+    # tiles without tissue are not planned
+    half = plan_cams((10_000, 6_000), 4.0, 512, 4096, tissue=_HalfTissue(5000))
+    assert {tx for _ty, tx in half.tiles} == {0, 1, 2}
+    canvas = CamCanvas.empty(3, plan.shape, plan.tile, plan.downsample)
+    assert canvas.probs.shape == (3, 3, 5)
+
+
+def _random_canvas(seed: int = 0, side: int = 96, tile: int = 32) -> CamCanvas:
+    rng = np.random.default_rng(seed)
+    canvas = CamCanvas.empty(LUAD.num_classes, (side, side + 16), tile, 4.0)
+    for ty in range(canvas.probs.shape[1]):
+        for tx in range(canvas.probs.shape[2]):
+            if (ty, tx) == (0, 0):
+                continue  # one tile not computed: stays background
+            sy, sx = canvas.tile_slices(ty, tx)
+            h, w = sy.stop - sy.start, sx.stop - sx.start
+            rgb = rng.integers(120, 200, (h, w, 3), dtype=np.uint8)
+            rgb[: h // 2, : w // 3] = 250  # a block of white glass
+            canvas.put(ty, tx, rng.random((LUAD.num_classes, h, w), dtype=np.float32),
+                       rng.random(LUAD.num_classes, dtype=np.float32), rgb)
+    return canvas
+
+
+def test_pseudo_from_canvas_is_cams_pseudo_mask_per_tile():
+    """The Review canvas, the image folders and stage two's MLPS sets make pseudo-masks with the
+    same function: per tile, the canvas's mask equals ``core.cams.pseudo_mask`` gated by the tile's
+    probabilities with the white-glass rule of the class table."""
+    canvas = _random_canvas()
+    for thr, gate in ((0.2, 0.5), (0.6, 0.9), (0.0, 0.0)):
+        mask = pseudo_from_canvas(canvas, LUAD, thr, gate, 200)
+        assert (mask[canvas.tile_slices(0, 0)] == LUAD.background_index).all()
+        for ty, tx in canvas.computed_tiles():
+            sy, sx = canvas.tile_slices(ty, tx)
+            expect = pseudo_mask(canvas.cams[:, sy, sx], LUAD, rgb=canvas.rgb[sy, sx], probs=canvas.probs[:, ty, tx],
+                                 prob_threshold=gate, bg_threshold=thr)
+            np.testing.assert_array_equal(mask[sy, sx], expect)
+        assert (mask == LUAD.background_index).any() and (mask < LUAD.background_index).any()
+    # without the white rule the glass block gets tissue classes
+    assert (pseudo_from_canvas(canvas, LUAD, 0.0, 0.0, None)[canvas.tile_slices(1, 1)] < LUAD.background_index).all()
+
+
+def test_canvas_put_drops_cached_scores_of_the_old_tile():
+    canvas = _random_canvas(1)
+    before = pseudo_tile(canvas, LUAD, 1, 1, 0.2, 0.5)
+    assert canvas.scores  # the threshold-independent scores are cached
+    sy, sx = canvas.tile_slices(1, 1)
+    shape = (sy.stop - sy.start, sx.stop - sx.start)
+    cams = np.zeros((LUAD.num_classes,) + shape, np.float32)
+    cams[2] = 1.0  # only "normal" everywhere
+    canvas.put(1, 1, cams, np.array([0.0, 0.0, 1.0], np.float32), canvas.rgb[sy, sx])
+    after = pseudo_tile(canvas, LUAD, 1, 1, 0.2, 0.5)
+    assert (after == 2).all() and not (before == 2).all()
+
+
+def test_corrections_keep_the_users_pixels():
+    auto = np.zeros((6, 6), np.uint8)
+    e = Corrections(auto.copy(), LUAD.num_classes)
+    assert (e.data == 1).all() and not e.flag().any()
+    # paint class 1 over a block, erase one pixel, and paint a pixel with the value it already had
+    e.data[0:2, 0:2] = 2
+    e.data[5, 5] = 0
+    e.touch_from_paint([(np.array([[0, 0, 1, 1, 5, 4], [0, 1, 0, 1, 5, 4]]), None, None)])
+    assert e.flag().sum() == 5 and not e.flag()[4, 4]
+    np.testing.assert_array_equal(np.bincount(e.corrected()[e.flag()], minlength=4), [0, 4, 0, 1])
+    np.testing.assert_array_equal(e.area_per_class(), [0, 4, 0, 1])
+    # new automatic values (thresholds moved): corrected pixels stay, others follow
+    new = np.full((6, 6), 2, np.uint8)
+    e.set_auto(new)
+    assert (e.data[0:2, 0:2] == 2).all() and e.data[5, 5] == 0 and e.data[3, 3] == 3 and e.data[4, 4] == 3
+    assert e.flag().sum() == 5
+    # a region update, then "undo" of a stroke (value back to automatic) clears its flag
+    e.set_auto(np.zeros((2, 2), np.uint8), (slice(0, 2), slice(0, 2)))
+    assert e.flag()[0:2, 0:2].all()
+    e.data[0:2, 0:2] = e.auto[0:2, 0:2] + 1
+    assert not e.flag()[0:2, 0:2].any()
+    masks = e.masks()
+    assert set(masks) == {MASK_PSEUDO, MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_REVIEWED}
+    assert masks[MASK_CORRECTED][5, 5] == LUAD.background_index and masks[MASK_CORRECTED_FLAG].sum() == 1
+    masks[MASK_PSEUDO][:] = 9  # copies: writing them out cannot race the editor
+    assert (e.auto != 9).all()
+
+
+def test_touch_from_paint_accepts_slice_key_atoms():
+    class Atom:
+        def __init__(self, key, mask=None):
+            self.slice_key, self.mask = key, mask
+
+    e = Corrections(np.zeros((4, 4), np.uint8), 3)
+    e.touch_from_paint([Atom((slice(0, 2), slice(0, 2)), np.array([[True, False], [False, True]])),
+                        Atom((slice(3, 4), slice(3, 4)))])
+    assert e.touched.sum() == 3 and e.touched[0, 0] and e.touched[1, 1] and e.touched[3, 3]
+
+
+def test_review_settings_are_checked():
+    ReviewSettings().validate()
+    for bad in (dict(mode="nope"), dict(tile=8), dict(cam_threshold=1.5), dict(gating=-0.1), dict(white_level=300)):
+        with pytest.raises(HistoWSSSError, match="review setting"):
+            ReviewSettings(**bad).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# a project on the CMU slide with a tiny trained classifier
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cmu_svs) -> tuple[Path, str]:
+    project, sid = labelled_project_with_classifier(tmp_path_factory.mktemp("review") / "case.wsss", cmu_svs)
+    return project.root, sid
+
+
+@pytest.fixture
+def case(trained, tmp_path) -> tuple[Project, str]:
+    """A fresh copy of the trained project (tests write masks into it)."""
+    root, sid = trained
+    shutil.copytree(root, tmp_path / "case.wsss")
+    return Project.open(tmp_path / "case.wsss"), sid
+
+
+_CLI = ["--tile", "128", "--mode", "last", "--device", "cpu"]
+
+
+def _masks(project: Project, sid: str, names) -> dict:
+    p = Project.open(project.root)
+    return {n: p.read_mask(sid, n) for n in names}
+
+
+def test_cams_command_writes_the_layers_and_refuses_to_replace_them(case, capsys):
+    project, sid = case
+    assert main(["cams", str(project.root), *_CLI]) == 0
+    got = _masks(project, sid, COMPUTED_MASKS)
+    cam, ds = got[MASK_CAM]
+    probs, pds = got[MASK_CAM_PROBS]
+    pseudo, pds2 = got[MASK_PSEUDO]
+    assert cam.dtype == np.float16 and cam.shape[0] == LUAD.num_classes and cam.shape[1:] == pseudo.shape
+    assert ds == pds2 and pds == pytest.approx(ds * int(round(pds / ds)))
+    assert 0 <= np.nanmin(cam) and np.nanmax(cam) <= 1
+    assert probs.shape[1:] == (int(np.ceil(cam.shape[1] / (pds / ds))), int(np.ceil(cam.shape[2] / (pds / ds))))
+    computed = ~np.isnan(probs[0])
+    assert computed.any() and (~computed).any()  # glass tiles are skipped
+    assert set(np.unique(pseudo)) <= set(range(LUAD.background_index + 1)) and len(np.unique(pseudo)) >= 2
+    # what was saved is the canvas of the job's tiles and its automatic mask at the default
+    # thresholds (CAM 0.2, gating 0.5: the tiny run has no validation masks to calibrate it)
+    canvas = CamCanvas.empty(LUAD.num_classes, pseudo.shape, int(round(pds / ds)), ds)
+    for ev in compute_slide_cams(project, sid, Path(project.runs_dir) / RUN,
+                                 ReviewSettings(mode="last", tile=128, device="cpu"), save=False):
+        if isinstance(ev, CamTile):
+            canvas.put(ev.ty, ev.tx, ev.cams, ev.probs, ev.rgb)
+    assert ev.kind == "done" and ev.metrics["written"] == [] and ev.metrics["gating"] == 0.5
+    np.testing.assert_array_equal(cam, canvas.cams.astype(np.float16))
+    np.testing.assert_array_equal(probs, canvas.probs.astype(np.float16))
+    np.testing.assert_array_equal(pseudo, pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, 200))
+    capsys.readouterr()
+    # again without --overwrite: a one-line error, nothing replaced
+    before = {n: Path(project.root, "masks", sid, n, "zarr.json").stat().st_mtime_ns for n in COMPUTED_MASKS}
+    assert main(["cams", str(project.root), *_CLI]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--overwrite" in err and sid in err and "cam_probs" in err
+    assert before == {n: Path(project.root, "masks", sid, n, "zarr.json").stat().st_mtime_ns for n in COMPUTED_MASKS}
+    # bad choices are one-line errors too
+    assert main(["cams", str(project.root), "--run", "cls-nope", "--overwrite", *_CLI]) == 2
+    assert "cls-nope" in capsys.readouterr().err
+    assert main(["cams", str(project.root), "--slide", "nope", *_CLI]) == 2
+    assert "unknown slide id 'nope'" in capsys.readouterr().err
+
+
+def test_cams_command_never_replaces_the_pathologists_work(case):
+    project, sid = case
+    assert main(["cams", str(project.root), *_CLI]) == 0
+    pseudo, ds = project.read_mask(sid, MASK_PSEUDO)
+    edits = Corrections(pseudo.copy(), LUAD.num_classes)
+    edits.data[10:20, 10:20] = 1  # painted tumour
+    edits.touched[10:20, 10:20] = True
+    edits.reviewed[:50] = True
+    for name, arr in edits.masks().items():
+        if name != MASK_PSEUDO:
+            project.write_mask(sid, name, arr, ds)
+    work = _masks(project, sid, (MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_REVIEWED))
+    # recompute with another threshold: the automatic mask changes, the corrections do not
+    assert main(["cams", str(project.root), "--overwrite", "--cam-threshold", "0.9", *_CLI]) == 0
+    after = _masks(project, sid, (MASK_PSEUDO, MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_REVIEWED))
+    assert (after[MASK_PSEUDO][0] == LUAD.background_index).sum() > (pseudo == LUAD.background_index).sum()
+    for name, (arr, mds) in work.items():
+        np.testing.assert_array_equal(after[name][0], arr)
+        assert after[name][1] == mds
+    # the Review panel's "Load saved" puts the corrections back on top of the new automatic mask
+    loaded = load_corrections(project, sid, after[MASK_PSEUDO][0], after[MASK_PSEUDO][1])
+    assert (loaded.corrected()[10:20, 10:20] == 0).all() and loaded.reviewed[:50].all()
+    np.testing.assert_array_equal(loaded.flag(), work[MASK_CORRECTED_FLAG][0].astype(bool))
+
+
+def test_compute_cancel_writes_nothing_or_the_computed_tiles(case):
+    project, sid = case
+    settings = ReviewSettings(mode="last", tile=128, device="cpu")
+    seen = []
+
+    def stop_after_two() -> bool:
+        return len(seen) >= 2
+
+    events = []
+    for ev in compute_slide_cams(project, sid, Path(project.runs_dir) / RUN, settings, stop_after_two, keep_partial=False):
+        events.append(ev)
+        if isinstance(ev, CamTile):
+            seen.append(ev)
+    assert events[0].kind == "start" and events[-1].kind == "cancelled" and len(seen) == 2
+    assert "nothing was written" in events[-1].message and events[-1].metrics["written"] == []
+    assert not set(COMPUTED_MASKS) & set(project.mask_names(sid))
+    # the Review panel keeps what it computed
+    seen.clear()
+    for last in compute_slide_cams(project, sid, Path(project.runs_dir) / RUN, settings, stop_after_two):
+        seen += [last] if isinstance(last, CamTile) else []
+    assert last.kind == "cancelled" and last.metrics["tiles"] == 2 < last.metrics["tiles_planned"]
+    probs, _ = project.read_mask(sid, MASK_CAM_PROBS)
+    assert int((~np.isnan(probs[0])).sum()) == 2
+    # a generator closed early (GUI worker, second Ctrl-C) also keeps its tiles
+    gen = compute_slide_cams(project, sid, Path(project.runs_dir) / RUN, settings, overwrite=True)
+    assert next(gen).kind == "start" and isinstance(next(gen), CamTile)
+    gen.close()
+    probs, _ = project.read_mask(sid, MASK_CAM_PROBS)
+    assert int((~np.isnan(probs[0])).sum()) == 1
+
+
+def test_corrections_saved_at_another_resolution_are_resampled(case):
+    project, sid = case
+    assert main(["cams", str(project.root), *_CLI]) == 0
+    pseudo, ds = project.read_mask(sid, MASK_PSEUDO)
+    # corrections made on a mask twice as coarse (an earlier, smaller max. side)
+    coarse = (int(np.ceil(pseudo.shape[0] / 2)), int(np.ceil(pseudo.shape[1] / 2)))
+    flag = np.zeros(coarse, bool)
+    flag[5:10, 5:10] = True
+    project.write_mask(sid, MASK_CORRECTED, np.full(coarse, 1, np.uint8), ds * 2)
+    project.write_mask(sid, MASK_CORRECTED_FLAG, flag, ds * 2)
+    edits = load_corrections(project, sid, np.full(pseudo.shape, 0, np.uint8), ds)
+    assert edits.flag()[10:20, 10:20].all() and edits.flag().sum() == 100
+    assert (edits.corrected()[edits.flag()] == 1).all()
+
+
+def test_stage_two_reads_what_the_command_wrote(case):
+    """``train-seg`` on a project needs its pseudo-masks; ``histo-wsss cams`` makes them headless."""
+    from napari_histo_wsss.core.datasets import load_dataset
+    from napari_histo_wsss.core.train_seg import _project_samples
+
+    project, sid = case
+    spec = load_dataset(project.root)
+    with pytest.raises(HistoWSSSError, match="no pseudo-mask"):
+        _project_samples(spec)
+    assert main(["cams", str(project.root), *_CLI]) == 0
+    samples = _project_samples(load_dataset(project.root))
+    assert len(samples) == 16
+    masks = [s.masks[0]() for s in samples]
+    assert all(m.shape == (32, 32) for m in masks) and any((m < LUAD.background_index).any() for m in masks)
+
+
+def test_recomputing_keeps_every_corrected_pixel(case):
+    """The Review panel recomputes CAMs on the saved state: new tiles replace automatic values only.
+    A pixel painted "background / exclude" (the automatic background value) stays corrected too."""
+    project, sid = case
+    assert main(["cams", str(project.root), *_CLI]) == 0
+    pseudo, ds = project.read_mask(sid, MASK_PSEUDO)
+    tissue = np.argwhere(pseudo < LUAD.background_index)
+    (r0, c0), (r1, c1) = tissue[0], tissue[-1]
+    edits = Corrections(pseudo.copy(), LUAD.num_classes)
+    edits.data[r0, c0] = LUAD.background_index + 1  # painted "background / exclude"
+    edits.data[r1, c1] = (pseudo[r1, c1] + 1) % LUAD.num_classes + 1  # another tissue class
+    edits.touched[[r0, r1], [c0, c1]] = True
+    for name, arr in edits.masks().items():
+        project.write_mask(sid, name, arr, ds)
+    plan = plan_slide_cams(project, sid, 128, 4096)
+    state = corrections_for_plan(project, sid, plan)
+    np.testing.assert_array_equal(state.flag(), edits.flag())
+    canvas = CamCanvas.empty(LUAD.num_classes, plan.shape, plan.tile, plan.downsample)
+    new = (int(edits.corrected()[r1, c1]) + 1) % LUAD.num_classes  # differs from both corrections
+    for ty, tx in plan.tiles:  # every tile arrives with a new automatic mask
+        sy, sx = canvas.tile_slices(ty, tx)
+        state.set_auto(np.full((sy.stop - sy.start, sx.stop - sx.start), new, np.uint8), (sy, sx))
+    assert state.flag()[r0, c0] and state.flag()[r1, c1] and state.flag().sum() == 2
+    np.testing.assert_array_equal(state.corrected()[[r0, r1], [c0, c1]], edits.corrected()[[r0, r1], [c0, c1]])
+    # with a saved mask of another raster the automatic values start as background
+    other = corrections_for_plan(project, sid, plan_slide_cams(project, sid, 128, 200))
+    assert other.auto.shape != pseudo.shape and (other.auto == LUAD.background_index).all()

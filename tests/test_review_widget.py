@@ -1,0 +1,90 @@
+"""The Review panel and ``histo-wsss cams`` are one engine: on the same project (real CMU slide, a
+classifier trained one tiny epoch) the command writes exactly the CAM and pseudo-mask layers the
+panel computed, and leaves the pathologist's painted correction alone.
+Run: xvfb-run -a -s "-screen 0 1600x1200x24" python -m pytest tests/test_review_widget.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+from _review_project import RUN, labelled_project_with_classifier  # noqa: E402
+from _widget_helpers import WAIT_MS, open_panels  # noqa: E402
+
+from napari_histo_wsss.cli import main  # noqa: E402
+from napari_histo_wsss.core.project import Project  # noqa: E402
+from napari_histo_wsss.core.review import (  # noqa: E402
+    COMPUTED_MASKS,
+    MASK_CORRECTED,
+    MASK_CORRECTED_FLAG,
+    MASK_PSEUDO,
+    MASK_REVIEWED,
+)
+
+
+def _read(root, sid, names) -> dict:
+    p = Project.open(root)
+    return {n: p.read_mask(sid, n) for n in names}
+
+
+def test_cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_path, cmu_svs, capsys):
+    project, sid = labelled_project_with_classifier(tmp_path / "case.wsss", cmu_svs)
+    viewer, w = open_panels(make_napari_viewer)
+    w["Project"].open_project(project.root)
+    w["Project"].show_slide(sid)
+    w["Project"].detect_grid()
+    qtbot.waitUntil(lambda: w["Project"].session.grid is not None, timeout=WAIT_MS)
+
+    rv = w["Review and correct"]
+    assert rv.runs.currentText() == RUN
+    rv.tile.setValue(128)
+    rv.mode.setCurrentText("last")
+    rv.device.setCurrentText("cpu")
+    plan = rv.compute()
+    qtbot.waitUntil(lambda: not rv.task.running, timeout=WAIT_MS)
+    assert "ready" in rv.status.text(), rv.status.text()
+    assert len(plan.tiles) > 1
+    panel = _read(project.root, sid, COMPUTED_MASKS)
+    pm = viewer.layers["pseudo-mask"]
+    np.testing.assert_array_equal(pm.data, panel[MASK_PSEUDO][0] + 1)  # shown = saved
+    # a correction painted and saved in the panel
+    r, c = plan.shape[0] // 2, plan.shape[1] // 2
+    k = (int(rv.edits.auto[r, c]) + 1) % project.classes.num_classes
+    pm.paint((r, c), k + 1)
+    rv.mark_reviewed((0, 0, 10, 10))
+    rv.save()
+    work = _read(project.root, sid, (MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_REVIEWED))
+    assert work[MASK_CORRECTED_FLAG][0][r, c]
+
+    # the command refuses to replace the layers, then with --overwrite writes the same ones
+    args = ["cams", str(project.root), "--slide", sid, "--tile", "128", "--mode", "last", "--device", "cpu"]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    cli = _read(project.root, sid, COMPUTED_MASKS + (MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_REVIEWED))
+    for name in COMPUTED_MASKS:
+        (a, ads), (b, bds) = panel[name], cli[name]
+        assert a.dtype == b.dtype and ads == bds
+        np.testing.assert_array_equal(a, b)  # NaN tiles of cam_probs compare equal too
+    for name, (arr, ds) in work.items():
+        np.testing.assert_array_equal(cli[name][0], arr)
+        assert cli[name][1] == ds
+
+    # the panel loads the command's layers with the correction on top
+    rv.load()
+    pm = viewer.layers["pseudo-mask"]
+    assert pm.data[r, c] == k + 1 and rv.edits.flag()[r, c] and rv.edits.reviewed[:10, :10].all()
+    np.testing.assert_array_equal(rv.edits.auto, cli[MASK_PSEUDO][0])
+
+    # recomputing in the panel keeps the correction too (saved again at the end)
+    rv.compute()
+    assert "corrected pixels kept" in rv.status.text(), rv.status.text()
+    qtbot.waitUntil(lambda: not rv.task.running and not rv.save_task.running, timeout=WAIT_MS)
+    again = _read(project.root, sid, COMPUTED_MASKS + (MASK_CORRECTED, MASK_CORRECTED_FLAG))
+    for name in COMPUTED_MASKS:
+        np.testing.assert_array_equal(again[name][0], panel[name][0])
+    np.testing.assert_array_equal(again[MASK_CORRECTED_FLAG][0], work[MASK_CORRECTED_FLAG][0])
+    np.testing.assert_array_equal(again[MASK_CORRECTED][0], work[MASK_CORRECTED][0])
+    assert viewer.layers["pseudo-mask"].data[r, c] == k + 1
