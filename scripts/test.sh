@@ -5,9 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HISTO_WSSS_DATA=${HISTO_WSSS_DATA:-$(cd .. && pwd)/shared/data}
-# One intra-op thread: at two threads, resumed runs no longer match uninterrupted ones bit for bit
-# since the engine refactor (open point in docs/reliability.md).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/npe2 validate napari-histo-wsss --imports
 if [ -n "${DISPLAY:-}" ] && [ "${HISTO_WSSS_USE_DISPLAY:-0}" = 1 ]; then
   exec .venv/bin/python -m pytest "$@"

@@ -37,6 +37,7 @@ def machine(monkeypatch):
         monkeypatch.setattr(dev, "_STARTUP_THREADS", default)
         monkeypatch.setattr(dev, "_seen_threads", default)
         monkeypatch.setattr(dev, "_gui_mode", False)
+        monkeypatch.setattr(dev, "_caller_owns_threads", False)
 
     yield make
     torch.set_num_threads(before)
@@ -84,6 +85,12 @@ def test_explicit_user_settings_win(machine, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     torch.set_num_threads(2)  # the caller's own code (a script, a test fixture)
     assert apply_thread_policy(gui=False) == 2 and torch.get_num_threads() == 2
+    # ...and it stays the caller's for the next run in the same process: switching a second run
+    # to the policy's count would change float reductions between two runs of one script.
+    torch.set_num_threads(1)
+    assert apply_thread_policy(gui=False) == 1
+    assert apply_thread_policy(gui=False) == 1 and torch.get_num_threads() == 1
+    assert apply_thread_policy(threads=3) == 3  # --torch-threads still wins
     with pytest.raises(DeviceError, match="at least 1"):
         apply_thread_policy(threads=0)
 

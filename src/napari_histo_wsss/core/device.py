@@ -98,6 +98,7 @@ def pick_device(pref: str | torch.device | None = "auto") -> torch.device:
 _STARTUP_THREADS = torch.get_num_threads()
 _gui_mode = False  # set by the GUI entry points; engines keep whatever mode the process is in
 _seen_threads = _STARTUP_THREADS  # the count the policy last set or accepted
+_caller_owns_threads = False  # True once the caller's own set_num_threads was seen: kept from then on
 
 
 def _policy_off() -> bool:
@@ -156,13 +157,21 @@ def apply_thread_policy(gui: bool | None = None, threads: int | None = None) -> 
     will run the work: OpenMP keeps the count per calling thread (torch copies its own setting
     into a new thread only the first time that thread runs a parallel op).
     """
-    global _gui_mode, _seen_threads
+    global _gui_mode, _seen_threads, _caller_owns_threads
     if gui is not None:
         _gui_mode = bool(gui)
     current = torch.get_num_threads()
-    if threads is None and (_policy_off() or current != _seen_threads):
-        _seen_threads = current  # torch's own choice, or the caller's: kept
-        return current
+    if threads is None:
+        if current != _seen_threads:
+            # The caller's own code chose a count: it stays the caller's from now on, so two runs
+            # in one process (a script, a test) both run at it instead of the second one being
+            # switched back to the policy's count (which changes float reductions between them).
+            _caller_owns_threads = True
+        if _policy_off() or _caller_owns_threads:
+            _seen_threads = current
+            return current
+    else:
+        _caller_owns_threads = False
     n = thread_count(_gui_mode, threads)
     if n != current:
         torch.set_num_threads(n)
