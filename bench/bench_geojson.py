@@ -32,9 +32,9 @@ import numpy as np
 import shapely
 from shapely.geometry import shape as to_shape
 
-from napari_histo_wsss.core.classes import get_preset
-from napari_histo_wsss.core.datasets import read_index_mask
-from napari_histo_wsss.core.export import (
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.data.datasets import read_index_mask
+from napari_histo_wsss.core.io.export import (
     GEOJSON_TOLERANCE,
     _feature_id,
     export_geojson,

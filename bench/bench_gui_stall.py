@@ -62,7 +62,7 @@ def _probe(tick_ms: int, until: Callable[[], bool], max_s: float) -> dict:
 
 
 def _labelled_project(root: Path, slide: Path, patch: int, mpp: float, per_class: int):
-    from napari_histo_wsss.core.project import Project
+    from napari_histo_wsss.core.data.project import Project
 
     project = Project.create(root, "wsss4luad", patch_size=patch, target_mpp=mpp)
     sid = project.add_slide(slide)
@@ -76,7 +76,7 @@ def _labelled_project(root: Path, slide: Path, patch: int, mpp: float, per_class
 def _job_rows(args: argparse.Namespace, project, w) -> list[tuple[str, dict]]:
     """Stalls while the Training panel trains, while the Review panel computes CAMs (both in their
     background workers), and while the same training runs on the GUI thread."""
-    from napari_histo_wsss.core.train import TrainConfig, train_classifier
+    from napari_histo_wsss.core.stage1.train import TrainConfig, train_classifier
 
     rows = []
     tr = w["Training"]
@@ -125,7 +125,7 @@ def main() -> None:
     from qtpy.QtWidgets import QApplication
 
     from napari_histo_wsss.cli.gui import open_gui
-    from napari_histo_wsss.core.train import TrainConfig, train_classifier
+    from napari_histo_wsss.core.stage1.train import TrainConfig, train_classifier
     from napari_histo_wsss.sample_data import sample_slide_path
     from napari_histo_wsss.core.review import CamCanvas, Corrections
 

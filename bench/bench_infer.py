@@ -29,10 +29,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from napari_histo_wsss.core.classes import get_preset  # noqa: E402
-from napari_histo_wsss.core.infer import _read_tile, plan_tiles, predict_slide, segmenter_predict_fn  # noqa: E402
+from napari_histo_wsss.core.data.classes import get_preset  # noqa: E402
+from napari_histo_wsss.core.stage2.infer import _read_tile, plan_tiles, predict_slide, segmenter_predict_fn  # noqa: E402
 from napari_histo_wsss.core.models import Segmenter  # noqa: E402
-from napari_histo_wsss.core.slide import open_slide  # noqa: E402
+from napari_histo_wsss.core.slides.slide import open_slide  # noqa: E402
 
 CLASSES = get_preset("wsss4luad")
 DATA = Path(os.environ.get("HISTO_WSSS_DATA", HERE.parent.parent / "shared" / "data"))
@@ -73,8 +73,8 @@ _CHILD = """
 import sys, time, torch
 sys.path.insert(0, {here!r})
 from generated_slide import GeneratedSlide
-from napari_histo_wsss.core.classes import get_preset
-from napari_histo_wsss.core.infer import predict_slide, segmenter_predict_fn
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.stage2.infer import predict_slide, segmenter_predict_fn
 from napari_histo_wsss.core.models import Segmenter
 torch.set_num_threads({threads})
 side = int(sys.argv[1])

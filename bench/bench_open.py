@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from napari_histo_wsss.core.slide import open_slide
+from napari_histo_wsss.core.slides.slide import open_slide
 from napari_histo_wsss.reader import get_reader
 from napari_histo_wsss.sample_data import sample_slide_path
 

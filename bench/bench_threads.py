@@ -154,7 +154,7 @@ def main() -> None:
         wait = alone["wait"].get("OMP_WAIT_POLICY") or "torch default (spin)"
         print(f"| {policy} | {alone['threads']} | {wait} | {a:.2f} | {b:.2f} | {b / a:.2f}x | {b / old_busy:.2f}x |")
     if args.json:
-        from napari_histo_wsss.core.atomic import write_json
+        from napari_histo_wsss.core.io.atomic import write_json
 
         write_json(args.json, {"args": vars(args), "rows": [{"policy": p, "alone": a, "busy": b} for p, a, b in rows]})
 

@@ -51,8 +51,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
-    from napari_histo_wsss.core.cams import pseudo_mask
-    from napari_histo_wsss.core.classes import get_preset
+    from napari_histo_wsss.core.stage1.cams import pseudo_mask
+    from napari_histo_wsss.core.data.classes import get_preset
     from napari_histo_wsss.core.review import pseudo_tiles
 
     classes = get_preset("wsss4luad")

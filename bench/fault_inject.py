@@ -422,7 +422,7 @@ _PROJECT = r'''
 import shutil, sys
 from pathlib import Path
 import numpy as np
-from napari_histo_wsss.core.project import Project
+from napari_histo_wsss.core.data.project import Project
 root, slide = Path(sys.argv[1]), Path(sys.argv[2])
 p = Project.create(root, "wsss4luad", patch_size=64, target_mpp=None)
 shutil.copyfile(slide, root / "slide.png")
@@ -591,7 +591,7 @@ def _traversal_project(c: Ctx, sid: str = "../../x") -> Path:
 def _api(body: str) -> str:
     """Code that runs ``body`` and prints a HistoWSSSError as one line (exit 2), like the CLI."""
     return ("import sys\nimport numpy as np\nfrom napari_histo_wsss.core.errors import HistoWSSSError\n"
-            "from napari_histo_wsss.core.project import Project\ntry:\n" + textwrap.indent(textwrap.dedent(body), "    ")
+            "from napari_histo_wsss.core.data.project import Project\ntry:\n" + textwrap.indent(textwrap.dedent(body), "    ")
             + "\nexcept HistoWSSSError as e:\n    print(f'error: {e}', file=sys.stderr)\n    sys.exit(2)\n")
 
 
@@ -1227,7 +1227,7 @@ api("project-api-mask-name-with-slash",
 _WRITER = """\
 import sys
 from pathlib import Path
-from napari_histo_wsss.core.project import Project
+from napari_histo_wsss.core.data.project import Project
 root, tag, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 p = Project.open(root)
 for i in range(n):
@@ -1237,13 +1237,13 @@ Path(root, f".done-{tag}").touch()
 _OPENER = """\
 import sys, time
 from pathlib import Path
-from napari_histo_wsss.core.project import Project
+from napari_histo_wsss.core.data.project import Project
 root = sys.argv[1]
 t0 = time.monotonic()
 while not Path(root, ".done-1").exists() and time.monotonic() - t0 < 60:
     Project.open(root).patch_labels()
 """
-_COUNT = "import sys\nfrom napari_histo_wsss.core.project import Project\nprint(len(Project.open(sys.argv[1]).patch_labels()))"
+_COUNT = "import sys\nfrom napari_histo_wsss.core.data.project import Project\nprint(len(Project.open(sys.argv[1]).patch_labels()))"
 
 
 def _concurrent(second: str) -> Callable[[Ctx, float], Outcome]:

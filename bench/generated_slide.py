@@ -1,7 +1,7 @@
 """A generated, lazily computed whole slide of any size, for whole-slide inference benchmarks and
 memory tests: round tissue islands with an H&E-like procedural texture on white glass.
 
-It offers the part of :class:`napari_histo_wsss.core.slide.Slide` that whole-slide prediction
+It offers the part of :class:`napari_histo_wsss.core.slides.slide.Slide` that whole-slide prediction
 uses (``dimensions``, ``mpp``, ``path``, ``read_region``, ``read_scaled``) plus an exact
 :meth:`GeneratedSlide.tissue_mask`, and computes only the pixels asked for, so a 100k x 100k
 slide costs nothing until read.
@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from napari_histo_wsss.core.tissue import TissueMask
+from napari_histo_wsss.core.slides.tissue import TissueMask
 
 
 class GeneratedSlide:

@@ -94,8 +94,8 @@ def slide_dataset(dest: Path, n: int, size: int, block: int) -> tuple[Path, Path
     from PIL import Image
     from skimage.color import rgb2hed
 
-    from napari_histo_wsss.core.slide import open_slide
-    from napari_histo_wsss.core.tissue import white_background_mask
+    from napari_histo_wsss.core.slides.slide import open_slide
+    from napari_histo_wsss.core.slides.tissue import white_background_mask
 
     img_dir, mask_dir = dest / "img", dest / "mask"
     img_dir.mkdir(parents=True)
@@ -232,7 +232,7 @@ def main() -> int:
     t_start = time.perf_counter()
     import torch
 
-    from napari_histo_wsss.core.atomic import write_json, write_text
+    from napari_histo_wsss.core.io.atomic import write_json, write_text
 
     info = {
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "device": args.device, "tiny": args.tiny,

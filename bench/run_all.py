@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.no_write:
         target = ROOT / "docs" / "benchmarks.md"
-        from napari_histo_wsss.core.atomic import write_text
+        from napari_histo_wsss.core.io.atomic import write_text
 
         write_text(target, report)
         print(f"[bench] wrote {target}")

@@ -42,11 +42,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from napari_histo_wsss.core.cams import cams_for_image, pseudo_mask
-from napari_histo_wsss.core.datasets import list_images, load_dataset, make_patches
+from napari_histo_wsss.core.stage1.cams import cams_for_image, pseudo_mask
+from napari_histo_wsss.core.data.datasets import list_images, load_dataset, make_patches
 from napari_histo_wsss.core.metrics import ConfusionMatrix
-from napari_histo_wsss.core.tissue import white_background_mask
-from napari_histo_wsss.core.train import PROB_THRESHOLDS, TrainConfig, load_run, train_classifier
+from napari_histo_wsss.core.slides.tissue import white_background_mask
+from napari_histo_wsss.core.stage1.train import PROB_THRESHOLDS, TrainConfig, load_run, train_classifier
 
 DATA = Path(os.environ.get("HISTO_WSSS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 METHODS = {  # name -> (method, cam_mode used for feedback/selection during training)

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_histo_wsss.core.datasets import WeakLabelDataset, load_dataset
-from napari_histo_wsss.core.train import TrainConfig, _SeededItems, build_model, build_optimizer
+from napari_histo_wsss.core.data.datasets import WeakLabelDataset, load_dataset
+from napari_histo_wsss.core.stage1.train import TrainConfig, _SeededItems, build_model, build_optimizer
 
 
 def time_loading(ds, batch: int, n_batches: int) -> float:
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shared_patches(tmp: Path) -> Path:
-    from napari_histo_wsss.core.classes import get_preset
-    from napari_histo_wsss.core.datasets import make_patches
+    from napari_histo_wsss.core.data.classes import get_preset
+    from napari_histo_wsss.core.data.datasets import make_patches
 
     data = Path(os.environ.get("HISTO_WSSS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     src = data / "wsss4luad-subset" / "val"

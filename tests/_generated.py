@@ -10,9 +10,9 @@ import tifffile
 import torch
 from PIL import Image
 
-from napari_histo_wsss.core.classes import ClassTable, get_preset
+from napari_histo_wsss.core.data.classes import ClassTable, get_preset
 from napari_histo_wsss.core.models import Segmenter, save_model
-from napari_histo_wsss.core.train_seg import SegConfig
+from napari_histo_wsss.core.stage2.train import SegConfig
 
 
 def tissue_image(width: int, height: int, seed: int) -> np.ndarray:

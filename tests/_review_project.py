@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_histo_wsss.core.project import Project
-from napari_histo_wsss.core.train import TrainConfig, train_classifier
+from napari_histo_wsss.core.data.project import Project
+from napari_histo_wsss.core.stage1.train import TrainConfig, train_classifier
 
 # 32-px patches at 4 um/px: about 30 tissue patches on CMU-1-Small-Region, a 277 x 370 px canvas.
 PATCH = 32

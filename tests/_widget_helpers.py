@@ -11,7 +11,7 @@ from napari.utils.interactions import mouse_move_callbacks, mouse_press_callback
 from qtpy.QtCore import Qt
 
 from napari_histo_wsss.cli.gui import PANELS, open_gui
-from napari_histo_wsss.core.project import Project
+from napari_histo_wsss.core.data.project import Project
 
 WAIT_MS = 90_000
 # Small working resolution so that training and CAMs stay tiny: 32-px patches at 4 um/px

@@ -26,7 +26,7 @@ def labels_for(n: int, num_classes: int) -> list[int]:
 
 
 def _project(folder: Path) -> None:
-    from napari_histo_wsss.core.project import Project
+    from napari_histo_wsss.core.data.project import Project
 
     root = folder / "project"
     if (root / "project.json").is_file():
@@ -47,7 +47,7 @@ def _project(folder: Path) -> None:
 def _checkpoint(folder: Path) -> None:
     import torch
 
-    from napari_histo_wsss.core.classes import get_preset
+    from napari_histo_wsss.core.data.classes import get_preset
     from napari_histo_wsss.core.models import CAMClassifier, save_model
 
     classes = get_preset(CLASSES)
@@ -62,9 +62,9 @@ def _checkpoint(folder: Path) -> None:
 
 
 def _predict(folder: Path) -> None:
-    from napari_histo_wsss.core.infer import predict_slide, segmenter_predict_fn
-    from napari_histo_wsss.core.slide import open_slide
-    from napari_histo_wsss.core.train_seg import load_segmenter
+    from napari_histo_wsss.core.stage2.infer import predict_slide, segmenter_predict_fn
+    from napari_histo_wsss.core.slides.slide import open_slide
+    from napari_histo_wsss.core.stage2.train import load_segmenter
 
     model, classes, _, _ = load_segmenter(folder / "run")
     fn = segmenter_predict_fn(model, classes, "cpu")

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_histo_wsss.core import datasets, infer
-from napari_histo_wsss.core.classes import get_preset
+from napari_histo_wsss.core.data import datasets
+
+from napari_histo_wsss.core.stage2 import infer
+from napari_histo_wsss.core.data.classes import get_preset
 from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.core.models import (
     BACKBONE_REGISTRY,
@@ -67,7 +69,7 @@ def test_normalisation_lives_with_the_models_and_matches_the_data_pipeline():
 def test_models_do_not_import_the_datasets_module():
     """models/ sits below datasets (datasets imports the normalisation from models), not above it."""
     code = ("import sys, napari_histo_wsss.core.models as m; m.build_backbone('efficientnet-lite0', 'none'); "
-            "print('napari_histo_wsss.core.datasets' in sys.modules)")
+            "print('napari_histo_wsss.core.data.datasets' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
 

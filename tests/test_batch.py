@@ -1,4 +1,4 @@
-"""Many-slide prediction with Dask (core/batch.py, ``histo-wsss predict-many``): a LocalCluster of
+"""Many-slide prediction with Dask (core/stage2/batch.py, ``histo-wsss predict-many``): a LocalCluster of
 two workers, generated slides plus a corrupt one and a missing one, retries, resume."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import pytest
 
 from _generated import segmenter_run, write_slides
 from napari_histo_wsss.cli import main
-from napari_histo_wsss.core import infer
-from napari_histo_wsss.core.batch import PredictSettings, output_path, plan_jobs, predict_many
+from napari_histo_wsss.core.stage2 import infer
+from napari_histo_wsss.core.stage2.batch import PredictSettings, output_path, plan_jobs, predict_many
 from napari_histo_wsss.core.errors import HistoWSSSError
-from napari_histo_wsss.core.export import ExportError, open_label_pyramid
-from napari_histo_wsss.core.slide import open_slide
-from napari_histo_wsss.core.train_seg import load_segmenter
+from napari_histo_wsss.core.io.export import ExportError, open_label_pyramid
+from napari_histo_wsss.core.slides.slide import open_slide
+from napari_histo_wsss.core.stage2.train import load_segmenter
 
 SETTINGS = PredictSettings(tile=128, overlap=16, batch_size=4, device="cpu", torch_threads=1)
 

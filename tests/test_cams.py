@@ -8,20 +8,20 @@ import pytest
 import torch
 from PIL import Image
 
-from napari_histo_wsss.core.cams import (
+from napari_histo_wsss.core.stage1.cams import (
     PseudoMaskSettings,
     cams_for_image,
     generate_pseudo_masks,
     pseudo_mask,
     save_pseudo_mask,
 )
-from napari_histo_wsss.core.classes import get_preset
-from napari_histo_wsss.core.datasets import format_label_name, load_dataset, make_patches, read_index_mask
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.data.datasets import format_label_name, load_dataset, make_patches, read_index_mask
 from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.core.metrics import ConfusionMatrix
 from napari_histo_wsss.core.models import CAMClassifier
-from napari_histo_wsss.core.tissue import white_background_mask
-from napari_histo_wsss.core.train import TrainConfig, load_run, train_classifier
+from napari_histo_wsss.core.slides.tissue import white_background_mask
+from napari_histo_wsss.core.stage1.train import TrainConfig, load_run, train_classifier
 
 LUAD = get_preset("wsss4luad")
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from napari_histo_wsss.core.classes import ClassTable, get_preset
-from napari_histo_wsss.core.datasets import (
+from napari_histo_wsss.core.data.classes import ClassTable, get_preset
+from napari_histo_wsss.core.data.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MaskedDataset,
@@ -28,7 +28,7 @@ from napari_histo_wsss.core.datasets import (
     to_tensor,
 )
 from napari_histo_wsss.core.errors import DatasetError
-from napari_histo_wsss.core.project import Project
+from napari_histo_wsss.core.data.project import Project
 
 WSSS = get_preset("wsss4luad")
 

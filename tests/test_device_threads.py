@@ -127,7 +127,7 @@ def test_training_engine_applies_the_policy_in_its_thread(machine, tmp_path):
     2 cores trains with 1 thread, even if the worker thread's count was still torch's default."""
     from test_train import make_dataset, tiny
 
-    from napari_histo_wsss.core.train import train_classifier
+    from napari_histo_wsss.core.stage1.train import train_classifier
 
     data = make_dataset(tmp_path / "ds", n_train=8, size=32, n_val=0)
     machine(2)

@@ -1,4 +1,4 @@
-"""Data-parallel training (core/distributed.py, used by core/train.py and core/train_seg.py): the
+"""Data-parallel training (core/distributed.py, used by core/stage1/train.py and core/stage2/train.py): the
 real `train-cls` under torchrun with two gloo ranks on the CPU trains exactly what one process
 trains with the same global batch, `train-seg` trains under torchrun, and only rank 0 writes."""
 
@@ -23,8 +23,8 @@ from napari_histo_wsss.core.distributed import (
 )
 from napari_histo_wsss.core.models import load_checkpoint
 from napari_histo_wsss.core.device import seed_everything
-from napari_histo_wsss.core.train import TrainConfig, build_model, train_classifier
-from napari_histo_wsss.core.train_seg import load_segmenter
+from napari_histo_wsss.core.stage1.train import TrainConfig, build_model, train_classifier
+from napari_histo_wsss.core.stage2.train import load_segmenter
 from test_train import make_dataset  # the generated WSSS4LUAD-style folder of the training tests
 
 

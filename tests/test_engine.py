@@ -25,8 +25,8 @@ from napari_histo_wsss.core.engine import lr_at, warmup_for
 from napari_histo_wsss.core.errors import TrainingError
 from napari_histo_wsss.core.models import load_checkpoint
 from napari_histo_wsss.core.runs import checkpoint_file
-from napari_histo_wsss.core.train import train_classifier
-from napari_histo_wsss.core.train_seg import SegDataset, train_segmenter
+from napari_histo_wsss.core.stage1.train import train_classifier
+from napari_histo_wsss.core.stage2.train import SegDataset, train_segmenter
 
 TIMING = {"data_s", "compute_s", "val_s", "patches_per_s", "seconds"}
 
@@ -156,10 +156,10 @@ def test_warmup_is_capped_at_a_quarter_of_the_run_in_both_stages(data, stage_one
 # project crops, checkpoint resolver
 # ---------------------------------------------------------------------------------------------
 def test_project_crops_reaching_past_the_masks_are_padded_with_background(cmu_svs, tmp_path):
-    from napari_histo_wsss.core.classes import get_preset
-    from napari_histo_wsss.core.datasets import load_dataset
-    from napari_histo_wsss.core.project import Project
-    from napari_histo_wsss.core.train_seg import _project_samples
+    from napari_histo_wsss.core.data.classes import get_preset
+    from napari_histo_wsss.core.data.datasets import load_dataset
+    from napari_histo_wsss.core.data.project import Project
+    from napari_histo_wsss.core.stage2.train import _project_samples
 
     classes = get_preset("wsss4luad")
     bg = classes.background_index
@@ -193,8 +193,8 @@ def test_one_checkpoint_resolver_for_every_loader(tmp_path):
 def test_many_slide_prediction_from_a_stage_one_run_uses_its_segmenter(tmp_path):
     from _generated import segmenter_run, write_slides
 
-    from napari_histo_wsss.core.batch import PredictSettings, predict_many
-    from napari_histo_wsss.core.export import open_label_pyramid
+    from napari_histo_wsss.core.stage2.batch import PredictSettings, predict_many
+    from napari_histo_wsss.core.io.export import open_label_pyramid
 
     run = tmp_path / "run"  # a stage-one run (its own checkpoints) holding its segmenter run
     (run / "checkpoints").mkdir(parents=True)

@@ -11,9 +11,9 @@ import tifffile
 import torch
 from PIL import Image
 
-from napari_histo_wsss.core.classes import get_preset
-from napari_histo_wsss.core.datasets import read_index_mask
-from napari_histo_wsss.core.export import (
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.data.datasets import read_index_mask
+from napari_histo_wsss.core.io.export import (
     UNLABELLED,
     ExportError,
     export_geojson,
@@ -74,8 +74,8 @@ def test_polygons_keep_holes_and_diagonal_neighbours_apart():
 def test_geojson_of_real_slide_prediction_round_trip(cmu_svs, tmp_path):
     """A real prediction over the CMU slide (tissue tiles, per-pixel colour model) -> GeoJSON
     in level-0 coordinates -> rasterised at the pyramid level it came from."""
-    from napari_histo_wsss.core.infer import predict_slide
-    from napari_histo_wsss.core.slide import open_slide
+    from napari_histo_wsss.core.stage2.infer import predict_slide
+    from napari_histo_wsss.core.slides.slide import open_slide
 
     w = torch.tensor([[2.0, -1.0, 0.5], [-1.5, 2.0, 0.0], [0.3, 0.2, -2.0]])
     fn = lambda x: torch.softmax(torch.einsum("kc,bchw->bkhw", w, x) * 2, dim=1)  # noqa: E731
@@ -183,7 +183,7 @@ def test_npe2_writers(tmp_path):
 
 
 def test_patch_labels_csv(cmu_svs, tmp_path):
-    from napari_histo_wsss.core.project import Project
+    from napari_histo_wsss.core.data.project import Project
 
     project = Project.create(tmp_path / "p.wsss", CLASSES)
     sid = project.add_slide(cmu_svs)

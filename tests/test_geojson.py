@@ -12,10 +12,10 @@ import shapely
 from shapely.geometry import shape as to_shape
 
 from napari_histo_wsss.cli import main
-from napari_histo_wsss.core.cams import save_pseudo_mask
-from napari_histo_wsss.core.classes import get_preset
-from napari_histo_wsss.core.datasets import read_index_mask
-from napari_histo_wsss.core.export import (
+from napari_histo_wsss.core.stage1.cams import save_pseudo_mask
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.data.datasets import read_index_mask
+from napari_histo_wsss.core.io.export import (
     GEOJSON_TOLERANCE,
     UNLABELLED,
     ExportError,

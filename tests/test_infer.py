@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from napari_histo_wsss.core.classes import get_preset
-from napari_histo_wsss.core.datasets import to_tensor
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.data.datasets import to_tensor
 from napari_histo_wsss.core.errors import HistoWSSSError, SlideError
-from napari_histo_wsss.core.export import ExportError, open_label_pyramid
-from napari_histo_wsss.core.infer import cosine_window, predict_folder, predict_slide, segmenter_predict_fn
-from napari_histo_wsss.core.slide import open_slide
+from napari_histo_wsss.core.io.export import ExportError, open_label_pyramid
+from napari_histo_wsss.core.stage2.infer import cosine_window, predict_folder, predict_slide, segmenter_predict_fn
+from napari_histo_wsss.core.slides.slide import open_slide
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -63,7 +63,7 @@ def test_tiled_blended_prediction_equals_whole_image(cmu_svs, tmp_path):
 def test_blending_is_exact_next_to_skipped_glass_tiles(tmp_path):
     """With tissue-only tiles, every pixel inside a predicted tile still gets the exact blend
     (the carried margins of skipped neighbours are handled), and the rest is left unwritten."""
-    from napari_histo_wsss.core.infer import plan_tiles
+    from napari_histo_wsss.core.stage2.infer import plan_tiles
 
     slide = GeneratedSlide((1500, 1100), [(300, 300, 150), (1000, 700, 260), (1400, 150, 60)])
     tissue = slide.tissue_mask(8)
@@ -167,8 +167,8 @@ _MEMORY_SCRIPT = """
 import resource, sys, torch
 sys.path.insert(0, {bench!r})
 from generated_slide import GeneratedSlide
-from napari_histo_wsss.core.classes import get_preset
-from napari_histo_wsss.core.infer import predict_slide
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.stage2.infer import predict_slide
 torch.set_num_threads(1)
 side = int(sys.argv[1])
 islands = [(1500, 1500, 700), (side - 1500, side - 1500, 700), (side // 2, 1500, 600)]

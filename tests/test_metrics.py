@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from napari_histo_wsss.cli import main
-from napari_histo_wsss.core.classes import get_preset
-from napari_histo_wsss.core.datasets import load_dataset, read_index_mask
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.data.datasets import load_dataset, read_index_mask
 from napari_histo_wsss.core.errors import ClassTableError, DatasetError
 from napari_histo_wsss.core.metrics import ConfusionMatrix, compute_scores, evaluate_folders
 

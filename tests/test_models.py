@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from napari_histo_wsss.core.classes import get_preset
-from napari_histo_wsss.core.datasets import to_tensor
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.data.datasets import to_tensor
 from napari_histo_wsss.core.errors import HistoWSSSError, TrainingError
 from napari_histo_wsss.core.models import (
     BACKBONES,

@@ -24,15 +24,15 @@ from _generated import segmenter_run, tissue_image
 from PIL import Image
 
 from napari_histo_wsss.cli import main
-from napari_histo_wsss.core import atomic
-from napari_histo_wsss.core import export as export_mod
-from napari_histo_wsss.core.atomic import write_text
-from napari_histo_wsss.core.cams import save_pseudo_mask
-from napari_histo_wsss.core.classes import get_preset
+from napari_histo_wsss.core.io import atomic
+from napari_histo_wsss.core.io import export as export_mod
+from napari_histo_wsss.core.io.atomic import write_text
+from napari_histo_wsss.core.stage1.cams import save_pseudo_mask
+from napari_histo_wsss.core.data.classes import get_preset
 from napari_histo_wsss.core.errors import HistoWSSSError
-from napari_histo_wsss.core.export import export_ome_zarr, open_label_pyramid
+from napari_histo_wsss.core.io.export import export_ome_zarr, open_label_pyramid
 from napari_histo_wsss.core.models import CAMClassifier, save_model
-from napari_histo_wsss.core.train import TrainConfig
+from napari_histo_wsss.core.stage1.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_SLIDE = REPO / "src" / "napari_histo_wsss" / "data" / "CMU-1-Small-Region.svs"
@@ -170,8 +170,8 @@ def test_predict_slide_into_existing_zarr_and_a_failed_overwrite(stuff, tmp_path
 
 
 def test_a_stopped_overwrite_keeps_the_old_output(stuff, tmp_path):
-    from napari_histo_wsss.core.infer import predict_folder, predict_slide
-    from napari_histo_wsss.core.slide import open_slide
+    from napari_histo_wsss.core.stage2.infer import predict_folder, predict_slide
+    from napari_histo_wsss.core.slides.slide import open_slide
 
     def noise(x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(torch.randn(x.shape[0], CLASSES.num_classes + 1, *x.shape[-2:]), dim=1)
@@ -261,7 +261,7 @@ def test_failing_ome_zarr_overwrite_keeps_the_old_one(tmp_path, capsys, monkeypa
 @pytest.mark.parametrize("suffix", [".geojson", ".png", ".tif", ".csv"])
 def test_export_onto_an_existing_file_needs_overwrite(tmp_path, capsys, suffix):
     if suffix == ".csv":
-        from napari_histo_wsss.core.project import Project
+        from napari_histo_wsss.core.data.project import Project
 
         Project.create(tmp_path / "p.wsss", CLASSES)
         src = tmp_path / "p.wsss"

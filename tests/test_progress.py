@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import napari_histo_wsss
-from napari_histo_wsss.core import progress, review, train
+from napari_histo_wsss.core import progress, review
+from napari_histo_wsss.core.stage1 import train
 from napari_histo_wsss.core.errors import Cancelled
 from napari_histo_wsss.core.progress import ProgressEvent, run_to_end
 
@@ -31,7 +32,7 @@ def test_progress_event_lives_in_core_progress():
 
 
 def test_no_function_level_progress_imports_and_no_duck_typed_events():
-    """ProgressEvent used to sit in core/train.py: cams/infer/train_seg imported it inside
+    """ProgressEvent used to sit in core/stage1/train.py: cams/infer/train_seg imported it inside
     functions (an import cycle), and widgets declared look-alike dataclasses."""
     inner, ducks = [], []
     for path, tree in _modules().items():

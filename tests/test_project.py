@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_histo_wsss.core.classes import ClassTable, get_preset
+from napari_histo_wsss.core.data.classes import ClassTable, get_preset
 from napari_histo_wsss.core.errors import ClassTableError, ProjectError
-from napari_histo_wsss.core.project import Project
+from napari_histo_wsss.core.data.project import Project
 
 
 @pytest.fixture()
@@ -235,7 +235,7 @@ _SAVER = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from napari_histo_wsss.core.project import Project
+    from napari_histo_wsss.core.data.project import Project
 
     p = Project.open(sys.argv[1])
     sid = next(iter(p.slides))
@@ -290,7 +290,7 @@ _READ_ONLY_CHECK = textwrap.dedent(
     import json, sys
     import numpy as np
     from napari_histo_wsss.core.errors import ProjectError
-    from napari_histo_wsss.core.project import Project
+    from napari_histo_wsss.core.data.project import Project
 
     root = sys.argv[1]
     out = {}
@@ -356,8 +356,8 @@ def test_read_only_folder_opens_for_reading_and_refuses_changes(project, tmp_pat
 
 # -- tissue and patch grid with the project's settings ---------------------------------------------
 def test_grid_uses_the_project_settings_and_caches(project):
-    from napari_histo_wsss.core.grid import make_grid
-    from napari_histo_wsss.core.tissue import detect_tissue
+    from napari_histo_wsss.core.slides.grid import make_grid
+    from napari_histo_wsss.core.slides.tissue import detect_tissue
 
     p, sid = project  # patch_size 128 at 2 um/px, min_tissue 0.25; the slide is 0.499 um/px
     grid = p.grid(sid)

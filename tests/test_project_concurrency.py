@@ -23,7 +23,7 @@ from _generated import tissue_image
 from PIL import Image
 
 from napari_histo_wsss.core.errors import ProjectError
-from napari_histo_wsss.core.project import Project
+from napari_histo_wsss.core.data.project import Project
 
 N = 30  # labels each writer saves (plus removals, a slide and a setting)
 
@@ -44,7 +44,7 @@ def _run(script: str, *args: str, **kw) -> subprocess.Popen:
 _WRITER = """
     import sys, time
     from pathlib import Path
-    from napari_histo_wsss.core.project import Project
+    from napari_histo_wsss.core.data.project import Project
 
     root, k, n, extra = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     p = Project.open(root)
@@ -93,8 +93,8 @@ def test_two_processes_saving_into_one_project_lose_nothing(project, tmp_path):
 # -- an opening process and another writer's in-flight temporary -----------------------------------
 _PAUSED_WRITER = """
     import sys
-    from napari_histo_wsss.core import project as core_project
-    from napari_histo_wsss.core.atomic import atomic_path
+    from napari_histo_wsss.core.data import project as core_project
+    from napari_histo_wsss.core.io.atomic import atomic_path
 
     def paused_write_text(path, text):  # core.atomic's write, stopped while its temporary exists
         with atomic_path(path) as tmp:
@@ -138,7 +138,7 @@ def test_open_never_deletes_another_writers_temporary(project):
 # -- a second window -------------------------------------------------------------------------------
 _WINDOW = """
     import sys
-    from napari_histo_wsss.core.project import Project
+    from napari_histo_wsss.core.data.project import Project
 
     p = Project.open(sys.argv[1], session=True)
     print("open", flush=True)

@@ -12,10 +12,10 @@ import pytest
 from _review_project import RUN, labelled_project_with_classifier
 
 from napari_histo_wsss.cli import main
-from napari_histo_wsss.core.cams import pseudo_mask
-from napari_histo_wsss.core.classes import get_preset
+from napari_histo_wsss.core.stage1.cams import pseudo_mask
+from napari_histo_wsss.core.data.classes import get_preset
 from napari_histo_wsss.core.errors import HistoWSSSError
-from napari_histo_wsss.core.project import Project
+from napari_histo_wsss.core.data.project import Project
 from napari_histo_wsss.core.review import (
     COMPUTED_MASKS,
     MASK_CAM,
@@ -298,8 +298,8 @@ def test_corrections_saved_at_another_resolution_are_resampled(case):
 
 def test_stage_two_reads_what_the_command_wrote(case):
     """``train-seg`` on a project needs its pseudo-masks; ``histo-wsss cams`` makes them headless."""
-    from napari_histo_wsss.core.datasets import load_dataset
-    from napari_histo_wsss.core.train_seg import _project_samples
+    from napari_histo_wsss.core.data.datasets import load_dataset
+    from napari_histo_wsss.core.stage2.train import _project_samples
 
     project, sid = case
     spec = load_dataset(project.root)

@@ -14,7 +14,7 @@ from _review_project import RUN, labelled_project_with_classifier  # noqa: E402
 from _widget_helpers import WAIT_MS, open_panels  # noqa: E402
 
 from napari_histo_wsss.cli import main  # noqa: E402
-from napari_histo_wsss.core.project import Project  # noqa: E402
+from napari_histo_wsss.core.data.project import Project  # noqa: E402
 from napari_histo_wsss.core.review import (  # noqa: E402
     COMPUTED_MASKS,
     MASK_CORRECTED,

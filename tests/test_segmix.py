@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_histo_wsss.core.segmix import SegMixScheduler, default_tiles, segmix_batch
+from napari_histo_wsss.core.stage1.segmix import SegMixScheduler, default_tiles, segmix_batch
 
 
 def _batch(b=6, h=64, w=64, c=3, seed=0):

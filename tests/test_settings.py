@@ -30,8 +30,8 @@ from napari_histo_wsss.cli.stage2 import _seg_config
 from napari_histo_wsss.core.errors import HistoWSSSError, TrainingError
 from napari_histo_wsss.core.review import ReviewSettings
 from napari_histo_wsss.core.settings import format_value
-from napari_histo_wsss.core.train import TrainConfig, load_run
-from napari_histo_wsss.core.train_seg import SegConfig
+from napari_histo_wsss.core.stage1.train import TrainConfig, load_run
+from napari_histo_wsss.core.stage2.train import SegConfig
 
 CLASSES = [(TrainConfig, "train-cls", ["DATASET", "RUN"], "Training"),
            (SegConfig, "train-seg", ["RUN"], "Segmenter")]
@@ -82,8 +82,8 @@ def test_cli_parser_waits_for_the_training_modules():
     """The options come from the training modules (torch) only when train-cls/train-seg parse:
     ``histo-wsss info`` or ``--help`` do not pay for it."""
     code = ("import sys; from napari_histo_wsss.cli import build_parser; p = build_parser(); "
-            "print('napari_histo_wsss.core.train' in sys.modules, 'torch' in sys.modules); "
-            "p.parse_args(['train-cls', 'D', 'R', '--epochs', '2']); print('napari_histo_wsss.core.train' in sys.modules)")
+            "print('napari_histo_wsss.core.stage1.train' in sys.modules, 'torch' in sys.modules); "
+            "p.parse_args(['train-cls', 'D', 'R', '--epochs', '2']); print('napari_histo_wsss.core.stage1.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[-3:] == ["False", "False", "True"]
 
@@ -248,7 +248,7 @@ def test_stage_two_resumes_a_checkpoint_of_an_older_version(stage_one, tmp_path)
     as stage one's does; stage two used to count each missing setting as a change and refuse."""
     import torch
 
-    from napari_histo_wsss.core.train_seg import train_segmenter
+    from napari_histo_wsss.core.stage2.train import train_segmenter
 
     run, patches, out = stage_one / "run", stage_one / "patches", tmp_path / "seg"
     assert list(train_segmenter(run, config=seg_tiny(epochs=1), dataset=patches, out_dir=out))[-1].kind == "done"

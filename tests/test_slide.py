@@ -10,9 +10,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from napari_histo_wsss.core import slide as slide_mod
+from napari_histo_wsss.core.slides import slide as slide_mod
 from napari_histo_wsss.core.errors import SlideError
-from napari_histo_wsss.core.slide import BUILT_LEVEL_MIN_SIDE, open_slide
+from napari_histo_wsss.core.slides.slide import BUILT_LEVEL_MIN_SIDE, open_slide
 
 
 def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:

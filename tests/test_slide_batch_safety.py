@@ -25,9 +25,9 @@ from PIL import Image
 
 from _generated import tissue_image
 from napari_histo_wsss.cli import main
-from napari_histo_wsss.core import slide as slide_mod
+from napari_histo_wsss.core.slides import slide as slide_mod
 from napari_histo_wsss.core.errors import Cancelled, SlideError
-from napari_histo_wsss.core.slide import open_slide
+from napari_histo_wsss.core.slides.slide import open_slide
 from test_batch import inputs  # noqa: F401 - module fixture: (segmenter run, generated slides)
 
 GIANT = 200_000  # px a side: 782 x 782 = 611,524 tiles of 256 px, 120 GB of RGB
@@ -146,7 +146,7 @@ def test_vendor_svs_whose_directory_declares_a_larger_image_is_refused(cmu_svs, 
 
 # -- a huge consistent slide: lazy open, long reads with progress and stop ---------------------------
 def test_huge_consistent_slide_opens_lazily_and_long_reads_report_progress_and_stop(giant_tiff):
-    from napari_histo_wsss.core.tissue import detect_tissue
+    from napari_histo_wsss.core.slides.tissue import detect_tissue
 
     t0 = time.perf_counter()
     with open_slide(giant_tiff) as s:

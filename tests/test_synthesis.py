@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_histo_wsss.core.classes import get_preset
-from napari_histo_wsss.core.datasets import WeakSample, parse_label_name
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.data.datasets import WeakSample, parse_label_name
 from napari_histo_wsss.core.errors import DatasetError
-from napari_histo_wsss.core.synthesis import (
+from napari_histo_wsss.core.stage2.synthesis import (
     MAX_WHITE_SHARE,
     RealnessFilter,
     bezier,
@@ -120,7 +120,7 @@ def test_bezier_blob_is_a_closed_region():
 
 
 def test_realness_filter_prefers_real_looking_images(wsss4luad_dir):
-    from napari_histo_wsss.core.datasets import read_rgb
+    from napari_histo_wsss.core.data.datasets import read_rgb
 
     real = [read_rgb(p)[:96, :96] for p in sorted((wsss4luad_dir / "val" / "img").glob("*.png"))[:12]]
     stripes = []

@@ -11,9 +11,9 @@ from PIL import Image
 
 from napari_histo_wsss.cli import main as cli_main
 from napari_histo_wsss.core.errors import SlideError
-from napari_histo_wsss.core.grid import PatchGrid, make_grid
-from napari_histo_wsss.core.slide import open_slide
-from napari_histo_wsss.core.tissue import TissueMask, detect_tissue, tissue_from_rgb, white_background_mask
+from napari_histo_wsss.core.slides.grid import PatchGrid, make_grid
+from napari_histo_wsss.core.slides.slide import open_slide
+from napari_histo_wsss.core.slides.tissue import TissueMask, detect_tissue, tissue_from_rgb, white_background_mask
 
 GLASS = (242, 242, 240)
 PINK = (214, 120, 170)

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from napari_histo_wsss.core.classes import get_preset
-from napari_histo_wsss.core.datasets import make_patches, read_index_mask
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.data.datasets import make_patches, read_index_mask
 from napari_histo_wsss.core.errors import DatasetError, TrainingError
-from napari_histo_wsss.core.train_seg import (
+from napari_histo_wsss.core.stage2.train import (
     SegConfig,
     SegDataset,
     SegSample,
@@ -37,7 +37,7 @@ def tiny(**kw) -> SegConfig:
 @pytest.fixture(scope="module")
 def stage_one(wsss4luad_dir, tmp_path_factory):
     """A real (tiny) stage-one run on 64-px WSSS4LUAD patches of three images, one held out."""
-    from napari_histo_wsss.core.train import TrainConfig, train_classifier
+    from napari_histo_wsss.core.stage1.train import TrainConfig, train_classifier
 
     root = tmp_path_factory.mktemp("s1")
     for sub in ("img", "mask"):
@@ -128,7 +128,7 @@ def test_train_segmenter_from_stage_one_run_with_resume(stage_one):
     assert events[-1].kind == "done"
     assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     # the trained segmenter predicts a folder of held-out images
-    from napari_histo_wsss.core.infer import predict_folder, segmenter_predict_fn
+    from napari_histo_wsss.core.stage2.infer import predict_folder, segmenter_predict_fn
 
     model, classes, _, _ = load_segmenter(out)
     val_img = stage_one / "patches" / "val" / "img"
@@ -166,7 +166,7 @@ def test_synthesis_switch_trains_with_consistency(stage_one):
     assert events[-1].kind == "done"
     assert any("realness filter kept 4 of 8" in e.message for e in events)
     # half of each batch is synthetic, yet an epoch is as many batches as without synthesis
-    from napari_histo_wsss.core.datasets import load_dataset
+    from napari_histo_wsss.core.data.datasets import load_dataset
 
     n_train = len(load_dataset(stage_one / "patches").train)
     assert n_train >= 8
@@ -190,8 +190,8 @@ def test_damaged_run_config_is_a_clear_error_on_resume(stage_one, tmp_path, caps
 
 
 def test_full_supervision_uses_ground_truth_crops(stage_one):
-    from napari_histo_wsss.core.datasets import load_dataset
-    from napari_histo_wsss.core.train_seg import _source_masks
+    from napari_histo_wsss.core.data.datasets import load_dataset
+    from napari_histo_wsss.core.stage2.train import _source_masks
 
     spec = load_dataset(stage_one / "patches")
     loaders = _source_masks(spec)
@@ -230,9 +230,9 @@ def test_bad_mask_folders_and_runs_are_clear_errors(stage_one, tmp_path):
 def test_project_corrections_override_pseudo_mask(stage_one, cmu_svs, tmp_path):
     """A project: labelled patches read from the slide, the project's pseudo-mask cropped to them,
     the pathologist's corrected pixels overriding it with a higher weight."""
-    from napari_histo_wsss.core.datasets import load_dataset
-    from napari_histo_wsss.core.project import Project
-    from napari_histo_wsss.core.train_seg import _project_samples
+    from napari_histo_wsss.core.data.datasets import load_dataset
+    from napari_histo_wsss.core.data.project import Project
+    from napari_histo_wsss.core.stage2.train import _project_samples
 
     project = Project.create(tmp_path / "p.wsss", CLASSES, patch_size=64, target_mpp=2.0)
     sid = project.add_slide(cmu_svs)

@@ -25,12 +25,12 @@ from test_train import make_dataset, tiny  # the generated dataset and tiny sett
 from test_train_seg import stage_one  # noqa: F401 - the tiny real stage-one run (module fixture)
 
 from napari_histo_wsss.cli import main
-from napari_histo_wsss.core.datasets import load_dataset
+from napari_histo_wsss.core.data.datasets import load_dataset
 from napari_histo_wsss.core.errors import DatasetError, HistoWSSSError, TrainingError
 from napari_histo_wsss.core.models import load_checkpoint
 from napari_histo_wsss.core.models.backbones import read_state_dict
-from napari_histo_wsss.core.train import train_classifier
-from napari_histo_wsss.core.train_seg import SegConfig, load_segmenter, train_segmenter
+from napari_histo_wsss.core.stage1.train import train_classifier
+from napari_histo_wsss.core.stage2.train import SegConfig, load_segmenter, train_segmenter
 
 
 @pytest.fixture(autouse=True)

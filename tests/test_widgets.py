@@ -24,7 +24,7 @@ from _widget_helpers import (  # noqa: E402
 )
 from qtpy.QtCore import Qt  # noqa: E402
 
-from napari_histo_wsss.core.project import Project  # noqa: E402
+from napari_histo_wsss.core.data.project import Project  # noqa: E402
 from napari_histo_wsss.core.review import pseudo_from_canvas  # noqa: E402
 
 
@@ -167,7 +167,7 @@ def test_whole_flow_on_real_slide(make_napari_viewer, qtbot, tmp_path, cmu_svs):
     qtbot.waitUntil(lambda: not ex.task.running, timeout=WAIT_MS)
     assert sorted(p.name for p in ex.written) == sorted(p.name for p in paths)
     expect = rv.edits.corrected()
-    from napari_histo_wsss.core.export import open_label_pyramid, rasterize_geojson, read_geojson
+    from napari_histo_wsss.core.io.export import open_label_pyramid, rasterize_geojson, read_geojson
 
     png = next(p for p in paths if p.suffix == ".png")
     np.testing.assert_array_equal(np.array(Image.open(png)), expect)

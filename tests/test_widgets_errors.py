@@ -21,7 +21,7 @@ from _widget_helpers import (  # noqa: E402
 )
 from qtpy.QtCore import Qt  # noqa: E402
 
-from napari_histo_wsss.core.project import Project  # noqa: E402
+from napari_histo_wsss.core.data.project import Project  # noqa: E402
 
 
 def push(qtbot, button) -> None:

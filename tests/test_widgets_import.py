@@ -18,7 +18,7 @@ from _widget_helpers import WAIT_MS, open_panels, tiny_training_form  # noqa: E4
 def test_import_labelled_patch_folder_and_train_on_it(make_napari_viewer, qtbot, tmp_path, wsss4luad_dir):
     """Real WSSS4LUAD images cut into a patch folder with labels in the names (make-patches), then
     imported in the Patch labelling panel and used as the Training panel's data source."""
-    from napari_histo_wsss.core.datasets import make_patches, parse_label_name
+    from napari_histo_wsss.core.data.datasets import make_patches, parse_label_name
 
     src = tmp_path / "src"
     for sub in ("img", "mask"):

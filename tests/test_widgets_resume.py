@@ -17,7 +17,7 @@ from qtpy.QtCore import Qt  # noqa: E402
 
 from napari_histo_wsss.cli import main  # noqa: E402
 from napari_histo_wsss.cli.gui import open_gui  # noqa: E402
-from napari_histo_wsss.core.project import Project  # noqa: E402
+from napari_histo_wsss.core.data.project import Project  # noqa: E402
 
 
 def push(qtbot, button) -> None:

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("napari")
 from _widget_helpers import MPP, PATCH, WAIT_MS, open_panels  # noqa: E402
 
-from napari_histo_wsss.core.project import Project  # noqa: E402
-from napari_histo_wsss.core.train import TrainConfig, train_classifier  # noqa: E402
+from napari_histo_wsss.core.data.project import Project  # noqa: E402
+from napari_histo_wsss.core.stage1.train import TrainConfig, train_classifier  # noqa: E402
 
 
 def labelled_project_with_classifier(tmp_path, cmu_svs) -> tuple[Project, str]:
@@ -76,7 +76,7 @@ def test_segmenter_train_predict_export(make_napari_viewer, qtbot, tmp_path, cmu
     synth_dir = st.start()
     qtbot.waitUntil(lambda: not st.task.running, timeout=WAIT_MS)
     assert "finished" in st.status.text(), st.status.text()
-    from napari_histo_wsss.core.train_seg import load_segmenter
+    from napari_histo_wsss.core.stage2.train import load_segmenter
 
     seg, _, synth_cfg, _ = load_segmenter(synth_dir)
     assert synth_cfg.synthesis == ("mosaic", "bezier") and seg.aux is not None
@@ -102,7 +102,7 @@ def test_segmenter_train_predict_export(make_napari_viewer, qtbot, tmp_path, cmu
     assert values <= set(range(1, classes.background_index + 2)) and classes.background_index + 1 in values
 
     # export the prediction (OME-Zarr + GeoJSON) from the Export panel and read it back
-    from napari_histo_wsss.core.export import open_label_pyramid, rasterize_geojson
+    from napari_histo_wsss.core.io.export import open_label_pyramid, rasterize_geojson
 
     ex = w["Export and metrics"]
     ex.source.setCurrentText("prediction")

@@ -5,7 +5,7 @@ folders of same-size RGB image patches; it returns ``None`` for anything else an
 TIFF/PNG files (label masks, fluorescence), which it leaves to other readers.
 
 A slide becomes one RGB image layer whose data is the list of pyramid levels from
-:meth:`~napari_histo_wsss.core.slide.Slide.pyramid` (dask arrays that read tiles on demand;
+:meth:`~napari_histo_wsss.core.slides.slide.Slide.pyramid` (dask arrays that read tiles on demand;
 nothing is decoded until napari draws), with ``scale`` in micrometres when the slide states its
 microns per pixel, and metadata (path, format, levels, level sizes and downsamples, mpp, objective
 power) that the plugin's widgets read back. The slide file stays open while the layer lives.
@@ -22,8 +22,8 @@ import dask.array as da
 import numpy as np
 from PIL import Image
 
-from .core.errors import SlideError
-from .core.slide import SLIDE_SUFFIXES, Slide, open_slide
+from napari_histo_wsss.core.errors import SlideError
+from napari_histo_wsss.core.slides.slide import SLIDE_SUFFIXES, Slide, open_slide
 
 #: Suffixes of patch files taken from a folder.
 PATCH_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")

@@ -9,8 +9,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .core.slide import open_slide
-from .reader import LayerData, slide_layer_data
+from napari_histo_wsss.core.slides.slide import open_slide
+from napari_histo_wsss.reader import LayerData, slide_layer_data
 
 #: File name of the bundled slide inside the package's ``data/`` folder.
 SAMPLE_SLIDE = "CMU-1-Small-Region.svs"

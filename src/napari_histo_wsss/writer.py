@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .core.classes import DEFAULT_COLORS, ClassDef, ClassTable
-from .core.export import (
+from napari_histo_wsss.core.data.classes import DEFAULT_COLORS, ClassDef, ClassTable
+from napari_histo_wsss.core.io.export import (
     UNLABELLED,
     IndexView,
     export_geojson,

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from ..core.errors import Cancelled, HistoWSSSError
+from napari_histo_wsss.core.errors import Cancelled, HistoWSSSError
 
 # Modules providing subcommands, in the order they appear in ``--help``.
 SUBCOMMAND_MODULES = [
@@ -22,7 +22,7 @@ SUBCOMMAND_MODULES = [
     "review",      # cams (the Review panel's slide CAMs and pseudo-masks)
     "evaluate",    # evaluate
     "stage2",      # train-seg, predict
-    "exporting",   # export
+    "export",      # export
     "batch",       # predict-many (Dask)
     "gui",         # gui
     "demo",        # demo (the README's main job)
@@ -30,7 +30,7 @@ SUBCOMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from napari_histo_wsss import __version__
 
     parser = argparse.ArgumentParser(
         prog="histo-wsss",

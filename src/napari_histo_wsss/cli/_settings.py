@@ -21,7 +21,7 @@ import argparse
 import dataclasses
 from typing import Any, Callable, Iterable
 
-from ..core.settings import FieldKind, SettingInfo, format_value, parse_value
+from napari_histo_wsss.core.settings import FieldKind, SettingInfo, format_value, parse_value
 
 
 def option_name(name: str) -> str:

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..core.errors import HistoWSSSError
+from napari_histo_wsss.core.errors import HistoWSSSError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,7 +70,7 @@ def collect_slides(inputs: list[str]) -> list[Path]:
     recursive, dot-files skipped, sorted); a ``.txt`` file gives one path per line (blank lines
     and ``#`` comments skipped; relative paths are relative to the list's folder); anything
     else is taken as a slide path as is (a missing one then fails visibly as that slide)."""
-    from ..core.slide import SLIDE_SUFFIXES
+    from napari_histo_wsss.core.slides.slide import SLIDE_SUFFIXES
 
     out: list[Path] = []
     for item in inputs:
@@ -114,7 +114,7 @@ def _table(results: list) -> str:
 def _security(args: argparse.Namespace) -> object | None:
     """The TLS ``Security`` of --tls-ca/--tls-cert/--tls-key (all three or none), checked before
     any work."""
-    from ..core.batch import tls_security
+    from napari_histo_wsss.core.stage2.batch import tls_security
 
     given = {"--tls-ca": args.tls_ca, "--tls-cert": args.tls_cert, "--tls-key": args.tls_key}
     if not any(given.values()):
@@ -128,7 +128,7 @@ def _security(args: argparse.Namespace) -> object | None:
 
 
 def run_predict_many(args: argparse.Namespace) -> int:
-    from ..core.batch import CONNECT_TIMEOUT_S, PredictSettings, SlideResult, predict_many
+    from napari_histo_wsss.core.stage2.batch import CONNECT_TIMEOUT_S, PredictSettings, SlideResult, predict_many
 
     security = _security(args)
     if args.connect_timeout is not None and args.scheduler is None:

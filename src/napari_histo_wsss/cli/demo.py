@@ -27,7 +27,7 @@ from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
 
-from ..core.errors import HistoWSSSError
+from napari_histo_wsss.core.errors import HistoWSSSError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _sample_slide() -> Path:
-    from ..sample_data import sample_slide_path
+    from napari_histo_wsss.sample_data import sample_slide_path
 
     return sample_slide_path()
 
@@ -61,7 +61,7 @@ class _Script:
         self.lines = ["#!/usr/bin/env bash", "# the commands `histo-wsss demo` ran, in order", "set -euo pipefail"]
 
     def __call__(self, *args: str, capture: bool = False) -> str:
-        from . import main
+        from napari_histo_wsss.cli import main
 
         line = "histo-wsss " + " ".join(shlex.quote(str(a)) for a in args)
         self.lines.append(line)
@@ -80,7 +80,7 @@ class _Script:
         return buf.getvalue()
 
     def save(self) -> None:
-        from ..core.atomic import write_text
+        from napari_histo_wsss.core.io.atomic import write_text
 
         write_text(self.out / "commands.sh", "\n".join(self.lines) + "\n")
 
@@ -94,8 +94,8 @@ def _data_dir(arg: str | None) -> Path | None:
 
 def _project(out: Path, slide: Path) -> str:
     """Step 1b: a project folder holding the sample slide, its tissue mask and patch grid."""
-    from ..core.classes import get_preset
-    from ..core.project import Project
+    from napari_histo_wsss.core.data.classes import get_preset
+    from napari_histo_wsss.core.data.project import Project
 
     root = out / "project"
     project = Project.open(root) if (root / "project.json").exists() else Project.create(root, get_preset("wsss4luad"))
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             summary += _pipeline(sh, out, data, slide, args)
     finally:
         sh.save()
-    from ..core.atomic import write_text
+    from napari_histo_wsss.core.io.atomic import write_text
 
     summary += [f"Total time: {time.perf_counter() - t_start:.0f} s. Commands: `{out / 'commands.sh'}`."]
     write_text(out / "summary.md", "\n".join(summary) + "\n")

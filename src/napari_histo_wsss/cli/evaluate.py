@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..core.errors import HistoWSSSError
+from napari_histo_wsss.core.errors import HistoWSSSError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,8 +44,8 @@ def _classes_spec(gt_dir: Path, given: str | None) -> str | Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.datasets import resolve_classes
-    from ..core.metrics import evaluate_folders
+    from napari_histo_wsss.core.data.datasets import resolve_classes
+    from napari_histo_wsss.core.metrics import evaluate_folders
 
     spec = _classes_spec(Path(args.gt_dir), args.classes)
     classes = resolve_classes(spec)

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import HistoWSSSError
+from napari_histo_wsss.core.errors import HistoWSSSError
 
 PLUGIN = "napari-histo-wsss"
 #: Dock widgets in the order of the workflow (display names of napari.yaml).
@@ -60,7 +60,7 @@ def open_gui(path: str | Path | None = None, show: bool = True, viewer: Any = No
 def run_gui(args: argparse.Namespace) -> int:
     import napari
 
-    from ..core.device import apply_thread_policy
+    from napari_histo_wsss.core.device import apply_thread_policy
 
     apply_thread_policy(gui=True)  # leave a core to the viewer (background jobs apply it again in their thread)
     open_gui(args.path)

@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.datasets import make_patches
+    from napari_histo_wsss.core.data.datasets import make_patches
 
     with tqdm(total=None, unit="image", desc="make-patches", leave=False) as bar:
         def progress(done: int, total: int) -> None:

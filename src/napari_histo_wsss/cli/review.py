@@ -15,10 +15,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ._progress import StopOnSigint, drive
+from napari_histo_wsss.cli._progress import StopOnSigint, drive
 
 def _defaults() -> Any:
-    from ..core.review import ReviewSettings
+    from napari_histo_wsss.core.review import ReviewSettings
 
     return ReviewSettings()
 
@@ -62,9 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cams(args: argparse.Namespace) -> int:
-    from ..core.errors import ProjectError
-    from ..core.project import Project
-    from ..core.review import PATHOLOGIST_MASKS, ReviewSettings, compute_slide_cams, existing_computed, resolve_run
+    from napari_histo_wsss.core.errors import ProjectError
+    from napari_histo_wsss.core.data.project import Project
+    from napari_histo_wsss.core.review import PATHOLOGIST_MASKS, ReviewSettings, compute_slide_cams, existing_computed, resolve_run
 
     project = Project.open(args.project)
     slides = args.slide or list(project.slides)

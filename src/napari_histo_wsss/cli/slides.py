@@ -16,10 +16,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..core.errors import HistoWSSSError
-from ..core.grid import PatchGrid
-from ..core.slide import Slide
-from ..core.tissue import TissueMask
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.core.slides.grid import PatchGrid
+from napari_histo_wsss.core.slides.slide import Slide
+from napari_histo_wsss.core.slides.tissue import TissueMask
 
 #: Overview colours (RGB): tissue outline and patch outlines.
 TISSUE_COLOUR = (0, 160, 80)
@@ -85,7 +85,7 @@ def _long_reads(desc: str) -> Iterator[None]:
     (``main`` prints one line and exits 130)."""
     from tqdm import tqdm
 
-    from ..core.slide import read_progress
+    from napari_histo_wsss.core.slides.slide import read_progress
 
     bar: tqdm | None = None
 
@@ -106,8 +106,8 @@ def _long_reads(desc: str) -> Iterator[None]:
 
 
 def _tissue_and_grid(slide: Slide, args: argparse.Namespace) -> tuple[TissueMask, PatchGrid]:
-    from ..core.grid import make_grid
-    from ..core.tissue import detect_tissue
+    from napari_histo_wsss.core.slides.grid import make_grid
+    from napari_histo_wsss.core.slides.tissue import detect_tissue
 
     with _long_reads(f"{slide.path.name}: tissue mask"):
         tissue = detect_tissue(slide)
@@ -139,7 +139,7 @@ def slide_info(slide: Slide, tissue: TissueMask, grid: PatchGrid) -> dict[str, A
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from ..core.slide import open_slide
+    from napari_histo_wsss.core.slides.slide import open_slide
 
     _check_options(args)
     with open_slide(args.slide) as slide:
@@ -191,8 +191,8 @@ def render_overview(slide: Slide, tissue: TissueMask, grid: PatchGrid, max_size:
 def run_overview(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from ..core.atomic import check_output, write_with
-    from ..core.slide import open_slide
+    from napari_histo_wsss.core.io.atomic import check_output, write_with
+    from napari_histo_wsss.core.slides.slide import open_slide
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":

@@ -15,8 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ._progress import StopOnSigint, drive
-from ._settings import add_settings_lazily, option_list, settings_from_args
+from napari_histo_wsss.cli._progress import StopOnSigint, drive
+from napari_histo_wsss.cli._settings import add_settings_lazily, option_list, settings_from_args
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train_config_class() -> Any:
-    from ..core.train import TrainConfig
+    from napari_histo_wsss.core.stage1.train import TrainConfig
 
     return TrainConfig
 
@@ -88,15 +88,15 @@ def _config(args: argparse.Namespace) -> Any:
     """The TrainConfig of the options: on ``--resume`` of a run with a config.json, its saved
     settings (:meth:`~..core.settings.Settings.saved`) with the options given; else the defaults
     with them."""
-    from ..core.train import TrainConfig
+    from napari_histo_wsss.core.stage1.train import TrainConfig
 
     base = TrainConfig.saved(args.run_dir) if args.resume and (Path(args.run_dir) / "config.json").is_file() else None
     return settings_from_args(TrainConfig, args, base)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..core.datasets import load_dataset
-    from ..core.train import train_classifier
+    from napari_histo_wsss.core.data.datasets import load_dataset
+    from napari_histo_wsss.core.stage1.train import train_classifier
 
     spec = load_dataset(args.dataset, classes=args.classes)
     cfg = _config(args)
@@ -129,10 +129,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_pseudo_masks(args: argparse.Namespace) -> int:
-    from ..core.atomic import check_output
-    from ..core.cams import PseudoMaskSettings, generate_pseudo_masks
-    from ..core.device import apply_thread_policy, pick_device
-    from ..core.train import calibrated_prob_threshold, load_run
+    from napari_histo_wsss.core.io.atomic import check_output
+    from napari_histo_wsss.core.stage1.cams import PseudoMaskSettings, generate_pseudo_masks
+    from napari_histo_wsss.core.device import apply_thread_policy, pick_device
+    from napari_histo_wsss.core.stage1.train import calibrated_prob_threshold, load_run
 
     # the destination before the model is loaded (generate_pseudo_masks checks it again, with --cams)
     labels_dir = args.labels if args.labels not in (None, "names") else None

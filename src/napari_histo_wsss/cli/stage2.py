@@ -9,8 +9,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ._progress import StopOnSigint, drive
-from ._settings import add_settings_lazily, option_list, settings_from_args
+from napari_histo_wsss.cli._progress import StopOnSigint, drive
+from napari_histo_wsss.cli._settings import add_settings_lazily, option_list, settings_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _seg_config_class() -> Any:
-    from ..core.train_seg import SegConfig
+    from napari_histo_wsss.core.stage2.train import SegConfig
 
     return SegConfig
 
@@ -89,7 +89,7 @@ def _seg_config(args: argparse.Namespace) -> Any:
     """The SegConfig of the options: on ``--resume`` of a run with a config.json, its saved
     settings (:meth:`~..core.settings.Settings.saved`) with the options given; else the defaults
     with them."""
-    from ..core.train_seg import SegConfig
+    from napari_histo_wsss.core.stage2.train import SegConfig
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "segmenter"
     base = SegConfig.saved(out) if args.resume and (out / "config.json").is_file() else None
@@ -97,7 +97,7 @@ def _seg_config(args: argparse.Namespace) -> Any:
 
 
 def run_train_seg(args: argparse.Namespace) -> int:
-    from ..core.train_seg import train_segmenter
+    from napari_histo_wsss.core.stage2.train import train_segmenter
 
     cfg = _seg_config(args)
 
@@ -120,10 +120,10 @@ def run_train_seg(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..core.atomic import check_output
-    from ..core.device import apply_thread_policy, pick_device
-    from ..core.errors import HistoWSSSError
-    from ..core.infer import cam_predict_fn, predict_folder, predict_slide, segmenter_predict_fn
+    from napari_histo_wsss.core.io.atomic import check_output
+    from napari_histo_wsss.core.device import apply_thread_policy, pick_device
+    from napari_histo_wsss.core.errors import HistoWSSSError
+    from napari_histo_wsss.core.stage2.infer import cam_predict_fn, predict_folder, predict_slide, segmenter_predict_fn
 
     src = Path(args.input)
     if not src.exists():
@@ -138,18 +138,18 @@ def run_predict(args: argparse.Namespace) -> int:
     run = Path(args.run_dir)
     stage_one = run
     if args.cams:
-        from ..core.train import load_run
+        from napari_histo_wsss.core.stage1.train import load_run
 
         model, classes, _cfg = load_run(run)
         fn = cam_predict_fn(model, device)
     else:
-        from ..core.train_seg import load_segmenter
+        from napari_histo_wsss.core.stage2.train import load_segmenter
 
         model, classes, _cfg, meta = load_segmenter(run, map_location=device)
         stage_one = Path(meta.get("stage_one") or run)
         gate = None
         if args.gate:
-            from ..core.train import load_run
+            from napari_histo_wsss.core.stage1.train import load_run
 
             gate = load_run(stage_one, map_location=device)[0]
         fn = segmenter_predict_fn(model, classes, device, gate=gate)
@@ -158,7 +158,7 @@ def run_predict(args: argparse.Namespace) -> int:
             last = drive(predict_folder(src, args.out, fn, classes, tile=args.tile, overlap=args.overlap, tta=args.tta,
                                          should_stop=stop, overwrite=args.overwrite), "predict")
         else:
-            from ..core.slide import open_slide
+            from napari_histo_wsss.core.slides.slide import open_slide
 
             with open_slide(src) as slide:
                 last = drive(predict_slide(slide, fn, args.out, tile=args.tile, overlap=args.overlap,

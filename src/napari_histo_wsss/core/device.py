@@ -16,7 +16,7 @@ from typing import ContextManager
 import numpy as np
 import torch
 
-from .errors import HistoWSSSError
+from napari_histo_wsss.core.errors import HistoWSSSError
 
 __all__ = [
     "DeviceError",

@@ -43,8 +43,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data.distributed import DistributedSampler
 
-from .device import pick_device
-from .errors import HistoWSSSError
+from napari_histo_wsss.core.device import pick_device
+from napari_histo_wsss.core.errors import HistoWSSSError
 
 __all__ = [
     "DistributedError",

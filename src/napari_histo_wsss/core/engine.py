@@ -40,14 +40,14 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .atomic import remove_temporaries, write_json, write_text
-from .classes import ClassTable
-from .device import apply_thread_policy, autocast, grad_scaler, seed_everything
-from .distributed import DistContext
-from .errors import HistoWSSSError, TrainingError
-from .models import check_classes, load_checkpoint, parameter_groups, save_model
-from .progress import ProgressEvent
-from .runs import (
+from napari_histo_wsss.core.io.atomic import remove_temporaries, write_json, write_text
+from napari_histo_wsss.core.data.classes import ClassTable
+from napari_histo_wsss.core.device import apply_thread_policy, autocast, grad_scaler, seed_everything
+from napari_histo_wsss.core.distributed import DistContext
+from napari_histo_wsss.core.errors import HistoWSSSError, TrainingError
+from napari_histo_wsss.core.models import check_classes, load_checkpoint, parameter_groups, save_model
+from napari_histo_wsss.core.progress import ProgressEvent
+from napari_histo_wsss.core.runs import (
     check_same_dataset,
     dataset_fingerprint,
     ensure_run_folders,

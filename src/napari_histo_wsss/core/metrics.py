@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .classes import ClassTable
-from .errors import ClassTableError, DatasetError
+from napari_histo_wsss.core.data.classes import ClassTable
+from napari_histo_wsss.core.errors import ClassTableError, DatasetError
 
 CONVENTION = (
     "MLPS convention: ground-truth pixels equal to the ignore index are excluded; predicted "
@@ -160,7 +160,7 @@ def evaluate_folders(
     naming the file. Returns :func:`compute_scores`' dict plus ``n_images``, ``classes``
     (the scored names) and ``convention``. ``progress(done, total)`` is called after each image.
     """
-    from .datasets import list_images, read_index_mask
+    from napari_histo_wsss.core.data.datasets import list_images, read_index_mask
 
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for d, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):

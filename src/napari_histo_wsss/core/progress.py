@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .errors import Cancelled
+from napari_histo_wsss.core.errors import Cancelled
 
 __all__ = ["EVENT_KINDS", "ProgressEvent", "run_to_end"]
 

@@ -39,11 +39,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .classes import ClassTable
-from .errors import HistoWSSSError, ProjectError, TrainingError
-from .grid import axis_starts
-from .progress import ProgressEvent
-from .tissue import white_background_mask
+from napari_histo_wsss.core.data.classes import ClassTable
+from napari_histo_wsss.core.errors import HistoWSSSError, ProjectError, TrainingError
+from napari_histo_wsss.core.slides.grid import axis_starts
+from napari_histo_wsss.core.progress import ProgressEvent
+from napari_histo_wsss.core.slides.tissue import white_background_mask
 
 __all__ = [
     "MASK_CAM",
@@ -117,7 +117,7 @@ class ReviewSettings:
     white_level: int = 200
 
     def validate(self) -> None:
-        from .models.classifier import CAM_MODES
+        from napari_histo_wsss.core.models.classifier import CAM_MODES
 
         checks = [
             (self.mode is None or self.mode in CAM_MODES,
@@ -288,7 +288,7 @@ def slide_cam_tiles(model: Any, slide: Any, plan: CamPlan, mode: str, window: in
     returns early when ``should_stop()``."""
     from PIL import Image
 
-    from .cams import cams_for_image
+    from napari_histo_wsss.core.stage1.cams import cams_for_image
 
     t0 = time.monotonic()
     n = len(plan.tiles)
@@ -318,7 +318,7 @@ def pseudo_tile(canvas: CamCanvas, classes: ClassTable, ty: int, tx: int, cam_th
     (the tile's white-glass mask) is background too. The threshold-independent scores are
     cached on the canvas per tile and gating, so moving the CAM-threshold slider costs one
     comparison per pixel."""
-    from .cams import allowed_classes, class_scores, threshold_scores
+    from napari_histo_wsss.core.stage1.cams import allowed_classes, class_scores, threshold_scores
 
     allowed = allowed_classes(classes, probs=canvas.probs[:, ty, tx], prob_threshold=gating)
     key = (ty, tx, canvas.versions.get((ty, tx), 0), allowed.tobytes())
@@ -516,7 +516,7 @@ def calibrated_gating(run_dir: str | Path, which: str = "best") -> float | None:
     """The run's validation-chosen gating threshold (:func:`~.train.calibrated_prob_threshold`)
     rounded to the Review panel's slider step (0.01), or None when the run had no validation
     masks. Panel and command line start from the same value, so they make the same mask."""
-    from .train import calibrated_prob_threshold
+    from napari_histo_wsss.core.stage1.train import calibrated_prob_threshold
 
     chosen = calibrated_prob_threshold(run_dir, which)
     return None if chosen is None else int(round(chosen * 100)) / 100
@@ -557,8 +557,8 @@ def compute_slide_cams(
     :func:`plan_slide_cams` with the settings' tile and max. side). ``done``'s ``metrics`` hold
     the canvas shape and downsample, the tiles computed, the gating and what was written.
     """
-    from .device import pick_device
-    from .train import load_run
+    from napari_histo_wsss.core.device import pick_device
+    from napari_histo_wsss.core.stage1.train import load_run
 
     s = settings or ReviewSettings()
     s.validate()

@@ -29,8 +29,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .atomic import ensure_dir, write_json
-from .errors import DatasetError, HistoWSSSError, TrainingError
+from napari_histo_wsss.core.io.atomic import ensure_dir, write_json
+from napari_histo_wsss.core.errors import DatasetError, HistoWSSSError, TrainingError
 
 __all__ = ["DATASET_RECORD", "require_run", "dataset_fingerprint", "check_same_dataset", "record_dataset",
            "ensure_run_folders", "describe_position", "saving", "worker_error", "read_metrics", "checkpoint_file"]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
-from .errors import HistoWSSSError
+from napari_histo_wsss.core.errors import HistoWSSSError
 
 __all__ = ["setting", "SettingInfo", "FieldKind", "Settings", "read_run_config", "format_value", "parse_value",
            "known_backbone", "positive_sum"]
@@ -380,7 +380,7 @@ def parse_value(text: str, kind: FieldKind, info: SettingInfo) -> Any:
 def known_backbone(name: str) -> str | None:
     """Problem of a backbone name, or None: any spelling of a registry name (``EfficientNet_Lite0``)
     is one, as :func:`~.models.backbones.backbone_spec` reads names."""
-    from .models.backbones import BACKBONES, backbone_spec
+    from napari_histo_wsss.core.models.backbones import BACKBONES, backbone_spec
 
     try:
         backbone_spec(name)

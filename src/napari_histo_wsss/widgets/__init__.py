@@ -15,11 +15,11 @@ function of ``core/`` run in a background thread; the durable state lives in the
   per-class IoU against a ground-truth layer or mask file.
 """
 
-from .export import ExportWidget
-from .labelling import LabellingWidget
-from .project import ProjectWidget
-from .review import ReviewWidget
-from .stage2 import Stage2Widget
-from .training import TrainingWidget
+from napari_histo_wsss.widgets.export import ExportWidget
+from napari_histo_wsss.widgets.labelling import LabellingWidget
+from napari_histo_wsss.widgets.project import ProjectWidget
+from napari_histo_wsss.widgets.review import ReviewWidget
+from napari_histo_wsss.widgets.stage2 import Stage2Widget
+from napari_histo_wsss.widgets.stage1 import TrainingWidget
 
 __all__ = ["ProjectWidget", "LabellingWidget", "TrainingWidget", "ReviewWidget", "Stage2Widget", "ExportWidget"]

@@ -15,8 +15,8 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QLabel, QVBoxLayout, QWidget
 
-from ..core.errors import HistoWSSSError
-from ._state import Session
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.widgets._state import Session
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def _editor(name: str, kind: Any, info: Any, default: Any
     field reads as the ``default``."""
     from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QHBoxLayout, QLineEdit, QPushButton, QSpinBox
 
-    from ..core.settings import format_value, parse_value
+    from napari_histo_wsss.core.settings import format_value, parse_value
 
     if kind.base is bool or info.toggle is not None:  # a check box (a toggle sets a preset value)
         box = QCheckBox(info.gui_label(name))
@@ -328,7 +328,7 @@ def _editor(name: str, kind: Any, info: Any, default: Any
         try:
             return parse_value(edit.text(), kind, info)
         except ValueError as e:
-            from ._state import GuiError
+            from napari_histo_wsss.widgets._state import GuiError
 
             raise GuiError(f"{info.gui_label(name)}: {e}") from None
 

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..core.classes import ClassTable
-    from ..core.grid import PatchGrid
-    from ._state import Session
+    from napari_histo_wsss.core.data.classes import ClassTable
+    from napari_histo_wsss.core.slides.grid import PatchGrid
+    from napari_histo_wsss.widgets._state import Session
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ _MAX_UNDO = 200
 
 
 class PatchGridOverlay:
-    """Draws and edits the multi-hot labels of a :class:`~napari_histo_wsss.core.grid.PatchGrid`.
+    """Draws and edits the multi-hot labels of a :class:`~napari_histo_wsss.core.slides.grid.PatchGrid`.
 
     ``labels`` is the (N, C) uint8 array the overlay edits in place; every edit calls
     ``on_edit(indices)`` (the caller saves those rows to the project) and ``on_change()`` (legend,

@@ -5,7 +5,7 @@ project, slide and patch grid. :meth:`Session.of` returns the one :class:`Sessio
 widgets read it and listen to its signals instead of talking to each other.
 
 The session holds only references and view geometry: the durable state (classes, slides, labels,
-masks, runs) lives in the project folder through :class:`~napari_histo_wsss.core.project.Project`.
+masks, runs) lives in the project folder through :class:`~napari_histo_wsss.core.data.project.Project`.
 
 Geometry. The slide layer shows level-0 pixels with the ``scale``/``translate`` napari got from the
 reader (micrometres where the slide's mpp is known). Overlays (patch grid, CAMs, masks) computed at a
@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtCore import QObject, Signal
 
-from ..core.errors import HistoWSSSError
-from ._worker import BackgroundTask
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.widgets._worker import BackgroundTask
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-    from ..core.grid import PatchGrid
-    from ..core.project import Project
-    from ..core.slide import Slide
+    from napari_histo_wsss.core.slides.grid import PatchGrid
+    from napari_histo_wsss.core.data.project import Project
+    from napari_histo_wsss.core.slides.slide import Slide
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
-from ..core.errors import HistoWSSSError
+from napari_histo_wsss.core.errors import HistoWSSSError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _drive(factory: JobFactory, stop: threading.Event, done: threading.Event) ->
     gen: Iterator[Any] | None = None
     after_stop = 0
     try:
-        from ..core.device import apply_thread_policy  # imports torch, so only once a job runs
+        from napari_histo_wsss.core.device import apply_thread_policy  # imports torch, so only once a job runs
 
         apply_thread_policy(gui=True)  # in the thread that runs the job: one core stays with the viewer
         gen = factory(stop.is_set)

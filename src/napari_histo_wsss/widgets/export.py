@@ -39,9 +39,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.progress import ProgressEvent
-from ._common import Panel, compact, form_group, guarded
-from ._state import GuiError
+from napari_histo_wsss.core.progress import ProgressEvent
+from napari_histo_wsss.widgets._common import Panel, compact, form_group, guarded
+from napari_histo_wsss.widgets._state import GuiError
 
 FORMATS = {
     "ome-zarr": ("OME-Zarr labels", ".ome.zarr"),
@@ -67,7 +67,7 @@ def layer_levels(layer: Any) -> list[Any]:
 
 def to_class_index(values: np.ndarray, plugin_layer: bool) -> np.ndarray:
     """Layer values -> class indices (plugin layers: value - 1, 0 -> UNLABELLED)."""
-    from ..core.export import stored_to_index
+    from napari_histo_wsss.core.io.export import stored_to_index
 
     arr = np.asarray(values)
     return stored_to_index(arr) if plugin_layer else arr.astype(np.uint8)
@@ -87,7 +87,7 @@ def index_levels(layer: Any) -> list[Any]:
 
 def raster_level(levels: list[Any], max_side: int = _MAX_RASTER_SIDE) -> tuple[int, np.ndarray]:
     """(level index, numpy class indices) of the finest level small enough to hold in memory."""
-    from ..core.export import level_for_max_side
+    from napari_histo_wsss.core.io.export import level_for_max_side
 
     k = level_for_max_side([tuple(lv.shape) for lv in levels], max_side)
     return k, np.asarray(levels[k])
@@ -106,8 +106,8 @@ def nearest_resize(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def score_masks(pred: np.ndarray, gt: np.ndarray, classes: Any) -> dict:
     """mIoU and per-class IoU of class-index ``pred`` against ``gt`` (same shape); unlabelled
     ground truth is ignored like background, unlabelled prediction counts as background."""
-    from ..core.export import UNLABELLED
-    from ..core.metrics import ConfusionMatrix
+    from napari_histo_wsss.core.io.export import UNLABELLED
+    from napari_histo_wsss.core.metrics import ConfusionMatrix
 
     bg = classes.background_index
     gt = np.where(gt == UNLABELLED, bg, gt)
@@ -156,7 +156,7 @@ class ExportWidget(Panel):
             cb = QCheckBox(f"{title} ({suffix})")
             cb.setChecked(key in ("ome-zarr", "geojson"))
             if key == "geojson":  # written with core.export's defaults, as `histo-wsss export` does
-                from ..core.export import GEOJSON_TOLERANCE
+                from napari_histo_wsss.core.io.export import GEOJSON_TOLERANCE
 
                 cb.setToolTip(f"one MultiPolygon per class, holes as inner rings, outlines simplified by "
                               f"{GEOJSON_TOLERANCE:g} px of the exported level; level-0 pixel coordinates")
@@ -273,7 +273,7 @@ class ExportWidget(Panel):
         paths = {k: out / f"{stem}{FORMATS[k][1]}" for k in formats}
 
         def job(should_stop: Callable[[], bool]) -> Iterator[ExportDone]:
-            from ..core import export as ex
+            from napari_histo_wsss.core.io import export as ex
 
             out.mkdir(parents=True, exist_ok=True)
             for i, (key, path) in enumerate(paths.items(), start=1):
@@ -316,8 +316,8 @@ class ExportWidget(Panel):
 
     def ground_truth(self, shape: tuple[int, int], downsample: float, origin: tuple[float, float]) -> np.ndarray:
         """The chosen ground truth as class indices on a raster of ``shape`` (h, w)."""
-        from ..core.datasets import read_index_mask
-        from ..core.export import rasterize_geojson
+        from napari_histo_wsss.core.data.datasets import read_index_mask
+        from napari_histo_wsss.core.io.export import rasterize_geojson
 
         project = self.session.require_project()
         if self.gt.currentText() == _FILE_GT:

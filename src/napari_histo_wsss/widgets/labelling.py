@@ -23,10 +23,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.errors import HistoWSSSError
-from ._common import Panel, clear_layout, color_swatch, form_group, guarded, same_layer
-from ._patch_grid import GRID_LAYER, PatchGridOverlay, grid_labels_from_table
-from ._state import GuiError
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.widgets._common import Panel, clear_layout, color_swatch, form_group, guarded, same_layer
+from napari_histo_wsss.widgets._patch_grid import GRID_LAYER, PatchGridOverlay, grid_labels_from_table
+from napari_histo_wsss.widgets._state import GuiError
 
 
 class LabellingWidget(Panel):
@@ -285,7 +285,7 @@ class LabellingWidget(Panel):
 
     def import_folder(self, folder: str | Path) -> Any:
         """Check a labelled patch folder against the project's classes and make it the training source."""
-        from ..core.datasets import load_dataset
+        from napari_histo_wsss.core.data.datasets import load_dataset
 
         project = self.session.require_project()
         spec = load_dataset(Path(folder), classes=project.classes)

@@ -31,10 +31,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.classes import DEFAULT_COLORS, PRESETS, ClassTable
-from ..core.errors import HistoWSSSError
-from ._common import Panel, compact, form_group, guarded, label_colormap
-from ._state import GuiError
+from napari_histo_wsss.core.data.classes import DEFAULT_COLORS, PRESETS, ClassTable
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.widgets._common import Panel, compact, form_group, guarded, label_colormap
+from napari_histo_wsss.widgets._state import GuiError
 
 TISSUE_LAYER = "tissue"
 _PLUGIN = "napari-histo-wsss"
@@ -254,7 +254,7 @@ class ProjectWidget(Panel):
 
     def create_project(self, path: str | Path, classes: ClassTable | None = None) -> Any:
         """Create a project with the panel's settings (or ``classes``) and make it current."""
-        from ..core.project import Project
+        from napari_histo_wsss.core.data.project import Project
 
         table = classes if classes is not None else self.classes.class_table()
         mpp = self.target_mpp.value() or None
@@ -268,7 +268,7 @@ class ProjectWidget(Panel):
     def open_project(self, path: str | Path) -> Any:
         """Open an existing project folder and make it current; warn when another window has it
         open too: saves from both merge, but neither window shows the other's new edits."""
-        from ..core.project import Project
+        from napari_histo_wsss.core.data.project import Project
 
         project = Project.open(Path(path), session=True)
         self.path_edit.setText(str(path))

@@ -44,8 +44,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.errors import HistoWSSSError
-from ..core.review import (
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.core.review import (
     CLASSIFIER_RUN_PREFIX,
     MASK_CORRECTED,
     MASK_PSEUDO,
@@ -67,8 +67,8 @@ from ..core.review import (
     pseudo_tiles,
     white_tile,
 )
-from ._common import Panel, clear_layout, color_swatch, compact, form_group, guarded, label_colormap, same_layer
-from ._state import GuiError
+from napari_histo_wsss.widgets._common import Panel, clear_layout, color_swatch, compact, form_group, guarded, label_colormap, same_layer
+from napari_histo_wsss.widgets._state import GuiError
 
 CAM_PREFIX = "CAM "
 PSEUDO_LAYER = "pseudo-mask"

@@ -19,11 +19,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QPushButton, QSpinBox, QWidget
 
-from ..core.settings import read_run_config
-from ..core.train_seg import SegConfig
-from ._common import form_group, guarded, label_colormap
-from ._state import GuiError
-from .training import TrainingWidget, list_runs
+from napari_histo_wsss.core.settings import read_run_config
+from napari_histo_wsss.core.stage2.train import SegConfig
+from napari_histo_wsss.widgets._common import form_group, guarded, label_colormap
+from napari_histo_wsss.widgets._state import GuiError
+from napari_histo_wsss.widgets.stage1 import TrainingWidget, list_runs
 
 PREDICTION_LAYER = "prediction"
 
@@ -112,7 +112,7 @@ class Stage2Widget(TrainingWidget):
 
     def dataset(self) -> Any:
         """The project's labelled patches; their masks are the saved pseudo-masks and corrections."""
-        from ..core.datasets import load_dataset
+        from napari_histo_wsss.core.data.datasets import load_dataset
 
         project = self.session.require_project()
         table = project.patch_labels()
@@ -137,7 +137,7 @@ class Stage2Widget(TrainingWidget):
         return Path(data)
 
     def _train_job(self, spec: Any, run_dir: Path, cfg: Any, resume: bool) -> Callable[[Callable[[], bool]], Iterator[Any]]:
-        from ..core.train_seg import train_segmenter
+        from napari_histo_wsss.core.stage2.train import train_segmenter
 
         stage_one = self._stage_one_run(run_dir)
 
@@ -183,14 +183,14 @@ class Stage2Widget(TrainingWidget):
         stage_one = self._stage_one_run(run_dir) if gate else None
 
         def job(should_stop: Callable[[], bool]) -> Iterator[Any]:
-            from ..core.infer import predict_slide, segmenter_predict_fn
-            from ..core.slide import open_slide
-            from ..core.train_seg import load_segmenter
+            from napari_histo_wsss.core.stage2.infer import predict_slide, segmenter_predict_fn
+            from napari_histo_wsss.core.slides.slide import open_slide
+            from napari_histo_wsss.core.stage2.train import load_segmenter
 
             model = load_segmenter(run_dir)[0]
             gate_model = None
             if stage_one is not None:
-                from ..core.train import load_run
+                from napari_histo_wsss.core.stage1.train import load_run
 
                 gate_model = load_run(stage_one)[0]
             dev = None if device == "auto" else device
@@ -218,7 +218,7 @@ class Stage2Widget(TrainingWidget):
 
     def show_prediction(self, path: str | Path) -> Any:
         """Show a complete prediction pyramid as a multiscale Labels layer over the slide."""
-        from ..core.export import open_label_pyramid
+        from napari_histo_wsss.core.io.export import open_label_pyramid
 
         project = self.session.require_project()
         pyr = open_label_pyramid(path)

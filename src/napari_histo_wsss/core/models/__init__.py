@@ -2,7 +2,7 @@
 their ImageNet checkpoints, ResNet-18/34/50 with torchvision's names), the stage-one CAM
 classifier, the stage-two DeepLabV3+ segmenter and self-describing checkpoints."""
 
-from .backbones import (
+from napari_histo_wsss.core.models.backbones import (
     BACKBONE_REGISTRY,
     BACKBONES,
     DEFAULT_BACKBONE,
@@ -15,9 +15,9 @@ from .backbones import (
     load_weights,
     parameter_groups,
 )
-from .checkpoint import check_classes, load_checkpoint, load_model, save_model
-from .classifier import CAM_MODES, CAMClassifier, normalize_cams, pda_threshold_at, progressive_dropout_attention
-from .segmenter import Segmenter
+from napari_histo_wsss.core.models.checkpoint import check_classes, load_checkpoint, load_model, save_model
+from napari_histo_wsss.core.models.classifier import CAM_MODES, CAMClassifier, normalize_cams, pda_threshold_at, progressive_dropout_attention
+from napari_histo_wsss.core.models.segmenter import Segmenter
 
 __all__ = [
     "BACKBONE_REGISTRY",

@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..errors import HistoWSSSError
+from napari_histo_wsss.core.errors import HistoWSSSError
 
 __all__ = [
     "Backbone",
@@ -82,13 +82,13 @@ class Backbone(nn.Module):
 
 
 def _efficientnet_lite(name: str, output_stride: int, **kwargs) -> Backbone:
-    from .efficientnet_lite import EfficientNetLite  # imported here: it imports Backbone from this module
+    from napari_histo_wsss.core.models.efficientnet_lite import EfficientNetLite  # imported here: it imports Backbone from this module
 
     return EfficientNetLite(name, output_stride=output_stride, **kwargs)
 
 
 def _resnet(name: str, output_stride: int, **kwargs) -> Backbone:
-    from .resnet import ResNet
+    from napari_histo_wsss.core.models.resnet import ResNet
 
     return ResNet(name, output_stride=output_stride, **kwargs)
 
@@ -189,7 +189,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     except FileNotFoundError as e:
         raise HistoWSSSError(f"weights file {path} does not exist") from e
     except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
-        from .checkpoint import foreign_objects, torch_error_text
+        from napari_histo_wsss.core.models.checkpoint import foreign_objects, torch_error_text
 
         foreign = foreign_objects(e)
         if foreign is not None:
@@ -215,7 +215,7 @@ def state_dict_from_url(url: str, check_hash: bool = False) -> dict[str, Tensor]
             f"connected machine and pass its local path as the weights, or copy it into {cache}"
         ) from e
     except Exception as e:  # noqa: BLE001 - hash mismatch, truncated or foreign file
-        from .checkpoint import torch_error_text
+        from napari_histo_wsss.core.models.checkpoint import torch_error_text
 
         raise HistoWSSSError(f"weights downloaded from {url} are damaged or not a PyTorch checkpoint ({torch_error_text(e)}); "
                              f"delete the cached copy in {cache} and retry") from e

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ... import __version__
-from ..atomic import write_with
-from ..classes import ClassTable
-from ..errors import HistoWSSSError, TrainingError
-from .classifier import CAMClassifier
-from .segmenter import Segmenter
+from napari_histo_wsss import __version__
+from napari_histo_wsss.core.io.atomic import write_with
+from napari_histo_wsss.core.data.classes import ClassTable
+from napari_histo_wsss.core.errors import HistoWSSSError, TrainingError
+from napari_histo_wsss.core.models.classifier import CAMClassifier
+from napari_histo_wsss.core.models.segmenter import Segmenter
 
 __all__ = ["FORMAT_VERSION", "MODEL_KINDS", "save_model", "load_model", "load_checkpoint", "check_classes",
            "framework_versions", "torch_error_text", "foreign_objects"]

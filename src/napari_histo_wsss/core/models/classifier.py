@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import HistoWSSSError
-from .backbones import DEFAULT_BACKBONE, build_backbone
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.core.models.backbones import DEFAULT_BACKBONE, build_backbone
 
 __all__ = ["CAMClassifier", "normalize_cams", "progressive_dropout_attention", "pda_threshold_at", "CAM_MODES"]
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import HistoWSSSError
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, read_state_dict
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.core.models.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, read_state_dict
 
 __all__ = ["EfficientNetLite", "LITE_VARIANTS"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..errors import HistoWSSSError
-from .backbones import Backbone, state_dict_from_url
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.core.models.backbones import Backbone, state_dict_from_url
 
 __all__ = ["ResNet", "RESNET_URLS"]
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import HistoWSSSError
-from .backbones import DEFAULT_BACKBONE, build_backbone
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.core.models.backbones import DEFAULT_BACKBONE, build_backbone
 
 __all__ = ["Segmenter", "ASPP_RATES"]
 

@@ -40,9 +40,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .device import apply_thread_policy, available_cores
-from .errors import HistoWSSSError
-from .runs import checkpoint_file
+from napari_histo_wsss.core.device import apply_thread_policy, available_cores
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.core.runs import checkpoint_file
 
 __all__ = [
     "PredictSettings",
@@ -166,13 +166,13 @@ _MODEL_LOCK = threading.Lock()
 def _load_predictor(run_dir: str, which: str, gate: bool, device: str, stamp: int) -> tuple[Any, Any, dict]:
     """The run's segmenter as a predict function, its class table and checkpoint meta, cached
     per worker (``stamp``: the checkpoint's mtime, so a retrained run is reloaded)."""
-    from .infer import segmenter_predict_fn
-    from .train_seg import load_segmenter
+    from napari_histo_wsss.core.stage2.infer import segmenter_predict_fn
+    from napari_histo_wsss.core.stage2.train import load_segmenter
 
     model, classes, _cfg, meta = load_segmenter(run_dir, which, map_location=device)
     gate_model = None
     if gate:
-        from .train import load_run
+        from napari_histo_wsss.core.stage1.train import load_run
 
         stage_one = meta.get("stage_one")
         if not stage_one:
@@ -186,7 +186,7 @@ def _load_predictor(run_dir: str, which: str, gate: bool, device: str, stamp: in
 def _worker_device(pref: str) -> torch.device:
     """The task's device: :func:`~.device.pick_device`, with a bare CUDA choice spread over the
     node's GPUs by the Dask worker's index (LocalCluster workers are named 0, 1, ...)."""
-    from .device import pick_device
+    from napari_histo_wsss.core.device import pick_device
 
     device = pick_device(pref)
     if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
@@ -214,7 +214,7 @@ def _existing_output(job: SlideJob, identity: dict, downsample: float, settings:
     """``missing``, ``incomplete`` or ``complete`` (same slide, model and settings); raises
     when a complete output belongs to another slide, model or settings (and no overwrite).
     The model is identified by its checkpoint's save time, so a moved run folder still matches."""
-    from .export import open_label_pyramid
+    from napari_histo_wsss.core.io.export import open_label_pyramid
 
     if job.out.is_dir() and not any(job.out.iterdir()):
         job.out.rmdir()  # a run killed before writing anything leaves just the folder
@@ -242,10 +242,10 @@ def predict_one(run_dir: str | Path, job: SlideJob, settings: PredictSettings) -
 
     Returns a ``done`` or ``skipped`` :class:`SlideResult`; raises (a :class:`HistoWSSSError`
     naming the file for bad input) on failure, so that Dask can retry it."""
-    from .grid import working_downsample
-    from .infer import predict_slide
-    from .export import open_label_pyramid
-    from .slide import open_slide
+    from napari_histo_wsss.core.slides.grid import working_downsample
+    from napari_histo_wsss.core.stage2.infer import predict_slide
+    from napari_histo_wsss.core.io.export import open_label_pyramid
+    from napari_histo_wsss.core.slides.slide import open_slide
 
     t0 = time.perf_counter()
     apply_thread_policy(threads=settings.torch_threads)  # in the worker thread that runs the model

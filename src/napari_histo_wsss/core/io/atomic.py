@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import HistoWSSSError
+from napari_histo_wsss.core.errors import HistoWSSSError
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,10 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .classes import ClassTable
-from .datasets import DatasetSpec, MaskedSample, WeakLabelDataset, WeakSample, image_size, load_dataset
-from .device import autocast
-from .engine import (  # noqa: F401 - build_optimizer, lr_at: re-exported, older imports read them here
+from napari_histo_wsss.core.data.classes import ClassTable
+from napari_histo_wsss.core.data.datasets import DatasetSpec, MaskedSample, WeakLabelDataset, WeakSample, image_size, load_dataset
+from napari_histo_wsss.core.device import autocast
+from napari_histo_wsss.core.engine import (  # noqa: F401 - build_optimizer, lr_at: re-exported, older imports read them here
     Batches,
     EpochSummary,
     RunContext,
@@ -69,14 +69,14 @@ from .engine import (  # noqa: F401 - build_optimizer, lr_at: re-exported, older
     make_loader,
     run_training,
 )
-from .errors import DatasetError, HistoWSSSError, TrainingError
-from .models import CAMClassifier, check_classes, load_model
-from .models.backbones import BACKBONES, OUTPUT_STRIDES
-from .models.classifier import CAM_MODES, normalize_cams, pda_threshold_at
-from .progress import EVENT_KINDS, ProgressEvent  # noqa: F401 - re-exported: older imports read them here
-from .runs import checkpoint_file, read_metrics
-from .segmix import SegMixScheduler, default_tiles, segmix_batch
-from .settings import Settings, known_backbone, positive_sum, setting
+from napari_histo_wsss.core.errors import DatasetError, HistoWSSSError, TrainingError
+from napari_histo_wsss.core.models import CAMClassifier, check_classes, load_model
+from napari_histo_wsss.core.models.backbones import BACKBONES, OUTPUT_STRIDES
+from napari_histo_wsss.core.models.classifier import CAM_MODES, normalize_cams, pda_threshold_at
+from napari_histo_wsss.core.progress import EVENT_KINDS, ProgressEvent  # noqa: F401 - re-exported: older imports read them here
+from napari_histo_wsss.core.runs import checkpoint_file, read_metrics
+from napari_histo_wsss.core.stage1.segmix import SegMixScheduler, default_tiles, segmix_batch
+from napari_histo_wsss.core.settings import Settings, known_backbone, positive_sum, setting
 
 __all__ = [
     "TrainConfig",
@@ -316,8 +316,8 @@ def evaluate_pseudo_masks(model: CAMClassifier, samples: Sequence[MaskedSample],
     (``prob_threshold``, the lowest of equals) and its mIoU (``val_miou_prob``). Returns None
     when ``should_stop()`` interrupts it.
     """
-    from .cams import cams_for_image, pseudo_mask
-    from .metrics import ConfusionMatrix
+    from napari_histo_wsss.core.stage1.cams import cams_for_image, pseudo_mask
+    from napari_histo_wsss.core.metrics import ConfusionMatrix
 
     names = classes.names + ["background"]
     cm = ConfusionMatrix(classes.num_classes + 1, classes.background_index)

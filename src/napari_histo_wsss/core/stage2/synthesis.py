@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .classes import ClassTable
-from .datasets import WeakSample, to_tensor
-from .errors import DatasetError
-from .tissue import white_background_mask
+from napari_histo_wsss.core.data.classes import ClassTable
+from napari_histo_wsss.core.data.datasets import WeakSample, to_tensor
+from napari_histo_wsss.core.errors import DatasetError
+from napari_histo_wsss.core.slides.tissue import white_background_mask
 
 __all__ = [
     "SYNTHESIS_KINDS",

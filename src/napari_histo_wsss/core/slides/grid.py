@@ -20,9 +20,9 @@ from functools import cached_property
 
 import numpy as np
 
-from .errors import HistoWSSSError, SlideError
-from .slide import Slide
-from .tissue import TissueMask
+from napari_histo_wsss.core.errors import HistoWSSSError, SlideError
+from napari_histo_wsss.core.slides.slide import Slide
+from napari_histo_wsss.core.slides.tissue import TissueMask
 
 
 @dataclass

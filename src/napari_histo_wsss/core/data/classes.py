@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import ClassTableError
+from napari_histo_wsss.core.errors import ClassTableError
 
 RGB = tuple[int, int, int]
 

@@ -25,8 +25,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
-from .errors import SlideError
-from .slide import Slide
+from napari_histo_wsss.core.errors import SlideError
+from napari_histo_wsss.core.slides.slide import Slide
 
 #: Target resolution of the tissue mask (micrometres per mask pixel) when the slide's mpp is known.
 TISSUE_MPP = 4.0

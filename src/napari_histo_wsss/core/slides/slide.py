@@ -45,7 +45,7 @@ import dask.array as da
 import numpy as np
 from PIL import Image
 
-from .errors import SlideError
+from napari_histo_wsss.core.errors import SlideError
 
 #: Built (lazily downsampled) levels are added until the smaller side is at most this many pixels.
 BUILT_LEVEL_MIN_SIDE = 512

@@ -13,7 +13,7 @@ _BY_SUFFIX = {".zarr": "ome-zarr", ".tif": "tiff", ".tiff": "tiff", ".png": "png
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..core.export import GEOJSON_TOLERANCE
+    from napari_histo_wsss.core.io.export import GEOJSON_TOLERANCE
 
     p = subparsers.add_parser(
         "export",
@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _format(out: Path, given: str | None) -> str:
-    from ..core.errors import HistoWSSSError
+    from napari_histo_wsss.core.errors import HistoWSSSError
 
     if given:
         return given
@@ -67,17 +67,17 @@ def _format(out: Path, given: str | None) -> str:
 
 def _source(args: argparse.Namespace) -> tuple[list[Any], list[float], Any, float | None]:
     """(levels as class-index arrays, their downsamples, class table, mpp) of the input."""
-    from ..core.datasets import read_index_mask, resolve_classes
-    from ..core.errors import HistoWSSSError
+    from napari_histo_wsss.core.data.datasets import read_index_mask, resolve_classes
+    from napari_histo_wsss.core.errors import HistoWSSSError
 
     src = Path(args.input)
     if src.is_dir() and ((src / ".zgroup").is_file() or (src / "zarr.json").is_file()):
-        from ..core.export import open_label_pyramid
+        from napari_histo_wsss.core.io.export import open_label_pyramid
 
         pyr = open_label_pyramid(src)
         return pyr.index_levels(), pyr.level_downsamples, pyr.classes, pyr.meta.get("mpp")
     if src.is_dir() or src.name == "project.json":
-        from ..core.project import Project
+        from napari_histo_wsss.core.data.project import Project
 
         project = Project.open(src)
         if not (args.slide and args.mask):
@@ -98,7 +98,7 @@ def _source(args: argparse.Namespace) -> tuple[list[Any], list[float], Any, floa
 def _check_out(args: argparse.Namespace, out: Path, fmt: str) -> None:
     """Refuse OUT before anything is read: an existing OUT without --overwrite, and INPUT itself
     (or a folder around or inside it) always; a project folder may hold exports but not be one."""
-    from ..core.atomic import check_output
+    from napari_histo_wsss.core.io.atomic import check_output
 
     src = Path(args.input)
     zarr_input = src.is_dir() and ((src / ".zgroup").is_file() or (src / "zarr.json").is_file())
@@ -113,13 +113,13 @@ def _check_out(args: argparse.Namespace, out: Path, fmt: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..core import export
+    from napari_histo_wsss.core.io import export
 
     out = Path(args.out)
     fmt = _format(out, args.format)
     _check_out(args, out, fmt)
     if fmt == "csv":
-        from ..core.project import Project
+        from napari_histo_wsss.core.data.project import Project
 
         project = Project.open(args.input)
         export.export_patch_labels_csv(project.patch_labels(args.slide), out)

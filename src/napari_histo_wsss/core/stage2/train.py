@@ -64,9 +64,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .atomic import write_text
-from .classes import ClassTable
-from .datasets import (
+from napari_histo_wsss.core.io.atomic import write_text
+from napari_histo_wsss.core.data.classes import ClassTable
+from napari_histo_wsss.core.data.datasets import (
     DatasetSpec,
     MaskedSample,
     WeakSample,
@@ -79,16 +79,16 @@ from .datasets import (
     read_index_mask,
     to_tensor,
 )
-from .engine import EpochSummary, RunContext, TrainingTask, item_seed, make_loader, run_training
-from .errors import DatasetError, TrainingError
-from .metrics import ConfusionMatrix
-from .models import Segmenter, load_model
-from .models.backbones import BACKBONES, OUTPUT_STRIDES
-from .progress import ProgressEvent
-from .review import MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_PSEUDO
-from .runs import checkpoint_file
-from .settings import Settings, known_backbone, positive_sum, setting
-from .synthesis import (
+from napari_histo_wsss.core.engine import EpochSummary, RunContext, TrainingTask, item_seed, make_loader, run_training
+from napari_histo_wsss.core.errors import DatasetError, TrainingError
+from napari_histo_wsss.core.metrics import ConfusionMatrix
+from napari_histo_wsss.core.models import Segmenter, load_model
+from napari_histo_wsss.core.models.backbones import BACKBONES, OUTPUT_STRIDES
+from napari_histo_wsss.core.progress import ProgressEvent
+from napari_histo_wsss.core.review import MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_PSEUDO
+from napari_histo_wsss.core.runs import checkpoint_file
+from napari_histo_wsss.core.settings import Settings, known_backbone, positive_sum, setting
+from napari_histo_wsss.core.stage2.synthesis import (
     SYNTHESIS_KINDS,
     RealnessFilter,
     consistency_loss,
@@ -356,9 +356,9 @@ def make_pseudo_mask_sets(model: torch.nn.Module, classes: ClassTable, images_di
     CAM and the two LayerCAMs once, and every set is a weighting of them (:data:`PSEUDO_SETS`),
     turned into a mask by :func:`~.cams.pseudo_mask` (gated by the image labels, white glass =
     background). Yields ``log`` events with the progress, or ``cancelled``."""
-    from .cams import pseudo_mask, save_pseudo_mask
-    from .datasets import parse_label_name, read_rgb
-    from .models.classifier import normalize_cams
+    from napari_histo_wsss.core.stage1.cams import pseudo_mask, save_pseudo_mask
+    from napari_histo_wsss.core.data.datasets import parse_label_name, read_rgb
+    from napari_histo_wsss.core.models.classifier import normalize_cams
 
     for name in sets:
         if name not in PSEUDO_SETS:
@@ -450,7 +450,7 @@ def _source_masks(spec: DatasetSpec) -> list[Callable[[], np.ndarray]]:
 
 def _project_samples(spec: DatasetSpec) -> list[SegSample]:
     """Labelled project patches with the project's pseudo-mask and corrections cropped to them."""
-    from .project import Project
+    from napari_histo_wsss.core.data.project import Project
 
     project = Project.open(spec.root)
     size = int(project.settings["patch_size"])
@@ -499,7 +499,7 @@ def _project_samples(spec: DatasetSpec) -> list[SegSample]:
 # ---------------------------------------------------------------------------------------------
 def _evaluate(model: Segmenter, samples: Sequence[MaskedSample], classes: ClassTable, device: torch.device,
               tile: int, should_stop: Callable[[], bool] | None) -> dict | None:
-    from .infer import predict_image, segmenter_predict_fn
+    from napari_histo_wsss.core.stage2.infer import predict_image, segmenter_predict_fn
 
     fn = segmenter_predict_fn(model, classes, device)
     cm = ConfusionMatrix(classes.background_index + 1, classes.background_index)
@@ -629,7 +629,7 @@ class SegmenterTask(TrainingTask):
             raise TrainingError(f"{self.stage_one}: stage-one run folder not found")
 
     def load(self, ctx: RunContext) -> None:
-        from .train import load_run
+        from napari_histo_wsss.core.stage1.train import load_run
 
         run, cfg, dataset = self.stage_one, self.cfg, self.dataset
         self.classifier, classes, cls_cfg = load_run(run)

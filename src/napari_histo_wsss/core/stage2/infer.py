@@ -39,19 +39,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .classes import ClassTable
-from .datasets import list_images, read_rgb, to_tensor
-from .device import autocast
-from .errors import HistoWSSSError, SlideError
-from .export import LabelPyramid, export_palette_png
-from .grid import axis_starts, cosine_window, working_downsample
-from .models.backbones import IMAGENET_MEAN, IMAGENET_STD
-from .progress import ProgressEvent, run_to_end
-from .tissue import white_background_mask
+from napari_histo_wsss.core.data.classes import ClassTable
+from napari_histo_wsss.core.data.datasets import list_images, read_rgb, to_tensor
+from napari_histo_wsss.core.device import autocast
+from napari_histo_wsss.core.errors import HistoWSSSError, SlideError
+from napari_histo_wsss.core.io.export import LabelPyramid, export_palette_png
+from napari_histo_wsss.core.slides.grid import axis_starts, cosine_window, working_downsample
+from napari_histo_wsss.core.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from napari_histo_wsss.core.progress import ProgressEvent, run_to_end
+from napari_histo_wsss.core.slides.tissue import white_background_mask
 
 if TYPE_CHECKING:
-    from .slide import Slide
-    from .tissue import TissueMask
+    from napari_histo_wsss.core.slides.slide import Slide
+    from napari_histo_wsss.core.slides.tissue import TissueMask
 
 __all__ = [
     "PredictFn",
@@ -114,7 +114,7 @@ def plan_tiles(slide: "Slide", tile: int = 512, overlap: int = 64, downsample: f
         active = np.ones((rows, cols), dtype=bool)
     else:
         if tissue is None or tissue is True:
-            from .tissue import detect_tissue
+            from napari_histo_wsss.core.slides.tissue import detect_tissue
 
             tissue = detect_tissue(slide)
         ys, xs = np.meshgrid(np.arange(rows) * stride * ds, np.arange(cols) * stride * ds, indexing="ij")
@@ -482,8 +482,8 @@ def predict_folder(images_dir: str | Path, out_dir: str | Path, predict_fn: Pred
     that replaces it at the end (:func:`~.atomic.replace_dir`), so a cancel or an error leaves no
     half-filled folder and an older ``out_dir`` untouched. An existing, non-empty ``out_dir`` needs
     ``overwrite`` (then it is replaced as a whole); it may never be, hold or lie in ``images_dir``."""
-    from .atomic import check_output, replace_dir
-    from .errors import Cancelled
+    from napari_histo_wsss.core.io.atomic import check_output, replace_dir
+    from napari_histo_wsss.core.errors import Cancelled
 
     images = list_images(images_dir)
     if not images:

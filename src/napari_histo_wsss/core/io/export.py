@@ -44,9 +44,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .atomic import fsync_tree, staging_dir, swap_dir, write_text, write_with
-from .classes import ClassTable
-from .errors import HistoWSSSError
+from napari_histo_wsss.core.io.atomic import fsync_tree, staging_dir, swap_dir, write_text, write_with
+from napari_histo_wsss.core.data.classes import ClassTable
+from napari_histo_wsss.core.errors import HistoWSSSError
 
 __all__ = [
     "UNLABELLED",
@@ -562,7 +562,7 @@ def export_tiff(labels: Any, path: str | Path, classes: ClassTable, downsample: 
 def export_palette_png(labels: np.ndarray, path: str | Path, classes: ClassTable) -> Path:
     """Write class indices as a palette PNG (pixel value = class index, colours = class table),
     the LUAD-HistoSeg mask convention; readable with ``np.array(Image.open(path))``."""
-    from .cams import save_pseudo_mask
+    from napari_histo_wsss.core.stage1.cams import save_pseudo_mask
 
     arr = np.asarray(labels)
     if arr.ndim != 2:

@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .atomic import write_with
-from .classes import ClassTable
-from .datasets import list_images, parse_label_name, read_rgb, to_tensor
-from .errors import DatasetError, HistoWSSSError
-from .grid import axis_starts, cosine_window
-from .models.classifier import CAM_MODES, normalize_cams
-from .progress import ProgressEvent
-from .tissue import white_background_mask
+from napari_histo_wsss.core.io.atomic import write_with
+from napari_histo_wsss.core.data.classes import ClassTable
+from napari_histo_wsss.core.data.datasets import list_images, parse_label_name, read_rgb, to_tensor
+from napari_histo_wsss.core.errors import DatasetError, HistoWSSSError
+from napari_histo_wsss.core.slides.grid import axis_starts, cosine_window
+from napari_histo_wsss.core.models.classifier import CAM_MODES, normalize_cams
+from napari_histo_wsss.core.progress import ProgressEvent
+from napari_histo_wsss.core.slides.tissue import white_background_mask
 
 __all__ = [
     "WHOLE_IMAGE_MAX",
@@ -351,9 +351,9 @@ def generate_pseudo_masks(
     """
     import contextlib
 
-    from .atomic import check_output, replace_dir
-    from .datasets import read_index_mask
-    from .errors import Cancelled
+    from napari_histo_wsss.core.io.atomic import check_output, replace_dir
+    from napari_histo_wsss.core.data.datasets import read_index_mask
+    from napari_histo_wsss.core.errors import Cancelled
 
     s = settings or PseudoMaskSettings()
     images = list_images(images_dir)

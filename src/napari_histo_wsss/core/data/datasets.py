@@ -46,12 +46,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .classes import ClassTable, get_preset
-from .errors import ClassTableError, DatasetError
-from .grid import axis_starts
-from .atomic import check_output, fsync_dir, fsync_tree
+from napari_histo_wsss.core.data.classes import ClassTable, get_preset
+from napari_histo_wsss.core.errors import ClassTableError, DatasetError
+from napari_histo_wsss.core.slides.grid import axis_starts
+from napari_histo_wsss.core.io.atomic import check_output, fsync_dir, fsync_tree
 
-from .models.backbones import IMAGENET_MEAN, IMAGENET_STD  # the models' input normalisation (re-exported)
+from napari_histo_wsss.core.models.backbones import IMAGENET_MEAN, IMAGENET_STD  # the models' input normalisation (re-exported)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TRAIN_DIRS = ("training", "train", "1.training", "train_examples")
@@ -438,13 +438,13 @@ class SlidePatchReader:
 
 @lru_cache(maxsize=8)
 def _cached_slide(path: str):
-    from .slide import open_slide
+    from napari_histo_wsss.core.slides.slide import open_slide
 
     return open_slide(path)
 
 
 def _load_project(root: Path, table: ClassTable | None) -> DatasetSpec:
-    from .project import Project
+    from napari_histo_wsss.core.data.project import Project
 
     project = Project.open(root)
     if table is not None and table.names != project.classes.names:

@@ -63,13 +63,13 @@ try:
 except ImportError:  # pragma: no cover - Windows: saves are not coordinated between processes
     fcntl = None  # type: ignore[assignment]
 
-from .atomic import atomic_path, fsync_dir, fsync_tree, remove_temporaries, write_text
-from .classes import ClassTable, get_preset
-from .errors import ClassTableError, HistoWSSSError, ProjectError
+from napari_histo_wsss.core.io.atomic import atomic_path, fsync_dir, fsync_tree, remove_temporaries, write_text
+from napari_histo_wsss.core.data.classes import ClassTable, get_preset
+from napari_histo_wsss.core.errors import ClassTableError, HistoWSSSError, ProjectError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .grid import PatchGrid
-    from .slide import Slide
+    from napari_histo_wsss.core.slides.grid import PatchGrid
+    from napari_histo_wsss.core.slides.slide import Slide
 
 MANIFEST_NAME = "project.json"
 LABELS_NAME = "labels.csv"
@@ -412,7 +412,7 @@ class Project:
         """Add a slide (reads its metadata through ``open_slide``; SlideError if unreadable) and
         return its id (the file name stem, made unique). Adding the same file again returns the
         existing id."""
-        from .slide import open_slide
+        from napari_histo_wsss.core.slides.slide import open_slide
 
         p = Path(path).expanduser().resolve()
         with self._lock:
@@ -469,7 +469,7 @@ class Project:
 
     def open_slide(self, slide_id: str) -> "Slide":
         """Open a project slide (the caller closes it, e.g. ``with project.open_slide(i) as s``)."""
-        from .slide import open_slide
+        from napari_histo_wsss.core.slides.slide import open_slide
 
         return open_slide(self.slide_path(slide_id))
 
@@ -490,7 +490,7 @@ class Project:
     def tissue(self, slide_id: str):
         """The slide's tissue mask (:class:`core.tissue.TissueMask`), detected once and cached
         as the mask ``"tissue"`` (detected again, without caching, on a read-only project)."""
-        from .tissue import TissueMask, detect_tissue
+        from napari_histo_wsss.core.slides.tissue import TissueMask, detect_tissue
 
         cached = self.read_mask(slide_id, "tissue")
         if cached is not None:
@@ -504,7 +504,7 @@ class Project:
     def grid(self, slide_id: str) -> "PatchGrid":
         """The patch grid of a slide with the project's settings (tissue mask + ``make_grid``),
         computed once per settings and cached in memory."""
-        from .grid import make_grid
+        from napari_histo_wsss.core.slides.grid import make_grid
 
         with self._grid_lock:
             if slide_id not in self._grids:

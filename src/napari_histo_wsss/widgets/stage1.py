@@ -27,13 +27,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.models.backbones import BACKBONES  # noqa: F401 - the form lists them (TrainConfig.backbone)
-from ..core.review import list_runs
-from ..core.train import TrainConfig
-from ._common import Panel, SettingsForm, compact, form_group, guarded
-from ._plot import LivePlot
-from ._state import GuiError
-from ._worker import describe_event, progress_units
+from napari_histo_wsss.core.models.backbones import BACKBONES  # noqa: F401 - the form lists them (TrainConfig.backbone)
+from napari_histo_wsss.core.review import list_runs
+from napari_histo_wsss.core.stage1.train import TrainConfig
+from napari_histo_wsss.widgets._common import Panel, SettingsForm, compact, form_group, guarded
+from napari_histo_wsss.widgets._plot import LivePlot
+from napari_histo_wsss.widgets._state import GuiError
+from napari_histo_wsss.widgets._worker import describe_event, progress_units
 
 SOURCE_PROJECT = "project labels (all slides)"
 SOURCE_FOLDER = "imported patch folder"
@@ -216,7 +216,7 @@ class TrainingWidget(Panel):
 
     def dataset(self) -> Any:
         """The training data chosen in the form, checked: labels exist, at least two classes."""
-        from ..core.datasets import load_dataset
+        from napari_histo_wsss.core.data.datasets import load_dataset
 
         project = self.session.require_project()
         if self.source.currentText() == SOURCE_FOLDER:
@@ -280,7 +280,7 @@ class TrainingWidget(Panel):
 
     def _train_job(self, spec: Any, run_dir: Path, cfg: Any, resume: bool) -> Callable[[Callable[[], bool]], Iterator[Any]]:
         """The background job: the core training generator for this run."""
-        from ..core.train import train_classifier
+        from napari_histo_wsss.core.stage1.train import train_classifier
 
         def job(should_stop: Callable[[], bool]) -> Iterator[Any]:
             return train_classifier(spec, run_dir, cfg, resume=resume, should_stop=should_stop)

@@ -1,0 +1,1 @@
+"""Writing results safely: atomic writes and output checks, mask export formats."""

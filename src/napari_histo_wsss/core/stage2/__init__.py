@@ -1,0 +1,1 @@
+"""Stage two: the segmenter (training task, HisynSeg synthesis) and whole-slide prediction, one slide or many."""
