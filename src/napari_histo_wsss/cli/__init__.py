@@ -18,6 +18,7 @@ from napari_histo_wsss.core.errors import Cancelled, HistoWSSSError
 SUBCOMMAND_MODULES = [
     "slides",      # info
     "patches",     # make-patches
+    "labelling",   # suggest (the patches to label next)
     "stage1",      # train-cls, pseudo-masks
     "review",      # cams (the Review panel's slide CAMs and pseudo-masks)
     "evaluate",    # evaluate

@@ -75,6 +75,7 @@ MANIFEST_NAME = "project.json"
 LABELS_NAME = "labels.csv"
 MASKS_DIR = "masks"
 RUNS_DIR = "runs"
+FEATURES_DIR = "features"
 LOCK_NAME = ".lock"
 SESSION_PREFIX = ".session-"
 _FIXED_COLUMNS = ("slide_id", "x", "y", "size0")
@@ -595,6 +596,13 @@ class Project:
         self._record(slide_id)
         _check_name("slide id", slide_id, self.manifest_path)  # also checked when project.json is read
         return self._inside(self.root / MASKS_DIR / slide_id)
+
+    def features_dir(self, slide_id: str) -> Path:
+        """The folder of a slide's cached feature maps (``core/stage1/features.py``); derived data,
+        rebuilt from the slide whenever it is missing."""
+        self._record(slide_id)
+        _check_name("slide id", slide_id, self.manifest_path)
+        return self._inside(self.root / FEATURES_DIR / slide_id)
 
     def _mask_path(self, slide_id: str, name: str) -> Path:
         folder = self._slide_dir(slide_id)

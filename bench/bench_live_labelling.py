@@ -1,0 +1,302 @@
+"""Simulated annotator: pseudo-mask quality of the live head against the number of labelled patches,
+random order vs suggested order, plus the live loop's speed (issue 13).
+
+Protocol (cannot fool itself):
+
+* The 31 WSSS4LUAD images with masks (``$HISTO_WSSS_DATA/wsss4luad-subset/val``) are split BY IMAGE,
+  per seed, into a labelling pool (21 images) and test images (10) that give no label and choose
+  nothing. Nothing is tuned on the test images: the head's settings are fixed in the code.
+* The pool images are cut into patches (``--patch`` px, non-overlapping, tissue share >= 10 %).
+  The oracle labels a patch with every class covering at least ``--min-share`` of it (a pathologist
+  does not label a sliver), from the ground-truth mask.
+* Orders: ``random`` (a seeded shuffle) and ``suggested`` (``core.stage1.suggest``: cold start from
+  feature-space coverage, then batches chosen by uncertainty + diversity of the head fitted so far).
+* At each budget the live head (``core.stage1.live``) is refitted on the labelled patches' cached
+  features, and each test image's pseudo-mask is the argmax of its raw CAM logits on tissue (image
+  labels unknown: the probability-free, label-free setting), white glass background.
+* Scores: MLPS convention (background ground truth ignored), mean and sd over 3 seeds. Baselines on
+  the same test images: one class everywhere (the most frequent class in the pool's labels) and the
+  per-image majority oracle (each image painted with its true most frequent class).
+
+Speed: a label-to-overlay update on a 4k x 4k working-resolution view (128 x 128 feature cells):
+refit + CAM + argmax, median of 15; the feature build of the bundled slide (``--slide``).
+
+Usage::
+
+    python bench/bench_live_labelling.py                  # table + docs/img/live_labelling.png
+    python bench/bench_live_labelling.py --seeds 0 1 2 --budgets 5 10 20 40 80 160
+
+Writes the table to stdout (markdown) and to ``--out-md`` when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from napari_histo_wsss.core.metrics import ConfusionMatrix
+from napari_histo_wsss.core.slides.tissue import white_background_mask
+from napari_histo_wsss.core.stage1.features import FEATURE_STRIDE, FeatureExtractor, FeatureSpec, image_features
+from napari_histo_wsss.core.stage1.live import LiveHead, standardiser
+from napari_histo_wsss.core.stage1.suggest import embed, suggest
+
+DATA = Path(os.environ.get("HISTO_WSSS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+NAMES = ["tumor", "stroma", "normal"]
+BG = 3
+
+
+def load_images() -> list[tuple[np.ndarray, np.ndarray]]:
+    root = DATA / "wsss4luad-subset" / "val"
+    out = []
+    for p in sorted((root / "img").glob("*.png")):
+        rgb = np.asarray(Image.open(p).convert("RGB"))
+        gt = np.asarray(Image.open(root / "mask" / p.name))
+        out.append((rgb, gt))
+    return out
+
+
+def patches_of(feat, gt: np.ndarray, size: int, min_share: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features and oracle labels of the non-overlapping patches of one image."""
+    h, w = gt.shape
+    xs, ys, labels = [], [], []
+    for y in range(0, max(1, h - size // 2), size):
+        for x in range(0, max(1, w - size // 2), size):
+            g = gt[y:y + size, x:x + size]
+            tissue = g != BG
+            if tissue.mean() < 0.1:
+                continue
+            share = np.array([(g == k).mean() for k in range(len(NAMES))])
+            lab = (share >= min_share).astype(np.uint8)
+            if not lab.any():
+                continue
+            xs.append(x)
+            ys.append(y)
+            labels.append(lab)
+    if not xs:
+        return np.zeros((0, feat.features.shape[-1]), np.float32), np.zeros((0, len(NAMES)), np.uint8)
+    return feat.patch_features(np.array(xs), np.array(ys), size), np.stack(labels)
+
+
+def pseudo(head: LiveHead, feat, rgb: np.ndarray) -> np.ndarray:
+    """Argmax of the raw CAM logits, upsampled to the image; white glass is background."""
+    z = head.logits(np.asarray(feat.features, np.float32))  # (h, w, K)
+    z = np.where(np.isfinite(z), z, -1e4)
+    t = torch.from_numpy(np.moveaxis(z, -1, 0).copy())[None]
+    h, w = rgb.shape[:2]
+    up = torch.nn.functional.interpolate(t, size=(feat.shape[0] * FEATURE_STRIDE, feat.shape[1] * FEATURE_STRIDE),
+                                         mode="bilinear", align_corners=False)[0, :, :h, :w].numpy()
+    out = up.argmax(axis=0).astype(np.uint8)
+    out[white_background_mask(rgb)] = BG
+    return out
+
+
+def score(preds_gts) -> dict:
+    cm = ConfusionMatrix(len(NAMES) + 1, BG)
+    for p, g in preds_gts:
+        cm.update(p, g)
+    s = cm.scores(NAMES + ["background"])
+    per = s["per_class_iou"]
+    return {"miou": s["miou"], **{n: per.get(n) for n in NAMES}}
+
+
+def curve(order: str, budgets, X, Y, coords, mean, std, test, seed, l2) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    n = len(X)
+    labelled = np.zeros(n, bool)
+    seq = list(rng.permutation(n)) if order == "random" else []
+    rows = []
+    head = None
+    for b in budgets:
+        b = min(b, n)
+        if order == "random":
+            labelled[:] = False
+            labelled[seq[:b]] = True
+        else:
+            need = b - int(labelled.sum())
+            if need > 0:
+                probs = head.probabilities(X) if head is not None else None
+                picks = suggest(coords, labelled, need, probs=probs,
+                                trainable=head.trainable if head is not None else None)
+                labelled[[p.index for p in picks]] = True
+        head = LiveHead(len(NAMES), mean, std, l2=l2).fit(X[labelled], Y[labelled])
+        preds = [(pseudo(head, f, rgb), gt) for (rgb, gt, f) in test]
+        rows.append({"order": order, "budget": b, "seed": seed, **score(preds)})
+    return rows
+
+
+def plot(rows: list[dict], baselines: dict, path: Path) -> None:
+    """A small line plot (mIoU vs labelled patches, log x) drawn with PIL."""
+    W, H, L, R, T, B = 720, 420, 70, 20, 30, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    budgets = sorted({r["budget"] for r in rows})
+    lx = np.log2(budgets)
+    x_of = lambda b: L + (np.log2(b) - lx.min()) / max(1e-9, lx.max() - lx.min()) * (W - L - R)  # noqa: E731
+    y_of = lambda v: T + (1 - v) * (H - T - B)  # noqa: E731
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for v in np.arange(0, 1.01, 0.2):
+        d.line([L - 4, y_of(v), L, y_of(v)], fill="black")
+        d.text((L - 34, y_of(v) - 6), f"{v:.1f}", fill="black")
+    for b in budgets:
+        d.text((x_of(b) - 8, H - B + 6), str(b), fill="black")
+    d.text((W // 2 - 80, H - 28), "labelled patches (log scale)", fill="black")
+    d.text((8, 8), "held-out pseudo-mask mIoU (labels unknown), mean of seeds", fill="black")
+    colours = {"random": (200, 60, 40), "suggested": (30, 90, 200)}
+    for order, col in colours.items():
+        pts = []
+        for b in budgets:
+            v = [r["miou"] for r in rows if r["order"] == order and r["budget"] == b]
+            if v:
+                pts.append((x_of(b), y_of(float(np.mean(v)))))
+        if len(pts) > 1:
+            d.line(pts, fill=col, width=3)
+        for p in pts:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=col)
+        d.text((W - R - 150, T + 10 + 16 * list(colours).index(order)), order, fill=col)
+    for j, (name, v) in enumerate(baselines.items()):
+        y = y_of(v)
+        for x in range(L, W - R, 12):
+            d.line([x, y, x + 6, y], fill=(120, 120, 120))
+        d.text((L + 6, y - 14), f"{name} {v:.2f}", fill=(90, 90, 90))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def speed(l2: float) -> dict:
+    rng = np.random.default_rng(0)
+    c = 1280
+    dense = rng.standard_normal((128, 128, c)).astype(np.float32)
+    mean, std = np.zeros(c, np.float32), np.ones(c, np.float32)
+    X = rng.standard_normal((200, c)).astype(np.float32)
+    Y = (rng.random((200, 3)) < 0.4).astype(np.uint8)
+    head = LiveHead(3, mean, std, l2=l2)
+    times = []
+    for i in range(15):
+        t0 = time.perf_counter()
+        head.fit(X[: 100 + i], Y[: 100 + i])
+        z = head.logits(dense)
+        z.argmax(axis=-1)
+        times.append(time.perf_counter() - t0)
+    return {"update_median_s": statistics.median(times), "update_max_s": max(times)}
+
+
+def slide_build() -> dict | None:
+    from napari_histo_wsss.core.slides.slide import open_slide
+    from napari_histo_wsss.core.slides.tissue import detect_tissue
+    from napari_histo_wsss.core.stage1.features import build_slide_features
+
+    path = DATA / "wsi-cmu-small-region" / "CMU-1-Small-Region.svs"
+    if not path.exists():
+        return None
+    with open_slide(path) as slide:
+        tissue = detect_tissue(slide)
+        t0 = time.perf_counter()
+        last = None
+        for ev in build_slide_features(slide, tissue, 1.0, FeatureSpec()):
+            last = ev
+        return {"slide_build_s": time.perf_counter() - t0, "cells": last.result.shape, "tiles": last.steps}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[5, 10, 20, 40, 80, 160, 320])
+    ap.add_argument("--patch", type=int, default=64)
+    ap.add_argument("--min-share", type=float, default=0.05)
+    ap.add_argument("--l2", type=float, default=1.0)
+    ap.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "img" / "live_labelling.png"))
+    ap.add_argument("--out-md", default=None)
+    ap.add_argument("--no-speed", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+    images = load_images()
+    ext = FeatureExtractor(FeatureSpec())
+    t0 = time.perf_counter()
+    feats = [image_features(ext, rgb) for rgb, _ in images]
+    feat_s = time.perf_counter() - t0
+    rows, base_rows = [], []
+    for seed in args.seeds:
+        order = np.random.default_rng(1000 + seed).permutation(len(images))
+        test_i, pool_i = order[:10], order[10:]
+        X, Y = [], []
+        for i in pool_i:
+            x, y = patches_of(feats[i], images[i][1], args.patch, args.min_share)
+            X.append(x)
+            Y.append(y)
+        X, Y = np.concatenate(X), np.concatenate(Y)
+        cells = np.concatenate([np.asarray(feats[i].features, np.float32)[feats[i].tissue] for i in pool_i])
+        mean, std = standardiser(cells)
+        coords = embed(X, mean, std)
+        test = [(images[i][0], images[i][1], feats[i]) for i in test_i]
+        budgets = sorted({min(b, len(X)) for b in args.budgets})
+        for o in ("random", "suggested"):
+            rows += curve(o, budgets, X, Y, coords, mean, std, test, seed, args.l2)
+        # baselines on the same test images
+        top = int(np.argmax(Y.sum(axis=0)))
+        one, oracle = [], []
+        for rgb, gt, _ in test:
+            white = white_background_mask(rgb)
+            p = np.full(gt.shape, top, np.uint8)
+            p[white] = BG
+            one.append((p, gt))
+            counts = np.bincount(gt[gt != BG].ravel(), minlength=len(NAMES))[: len(NAMES)]
+            q = np.full(gt.shape, int(np.argmax(counts)), np.uint8)
+            q[white] = BG
+            oracle.append((q, gt))
+        base_rows.append({"seed": seed, "pool_patches": len(X), "one_class": score(one), "oracle": score(oracle)})
+        print(f"seed {seed}: {len(X)} pool patches, {len(test_i)} test images", file=sys.stderr)
+
+    def ms(vals):
+        v = [x for x in vals if x is not None]
+        return (f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "-")
+
+    lines = ["| order | labelled patches | mIoU | tumour IoU | stroma IoU | normal IoU |", "|---|---|---|---|---|---|"]
+    budgets = sorted({r["budget"] for r in rows})
+    for o in ("random", "suggested"):
+        for b in budgets:
+            rr = [r for r in rows if r["order"] == o and r["budget"] == b]
+            if len(rr) == len(args.seeds):
+                lines.append(f"| {o} | {b} | {ms([r['miou'] for r in rr])} | {ms([r['tumor'] for r in rr])} | "
+                             f"{ms([r['stroma'] for r in rr])} | {ms([r['normal'] for r in rr])} |")
+    for name in ("one_class", "oracle"):
+        lines.append(f"| baseline: {name.replace('_', ' ')} | - | {ms([b[name]['miou'] for b in base_rows])} | "
+                     f"{ms([b[name]['tumor'] for b in base_rows])} | {ms([b[name]['stroma'] for b in base_rows])} | "
+                     f"{ms([b[name]['normal'] for b in base_rows])} |")
+    # labels needed: the first suggested budget reaching random's final mean mIoU
+    final_b = max(b for b in budgets if sum(r["budget"] == b and r["order"] == "random" for r in rows) == len(args.seeds))
+    target = np.mean([r["miou"] for r in rows if r["order"] == "random" and r["budget"] == final_b])
+    reach = {o: next((b for b in budgets if np.mean([r["miou"] for r in rows if r["order"] == o and r["budget"] == b]) >= target - 1e-9), None)
+             for o in ("random", "suggested")}
+    lines.append("")
+    lines.append(f"Random order's final mIoU {target:.3f} (all {final_b} pool patches of the last seed's split) is reached with "
+                 f"{reach['suggested']} suggested labels vs {reach['random']} random ones.")
+    lines.append(f"Feature extraction of the 31 images: {feat_s:.1f} s.")
+    if not args.no_speed:
+        sp = speed(args.l2)
+        lines.append(f"Label to updated overlay (refit + CAM + argmax, 4k x 4k view = 128 x 128 cells x 1280 channels): "
+                     f"median {sp['update_median_s'] * 1000:.0f} ms, max {sp['update_max_s'] * 1000:.0f} ms over 15 updates.")
+        sb = slide_build()
+        if sb:
+            lines.append(f"Feature cache of the bundled slide (CMU-1-Small-Region, level 0, {sb['tiles']} tiles, "
+                         f"{sb['cells'][0]} x {sb['cells'][1]} cells): {sb['slide_build_s']:.1f} s.")
+    text = "\n".join(lines)
+    print(text)
+    if args.out_md:
+        Path(args.out_md).write_text(text + "\n")
+    baselines = {"one class": float(np.mean([b["one_class"]["miou"] for b in base_rows])),
+                 "per-image oracle": float(np.mean([b["oracle"]["miou"] for b in base_rows]))}
+    plot(rows, baselines, Path(args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

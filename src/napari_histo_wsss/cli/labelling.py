@@ -1,0 +1,73 @@
+"""``histo-wsss suggest``: the patches to label next, headless.
+
+The same core job as the panel (:func:`~napari_histo_wsss.core.stage1.suggest.project_suggestions`):
+on the way it computes whatever the project lacks (tissue mask, patch grid, each slide's feature
+cache, kept in the project and resumed after Ctrl-C), fits the live head on the project's patch
+labels and prints a ranked batch, saved as ``PROJECT/suggestions.csv``. With no labels yet the
+batch covers the slides' tissue types (cold start).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from tqdm import tqdm
+
+from napari_histo_wsss.cli._progress import StopOnSigint, drive
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "suggest",
+        help="list the patches to label next (uncertainty + diversity of the live head)",
+        description=(
+            "Rank the unlabelled patches of PROJECT for labelling: the live head (a linear classifier on "
+            "cached frozen-backbone features) is fitted on the project's patch labels, and a batch is chosen "
+            "by its uncertainty and by coverage of the slides' feature space. Missing tissue masks, patch "
+            "grids and feature caches are computed first (kept in the project). The list is printed and saved "
+            "as PROJECT/suggestions.csv."
+        ),
+    )
+    p.add_argument("project", help="project folder (or its project.json)")
+    p.add_argument("--n", type=int, default=20, help="number of patches to suggest (default 20)")
+    p.add_argument("--slide", action="append", default=None, metavar="S",
+                   help="slide id (repeatable; default: every slide of the project)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
+    p.set_defaults(func=run_suggest)
+
+
+def run_suggest(args: argparse.Namespace) -> int:
+    from napari_histo_wsss.core.data.project import Project
+    from napari_histo_wsss.core.device import apply_thread_policy, pick_device
+    from napari_histo_wsss.core.errors import HistoWSSSError, ProjectError
+    from napari_histo_wsss.core.stage1.suggest import SUGGESTIONS_NAME, project_suggestions
+
+    if args.n < 1:
+        raise HistoWSSSError(f"--n must be at least 1, got {args.n}")
+    device = pick_device(args.device)
+    apply_thread_policy(gui=False)
+    project = Project.open(args.project)
+    for sid in args.slide or []:
+        if sid not in project.slides:
+            raise ProjectError(f"{project.manifest_path}: unknown slide id {sid!r}; the project has "
+                               f"{', '.join(project.slides) or 'no slides'}")
+
+    def show(ev: Any, bar: tqdm) -> None:
+        if ev.kind == "cancelled" and ev.message:
+            tqdm.write(ev.message)
+
+    with StopOnSigint() as stop:
+        last = drive(project_suggestions(project, n=args.n, slide_ids=args.slide, device=device, should_stop=stop),
+                     "suggest", show)
+    if last is None or last.kind != "done":
+        return 130
+    for w in last.warnings or []:
+        print(f"note: {w}")
+    print(last.message)
+    print(f"{'rank':>4}  {'slide':<16} {'x':>7} {'y':>7}  {'reason':<16} live head")
+    for r in last.rows:
+        print(f"{r.rank:>4}  {r.slide_id:<16} {r.x:>7} {r.y:>7}  {r.reason:<16} {r.predicted}")
+    if not project.read_only:
+        print(f"saved {project.root / SUGGESTIONS_NAME}")
+    return 0

@@ -1,0 +1,146 @@
+"""The live head: a linear multi-label classifier on cached frozen features, refitted on every label.
+
+Its weights are CAM weights. A patch's score for class ``k`` is ``w_k . mean(f) + b_k`` over the
+patch's feature cells (``core/stage1/features.py``); applying the same ``w_k . f + b_k`` to every
+cell gives the CAM of the whole slide in the same logit units, so CAMs of different classes are
+directly comparable (no per-class renormalisation, which would force every class to peak at 1)
+and a pixel's class is the argmax of raw logits. Fitting is an L2-regularised logistic regression
+on standardised features (L-BFGS, warm-started from the previous fit), which takes milliseconds
+for hundreds of labels, so the CAM and pseudo-mask layers can follow every click.
+
+A class that no labelled patch shows cannot be learned: its logits are -inf (never predicted).
+A class that every labelled patch shows gets no weights and a constant logit: the head cannot
+say where it is not, which :meth:`LiveHead.warnings` spells out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["LiveHead", "standardiser", "cam_logits", "pseudo_from_logits", "UNCERTAIN"]
+
+#: Label value of tissue that no class claims with enough confidence (review layers).
+UNCERTAIN = 255
+
+
+def standardiser(features: np.ndarray, tissue: np.ndarray | None = None, max_cells: int = 200_000,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of feature cells (``(..., C)``; only the tissue
+    cells where a mask is given), from at most ``max_cells`` cells picked at random."""
+    f = np.asarray(features, dtype=np.float32)
+    cells = f[tissue] if tissue is not None else f.reshape(-1, f.shape[-1])
+    if len(cells) > max_cells:
+        cells = cells[np.random.default_rng(seed).choice(len(cells), max_cells, replace=False)]
+    if len(cells) == 0:
+        return np.zeros(f.shape[-1], np.float32), np.ones(f.shape[-1], np.float32)
+    mean = cells.mean(axis=0)
+    std = cells.std(axis=0)
+    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+@dataclass
+class LiveHead:
+    """Multi-label logistic regression. ``l2``: weight penalty relative to the mean loss (larger =
+    smoother, needed with few labels); ``mean``/``std``: the feature standardisation (fixed per
+    cache, so refits stay comparable)."""
+
+    num_classes: int
+    mean: np.ndarray
+    std: np.ndarray
+    l2: float = 1e-2
+    max_iter: int = 100
+    weight: np.ndarray | None = field(default=None, repr=False)   # (K, C)
+    bias: np.ndarray | None = field(default=None, repr=False)     # (K,)
+    trainable: np.ndarray | None = field(default=None, repr=False)  # (K,) bool: positives and negatives seen
+    n_labels: int = 0
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> "LiveHead":
+        """Fit on pooled patch features ``x`` ``(N, C)`` and multi-hot labels ``y`` ``(N, K)``."""
+        import torch
+
+        x = (np.asarray(x, np.float32) - self.mean) / self.std
+        y = np.asarray(y, np.float32).reshape(len(x), self.num_classes)
+        n, c = x.shape
+        pos = y.sum(axis=0)
+        self.trainable = (pos > 0) & (pos < n)
+        self.n_labels = int(n)
+        w0 = self.weight if self.weight is not None and self.weight.shape == (self.num_classes, c) else np.zeros((self.num_classes, c), np.float32)
+        prior = np.clip((pos + 0.5) / (n + 1.0), 1e-3, 1 - 1e-3)
+        b0 = self.bias if self.bias is not None else np.log(prior / (1 - prior)).astype(np.float32)
+        weight = np.zeros((self.num_classes, c), np.float32)
+        bias = np.where(pos > 0, np.log(prior / (1 - prior)), -np.inf).astype(np.float32)
+        k = np.flatnonzero(self.trainable)
+        if len(k):
+            with torch.enable_grad():
+                xt, yt = torch.from_numpy(x), torch.from_numpy(y[:, k])
+                W = torch.tensor(w0[k], requires_grad=True)
+                B = torch.tensor(np.where(np.isfinite(b0[k]), b0[k], 0.0).astype(np.float32), requires_grad=True)
+                opt = torch.optim.LBFGS([W, B], lr=1, max_iter=self.max_iter, line_search_fn="strong_wolfe")
+
+                def closure():
+                    opt.zero_grad()
+                    z = xt @ W.T + B
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(z, yt) + 0.5 * self.l2 * (W * W).sum() / c
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+            weight[k] = W.detach().numpy()
+            bias[k] = B.detach().numpy()
+        self.weight, self.bias = weight, bias
+        return self
+
+    @property
+    def fitted(self) -> bool:
+        return self.weight is not None
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """``(..., K)`` logits of features ``(..., C)`` (pooled patches or single cells)."""
+        if not self.fitted:
+            raise RuntimeError("the live head has not been fitted yet")
+        z = ((np.asarray(x, np.float32) - self.mean) / self.std) @ self.weight.T
+        return z + self.bias
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(-self.logits(x)))
+
+    def warnings(self, class_names: list[str]) -> list[str]:
+        """What the current labels cannot teach, in words a pathologist can act on."""
+        if not self.fitted:
+            return []
+        out = []
+        for k, name in enumerate(class_names[: self.num_classes]):
+            if not np.isfinite(self.bias[k]):
+                out.append(f"no labelled patch shows {name}: it cannot be found yet; label a few patches of {name}")
+            elif not self.trainable[k]:
+                out.append(f"every labelled patch shows {name}: the model cannot learn where it is absent; "
+                           f"label patches without {name}")
+        return out
+
+
+def cam_logits(head: LiveHead, dense: np.ndarray, tissue: np.ndarray | None = None) -> np.ndarray:
+    """``(K, h, w)`` float32 class logits of every feature cell (``-inf`` off tissue)."""
+    z = head.logits(dense).astype(np.float32)
+    z = np.moveaxis(z, -1, 0)
+    if tissue is not None:
+        z[:, ~tissue] = -np.inf
+    return z
+
+
+def pseudo_from_logits(logits: np.ndarray, floor: float | None = None) -> np.ndarray:
+    """``(h, w)`` uint8 labels 1..K from ``(K, h, w)`` logits: the class with the largest raw
+    logit; cells with no finite logit are 0 (background); with ``floor`` (a probability), cells
+    whose best class is below it are :data:`UNCERTAIN`."""
+    finite = np.isfinite(logits)
+    safe = np.where(finite, logits, -1e30)
+    best = safe.argmax(axis=0)
+    out = (best + 1).astype(np.uint8)
+    out[~finite.any(axis=0)] = 0
+    if floor is not None:
+        top = safe.max(axis=0)
+        low = (top < np.log(floor / (1 - floor))) & (out > 0)
+        out[low] = UNCERTAIN
+    return out

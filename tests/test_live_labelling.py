@@ -1,0 +1,158 @@
+"""Feature cache, live head and label suggestions (core/stage1/{features,live,suggest}.py, `histo-wsss suggest`)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from napari_histo_wsss.cli import main
+from napari_histo_wsss.core.data.project import Project
+from napari_histo_wsss.core.slides.slide import open_slide
+from napari_histo_wsss.core.slides.tissue import detect_tissue
+from napari_histo_wsss.core.stage1.features import (
+    FeatureExtractor,
+    FeatureSpec,
+    build_slide_features,
+    image_features,
+)
+from napari_histo_wsss.core.stage1.live import UNCERTAIN, LiveHead, pseudo_from_logits, standardiser
+from napari_histo_wsss.core.stage1.suggest import embed, suggest
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return FeatureExtractor(FeatureSpec())
+
+
+def test_slide_features_resume_after_a_stop_and_match_one_pass(cmu_svs, tmp_path, extractor):
+    store = tmp_path / "f.zarr"
+    spec = FeatureSpec(tile=256, margin=32)
+    with open_slide(cmu_svs) as slide:
+        tissue = detect_tissue(slide)
+        ds = 4.0  # 128 px cells of level 0
+        asked = {"n": 0}
+
+        def stop_after_two():
+            asked["n"] += 1
+            return asked["n"] > 2
+
+        events = list(build_slide_features(slide, tissue, ds, spec, store=store, should_stop=stop_after_two,
+                                           extractor=extractor))
+        assert events[-1].kind == "cancelled"
+        total = events[0].steps
+        resumed = list(build_slide_features(slide, tissue, ds, spec, store=store, extractor=extractor))
+        assert resumed[0].step == 2 and resumed[-1].kind == "done"  # two tiles were kept
+        assert sum(e.kind == "step" for e in resumed) == total - 2
+        cached = resumed[-1].result
+        fresh = list(build_slide_features(slide, tissue, ds, spec, store=None, extractor=extractor))[-1].result
+    assert np.array_equal(cached.dense(), fresh.dense())
+    assert cached.tissue.any() and not cached.tissue.all()  # the slide's glass is flagged
+    # glass cells were not computed: their features are zero; tissue cells are not
+    assert np.abs(fresh.dense()[fresh.tissue]).sum(axis=-1).min() > 0
+
+
+def test_features_of_another_backbone_setting_are_not_reused(cmu_svs, tmp_path, extractor):
+    assert FeatureSpec(tile=256).key(4.0) != FeatureSpec(tile=512).key(4.0)
+    assert FeatureSpec().key(4.0) != FeatureSpec().key(2.0)
+    assert FeatureSpec(backbone="resnet18").key(4.0) != FeatureSpec().key(4.0)
+
+
+def _clusters(rng, n_per, centres):
+    x = np.concatenate([c + 0.3 * rng.standard_normal((n_per, len(c))) for c in centres]).astype(np.float32)
+    return x
+
+
+def test_live_head_learns_separable_classes_and_says_what_it_cannot_learn():
+    rng = np.random.default_rng(0)
+    c = 16
+    centres = [np.eye(c)[0] * 3, np.eye(c)[1] * 3]
+    x = _clusters(rng, 30, centres)
+    y = np.zeros((60, 3), np.uint8)
+    y[:30, 0] = 1
+    y[30:, 1] = 1
+    mean, std = standardiser(x)
+    head = LiveHead(3, mean, std).fit(x, y)
+    p = head.probabilities(x)
+    assert (p[:30, 0] > 0.9).all() and (p[30:, 1] > 0.9).all()
+    assert np.isneginf(head.bias[2]) and (p[:, 2] == 0).all()
+    notes = head.warnings(["tumor", "stroma", "normal"])
+    assert len(notes) == 1 and "normal" in notes[0]
+    y[:, 1] = 1  # stroma on every patch: nothing says where it is absent
+    head.fit(x, y)
+    assert any("every labelled patch shows stroma" in w for w in head.warnings(["tumor", "stroma", "normal"]))
+    # cell CAMs are the same linear map: raw argmax, uncertain below the floor, no class off tissue
+    z = np.stack([np.full((2, 2), 2.0), np.full((2, 2), 0.5), np.full((2, 2), -np.inf)])
+    z[1, 0, 0] = 3.0
+    z[:, 1, 1] = -np.inf
+    lab = pseudo_from_logits(z, floor=0.8)
+    assert lab[0, 0] == 2 and lab[0, 1] == 1 and lab[1, 1] == 0
+    z[0, 1, 0] = 0.2
+    assert pseudo_from_logits(z, floor=0.8)[1, 0] == UNCERTAIN
+
+
+def test_cold_start_covers_every_cluster_before_repeating_one():
+    rng = np.random.default_rng(1)
+    x = _clusters(rng, 40, [np.eye(4)[i] * 5 for i in range(4)])
+    coords = embed(x, x.mean(0), x.std(0) + 1e-3)
+    picks = suggest(coords, np.zeros(len(x), bool), 4)
+    assert len({p.index // 40 for p in picks}) == 4
+    # with labels on clusters 0 and 1, the next batch goes to the unlabelled clusters first
+    labelled = np.zeros(len(x), bool)
+    labelled[[0, 1, 40, 41]] = True
+    picks = suggest(coords, labelled, 2)
+    assert {p.index // 40 for p in picks} == {2, 3}
+    assert not labelled[[p.index for p in picks]].any()
+
+
+def test_uncertain_patches_come_first_once_the_space_is_covered():
+    rng = np.random.default_rng(2)
+    coords = rng.standard_normal((50, 4)).astype(np.float32)
+    labelled = np.ones(50, bool)
+    labelled[[3, 7, 9]] = False
+    probs = np.full((50, 2), 0.99, np.float32)
+    probs[7] = [0.5, 0.99]
+    picks = suggest(coords, labelled, 3, probs=probs, trainable=np.array([True, True]))
+    assert picks[0].index == 7 and picks[0].reason == "uncertain"
+
+
+def test_image_features_flag_white_glass(wsss4luad_dir, extractor):
+    rgb = np.asarray(Image.open(wsss4luad_dir / "val" / "img" / "02.png").convert("RGB"))
+    f = image_features(extractor, rgb)
+    assert f.features.shape[:2] == (-(-rgb.shape[0] // 32), -(-rgb.shape[1] // 32))
+    assert f.tissue.any() and not f.tissue.all()  # image 02 is two-thirds glass
+
+
+def test_suggest_command_cold_start_then_with_labels(cmu_svs, tmp_path, capsys):
+    project = Project.create(tmp_path / "p", "wsss4luad", patch_size=32, target_mpp=4.0)
+    sid = project.add_slide(cmu_svs)
+    assert main(["suggest", str(project.root), "--n", "5", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "no patch is labelled yet" in out
+    rows = list(csv.DictReader(open(project.root / "suggestions.csv")))
+    assert len(rows) == 5 and {r["slide_id"] for r in rows} == {sid}
+    assert len({(r["x"], r["y"]) for r in rows}) == 5
+    assert any(project.features_dir(sid).glob("*.zarr"))  # the cache is kept in the project
+    grid = project.grid(sid)
+    picked = [(int(r["x"]), int(r["y"])) for r in rows]
+    project.set_patch_labels(sid, [p[0] for p in picked[:3]], [p[1] for p in picked[:3]], grid.size0,
+                             np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]]))
+    assert main(["suggest", str(project.root), "--n", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "no patch shows normal" in out.replace("no labelled patch shows normal", "no patch shows normal")
+    rows2 = list(csv.DictReader(open(project.root / "suggestions.csv")))
+    assert len(rows2) == 4 and not {(int(r["x"]), int(r["y"])) for r in rows2} & set(picked[:3])
+    assert all(r["predicted"] for r in rows2)
+    # bad input: one line, no traceback
+    assert main(["suggest", str(project.root), "--n", "0"]) != 0
+    assert main(["suggest", str(project.root), "--slide", "nope"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nope" in err
