@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
 
 from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.widgets._common import Panel, clear_layout, color_swatch, form_group, guarded, same_layer
+from napari_histo_wsss.widgets._live import LiveLabelling
 from napari_histo_wsss.widgets._patch_grid import GRID_LAYER, PatchGridOverlay, grid_labels_from_table
 from napari_histo_wsss.widgets._state import GuiError
 
@@ -98,6 +99,8 @@ class LabellingWidget(Panel):
         form.addRow(self.import_btn)
         form.addRow(self.import_label)
         self.main_layout.addWidget(box)
+        self.live = LiveLabelling(self)  # live CAMs and "label this next" suggestions
+        self.main_layout.addWidget(self.live.box)
         self.finish_layout()
 
         self.session.project_changed.connect(self._rebuild_legend)
@@ -137,6 +140,7 @@ class LabellingWidget(Panel):
         )
         self.overlay.select_mode = self.select_box.isChecked()
         self.overlay.show()
+        self.live.attach(self.overlay)
         mpp = self.session.project.settings.get("target_mpp")
         res = f" at {mpp:g} µm/px" if mpp else ""
         self.info.setText(f"Slide {sid}: {len(grid)} tissue patches of {grid.patch_size} px{res}.")
@@ -158,6 +162,7 @@ class LabellingWidget(Panel):
             self.load_overlay()
         else:
             self.overlay.show()
+            self.live.attach(self.overlay)
         self.say("patch grid shown")
 
     def _on_layer_removed(self, event: Any) -> None:
@@ -234,6 +239,7 @@ class LabellingWidget(Panel):
         self._pending.update(int(i) for i in idx)
         self._flush()
         self.session.labels_changed.emit()
+        self.live.labels_changed()
 
     @guarded
     def _on_save(self, *_: Any) -> None:

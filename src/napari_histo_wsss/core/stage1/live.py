@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["LiveHead", "standardiser", "cam_logits", "pseudo_from_logits", "UNCERTAIN"]
+__all__ = ["LiveHead", "standardiser", "cam_logits", "pseudo_from_logits", "warm_up", "UNCERTAIN"]
 
 #: Label value of tissue that no class claims with enough confidence (review layers).
 UNCERTAIN = 255
@@ -144,3 +144,10 @@ def pseudo_from_logits(logits: np.ndarray, floor: float | None = None) -> np.nda
         low = (top < np.log(floor / (1 - floor))) & (out > 0)
         out[low] = UNCERTAIN
     return out
+
+
+def warm_up() -> None:
+    """Fit a tiny head once: the first fit of a process pays torch's one-off start-up (seconds),
+    which a background job can absorb before the first interactive refit."""
+    x = np.eye(4, dtype=np.float32)
+    LiveHead(2, np.zeros(4, np.float32), np.ones(4, np.float32), max_iter=2).fit(x, np.array([[1, 0], [0, 1], [1, 0], [0, 1]]))

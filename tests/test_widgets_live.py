@@ -1,0 +1,66 @@
+"""Live labelling in a real viewer: feature cache in the background, live pseudo-mask after each label,
+suggestions driven from the keyboard (N, number keys, Enter)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+from qtpy.QtCore import Qt  # noqa: E402
+
+from napari_histo_wsss.widgets._live import LIVE_LAYER  # noqa: E402
+
+from _widget_helpers import WAIT_MS, make_project_with_grid, open_panels, press  # noqa: E402
+
+
+def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewer, qtbot, tmp_path, cmu_svs):
+    viewer, w = open_panels(make_napari_viewer)
+    project = make_project_with_grid(qtbot, w, tmp_path / "p", cmu_svs)
+    lab = w["Patch labelling"]
+    live, ov = lab.live, lab.overlay
+    live.enable_box.setChecked(True)
+    qtbot.waitUntil(lambda: live.ready, timeout=WAIT_MS)
+    assert any(project.features_dir(project_slide(project)).glob("*.zarr"))  # cached in the project
+    qtbot.waitUntil(lambda: "no labelled patch yet" in live.status.text(), timeout=WAIT_MS)
+
+    # cold start: a diverse first batch from the keyboard
+    live.n_spin.setValue(4)
+    batch = live.suggest()
+    assert len(batch) == 4 and len(set(batch)) == 4 and live.list.count() == 4
+    assert ov.selection().tolist() == [batch[0]]
+    grid_layer = ov.layer
+    viewer.layers.selection.active = grid_layer
+    press(qtbot, viewer, Qt.Key.Key_1)  # tumour on the first suggestion
+    assert ov.labels[batch[0], 0] == 1
+    press(qtbot, viewer, Qt.Key.Key_Return)  # confirm: on to the second
+    assert ov.selection().tolist() == [batch[1]]
+    press(qtbot, viewer, Qt.Key.Key_2)  # stroma on it
+    press(qtbot, viewer, Qt.Key.Key_Return)
+    assert ov.selection().tolist() == [batch[2]]
+    press(qtbot, viewer, Qt.Key.Key_Return)  # no class yet: stays, and says why
+    assert ov.selection().tolist() == [batch[2]]
+
+    # the live pseudo-mask follows the labels
+    qtbot.waitUntil(lambda: live.head is not None and viewer.layers[LIVE_LAYER] is not None, timeout=WAIT_MS)
+    layer = viewer.layers[LIVE_LAYER]
+    values = set(np.unique(layer.data).tolist())
+    assert values & {1, 2}, values  # tumour and/or stroma cells
+    assert layer.data.shape == live.features.shape
+    assert viewer.layers.index(layer) < viewer.layers.index(grid_layer)  # below the grid
+    before = layer.data.copy()
+    # label everything the top half of the slide as stroma, the bottom as tumour: the map must change
+    top = ov.grid.y < np.median(ov.grid.y)
+    ov.select(np.flatnonzero(top)[:10])
+    ov.toggle_class(1)
+    ov.select(np.flatnonzero(~top)[:10])
+    ov.toggle_class(0)
+    qtbot.waitUntil(lambda: live.head is not None and live.head.n_labels >= 20, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not np.array_equal(viewer.layers[LIVE_LAYER].data, before), timeout=WAIT_MS)
+    assert live.last_update_s is not None and live.last_update_s < 5
+    # labels were saved to the project as usual
+    assert len(project.patch_labels()) >= 20
+
+
+def project_slide(project) -> str:
+    return next(iter(project.slides))
