@@ -40,6 +40,17 @@ def live_colormap(classes: Any) -> dict:
     return colors
 
 
+def _prepare(feats: Any, grid: Any) -> dict:
+    """The dense map, its standardisation, every grid patch's pooled features and their embedding."""
+    from napari_histo_wsss.core.stage1.live import standardiser
+    from napari_histo_wsss.core.stage1.suggest import embed
+
+    dense = feats.dense()
+    mean, std = standardiser(dense, feats.tissue)
+    pooled = feats.patch_features(grid.x, grid.y, grid.size0, dense=dense)
+    return {"dense": dense, "mean": mean, "std": std, "pooled": pooled, "coords": embed(pooled, mean, std)}
+
+
 class LiveLabelling(QObject):
     """The live part of the Labelling panel (``panel``: a LabellingWidget)."""
 
@@ -151,13 +162,14 @@ class LiveLabelling(QObject):
             with open_slide(path) as slide:  # its own reader: the viewer's one serves the GUI thread
                 for ev in build_slide_features(slide, tissue, grid.downsample, spec, store=store,
                                                device=pick_device("auto"), should_stop=should_stop):
-                    if ev.kind == "done":
+                    if ev.kind == "done":  # everything the refits need, computed here, not on the GUI thread
+                        ev.prepared = _prepare(ev.result, grid)
                         warm_up()  # torch's one-off start-up cost here, not in the first refit
                     yield ev
 
         def on_event(ev: Any) -> None:
-            if ev.kind == "done" and self.session.slide_id == sid:
-                self._features_ready(ev.result)
+            if ev.kind == "done" and self.session.slide_id == sid and self.session.grid is grid:
+                self._features_ready(ev.result, ev.prepared)
             elif ev.message:
                 self.status.setText(ev.message)
 
@@ -168,16 +180,10 @@ class LiveLabelling(QObject):
         task.event.connect(on_event)
         task.start(job, f"feature cache of {sid}")
 
-    def _features_ready(self, feats: Any) -> None:
-        from napari_histo_wsss.core.stage1.live import standardiser
-        from napari_histo_wsss.core.stage1.suggest import embed
-
-        grid = self.session.require_grid()
+    def _features_ready(self, feats: Any, prepared: dict) -> None:
         self.features = feats
-        self._dense = feats.dense()
-        self._mean, self._std = standardiser(self._dense, feats.tissue)
-        self._pooled = feats.patch_features(grid.x, grid.y, grid.size0, dense=self._dense)
-        self._coords = embed(self._pooled, self._mean, self._std)
+        self._dense, self._mean, self._std = prepared["dense"], prepared["mean"], prepared["std"]
+        self._pooled, self._coords = prepared["pooled"], prepared["coords"]
         self.status.setText(f"features ready ({feats.shape[0]} x {feats.shape[1]} cells); label patches to see live CAMs")
         self.labels_changed()
 

@@ -170,9 +170,12 @@ def slide_features_path(project: Any, slide_id: str, spec: FeatureSpec, downsamp
 
 @dataclass
 class FeatureBuild(ProgressEvent):
-    """A feature-build event; the last one (``done``) carries the finished map."""
+    """A feature-build event; the last one (``done``) carries the finished map, and ``prepared``
+    whatever a consumer derived from it in the same worker thread (e.g. the GUI's pooled patch
+    features, so that its thread never does that work)."""
 
     result: SlideFeatures | None = None
+    prepared: dict | None = None
 
 
 def _open_store(path: Path, meta: dict, shape: tuple[int, int], channels: int, chunk: int, n_tiles: tuple[int, int]):
