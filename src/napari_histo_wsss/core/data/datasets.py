@@ -2,7 +2,7 @@
 read lazily as torch datasets; and ``make_patches``, which turns fully annotated images into a
 weakly labelled patch set so that methods can be compared on data that has ground truth.
 
-Supported layouts (autodetected by :func:`load_dataset`; design notes section 4):
+Supported layouts (autodetected by :func:`load_dataset`):
 
 ``luad-histoseg``
     ``training/*-[a b c d].png`` (labels in the name, space separated) plus ``val/`` and
@@ -40,7 +40,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -454,16 +454,63 @@ def _load_project(root: Path, table: ClassTable | None) -> DatasetSpec:
         )
     labels = project.patch_labels()
     patch_size = int(project.settings["patch_size"])
+    rows: dict[tuple[str, int, int, int], np.ndarray] = {}
+    for i in range(len(labels)):
+        rows[(str(labels.slide_id[i]), int(labels.x[i]), int(labels.y[i]), int(labels.size0[i]))] = labels.labels[i].copy()
+    for sid in project.slides:  # exact labels where the pathologist corrected or reviewed the pseudo-mask
+        for (x, y, s0), lab in reviewed_patch_labels(project, sid).items():
+            rows[(sid, x, y, s0)] = lab
     paths: dict[str, str] = {}
     train = []
-    for i in range(len(labels)):
-        sid = str(labels.slide_id[i])
+    for (sid, x, y, s0), lab in rows.items():
         if sid not in paths:
             paths[sid] = str(project.slide_path(sid))
-        x, y, s0 = int(labels.x[i]), int(labels.y[i]), int(labels.size0[i])
         reader = SlidePatchReader(paths[sid], x, y, s0, patch_size)
-        train.append(WeakSample(f"{sid}_{x}_{y}_{s0}", labels.labels[i].copy(), None, reader))
+        train.append(WeakSample(f"{sid}_{x}_{y}_{s0}", lab, None, reader))
     return DatasetSpec(root, "project", project.classes, train, [], [])
+
+
+#: A grid patch takes its labels from the corrected mask when at least this share of it was
+#: corrected or marked reviewed by the pathologist ...
+REVIEWED_PATCH_SHARE = 0.9
+#: ... and then has every class covering at least this share of it.
+REVIEWED_CLASS_SHARE = 0.02
+
+
+def reviewed_patch_labels(project: Any, slide_id: str) -> dict[tuple[int, int, int], np.ndarray]:
+    """Exact image-level labels of the slide's grid patches that the pathologist settled in the
+    Review step: a patch at least :data:`REVIEWED_PATCH_SHARE` covered by corrected or reviewed
+    pixels gets the classes of the corrected mask there (each covering at least
+    :data:`REVIEWED_CLASS_SHARE` of the patch). These replace the patch's own label: they come from
+    pixels a pathologist checked. ``{(x, y, size0): labels}``; empty without corrections."""
+    from napari_histo_wsss.core.review import MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_REVIEWED
+
+    corrected = project.read_mask(slide_id, MASK_CORRECTED)
+    if corrected is None:
+        return {}
+    corr, ds = corrected
+    confirmed = np.zeros(corr.shape, dtype=bool)
+    for name in (MASK_CORRECTED_FLAG, MASK_REVIEWED):
+        m = project.read_mask(slide_id, name)
+        if m is not None and m[0].shape == corr.shape:
+            confirmed |= m[0].astype(bool)
+    if not confirmed.any():
+        return {}
+    k = project.classes.num_classes
+    grid = project.grid(slide_id)
+    out: dict[tuple[int, int, int], np.ndarray] = {}
+    n = max(1, int(round(grid.size0 / ds)))
+    for x, y in zip(grid.x.tolist(), grid.y.tolist()):
+        r0, c0 = int(round(y / ds)), int(round(x / ds))
+        conf = confirmed[r0:r0 + n, c0:c0 + n]
+        if conf.size == 0 or conf.sum() < REVIEWED_PATCH_SHARE * n * n:
+            continue
+        part = corr[r0:r0 + n, c0:c0 + n]
+        share = np.bincount(part.ravel(), minlength=k + 1)[:k] / float(n * n)
+        lab = (share >= REVIEWED_CLASS_SHARE).astype(np.uint8)
+        if lab.any():
+            out[(int(x), int(y), int(grid.size0))] = lab
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
