@@ -102,7 +102,10 @@ class FeatureExtractor:
         ph, pw = -h % FEATURE_STRIDE, -w % FEATURE_STRIDE
         if ph or pw:  # pad with white glass to whole cells
             rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), constant_values=255)
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+        rgb = np.ascontiguousarray(rgb)
+        if not rgb.flags.writeable:  # e.g. np.asarray of a PIL image; torch wants a writable buffer
+            rgb = rgb.copy()
+        x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255.0
         with torch.inference_mode():
             f = self.model((x - self._mean) / self._std)[-1]
         return f[0].permute(1, 2, 0).float().cpu().numpy()
