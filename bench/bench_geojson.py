@@ -5,12 +5,12 @@ The label image is a mosaic of the real WSSS4LUAD validation ground-truth masks 
 in rows, cycled, glass where a row runs short) of ``--width`` x ``--height`` pixels (default the
 issue's 7000 x 3936). For each variant, one row: features, polygons, vertices, file size, export
 time, rasterise-back time, the share of geometries shapely (GEOS, JTS's twin, as QuPath checks)
-calls invalid, and the per-class IoU of :func:`core.export.rasterize_geojson` of the file against
+calls invalid, and the per-class IoU of :func:`core.io.export.rasterize_geojson` of the file against
 the mosaic.
 
 * ``per fragment (before)``: one Polygon feature per 4-connected region with the exact pixel-edge
   rings as they were written before (rings touching themselves at a pixel corner not repaired);
-* ``per class, tolerance T``: :func:`core.export.export_geojson` (one MultiPolygon per class,
+* ``per class, tolerance T``: :func:`core.io.export.export_geojson` (one MultiPolygon per class,
   valid, simplified by T pixels; 0 = exact pixel edges);
 * ``per region (split)``: the same with ``split=True`` (one valid Polygon feature per region).
 

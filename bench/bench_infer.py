@@ -1,4 +1,4 @@
-"""Whole-slide prediction benchmark (design notes section 8).
+"""Whole-slide prediction benchmark: throughput against in-memory inference, and memory.
 
 1. Throughput: ``predict_slide`` over the real CMU-1-Small-Region slide (tissue tiles, reading,
    cosine blending, zarr writing, pyramid) divided by the bare throughput of the same predict
@@ -30,9 +30,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from napari_histo_wsss.core.data.classes import get_preset  # noqa: E402
-from napari_histo_wsss.core.stage2.infer import _read_tile, plan_tiles, predict_slide, segmenter_predict_fn  # noqa: E402
 from napari_histo_wsss.core.models import Segmenter  # noqa: E402
 from napari_histo_wsss.core.slides.slide import open_slide  # noqa: E402
+from napari_histo_wsss.core.stage2.infer import _read_tile, plan_tiles, predict_slide, segmenter_predict_fn  # noqa: E402
 
 CLASSES = get_preset("wsss4luad")
 DATA = Path(os.environ.get("HISTO_WSSS_DATA", HERE.parent.parent / "shared" / "data"))

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         ov.select(np.array([i]))
         ov.toggle_class(j % 2)  # alternate tumour / stroma
-        s = _probe(args.tick, lambda b=before: live._generation > b and live.head is not None
+        s = _probe(args.tick, lambda b=before, j=j: live._generation > b and live.head is not None
                    and live.head.n_labels == j + 1, 60)
         times.append(time.perf_counter() - t1)
         stalls.append(s["max_ms"])

@@ -161,7 +161,7 @@ def plot(rows: list[dict], baselines: dict, path: Path) -> None:
         for p in pts:
             d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=col)
         d.text((W - R - 150, T + 10 + 16 * list(colours).index(order)), order, fill=col)
-    for j, (name, v) in enumerate(baselines.items()):
+    for name, v in baselines.items():
         y = y_of(v)
         for x in range(L, W - R, 12):
             d.line([x, y, x + 6, y], fill=(120, 120, 120))

@@ -75,7 +75,7 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, batch {args.batch}, median of {args.repeats}; "
           f"load average before: {os.getloadavg()[0]:.2f}")
     rows = [bench(m, s, o, args.batch, args.repeats) for s in args.sizes for o in args.strides for m in args.models]
-    print(f"| backbone | px | OS | train fwd+bwd patches/s | ratio | inference patches/s | ratio | multi-layer CAMs patches/s | ratio |")
+    print("| backbone | px | OS | train fwd+bwd patches/s | ratio | inference patches/s | ratio | multi-layer CAMs patches/s | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next(q for q in rows if q["size"] == r["size"])

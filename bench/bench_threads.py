@@ -53,10 +53,10 @@ def _env(policy: str) -> dict[str, str]:
 
 def child(args: argparse.Namespace) -> None:
     """One cell: build the model, one warm-up step, then timed steps; prints one JSON line."""
-    import napari_histo_wsss  # noqa: F401 - sets the OpenMP waiting policy (unless off) before torch loads
     import torch
     import torch.nn.functional as F
 
+    import napari_histo_wsss  # noqa: F401 - sets the OpenMP waiting policy (unless off) before torch loads
     from napari_histo_wsss.core.device import apply_thread_policy
     from napari_histo_wsss.core.models import Segmenter, parameter_groups
 

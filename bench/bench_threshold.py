@@ -1,87 +1,127 @@
-"""Pseudo-mask threshold update latency for a 4k x 4k view (yardstick: well under 100 ms).
+"""CAM-threshold slider -> pseudo-mask pixels on screen, redraw included (target: under 150 ms).
 
-When the pathologist moves the CAM-threshold or gating slider in the Review panel, the automatic
-pseudo-mask of the slide's CAM canvas is recomputed by the panel's worker job
-(:func:`core.review.pseudo_tiles`: per tile, cached :func:`core.cams.class_scores` +
-:func:`core.cams.threshold_scores`, white glass cached per level). This script builds a
-4096 x 4096 canvas with 3 classes from smooth random CAMs, then times one full update per slider
-position, every repeat at a new slider value (so a gating move that changes a tile's classes
-pays the recompute), with the white-background rule on and off, beside the 100 ms yardstick;
-"uncached" is the same update through plain :func:`core.cams.pseudo_mask` per tile.
+The Review panel of a real napari viewer (run it under Xvfb) shows a synthetic slide CAM canvas of
+the size a 7000 x 3936 px slide view gets (the canvas's longer side is capped at 4096 px, so
+4096 x 2304), 3 classes, smooth random CAMs, tissue on 80 % of it. Each measured move sets the
+CAM-threshold slider to a new value and stops the clock once the panel has applied the new mask
+to the layer (:func:`core.review.pseudo_updates` in the panel's worker: cached per-slide scores,
+one comparison per pixel) *and* napari has rendered the canvas (``viewer.screenshot``, which
+draws the scene and reads it back, so the figure is an upper bound of "pixels on screen"). Each
+move is checked to change the rendered pixels. After the first whole mask the panel keeps the
+tissue pixels sorted by score (:class:`core.review.ThresholdIndex`), so a threshold move changes
+only the pixels between the old and the new threshold. The gating slider (new slide-level gating:
+the per-slide scores are recomputed, then the whole mask) and the first draw are timed the same
+way, for scale. "mask in the layer" stops the clock once the layer holds the new values and was
+told to refresh; "on screen" once napari has also drawn it (under Xvfb napari draws with
+software OpenGL, on the same shared CPUs).
 
-    python bench/bench_threshold.py [--side 4096] [--repeats 5]
+    xvfb-run -a -s "-screen 0 1600x1200x24" python bench/bench_threshold.py [--width 7000 --height 3936] [--moves 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 
-def _canvas(side: int, tile: int, num_classes: int):
+def _canvas(shape: tuple[int, int], num_classes: int, tile: int):
     from napari_histo_wsss.core.review import CamCanvas
 
     rng = np.random.default_rng(0)
-    canvas = CamCanvas.empty(num_classes, (side, side), tile, downsample=4.0)
-    coarse = rng.random((num_classes, side // 64, side // 64)).astype(np.float32)
-    canvas.cams[:] = np.kron(coarse, np.ones((64, 64), np.float32))[:, :side, :side]
-    n = side // tile
-    canvas.probs[:] = rng.random((num_classes, n, n)).astype(np.float32)
-    grey = (np.kron(rng.random((side // 16, side // 16)), np.ones((16, 16))) * 255).astype(np.uint8)
-    canvas.rgb[:] = grey[:side, :side, None]
+    h, w = shape
+    tissue = np.ones(shape, bool)
+    tissue[:, : w // 5] = False  # a strip of glass
+    canvas = CamCanvas.empty(num_classes, shape, tile, downsample=4.0, tissue=tissue)
+    coarse = rng.random((num_classes, h // 64 + 1, w // 64 + 1)).astype(np.float32)
+    canvas.cams[:] = np.kron(coarse, np.ones((64, 64), np.float32))[:, :h, :w] * tissue
+    canvas.weight[:] = 1.0
+    canvas.probs[:] = rng.random(canvas.probs.shape).astype(np.float32)
+    canvas.rgb[:] = np.array([200, 150, 190], np.uint8)  # H&E-like pink, no white glass
     return canvas
-
-
-def _median(fn, values: list[float]) -> float:
-    times = []
-    for v in values:
-        t0 = time.perf_counter()
-        fn(v)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--side", type=int, default=4096)
-    ap.add_argument("--tile", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--width", type=int, default=7000, help="slide view width (px)")
+    ap.add_argument("--height", type=int, default=3936, help="slide view height (px)")
+    ap.add_argument("--max-side", type=int, default=4096, help="the Review canvas's longer side at most")
+    ap.add_argument("--moves", type=int, default=7)
     args = ap.parse_args()
 
-    from napari_histo_wsss.core.stage1.cams import pseudo_mask
-    from napari_histo_wsss.core.data.classes import get_preset
-    from napari_histo_wsss.core.review import pseudo_tiles
+    import napari
+    from qtpy.QtWidgets import QApplication
 
-    classes = get_preset("wsss4luad")
-    canvas = _canvas(args.side, args.tile, classes.num_classes)
-    tiles = canvas.computed_tiles()
-    white_cache: dict = {}
+    from napari_histo_wsss.cli.gui import open_gui
+    from napari_histo_wsss.core.data.project import Project
+    from napari_histo_wsss.core.review import Corrections, uncertain_index
+    from napari_histo_wsss.sample_data import sample_slide_path
 
-    def update(thr: float, gate: float, white: int | None) -> None:
-        for _ in pseudo_tiles(canvas, classes, tiles, thr, gate, white, white_cache, lambda: False):
-            pass
+    scale = min(1.0, args.max_side / max(args.width, args.height))
+    shape = (int(round(args.height * scale)), int(round(args.width * scale)))
+    app = QApplication.instance() or QApplication([])
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Project.create(Path(tmp) / "bench.wsss", "wsss4luad", patch_size=64, target_mpp=2.0)
+        project.add_slide(sample_slide_path())
+        viewer, w = open_gui(project.root, viewer=napari.Viewer(show=True))
+        rv = w["Review and correct"]
+        classes = project.classes
+        rv.white.setValue(255)  # the synthetic canvas has no glass to find: keep the white rule cheap and inert
+        canvas = _canvas(shape, classes.num_classes, 512)
+        rv._clear()
+        rv.canvas = canvas
+        rv.edits = Corrections(np.full(shape, uncertain_index(classes), np.uint8), classes.num_classes)
+        rv.show_layers()
+        viewer.reset_view()
 
-    def uncached(thr: float, gate: float) -> None:
-        for ty, tx in tiles:
-            sy, sx = canvas.tile_slices(ty, tx)
-            pseudo_mask(canvas.cams[:, sy, sx], classes, probs=canvas.probs[:, ty, tx], prob_threshold=gate,
-                        bg_threshold=thr, white_background=False)
+        def idle() -> None:
+            while rv.pseudo_task.running or rv._redraw_timer.isActive():
+                app.processEvents()
+                time.sleep(0.001)
+            app.processEvents()
 
-    values = [0.1 + 0.8 * i / (args.repeats + 1) for i in range(args.repeats + 1)]
-    rows = []
-    for white in (None, 200):
-        update(0.2, 0.5, white)  # the panel's first draw: fills the caches
-        rows.append(("CAM threshold", "on" if white else "off", _median(lambda v: update(v, 0.5, white), values)))
-        rows.append(("gating", "on" if white else "off", _median(lambda v: update(0.2, v, white), values)))
-    rows.append(("CAM threshold, uncached", "off", _median(lambda v: uncached(v, 0.5), values[:3])))
-    print(f"{args.side} x {args.side} canvas, {classes.num_classes} classes, tiles of {args.tile} px\n")
-    print("| slider | white-glass rule | update ms | / 100 ms yardstick |")
-    print("|---|---|---:|---:|")
-    for name, white, t in rows:
-        print(f"| {name} | {white} | {t * 1e3:.0f} | {t / 0.1:.2f} |")
+        def move(slider, value: int) -> tuple[float, float, np.ndarray]:
+            idle()  # the previous move's follow-up work (the index after a whole mask) is done
+            rv.redraw_seconds = None
+            t0 = time.perf_counter()
+            slider.setValue(value)  # as a drag does: the panel's own slot and debounce timer
+            while rv.redraw_seconds is None:  # until the new mask is in the layer
+                app.processEvents()
+                time.sleep(0.001)
+            applied = time.perf_counter() - t0
+            shot = viewer.screenshot(canvas_only=True, flash=False)  # draws the scene and reads it back
+            return applied, time.perf_counter() - t0, shot
+
+        _a, first, last = move(rv.cam_thr, 25)  # first draw: per-slide scores, then the threshold index
+        rows = []
+        for name, slider, values in (("CAM threshold", rv.cam_thr, [30 + 5 * i for i in range(args.moves)]),
+                                     ("gating", rv.gating, [40 + 5 * i for i in range(args.moves)])):
+            applied, times, unchanged = [], [], 0
+            for v in values:
+                a, t, shot = move(slider, v)
+                applied.append(a)
+                times.append(t)
+                unchanged += int(np.array_equal(shot, last))
+                last = shot
+            rows.append((name, statistics.median(applied), statistics.median(times), max(times), unchanged))
+        idle()
+        rv._dirty = False
+        viewer.close()
+    load = os.getloadavg()[0]
+    print(f"slide view {args.width} x {args.height} px -> Review canvas {shape[1]} x {shape[0]} px, "
+          f"{classes.num_classes} classes, napari {napari.__version__}, {os.cpu_count()} CPUs, load average "
+          f"{load:.1f}; first draw {first * 1e3:.0f} ms\n")
+    print("| slider move | mask in the layer, median ms | on screen, median ms | on screen, max ms | "
+          "/ 150 ms target | moves that left the picture unchanged |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, applied, med, worst, unchanged in rows:
+        print(f"| {name} | {applied * 1e3:.0f} | {med * 1e3:.0f} | {worst * 1e3:.0f} | {med / 0.15:.2f} | "
+              f"{unchanged} of {args.moves} |")
 
 
 if __name__ == "__main__":

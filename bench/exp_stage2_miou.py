@@ -31,14 +31,13 @@ from pathlib import Path
 import torch
 from stage1_experiments import source_folders
 
-from napari_histo_wsss.core.stage1.cams import PseudoMaskSettings, generate_pseudo_masks
 from napari_histo_wsss.core.data.classes import get_preset
 from napari_histo_wsss.core.data.datasets import make_patches
-from napari_histo_wsss.core.stage2.infer import predict_folder, segmenter_predict_fn
 from napari_histo_wsss.core.metrics import evaluate_folders
+from napari_histo_wsss.core.stage1.cams import PseudoMaskSettings, generate_pseudo_masks
 from napari_histo_wsss.core.stage1.train import TrainConfig, load_run, train_classifier
+from napari_histo_wsss.core.stage2.infer import predict_folder, segmenter_predict_fn
 from napari_histo_wsss.core.stage2.train import SegConfig, load_segmenter, train_segmenter
-
 
 
 def _drain(events, label: str) -> None:

@@ -106,10 +106,10 @@ class Spec:
     argv: list | None = None                # histo-wsss arguments (str or Path)
     code: str | None = None                 # or: Python code run with the public API (``python -c``)
     args: list | None = None                # sys.argv[1:] of that code
-    check: Callable[["Ctx", Outcome], str | None] | None = None  # problem with the result, or None
+    check: Callable[[Ctx, Outcome], str | None] | None = None  # problem with the result, or None
     may_change: tuple = ()                  # paths the command is asked to replace (--overwrite, --resume)
     names: str | None = None                # text the error line should contain (the culprit's name)
-    runner: Callable[["Ctx", float], Outcome] | None = None  # custom run (concurrent writers)
+    runner: Callable[[Ctx, float], Outcome] | None = None  # custom run (concurrent writers)
 
 
 @dataclass
@@ -117,7 +117,7 @@ class Case:
     id: str
     command: str
     expect: str                             # "refuse" or "ok"
-    make: Callable[["Ctx"], Spec | list]
+    make: Callable[[Ctx], Spec | list]
     needs: tuple[str, ...] = ()             # fixtures
     timeout: float | None = None
     group: str | None = None                # cases of one group never run at the same time
@@ -153,11 +153,34 @@ def case(id: str, command: str, expect: str = "refuse", needs: Sequence[str] = (
     return deco
 
 
-def simple(id: str, command: str, argv: Callable[["Ctx"], list], expect: str = "refuse", needs: Sequence[str] = ("gen",),
+def simple(id: str, command: str, argv: Callable[[Ctx], list], expect: str = "refuse", needs: Sequence[str] = ("gen",),
            **spec: object) -> None:
     """Register a case that is a single command line (``argv(ctx)``) plus Spec fields."""
     case(id, command, expect, needs, timeout=spec.pop("timeout", None), group=spec.pop("group", None))(
         lambda c: Spec(argv=argv(c), **spec))
+
+
+#: The unwritable destinations every writing command is tried with (see :func:`destination_cases`).
+DESTINATIONS = ("is-file", "parent-is-file", "proc", "name-too-long")
+
+
+def destination_cases(prefix: str, command: str, argv: Callable[[Ctx, str | Path], list], name: str = "out",
+                      suffix: str = "", kinds: Sequence[str] = DESTINATIONS, needs: Sequence[str] = ("gen",),
+                      **spec: object) -> None:
+    """Register ``<prefix>-<kind>`` for each kind of destination that cannot be written:
+    ``argv(ctx, dest)`` is the command line writing to ``dest`` -- a file where the output folder
+    goes (``name + suffix``), a path under a file (``blocker/...``), a path under ``/proc`` (cannot
+    be created, even as root), a name over NAME_MAX. The error line must name the file in the way."""
+    dests: dict[str, tuple[Callable[[Ctx], str | Path], str | None]] = {
+        "is-file": (lambda c: c.write(name + suffix, "a file"), name + suffix),
+        "parent-is-file": (lambda c: c.blocker() / (name + suffix), "blocker"),
+        "proc": (lambda c: f"{PROC_DIR}/{name}{suffix}", None),
+        "name-too-long": (lambda c: LONG_NAME + suffix, None),
+    }
+    for kind in kinds:
+        dest, names = dests[kind]
+        simple(f"{prefix}-{kind}", command, lambda c, dest=dest: argv(c, dest(c)), needs=needs,
+               **({"names": names} if names else {}), **spec)
 
 
 def opts(base: dict, changes: dict | None = None) -> list[str]:
@@ -631,10 +654,8 @@ simple("overview-onto-input", "overview", lambda c: ["overview", c.cp("slide.png
 simple("overview-out-exists", "overview",
        lambda c: ["overview", c.cp("slide.png"), c.write("old.png", b"an earlier overview")], names="old.png")
 simple("overview-out-is-folder", "overview", lambda c: ["overview", c.cp("slide.png"), c.mkdir("out.png")], names="out.png")
-simple("overview-out-parent-is-file", "overview", lambda c: ["overview", c.cp("slide.png"), c.blocker() / "out.png"],
-       names="blocker")
-simple("overview-out-proc", "overview", lambda c: ["overview", c.cp("slide.png"), f"{PROC_DIR}/out.png"])
-simple("overview-out-name-too-long", "overview", lambda c: ["overview", c.cp("slide.png"), LONG_NAME + ".png"])
+destination_cases("overview-out", "overview", lambda c, out: ["overview", c.cp("slide.png"), out], suffix=".png",
+                  kinds=DESTINATIONS[1:])
 simple("overview-out-not-png", "overview", lambda c: ["overview", c.cp("slide.png"), "out.jpg"], names="out.jpg")
 simple("overview-max-size-0", "overview", lambda c: ["overview", c.cp("slide.png"), "out.png", "--max-size", "0"])
 simple("overview-max-size-negative", "overview", lambda c: ["overview", c.cp("slide.png"), "out.png", "--max-size", "-3"])
@@ -656,10 +677,7 @@ simple("make-patches-out-is-images", "make-patches", lambda c: _mp(c, "images"))
 simple("make-patches-out-inside-images", "make-patches", lambda c: _mp(c, "images/patches"))
 simple("make-patches-out-is-masks", "make-patches", lambda c: _mp(c, "masks"))
 simple("make-patches-out-not-empty", "make-patches", lambda c: [*_mp(c, c.write("out/keep.txt", "x").parent)], names="out")
-simple("make-patches-out-is-file", "make-patches", lambda c: _mp(c, c.write("out", "a file")))
-simple("make-patches-out-parent-is-file", "make-patches", lambda c: _mp(c, c.blocker() / "out"), names="blocker")
-simple("make-patches-out-proc", "make-patches", lambda c: _mp(c, f"{PROC_DIR}/out"))
-simple("make-patches-out-name-too-long", "make-patches", lambda c: _mp(c, LONG_NAME))
+destination_cases("make-patches-out", "make-patches", _mp)
 simple("make-patches-images-missing", "make-patches", lambda c: ["make-patches", "nope", c.cp("masks"), "out"], names="nope")
 simple("make-patches-masks-missing", "make-patches", lambda c: ["make-patches", c.cp("images"), "nope", "out"], names="nope")
 simple("make-patches-images-empty", "make-patches", lambda c: ["make-patches", c.mkdir("empty"), c.cp("masks"), "out"],
@@ -682,13 +700,13 @@ def _bad_file_in(folder: str, name: str, kind: str) -> Callable[[Ctx], None]:
             data = target.read_bytes()
             target.write_bytes(data[: len(data) // 2])
         elif kind == "index9":
-            from PIL import Image
             import numpy as np
+            from PIL import Image
             m = np.full((96, 96), 9, np.uint8)
             Image.fromarray(m, mode="L").save(target)
         elif kind == "small":
-            from PIL import Image
             import numpy as np
+            from PIL import Image
             Image.fromarray(np.zeros((40, 40), np.uint8), mode="L").save(target)
     return make
 
@@ -774,10 +792,7 @@ simple("train-cls-weights-crafted-pickle", "train-cls", lambda c: _tc(c, changes
        needs=P + ("ckpts",), names="pickle.pt", check=PWNED)
 simple("train-cls-run-is-dataset", "train-cls", lambda c: _tc(c, run="patches"), needs=P)
 simple("train-cls-run-inside-dataset", "train-cls", lambda c: _tc(c, run="patches/run"), needs=P)
-simple("train-cls-run-is-file", "train-cls", lambda c: _tc(c, run=c.write("run", "a file")), needs=P, names="run")
-simple("train-cls-run-parent-is-file", "train-cls", lambda c: _tc(c, run=c.blocker() / "run"), needs=P, names="blocker")
-simple("train-cls-run-proc", "train-cls", lambda c: _tc(c, run=f"{PROC_DIR}/run"), needs=P)
-simple("train-cls-run-name-too-long", "train-cls", lambda c: _tc(c, run=LONG_NAME), needs=P)
+destination_cases("train-cls-run", "train-cls", lambda c, run: _tc(c, run=run), name="run", needs=P)
 
 
 @case("train-cls-disk-full-fresh", "train-cls", needs=P)
@@ -791,7 +806,7 @@ def _(c: Ctx) -> Spec:
     """Resume a copied run on a disk with 1 MiB left: the new checkpoint cannot be written; the
     old one must stay whole and the error must be one line."""
     used = sum(p.stat().st_size for p in (c.fx / "run").rglob("*") if p.is_file())
-    disk = c.tmpfs("disk", used + 1024 * 1024)
+    c.tmpfs("disk", used + 1024 * 1024)
     run = c.cp("run", "disk/run")
     old = (c.fx / "run" / "metrics.jsonl").read_text(encoding="utf-8")
 
@@ -828,10 +843,7 @@ def _(c: Ctx) -> Spec:
     return Spec(argv=_pm(c, "out"), names="out")
 
 
-simple("pseudo-masks-out-is-file", "pseudo-masks", lambda c: _pm(c, c.write("out", "a file")), needs=R, names="out")
-simple("pseudo-masks-out-parent-is-file", "pseudo-masks", lambda c: _pm(c, c.blocker() / "out"), needs=R, names="blocker")
-simple("pseudo-masks-out-proc", "pseudo-masks", lambda c: _pm(c, f"{PROC_DIR}/out"), needs=R)
-simple("pseudo-masks-out-name-too-long", "pseudo-masks", lambda c: _pm(c, LONG_NAME), needs=R)
+destination_cases("pseudo-masks-out", "pseudo-masks", _pm, needs=R)
 simple("pseudo-masks-cams-dir-is-file", "pseudo-masks", lambda c: _pm(c, extra=["--cams", c.write("cams", "a file")]),
        needs=R, names="cams")
 simple("pseudo-masks-run-missing", "pseudo-masks", lambda c: _pm(c, run="no-run"), needs=("gen",), names="no-run")
@@ -958,10 +970,7 @@ def _(c: Ctx) -> Spec:
 simple("train-seg-out-is-stage-one-run", "train-seg", lambda c: _ts(c, run=_cls_run(c), out="run"), needs=R)
 simple("train-seg-out-is-dataset", "train-seg",
        lambda c: _ts(c, out="patches", extra=["--dataset", c.cp("patches")]), needs=R)
-simple("train-seg-out-is-file", "train-seg", lambda c: _ts(c, out=c.write("seg", "a file")), needs=R, names="seg")
-simple("train-seg-out-parent-is-file", "train-seg", lambda c: _ts(c, out=c.blocker() / "seg"), needs=R, names="blocker")
-simple("train-seg-out-proc", "train-seg", lambda c: _ts(c, out=f"{PROC_DIR}/seg"), needs=R)
-simple("train-seg-out-name-too-long", "train-seg", lambda c: _ts(c, out=LONG_NAME), needs=R)
+destination_cases("train-seg-out", "train-seg", lambda c, out: _ts(c, out=out), name="seg", needs=R)
 
 
 @case("train-seg-disk-full", "train-seg", needs=R)
@@ -1070,10 +1079,7 @@ many("predict-many-huge-declared-tiff", lambda c: _pm_many(c, [c.cp("huge.tif")]
 many("predict-many-empty-folder", lambda c: _pm_many(c, [c.mkdir("empty")]), names="empty")
 many("predict-many-list-binary", lambda c: _pm_many(c, [c.garbage("list.txt")]), names="list.txt")
 many("predict-many-out-is-slides-folder", lambda c: _pm_many(c, [c.cp("slides")], out="slides"))
-many("predict-many-out-is-file", lambda c: _pm_many(c, out=c.write("out", "a file")), names="out")
-many("predict-many-out-parent-is-file", lambda c: _pm_many(c, out=c.blocker() / "out"), names="blocker")
-many("predict-many-out-proc", lambda c: _pm_many(c, out=f"{PROC_DIR}/out"))
-many("predict-many-out-name-too-long", lambda c: _pm_many(c, out=LONG_NAME))
+destination_cases("predict-many-out", "predict-many", lambda c, out: _pm_many(c, out=out), needs=SR, group="dask")
 many("predict-many-run-missing", lambda c: _pm_many(c, run="no-run"), needs=("gen",), names="no-run")
 many("predict-many-checkpoint-garbage", lambda c: _pm_many(c, run=_bad_ckpt(c, _seg_run(c), "garbage")), names="best.pt")
 many("predict-many-run-stage-one-only", lambda c: _pm_many(c, run=_cls_run(c)), needs=R, names="run")

@@ -177,7 +177,7 @@ def throughput(device: str, tiny: bool, repeats: int) -> dict:
     out["s1_train"] = timed(s1_train, b1)
     cls.eval()
     out["s1_infer"] = timed(s1_infer, b1)
-    del cls
+    cls = None  # frees the model before stage two (the closures above are done with it)
     seg = Segmenter(4, "efficientnet-lite0", weights="none", output_stride=16, aux_head=True).to(dev).train()
     opt = torch.optim.AdamW(parameter_groups(seg, 3e-4), weight_decay=1e-4)
     x2 = torch.randn(b2, 3, s, s, device=dev)
@@ -347,7 +347,7 @@ def _report(info: dict, steps: dict, rates: dict, total: float, args: argparse.N
 
     what = {
         "s1_train": f"stage-one classifier train fwd+bwd, Lite0 OS16, batch {sizes.get('batch_s1')} of {sizes.get('patch')} px (patches/s)",
-        "s1_infer": f"stage-one classifier inference, same (patches/s)",
+        "s1_infer": "stage-one classifier inference, same (patches/s)",
         "s2_step": f"stage-two step (Segmenter + image head + AdamW), batch {sizes.get('batch_s2')} of {sizes.get('patch')} px (patches/s)",
         "tiles": f"segmenter inference on {sizes.get('tile')}-px tiles, batch {sizes.get('batch_s2')} (tiles/s)",
     }

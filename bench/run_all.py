@@ -1,7 +1,7 @@
 """Run the whole performance suite in one go and write ``docs/benchmarks.md``.
 
 Each benchmark is a standalone script in this folder that measures its figures side by side in one
-run and prints a Markdown table of ratios against its yardstick (design notes, section 8). This
+run and prints a Markdown table of ratios against the yardstick it states. This
 runner calls them one after the other (never in parallel: they measure the same CPU), collects
 their output, and writes one report with the machine it ran on and the exact commands, so the
 numbers in the docs always come from one run of one command:
@@ -35,7 +35,7 @@ SUITE: list[tuple[str, str, list[str], str]] = [
     ("train", "stage1_throughput.py", ["--sizes", "128,224", "--strides", "32", "--steps", "3"],
      "training step split into data loading and compute (CAM classifier, batch 16)"),
     ("infer", "bench_infer.py", [], "whole-slide inference / bare forward throughput; peak memory vs slide size"),
-    ("threshold", "bench_threshold.py", [], "pseudo-mask threshold update latency for a 4k x 4k view"),
+    ("threshold", "bench_threshold.py", [], "CAM-threshold slider to pixels on screen for a 7000-px slide view (real viewer)"),
     ("gui", "bench_gui_stall.py", [], "longest GUI event-loop stall while training"),
     ("threads", "bench_threads.py", [], "stage-two training step alone and beside a busy process: torch defaults vs the thread policy"),
 ]
@@ -74,9 +74,9 @@ def run_one(script: str, args: list[str]) -> tuple[int, str, float]:
 
 def _method_reports() -> str:
     """The reports of longer runs with their own commands (method quality; the GPU check, run on a
-    GPU machine with ``bench/gpu_check.sh``), appended verbatim."""
+    GPU machine with ``bench/gpu_check.sh``; the fault-injection bench), appended verbatim."""
     parts = []
-    for name in ("stage1.md", "stage2.md", "gpu.md"):
+    for name in ("stage1.md", "stage2.md", "gpu.md", "faults.md"):
         path = ROOT / "docs" / "benchmarks" / name
         if path.exists():
             body = path.read_text().strip()
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Benchmarks\n\n"
         f"Latest run of the performance suite: `{cmd}`, {stamp}.\n\n"
         f"Machine: {machine()}.\n\n"
-        "Every figure below is measured side by side in the same run; yardsticks are in the design notes "
-        "(section 8). The method-quality measurements (mIoU of stage one and stage two) are longer runs with "
+        "Every figure below is measured side by side in the same run; each section states its yardstick. "
+        "The method-quality measurements (mIoU of stage one and stage two) are longer runs with "
         "their own commands: see `docs/benchmarks/stage1.md` and `docs/benchmarks/stage2.md`.\n\n"
         + "\n".join(sections)
         + _method_reports()

@@ -20,7 +20,7 @@ Usage (2 CPU cores; one experiment at a time)::
 
 ``gating`` trains nothing: it re-scores the best checkpoint of every run already in ``--work``
 for the data set on its held-out images, gated by predicted probabilities at each threshold of
-``core.train.PROB_THRESHOLDS`` (the values validation calibrates among), beside the label-gated
+``core.stage1.train.PROB_THRESHOLDS`` (the values validation calibrates among), beside the label-gated
 score.
 
 Results are appended as JSON lines to ``--results`` (default ``/tmp/histo-wsss-stage1/results.jsonl``)
@@ -42,10 +42,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from napari_histo_wsss.core.stage1.cams import cams_for_image, pseudo_mask
 from napari_histo_wsss.core.data.datasets import list_images, load_dataset, make_patches
 from napari_histo_wsss.core.metrics import ConfusionMatrix
 from napari_histo_wsss.core.slides.tissue import white_background_mask
+from napari_histo_wsss.core.stage1.cams import cams_for_image, pseudo_mask
 from napari_histo_wsss.core.stage1.train import PROB_THRESHOLDS, TrainConfig, load_run, train_classifier
 
 DATA = Path(os.environ.get("HISTO_WSSS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -122,8 +122,11 @@ def run_one(args, dataset: str, patch: int, stride: int, name: str, epochs: int)
     method, mode = METHODS[name]
     run = work / "runs" / f"{dataset}-p{patch}-s{stride}-{name}-e{epochs}-seed{args.seed}"
     shutil.rmtree(run, ignore_errors=True)
+    # the earlier protocol: epochs of one pass over whole patches, nothing frozen, head on the last map
+    # (bench/stage1_quality.py measures the step-budgeted defaults)
     cfg = TrainConfig(method=method, epochs=epochs, cam_mode=mode, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, backbone=args.backbone, output_stride=args.output_stride, device="cpu")
+                      seed=args.seed, backbone=args.backbone, output_stride=args.output_stride, device="cpu",
+                      steps=None, crop_size=None, freeze_bn=False, freeze_stages=0, head="last")
     t0 = time.perf_counter()
     rows = []
     for ev in train_classifier(ps_dir, run, cfg):

@@ -4,7 +4,11 @@ Drives the whole GUI flow on the shipped CMU-1-Small-Region slide exactly as a u
 docked by ``histo-wsss gui``, the same widget methods the buttons call) and saves one window
 screenshot per step into ``docs/img/``:
 
-    project.png  labelling.png  training.png  review.png  correction.png  segmenter.png  export.png
+    project.png  labelling.png  training.png  review.png  review-cams.png  correction.png  segmenter.png
+    export.png
+
+The review screenshots show the Review panel's defaults as they are (its "Review view"), and
+the CAM layers once the panel's "Show CAM layers" box is ticked.
 
 Patches are labelled by a simple stand-in for a pathologist: among the tissue patches, the
 darkest (nuclei-dense) ones become tumor, the palest stroma, and a band in between normal; the
@@ -52,7 +56,7 @@ def shot(viewer, app, widget, name: str) -> None:
     dock = dock_of(widget)
     if dock is not None:
         dock.raise_()
-        viewer.window._qt_window.resizeDocks([dock], [470], Qt.Orientation.Horizontal)  # noqa: SLF001
+        dock.window().resizeDocks([dock], [470], Qt.Orientation.Horizontal)
     for _ in range(30):
         app.processEvents()
         time.sleep(0.01)
@@ -80,8 +84,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         viewer = napari.Viewer(title="napari-histo-wsss", show=True)
         app = QApplication.instance()
-        viewer.window._qt_window.resize(1700, 1050)  # noqa: SLF001 - a fixed size for comparable screenshots
         viewer, w = open_gui(viewer=viewer)
+        dock_of(w["Project"]).window().resize(1700, 1050)  # a fixed size for comparable screenshots
         proj, lab, tr, rv, st, ex = (w[k] for k in ("Project", "Patch labelling", "Training", "Review and correct",
                                                     "Segmenter", "Export and metrics"))
         session = proj.session
@@ -127,23 +131,14 @@ def main() -> None:
         rv._refresh_runs()
         rv.device.setCurrentText("cpu")
         rv.compute()
-        wait(app, lambda: not rv.task.running)
-        # additive class colours read best over a dimmed slide
-        viewer.layers["pseudo-mask"].visible = False
-        viewer.layers["patch grid"].visible = False
-        viewer.layers["tissue"].visible = False
-        slide_layer = viewer.layers[slide_path.name]
-        slide_layer.opacity = 0.35
-        viewer.layers.selection.active = viewer.layers["CAM tumor"]
-        shot(viewer, app, rv, "review.png")
-        slide_layer.opacity = 1.0
+        wait(app, lambda: not rv.task.running and not rv.pseudo_task.running and not rv.save_task.running)
+        shot(viewer, app, rv, "review.png")  # the review view as the panel leaves it, nothing adjusted
+        rv.show_cams.setChecked(True)  # the panel's "Show CAM layers" box
+        shot(viewer, app, rv, "review-cams.png")
+        rv.show_cams.setChecked(False)
 
         # -- correction: paint a region with "normal", mark the upper half reviewed ---------------
         pm = viewer.layers["pseudo-mask"]
-        pm.visible = True
-        for name in [layer.name for layer in viewer.layers if layer.name.startswith("CAM ")]:
-            viewer.layers[name].visible = False
-        viewer.layers.selection.active = pm
         rv.paint_class.setCurrentText("normal")
         h, wd = pm.data.shape
         pm.brush_size = 40

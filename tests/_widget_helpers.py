@@ -95,6 +95,7 @@ def tiny_training_form(tr, epochs: int = 1) -> None:
     """Training form set for a run of a few seconds on CPU."""
     tr.method.setCurrentText("cam")
     tr.epochs.setValue(epochs)
+    tr.steps.setValue(tr.steps.minimum())  # no step budget: one pass over the patches per epoch
     tr.batch_size.setValue(4)
     tr.weights.setCurrentText("imagenet")
     tr.device.setCurrentText("cpu")

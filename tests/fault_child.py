@@ -62,8 +62,8 @@ def _checkpoint(folder: Path) -> None:
 
 
 def _predict(folder: Path) -> None:
-    from napari_histo_wsss.core.stage2.infer import predict_slide, segmenter_predict_fn
     from napari_histo_wsss.core.slides.slide import open_slide
+    from napari_histo_wsss.core.stage2.infer import predict_slide, segmenter_predict_fn
     from napari_histo_wsss.core.stage2.train import load_segmenter
 
     model, classes, _, _ = load_segmenter(folder / "run")

@@ -12,8 +12,6 @@ import pytest
 import torch
 
 from napari_histo_wsss.core.data import datasets
-
-from napari_histo_wsss.core.stage2 import infer
 from napari_histo_wsss.core.data.classes import get_preset
 from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.core.models import (
@@ -27,6 +25,7 @@ from napari_histo_wsss.core.models import (
     save_model,
 )
 from napari_histo_wsss.core.models import backbones as bb
+from napari_histo_wsss.core.stage2 import infer
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +46,7 @@ def test_every_registered_backbone_builds_as_registered(name):
 
 
 def test_registry_is_the_one_list():
-    assert BACKBONES == tuple(BACKBONE_REGISTRY) and DEFAULT_BACKBONE in BACKBONE_REGISTRY
+    assert tuple(BACKBONE_REGISTRY) == BACKBONES and DEFAULT_BACKBONE in BACKBONE_REGISTRY
     with pytest.raises(HistoWSSSError, match="unknown backbone 'vgg16'; choose one of efficientnet-lite0"):
         build_backbone("vgg16", weights="none")
 

@@ -8,14 +8,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
 from _generated import segmenter_run, write_slides
+
 from napari_histo_wsss.cli import main
-from napari_histo_wsss.core.stage2 import infer
-from napari_histo_wsss.core.stage2.batch import PredictSettings, output_path, plan_jobs, predict_many
 from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.core.io.export import ExportError, open_label_pyramid
 from napari_histo_wsss.core.slides.slide import open_slide
+from napari_histo_wsss.core.stage2 import infer
+from napari_histo_wsss.core.stage2.batch import PredictSettings, output_path, plan_jobs, predict_many
 from napari_histo_wsss.core.stage2.train import load_segmenter
 
 SETTINGS = PredictSettings(tile=128, overlap=16, batch_size=4, device="cpu", torch_threads=1)

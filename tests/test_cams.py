@@ -8,6 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.data.datasets import format_label_name, load_dataset, make_patches, read_index_mask
+from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.core.metrics import ConfusionMatrix
+from napari_histo_wsss.core.models import CAMClassifier
+from napari_histo_wsss.core.slides.tissue import white_background_mask
 from napari_histo_wsss.core.stage1.cams import (
     PseudoMaskSettings,
     cams_for_image,
@@ -15,12 +21,6 @@ from napari_histo_wsss.core.stage1.cams import (
     pseudo_mask,
     save_pseudo_mask,
 )
-from napari_histo_wsss.core.data.classes import get_preset
-from napari_histo_wsss.core.data.datasets import format_label_name, load_dataset, make_patches, read_index_mask
-from napari_histo_wsss.core.errors import HistoWSSSError
-from napari_histo_wsss.core.metrics import ConfusionMatrix
-from napari_histo_wsss.core.models import CAMClassifier
-from napari_histo_wsss.core.slides.tissue import white_background_mask
 from napari_histo_wsss.core.stage1.train import TrainConfig, load_run, train_classifier
 
 LUAD = get_preset("wsss4luad")

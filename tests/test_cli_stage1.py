@@ -13,9 +13,9 @@ from PIL import Image
 from test_train import make_dataset  # the generated WSSS4LUAD-style folder of the training tests
 
 from napari_histo_wsss.cli import main
-from napari_histo_wsss.core.stage1 import train as train_mod
 from napari_histo_wsss.core.data.classes import get_preset
 from napari_histo_wsss.core.data.datasets import read_index_mask
+from napari_histo_wsss.core.stage1 import train as train_mod
 
 TINY = ["--weights", "none", "--device", "cpu", "--batch-size", "4", "--max-steps-per-epoch", "2", "--seed", "1", "--output-stride", "32",
         "--cam-mode", "last"]

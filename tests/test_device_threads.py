@@ -133,7 +133,7 @@ def test_training_engine_applies_the_policy_in_its_thread(machine, tmp_path):
     machine(2)
     dev._gui_mode = True  # as set by a GUI entry point (restored by the fixture's monkeypatch)
     seen = []
-    for ev in train_classifier(data, tmp_path / "run", tiny(epochs=1, max_steps_per_epoch=1, val_fraction=0.25)):
+    for _ev in train_classifier(data, tmp_path / "run", tiny(epochs=1, max_steps_per_epoch=1, val_fraction=0.25)):
         seen.append(torch.get_num_threads())
     assert seen and set(seen) == {1}
 

@@ -12,8 +12,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_train import make_dataset  # the generated WSSS4LUAD-style folder of the training tests
 from torch import nn
 
+from napari_histo_wsss.core.device import seed_everything
 from napari_histo_wsss.core.distributed import (
     DistContext,
     DistributedError,
@@ -22,10 +24,8 @@ from napari_histo_wsss.core.distributed import (
     unwrap_model,
 )
 from napari_histo_wsss.core.models import load_checkpoint
-from napari_histo_wsss.core.device import seed_everything
 from napari_histo_wsss.core.stage1.train import TrainConfig, build_model, train_classifier
 from napari_histo_wsss.core.stage2.train import load_segmenter
-from test_train import make_dataset  # the generated WSSS4LUAD-style folder of the training tests
 
 
 def _clean_env() -> dict[str, str]:

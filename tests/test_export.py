@@ -74,8 +74,8 @@ def test_polygons_keep_holes_and_diagonal_neighbours_apart():
 def test_geojson_of_real_slide_prediction_round_trip(cmu_svs, tmp_path):
     """A real prediction over the CMU slide (tissue tiles, per-pixel colour model) -> GeoJSON
     in level-0 coordinates -> rasterised at the pyramid level it came from."""
-    from napari_histo_wsss.core.stage2.infer import predict_slide
     from napari_histo_wsss.core.slides.slide import open_slide
+    from napari_histo_wsss.core.stage2.infer import predict_slide
 
     w = torch.tensor([[2.0, -1.0, 0.5], [-1.5, 2.0, 0.0], [0.3, 0.2, -2.0]])
     fn = lambda x: torch.softmax(torch.einsum("kc,bchw->bkhw", w, x) * 2, dim=1)  # noqa: E731

@@ -18,12 +18,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from PIL import Image
-
 from _generated import segmenter_run, tissue_image
 from fault_child import labels_for
-from napari_histo_wsss.core.io.atomic import remove_temporaries
-from napari_histo_wsss.core.stage2.batch import PredictSettings, SlideJob, predict_one
+from PIL import Image
+
 from napari_histo_wsss.core.data.classes import get_preset
 from napari_histo_wsss.core.data.datasets import (
     MaskedDataset,
@@ -33,11 +31,13 @@ from napari_histo_wsss.core.data.datasets import (
     read_rgb,
     to_tensor,
 )
+from napari_histo_wsss.core.data.project import Project
 from napari_histo_wsss.core.errors import DatasetError, SlideError
+from napari_histo_wsss.core.io.atomic import remove_temporaries
 from napari_histo_wsss.core.io.export import ExportError, open_label_pyramid
 from napari_histo_wsss.core.models import load_model
-from napari_histo_wsss.core.data.project import Project
 from napari_histo_wsss.core.slides.slide import open_slide
+from napari_histo_wsss.core.stage2.batch import PredictSettings, SlideJob, predict_one
 
 CHILD = Path(__file__).with_name("fault_child.py")
 CLASSES = get_preset("wsss4luad")

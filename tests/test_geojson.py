@@ -12,7 +12,6 @@ import shapely
 from shapely.geometry import shape as to_shape
 
 from napari_histo_wsss.cli import main
-from napari_histo_wsss.core.stage1.cams import save_pseudo_mask
 from napari_histo_wsss.core.data.classes import get_preset
 from napari_histo_wsss.core.data.datasets import read_index_mask
 from napari_histo_wsss.core.io.export import (
@@ -24,6 +23,7 @@ from napari_histo_wsss.core.io.export import (
     rasterize_geojson,
     read_geojson,
 )
+from napari_histo_wsss.core.stage1.cams import save_pseudo_mask
 
 CLASSES = get_preset("wsss4luad")
 BG = CLASSES.background_index

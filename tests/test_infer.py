@@ -17,8 +17,8 @@ from napari_histo_wsss.core.data.classes import get_preset
 from napari_histo_wsss.core.data.datasets import to_tensor
 from napari_histo_wsss.core.errors import HistoWSSSError, SlideError
 from napari_histo_wsss.core.io.export import ExportError, open_label_pyramid
-from napari_histo_wsss.core.stage2.infer import cosine_window, predict_folder, predict_slide, segmenter_predict_fn
 from napari_histo_wsss.core.slides.slide import open_slide
+from napari_histo_wsss.core.stage2.infer import cosine_window, predict_folder, predict_slide, segmenter_predict_fn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

@@ -137,7 +137,7 @@ def test_suggest_command_cold_start_then_with_labels(cmu_svs, tmp_path, capsys):
     assert main(["suggest", str(project.root), "--n", "5", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "no patch is labelled yet" in out
-    rows = list(csv.DictReader(open(project.root / "suggestions.csv")))
+    rows = list(csv.DictReader((project.root / "suggestions.csv").read_text().splitlines()))
     assert len(rows) == 5 and {r["slide_id"] for r in rows} == {sid}
     assert len({(r["x"], r["y"]) for r in rows}) == 5
     assert any(project.features_dir(sid).glob("*.zarr"))  # the cache is kept in the project
@@ -148,7 +148,7 @@ def test_suggest_command_cold_start_then_with_labels(cmu_svs, tmp_path, capsys):
     assert main(["suggest", str(project.root), "--n", "4", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "no patch shows normal" in out.replace("no labelled patch shows normal", "no patch shows normal")
-    rows2 = list(csv.DictReader(open(project.root / "suggestions.csv")))
+    rows2 = list(csv.DictReader((project.root / "suggestions.csv").read_text().splitlines()))
     assert len(rows2) == 4 and not {(int(r["x"]), int(r["y"])) for r in rows2} & set(picked[:3])
     assert all(r["predicted"] for r in rows2)
     # bad input: one line, no traceback

@@ -24,14 +24,14 @@ from _generated import segmenter_run, tissue_image
 from PIL import Image
 
 from napari_histo_wsss.cli import main
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.core.io import atomic
 from napari_histo_wsss.core.io import export as export_mod
 from napari_histo_wsss.core.io.atomic import write_text
-from napari_histo_wsss.core.stage1.cams import save_pseudo_mask
-from napari_histo_wsss.core.data.classes import get_preset
-from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.core.io.export import export_ome_zarr, open_label_pyramid
 from napari_histo_wsss.core.models import CAMClassifier, save_model
+from napari_histo_wsss.core.stage1.cams import save_pseudo_mask
 from napari_histo_wsss.core.stage1.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def stuff(tmp_path_factory) -> dict[str, Path]:
 
 
 def full_disk(block):
-    """Stands in for ``core.export.index_to_stored``: the disk fills while chunks are written."""
+    """Stands in for ``core.io.export.index_to_stored``: the disk fills while chunks are written."""
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -170,8 +170,8 @@ def test_predict_slide_into_existing_zarr_and_a_failed_overwrite(stuff, tmp_path
 
 
 def test_a_stopped_overwrite_keeps_the_old_output(stuff, tmp_path):
-    from napari_histo_wsss.core.stage2.infer import predict_folder, predict_slide
     from napari_histo_wsss.core.slides.slide import open_slide
+    from napari_histo_wsss.core.stage2.infer import predict_folder, predict_slide
 
     def noise(x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(torch.randn(x.shape[0], CLASSES.num_classes + 1, *x.shape[-2:]), dim=1)
@@ -422,11 +422,10 @@ def test_replace_dir_swaps_on_success_and_keeps_the_old_on_failure(tmp_path):
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic.replace_dir(final) as tmp:
-            assert tmp.parent == tmp_path and tmp.name.startswith(".out.")
-            (tmp / "new.txt").write_text("new")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic.replace_dir(final) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.")
+        (tmp / "new.txt").write_text("new")
+        raise RuntimeError("boom")
     assert tree(final) == {"old.txt": hashlib.sha1(b"old").hexdigest()} and hidden_leftovers(tmp_path) == []
     with atomic.replace_dir(final) as tmp:
         (tmp / "new.txt").write_text("new")
@@ -453,3 +452,86 @@ def test_the_current_folder_is_never_replaced(stuff, tmp_path, monkeypatch, caps
     assert _predict(stuff, stuff["imgs"], tmp_path, "--overwrite") == 2
     capsys.readouterr()
     assert Path.cwd() == work and (work / "script.sh").read_text() == "echo mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# names the file system cannot hold; plain options out of range
+# ---------------------------------------------------------------------------------------------
+LONG = "n" * 300  # longer than NAME_MAX (255 bytes)
+
+
+def test_a_name_too_long_is_one_line_in_every_writing_command(stuff, tmp_path, capsys, monkeypatch):
+    """ENAMETOOLONG used to escape as a traceback from the first stat of the destination."""
+    mask = tmp_path / "mask.png"
+    save_pseudo_mask(mask, _labels(), CLASSES)
+    monkeypatch.chdir(tmp_path)
+    commands = {
+        "predict": ["predict", str(stuff["seg"]), str(stuff["imgs"]), LONG, "--device", "cpu"],
+        "pseudo-masks": ["pseudo-masks", str(stuff["cls"]), str(stuff["imgs"]), LONG, "--device", "cpu"],
+        "export": ["export", str(mask), LONG + ".geojson"],
+        "overview": ["overview", str(stuff["slide"]), f"{LONG}/o.png"],
+        "make-patches": ["make-patches", str(stuff["imgs"]), str(stuff["gt"]), LONG, "--patch-size", "32"],
+    }
+    before = tree(tmp_path)
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        line = one_line_error(capsys, name)
+        assert "is too long (3" in line and "bytes; the file system allows 255)" in line and LONG in line, line
+    assert tree(tmp_path) == before
+
+
+def test_check_names_and_the_writers_refuse_overlong_names_and_paths(tmp_path):
+    with pytest.raises(HistoWSSSError, match=r"the name 'nnnnnnnnnnnn\.\.\.nnnnnnnn' is too long \(300 bytes"):
+        atomic.check_names(tmp_path / LONG / "a.txt")
+    with pytest.raises(HistoWSSSError, match="is too long"):
+        write_text(tmp_path / LONG, "x")
+    with pytest.raises(HistoWSSSError, match="is too long"):
+        atomic.ensure_dir(tmp_path / LONG)
+    deep = tmp_path.joinpath(*["d" * 200] * 25)  # every name fine, the path over PATH_MAX (4096)
+    with pytest.raises(HistoWSSSError, match=r"the path is too long \(\d+ bytes; the file system allows 4095\)"):
+        atomic.check_output(deep)
+    assert atomic.check_names(tmp_path / ("n" * 255)) == tmp_path / ("n" * 255)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option,value,says", [
+    ("--downsample", "0", "must be > 0"), ("--downsample", "nan", "must be a finite number"),
+    ("--max-side", "0", "must be >= 1"), ("--min-area", "nan", "must be a finite number"),
+    ("--min-area", "-1", "must be >= 0"), ("--tolerance", "inf", "must be a finite number"),
+])
+def test_export_options_out_of_range_are_refused_before_any_work(tmp_path, capsys, option, value, says):
+    mask = tmp_path / "mask.png"
+    save_pseudo_mask(mask, _labels(), CLASSES)
+    with pytest.raises(SystemExit) as e:  # argparse's one line: these used to write a GeoJSON, exit 0
+        main(["export", str(mask), str(tmp_path / "out.geojson"), option, value])
+    assert e.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith(("usage:", " "))]
+    assert err == [f"histo-wsss export: error: argument {option}: {says}, got '{value}'"], err
+    assert not (tmp_path / "out.geojson").exists()
+
+
+def test_cli_commands_that_write_into_a_project_warn_when_it_is_open_elsewhere(tmp_path, capsys):
+    """The GUI warned about a second window; the CLI said nothing."""
+    import subprocess
+
+    from test_project_concurrency import _WINDOW, _run
+
+    from napari_histo_wsss.core.data.project import Project
+
+    Image.fromarray(tissue_image(320, 240, 0)).save(tmp_path / "s.png")
+    p = Project.create(tmp_path / "case.wsss", "wsss4luad", patch_size=64, target_mpp=None)
+    p.add_slide(tmp_path / "s.png")
+    argv = ["cams", str(p.root), "--slide", "nope"]  # opens the project, then refuses the slide id
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"histo-wsss cams: error: {p.manifest_path}: unknown slide id 'nope'; the project has s"]
+    proc = _run(_WINDOW, str(p.root), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "open", proc.stderr.read()[-3000:]
+        assert main(argv) == 2
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[1].startswith("histo-wsss cams: error:"), err
+    assert err[0].startswith(f"histo-wsss: warning: project {p.root} is open in another window (pid {proc.pid} on host")

@@ -10,9 +10,9 @@ import pytest
 
 import napari_histo_wsss
 from napari_histo_wsss.core import progress, review
-from napari_histo_wsss.core.stage1 import train
 from napari_histo_wsss.core.errors import Cancelled
 from napari_histo_wsss.core.progress import ProgressEvent, run_to_end
+from napari_histo_wsss.core.stage1 import train
 
 SRC = Path(napari_histo_wsss.__file__).parent
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from napari_histo_wsss.core.data.classes import ClassTable, get_preset
-from napari_histo_wsss.core.errors import ClassTableError, ProjectError
 from napari_histo_wsss.core.data.project import Project
+from napari_histo_wsss.core.errors import ClassTableError, ProjectError
 
 
 @pytest.fixture()
@@ -366,7 +366,7 @@ def test_grid_uses_the_project_settings_and_caches(project):
         want = make_grid(slide, detect_tissue(slide), patch_size=128, target_mpp=2.0, min_tissue=0.25)
     assert grid.patch_size == 128 and grid.size0 == want.size0 == round(128 * 2.0 / 0.499)
     assert np.array_equal(grid.x, want.x) and np.array_equal(grid.y, want.y)
-    assert 0 < len(grid) and (grid.tissue_fraction >= 0.25).all()
+    assert len(grid) > 0 and (grid.tissue_fraction >= 0.25).all()
     assert p.mask_names(sid) == ["tissue"]  # tissue detected once and stored
 
     q = Project.open(p.root)

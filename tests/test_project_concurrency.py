@@ -22,8 +22,8 @@ import pytest
 from _generated import tissue_image
 from PIL import Image
 
-from napari_histo_wsss.core.errors import ProjectError
 from napari_histo_wsss.core.data.project import Project
+from napari_histo_wsss.core.errors import ProjectError
 
 N = 30  # labels each writer saves (plus removals, a slide and a setting)
 
@@ -96,7 +96,7 @@ _PAUSED_WRITER = """
     from napari_histo_wsss.core.data import project as core_project
     from napari_histo_wsss.core.io.atomic import atomic_path
 
-    def paused_write_text(path, text):  # core.atomic's write, stopped while its temporary exists
+    def paused_write_text(path, text):  # core.io.atomic's write, stopped while its temporary exists
         with atomic_path(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
             print(tmp, flush=True)

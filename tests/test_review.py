@@ -12,10 +12,9 @@ import pytest
 from _review_project import RUN, labelled_project_with_classifier
 
 from napari_histo_wsss.cli import main
-from napari_histo_wsss.core.stage1.cams import pseudo_mask
 from napari_histo_wsss.core.data.classes import get_preset
-from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.core.data.project import Project
+from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.core.review import (
     COMPUTED_MASKS,
     MASK_CAM,
@@ -28,14 +27,19 @@ from napari_histo_wsss.core.review import (
     CamTile,
     Corrections,
     ReviewSettings,
+    ThresholdIndex,
     compute_slide_cams,
     corrections_for_plan,
     load_corrections,
     plan_cams,
     plan_slide_cams,
     pseudo_from_canvas,
-    pseudo_tile,
+    slide_probs,
+    tissue_on_canvas,
+    uncertain_index,
+    with_uncertain,
 )
+from napari_histo_wsss.core.stage1.cams import pseudo_mask
 
 LUAD = get_preset("wsss4luad")
 
@@ -84,35 +88,101 @@ def _random_canvas(seed: int = 0, side: int = 96, tile: int = 32) -> CamCanvas:
     return canvas
 
 
-def test_pseudo_from_canvas_is_cams_pseudo_mask_per_tile():
+def test_pseudo_from_canvas_is_cams_pseudo_mask_of_the_whole_slide():
     """The Review canvas, the image folders and stage two's MLPS sets make pseudo-masks with the
-    same function: per tile, the canvas's mask equals ``core.cams.pseudo_mask`` gated by the tile's
-    probabilities with the white-glass rule of the class table."""
+    same rule: the canvas's mask is ``core.stage1.cams.pseudo_mask`` of the whole slide, gated once by the
+    slide-level probabilities and normalised once per class, with the white-glass rule."""
     canvas = _random_canvas()
     for thr, gate in ((0.2, 0.5), (0.6, 0.9), (0.0, 0.0)):
         mask = pseudo_from_canvas(canvas, LUAD, thr, gate, 200)
         assert (mask[canvas.tile_slices(0, 0)] == LUAD.background_index).all()
-        for ty, tx in canvas.computed_tiles():
-            sy, sx = canvas.tile_slices(ty, tx)
-            expect = pseudo_mask(canvas.cams[:, sy, sx], LUAD, rgb=canvas.rgb[sy, sx], probs=canvas.probs[:, ty, tx],
-                                 prob_threshold=gate, bg_threshold=thr)
-            np.testing.assert_array_equal(mask[sy, sx], expect)
+        expect = pseudo_mask(canvas.cams, LUAD, rgb=canvas.rgb, probs=slide_probs(canvas), prob_threshold=gate,
+                             bg_threshold=thr)
+        np.testing.assert_array_equal(mask, expect)
         assert (mask == LUAD.background_index).any() and (mask < LUAD.background_index).any()
+        # the review's display: tissue below the threshold is "uncertain", glass stays background
+        shown = pseudo_from_canvas(canvas, LUAD, thr, gate, 200, uncertain=True)
+        low = (mask == LUAD.background_index) & (shown != LUAD.background_index)
+        assert (shown[low] == uncertain_index(LUAD)).all() and (low.any() == (thr > 0))
+        np.testing.assert_array_equal(np.where(low, LUAD.background_index, shown), mask)
+        np.testing.assert_array_equal(with_uncertain(mask, canvas, LUAD, 200), shown)
     # without the white rule the glass block gets tissue classes
     assert (pseudo_from_canvas(canvas, LUAD, 0.0, 0.0, None)[canvas.tile_slices(1, 1)] < LUAD.background_index).all()
 
 
-def test_canvas_put_drops_cached_scores_of_the_old_tile():
+def test_canvas_scores_are_cached_until_a_tile_arrives():
     canvas = _random_canvas(1)
-    before = pseudo_tile(canvas, LUAD, 1, 1, 0.2, 0.5)
-    assert canvas.scores  # the threshold-independent scores are cached
+    before = pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, 200)
+    assert any(k[0] == "scores" for k in canvas.cache)  # the threshold-independent scores are cached
     sy, sx = canvas.tile_slices(1, 1)
     shape = (sy.stop - sy.start, sx.stop - sx.start)
     cams = np.zeros((LUAD.num_classes,) + shape, np.float32)
-    cams[2] = 1.0  # only "normal" everywhere
+    cams[2] = 5.0  # "normal" everywhere, stronger than anything on the slide
     canvas.put(1, 1, cams, np.array([0.0, 0.0, 1.0], np.float32), canvas.rgb[sy, sx])
-    after = pseudo_tile(canvas, LUAD, 1, 1, 0.2, 0.5)
-    assert (after == 2).all() and not (before == 2).all()
+    after = pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, 200)
+    tissue = ~np.asarray(canvas.cache[next(k for k in canvas.cache if k[0] == "outside")])[sy, sx]
+    assert (after[sy, sx][tissue] == 2).all() and not (before[sy, sx][tissue] == 2).all()
+    # the new peak of "normal" re-normalises it over the whole slide: weaker elsewhere now
+    assert (after == 2).sum() < (before == 2).sum() + tissue.sum()
+
+
+def test_threshold_moves_change_only_the_pixels_between_the_thresholds():
+    """A CAM-threshold move through the sorted index gives exactly the whole-slide mask at the new
+    threshold, touching only the pixels whose score lies in between; corrections are kept."""
+    canvas = _random_canvas(2)
+    index = ThresholdIndex(canvas, LUAD, 0.5, 200)
+    assert index.fits(canvas, 0.5, 200) and not index.fits(canvas, 0.6, 200)
+    edits = Corrections(pseudo_from_canvas(canvas, LUAD, 0.3, 0.5, 200, uncertain=True), LUAD.num_classes)
+    edits.data[5, 40] = 1  # a painted pixel
+    edits.touched[5, 40] = True
+    painted = edits.flag()[5, 40]
+    shown = 0.3
+    for thr in (0.5, 0.45, 0.1, 0.0, 0.8):
+        flat, values = index.changed(shown, thr)
+        whole = pseudo_from_canvas(canvas, LUAD, thr, 0.5, 200, uncertain=True)
+        before = edits.auto.copy()
+        edits.set_auto_at(flat, values)
+        np.testing.assert_array_equal(edits.auto, whole)
+        assert set(np.flatnonzero(before != whole)) <= set(flat.tolist())
+        assert len(flat) < whole.size
+        shown = thr
+    assert edits.data[5, 40] == 1 and (edits.flag()[5, 40] or not painted)
+
+
+def test_overlapping_tiles_blend_to_the_field_they_cut():
+    """Tiles widened by a margin and blended with the cosine window add up to a partition of
+    unity: a field cut into overlapping boxes comes back exactly, so tile edges cannot show;
+    the CAMs are zero off the tissue mask."""
+    plan = plan_cams((400 * 4, 300 * 4), 4.0, 64, 4096)
+    yy, xx = np.mgrid[0:300, 0:400].astype(np.float32)
+    field = np.stack([np.sin(yy / 17) + 2, np.cos(xx / 23) + 2, (yy + xx) / 700])
+    tissue = np.ones((300, 400), bool)
+    tissue[:, :20] = False
+    canvas = CamCanvas.empty(3, plan.shape, plan.tile, plan.downsample, tissue=tissue)
+    for ty, tx in plan.tiles:
+        sy, sx = plan.box(ty, tx)
+        assert sy.start == max(0, ty * plan.tile - plan.margin) and sx.stop == min(400, (tx + 1) * plan.tile + plan.margin)
+        canvas.put(ty, tx, field[:, sy, sx], np.ones(3, np.float32), np.zeros((sy.stop - sy.start, sx.stop - sx.start, 3), np.uint8), (sy, sx))
+    np.testing.assert_allclose(canvas.cams[:, :, 20:], field[:, :, 20:], rtol=1e-5)
+    assert (canvas.cams[:, :, :20] == 0).all() and canvas.peaks()[0] == pytest.approx(field[0, :, 20:].max())
+
+
+def test_undo_puts_back_the_strokes_old_values():
+    """Undo keeps its own history of napari's paint atoms (no private layer state)."""
+    class Atom:
+        def __init__(self, key, mask, old):
+            self.slice_key, self.mask, self.old_values = key, mask, old
+
+    e = Corrections(np.zeros((4, 4), np.uint8), 3)
+    m = np.array([[True, False], [False, True]])
+    e.data[0:2, 0:2][m] = 3
+    e.record([Atom((slice(0, 2), slice(0, 2)), m, np.array([1, 1], np.uint8))])
+    e.data[3, 3] = 0
+    e.record([(np.array([[3], [3]]), np.array([1], np.uint8), 0)])
+    assert e.flag().sum() == 3
+    assert e.undo() and e.data[3, 3] == 1 and e.flag().sum() == 2
+    assert e.undo() and (e.data == 1).all() and not e.flag().any()
+    assert not e.undo()
 
 
 def test_corrections_keep_the_users_pixels():
@@ -195,20 +265,23 @@ def test_cams_command_writes_the_layers_and_refuses_to_replace_them(case, capsys
     pseudo, pds2 = got[MASK_PSEUDO]
     assert cam.dtype == np.float16 and cam.shape[0] == LUAD.num_classes and cam.shape[1:] == pseudo.shape
     assert ds == pds2 and pds == pytest.approx(ds * int(round(pds / ds)))
-    assert 0 <= np.nanmin(cam) and np.nanmax(cam) <= 1
+    assert np.nanmin(cam) >= 0 and np.nanmax(cam) <= 1
     assert probs.shape[1:] == (int(np.ceil(cam.shape[1] / (pds / ds))), int(np.ceil(cam.shape[2] / (pds / ds))))
     computed = ~np.isnan(probs[0])
     assert computed.any() and (~computed).any()  # glass tiles are skipped
     assert set(np.unique(pseudo)) <= set(range(LUAD.background_index + 1)) and len(np.unique(pseudo)) >= 2
     # what was saved is the canvas of the job's tiles and its automatic mask at the default
     # thresholds (CAM 0.2, gating 0.5: the tiny run has no validation masks to calibrate it)
-    canvas = CamCanvas.empty(LUAD.num_classes, pseudo.shape, int(round(pds / ds)), ds)
+    canvas = CamCanvas.empty(LUAD.num_classes, pseudo.shape, int(round(pds / ds)), ds,
+                             tissue=tissue_on_canvas(project, sid, pseudo.shape, ds))
     for ev in compute_slide_cams(project, sid, Path(project.runs_dir) / RUN,
                                  ReviewSettings(mode="last", tile=128, device="cpu"), save=False):
         if isinstance(ev, CamTile):
-            canvas.put(ev.ty, ev.tx, ev.cams, ev.probs, ev.rgb)
+            canvas.put(ev.ty, ev.tx, ev.cams, ev.probs, ev.rgb, ev.box)
     assert ev.kind == "done" and ev.metrics["written"] == [] and ev.metrics["gating"] == 0.5
-    np.testing.assert_array_equal(cam, canvas.cams.astype(np.float16))
+    # saved normalised once per slide: each class's strongest pixel is 1
+    np.testing.assert_allclose(cam, canvas.cams / canvas.peaks()[:, None, None], atol=1e-3)
+    assert np.nanmax(cam.reshape(cam.shape[0], -1), axis=1) == pytest.approx(1.0, abs=1e-3)
     np.testing.assert_array_equal(probs, canvas.probs.astype(np.float16))
     np.testing.assert_array_equal(pseudo, pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, 200))
     capsys.readouterr()
@@ -339,3 +412,47 @@ def test_recomputing_keeps_every_corrected_pixel(case):
     # with a saved mask of another raster the automatic values start as background
     other = corrections_for_plan(project, sid, plan_slide_cams(project, sid, 128, 200))
     assert other.auto.shape != pseudo.shape and (other.auto == LUAD.background_index).all()
+
+
+def _edge_boundary_rates(mask: np.ndarray, valid: np.ndarray, tile: int) -> tuple[np.ndarray, float]:
+    """Share of pixel pairs across each interior tile edge (rows, then columns) whose classes
+    differ, and the same share's median over all other lines: a straight-line class boundary
+    along a tile edge shows as an edge far above the median."""
+    rates, other = [], []
+    for arr, ok in ((mask, valid), (mask.T, valid.T)):
+        pair = ok[1:] & ok[:-1]
+        diff = (arr[1:] != arr[:-1]) & pair
+        per_line = diff.sum(axis=1) / np.maximum(pair.sum(axis=1), 1)
+        enough = pair.sum(axis=1) >= 16
+        at_edge = (np.arange(1, arr.shape[0]) % tile) == 0
+        rates += per_line[at_edge & enough].tolist()
+        other += per_line[~at_edge & enough].tolist()
+    return np.array(rates), float(np.median(other))
+
+
+def test_no_class_boundary_along_tile_edges_on_the_bundled_slide(case):
+    """Gating and normalisation are decided per slide and tiles are blended, so the pseudo-mask
+    of the bundled slide shows no straight line along tile edges; the per-tile rule the review
+    used before (each tile gated and normalised on its own) does, on the same CAMs."""
+    project, sid = case
+    plan = plan_slide_cams(project, sid, 128, 4096)
+    canvas = CamCanvas.empty(LUAD.num_classes, plan.shape, plan.tile, plan.downsample,
+                             tissue=tissue_on_canvas(project, sid, plan.shape, plan.downsample))
+    for ev in compute_slide_cams(project, sid, Path(project.runs_dir) / RUN,
+                                 ReviewSettings(mode="last", tile=128, device="cpu"), save=False, plan=plan):
+        if isinstance(ev, CamTile):
+            canvas.put(ev.ty, ev.tx, ev.cams, ev.probs, ev.rgb, ev.box)
+    assert len(canvas.computed_tiles()) >= 6
+    valid = canvas.computed_region() & canvas.tissue
+    mask = pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, 200, uncertain=True)
+    assert len(np.unique(mask[valid])) >= 2  # a mask with boundaries to look at
+    edges, typical = _edge_boundary_rates(mask, valid, plan.tile)
+    assert edges.size and edges.max() <= max(3 * typical, 0.1), (edges.max(), typical)
+    # the old per-tile rule on the same CAMs: straight boundaries along tile edges
+    per_tile = np.full(plan.shape, LUAD.background_index, np.uint8)
+    for ty, tx in canvas.computed_tiles():
+        sy, sx = canvas.tile_slices(ty, tx)
+        per_tile[sy, sx] = pseudo_mask(canvas.cams[:, sy, sx], LUAD, rgb=canvas.rgb[sy, sx],
+                                       probs=canvas.probs[:, ty, tx], bg_threshold=0.2)
+    old_edges, old_typical = _edge_boundary_rates(per_tile, valid, plan.tile)
+    assert old_edges.max() > max(3 * old_typical, 0.1), (old_edges.max(), old_typical)

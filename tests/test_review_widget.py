@@ -43,12 +43,14 @@ def test_cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_pat
     rv.mode.setCurrentText("last")
     rv.device.setCurrentText("cpu")
     plan = rv.compute()
-    qtbot.waitUntil(lambda: not rv.task.running, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not rv.task.running and not rv.pseudo_task.running and not rv.save_task.running,
+                    timeout=WAIT_MS)
     assert "ready" in rv.status.text(), rv.status.text()
     assert len(plan.tiles) > 1
     panel = _read(project.root, sid, COMPUTED_MASKS)
     pm = viewer.layers["pseudo-mask"]
-    np.testing.assert_array_equal(pm.data, panel[MASK_PSEUDO][0] + 1)  # shown = saved
+    bg = project.classes.background_index
+    np.testing.assert_array_equal(np.minimum(pm.data - 1, bg), panel[MASK_PSEUDO][0])  # shown = saved (uncertain: background)
     # a correction painted and saved in the panel
     r, c = plan.shape[0] // 2, plan.shape[1] // 2
     k = (int(rv.edits.auto[r, c]) + 1) % project.classes.num_classes
@@ -76,12 +78,13 @@ def test_cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_pat
     rv.load()
     pm = viewer.layers["pseudo-mask"]
     assert pm.data[r, c] == k + 1 and rv.edits.flag()[r, c] and rv.edits.reviewed[:10, :10].all()
-    np.testing.assert_array_equal(rv.edits.auto, cli[MASK_PSEUDO][0])
+    np.testing.assert_array_equal(np.minimum(rv.edits.auto, bg), cli[MASK_PSEUDO][0])
 
     # recomputing in the panel keeps the correction too (saved again at the end)
     rv.compute()
     assert "corrected pixels kept" in rv.status.text(), rv.status.text()
-    qtbot.waitUntil(lambda: not rv.task.running and not rv.save_task.running, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not rv.task.running and not rv.pseudo_task.running and not rv.save_task.running,
+                    timeout=WAIT_MS)
     again = _read(project.root, sid, COMPUTED_MASKS + (MASK_CORRECTED, MASK_CORRECTED_FLAG))
     for name in COMPUTED_MASKS:
         np.testing.assert_array_equal(again[name][0], panel[name][0])

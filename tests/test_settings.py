@@ -1,9 +1,11 @@
 """One source of settings (core.settings): the core's dataclass fields carry help, range and
 choices, and the command line and the napari panels are generated from them.
 
-* the defaults of the core, of ``train-cls``/``train-seg`` (parsed back from what ``--help``
-  shows) and of the Training/Segmenter panels' forms (real widgets) are equal, field by field;
-  the Review panel's CAM type is the core's (the run's cam_mode);
+* the defaults of the core, of ``train-cls``/``train-seg``/``cams``/``predict-many``/
+  ``pseudo-masks`` (parsed back from what ``--help`` shows) and of the Training/Segmenter panels'
+  forms (real widgets, the Segmenter's prediction form included) are equal, field by field; the
+  Review panel's fields hold the core's defaults;
+* the advanced rows of a generated form share the basic rows' label column;
 * validation of types, ranges and choices is one line naming the setting and the value, for
   both stages alike (the segmenter's used to skip half of its settings);
 * ``saved()`` is the one reader of a run's config.json (a damaged file is one line naming it)
@@ -30,26 +32,45 @@ from napari_histo_wsss.cli.stage2 import _seg_config
 from napari_histo_wsss.core.errors import HistoWSSSError, TrainingError
 from napari_histo_wsss.core.review import ReviewSettings
 from napari_histo_wsss.core.settings import format_value
+from napari_histo_wsss.core.stage1.cams import PseudoMaskSettings
 from napari_histo_wsss.core.stage1.train import TrainConfig, load_run
+from napari_histo_wsss.core.stage2.batch import PredictSettings
 from napari_histo_wsss.core.stage2.train import SegConfig
 
 CLASSES = [(TrainConfig, "train-cls", ["DATASET", "RUN"], "Training"),
            (SegConfig, "train-seg", ["RUN"], "Segmenter")]
+#: settings classes with a command but no generated panel of their own
+CLI_CLASSES = [(ReviewSettings, "cams", ["PROJECT"]),
+               (PredictSettings, "predict-many", ["RUN", "SLIDE", "--out", "OUT"]),
+               (PseudoMaskSettings, "pseudo-masks", ["RUN", "IMAGES", "OUT"])]
 
 
-def cli_value(command: list[str], name: str, text: str | None) -> object:
-    """The value of setting ``name`` that the command line parses from ``--name text`` (a flag
+def test_predict_takes_its_options_from_the_prediction_settings():
+    """`predict` and `predict-many` share PredictSettings: same defaults, same option names (only
+    predict-many's own --overwrite/--torch-threads are not predict's)."""
+    argv = ["predict", "RUN", "IN", "OUT"]
+    assert settings_from_args(PredictSettings, build_parser().parse_args(argv)) == PredictSettings()
+    args = build_parser().parse_args([*argv, "--tile", "256", "--checkpoint", "last", "--tta", "--batch-size", "2"])
+    got = settings_from_args(PredictSettings, args)
+    assert (got.tile, got.which, got.tta, got.batch_size, got.overlap) == (256, "last", True, 2, PredictSettings().overlap)
+    assert args.overwrite is False and not hasattr(args, "torch_threads")
+
+
+def cli_value(command: list[str], f: dataclasses.Field, text: str | None) -> object:
+    """The value of setting field ``f`` that the command line parses from ``--name text`` (a flag
     when ``text`` is None)."""
-    argv = [*command, option_name(name)] if text is None else [*command, option_name(name), text]
+    opt = option_name(f.name, f.metadata["setting"])
+    argv = [*command, opt] if text is None else [*command, opt, text]
     args = build_parser().parse_args(argv)
-    return getattr(args, name)
+    return getattr(args, f.name)
 
 
 # ---------------------------------------------------------------------------------------------
 # defaults: core == CLI == GUI
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config_class,command,positional,panel", CLASSES, ids=["stage1", "stage2"])
-def test_cli_defaults_are_the_core_defaults(config_class, command, positional, panel):
+@pytest.mark.parametrize("config_class,command,positional", [c[:3] for c in CLASSES] + CLI_CLASSES,
+                         ids=["stage1", "stage2", "cams", "predict-many", "pseudo-masks"])
+def test_cli_defaults_are_the_core_defaults(config_class, command, positional):
     core = config_class()
     # nothing given: the core's defaults, every field
     args = build_parser().parse_args([command, *positional])
@@ -63,7 +84,7 @@ def test_cli_defaults_are_the_core_defaults(config_class, command, positional, p
         info = f.metadata["setting"]
         if not info.cli:
             continue
-        opt, default = option_name(f.name), getattr(core, f.name)
+        opt, default = option_name(f.name, info), getattr(core, f.name)
         assert opt in helps and opt in helptext, f"{opt} missing from {command} --help"
         shown = helps[opt].split("(default: ", 1)[1].split(")", 1)[0]
         if isinstance(default, bool):  # --name / --no-name; --help shows on/off
@@ -74,8 +95,8 @@ def test_cli_defaults_are_the_core_defaults(config_class, command, positional, p
         if "(default:" not in info.help:
             assert shown == (format_value(default) or info.none or "none"), f.name
             # what --help shows as the default parses back to the core's default
-            assert cli_value([command, *positional], f.name, shown) == default, f.name
-        assert cli_value([command, *positional], f.name, format_value(default) or "none") == default, f.name
+            assert cli_value([command, *positional], f, shown) == default, f.name
+        assert cli_value([command, *positional], f, format_value(default) or "none") == default, f.name
 
 
 def test_cli_parser_waits_for_the_training_modules():
@@ -128,9 +149,60 @@ def test_panel_forms_show_the_core_defaults(make_napari_viewer):
         assert widget.settings.advanced.isVisibleTo(widget)
         basic = [f.name for f in config_class.settings_fields() if f.metadata["setting"].basic]
         assert all(widget.settings.widgets[n].parent() is widget.settings.box for n in basic)
+    # the Segmenter panel's prediction form is PredictSettings'
+    seg = widget
+    predict = PredictSettings()
+    expected = {f.name for f in PredictSettings.settings_fields() if f.metadata["setting"].gui}
+    assert set(seg.pred_settings.values()) == expected == {"tile", "overlap", "tta", "gate"}
+    for name, value in seg.pred_settings.values().items():
+        assert value == getattr(predict, name), f"prediction form: {name} shows {value!r}"
+    # the Review panel's fields (its own widgets: sliders) hold ReviewSettings' defaults
     _dock, review = viewer.window.add_plugin_dock_widget("napari-histo-wsss", "Review and correct")
-    assert review.mode.currentData() == ReviewSettings().mode is None
-    assert build_parser().parse_args(["cams", "P"]).mode is None
+    d = ReviewSettings()
+    assert review.mode.currentData() == d.mode is None
+    assert (review.which.currentText(), review.tile.value(), review.max_side.value(), review.device.currentText(),
+            review.cam_threshold, review.white.value()) == (d.which, d.tile, d.max_side, d.device, d.cam_threshold,
+                                                            d.white_level)
+    assert settings_from_args(ReviewSettings, build_parser().parse_args(["cams", "P"])) == d
+
+
+def test_review_cam_modes_are_the_models():
+    """ReviewSettings names the CAM types itself (core.review does not import torch)."""
+    from napari_histo_wsss.core.models.classifier import CAM_MODES
+
+    info = dict((f.name, f.metadata["setting"]) for f in ReviewSettings.settings_fields())["mode"]
+    assert sorted(info.choices) == sorted(CAM_MODES)
+    with pytest.raises(HistoWSSSError, match=r"^review setting: mode must be one of multi, last, got 'nope'$"):
+        ReviewSettings(mode="nope").validate()
+    with pytest.raises(SystemExit):  # the command line refuses it too (and takes none as the run's own)
+        build_parser().parse_args(["cams", "P", "--mode", "nope"])
+
+
+@pytest.mark.parametrize("config_class", [TrainConfig, SegConfig], ids=["stage1", "stage2"])
+def test_advanced_labels_line_up_with_the_basic_ones(config_class, qtbot):
+    """One label column: the advanced rows (a second form in a scroll area) start their fields
+    where the basic rows do, also under napari's stylesheet (applied after the form is built, as
+    when a panel is docked; it widens the labels). Without the shared width the two columns were
+    6 px apart on the left and up to 24 px on the right."""
+    from napari.qt import get_stylesheet
+    from qtpy.QtCore import QPoint
+
+    from napari_histo_wsss.widgets._common import SettingsForm
+
+    form = SettingsForm(config_class)
+    qtbot.addWidget(form)
+    form.setStyleSheet(get_stylesheet("dark"))
+    form.show_advanced(True)
+    form.resize(420, 900)
+    form.show()
+    qtbot.waitExposed(form)
+    basic = [lbl for lbl in form.labels() if form.box.isAncestorOf(lbl) and not form.advanced.isAncestorOf(lbl)]
+    advanced = [lbl for lbl in form.labels() if form.advanced.isAncestorOf(lbl)]
+    assert basic and advanced
+    lefts = [lbl.mapTo(form, QPoint(0, 0)).x() for lbl in basic + advanced]
+    rights = [lbl.mapTo(form, QPoint(lbl.width(), 0)).x() for lbl in basic + advanced]
+    # the scroll area's frame may shift the advanced rows by a pixel
+    assert max(lefts) - min(lefts) <= 1 and max(rights) - min(rights) <= 1, (lefts, rights)
 
 
 def test_panel_list_field_with_bad_text_is_one_line(make_napari_viewer):

@@ -1,4 +1,4 @@
-"""core.slide: real Aperio SVS and pyramidal TIFF, generated TIFF/OME-TIFF/PNG, damaged files."""
+"""core.slides.slide: real Aperio SVS and pyramidal TIFF, generated TIFF/OME-TIFF/PNG, damaged files."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from napari_histo_wsss.core.slides import slide as slide_mod
 from napari_histo_wsss.core.errors import SlideError
+from napari_histo_wsss.core.slides import slide as slide_mod
 from napari_histo_wsss.core.slides.slide import BUILT_LEVEL_MIN_SIDE, open_slide
 
 

@@ -15,20 +15,19 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 import zlib
 
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
-
 from _generated import tissue_image
-from napari_histo_wsss.cli import main
-from napari_histo_wsss.core.slides import slide as slide_mod
-from napari_histo_wsss.core.errors import Cancelled, SlideError
-from napari_histo_wsss.core.slides.slide import open_slide
+from PIL import Image
 from test_batch import inputs  # noqa: F401 - module fixture: (segmenter run, generated slides)
+
+from napari_histo_wsss.cli import main
+from napari_histo_wsss.core.errors import Cancelled, SlideError
+from napari_histo_wsss.core.slides import slide as slide_mod
+from napari_histo_wsss.core.slides.slide import open_slide
 
 GIANT = 200_000  # px a side: 782 x 782 = 611,524 tiles of 256 px, 120 GB of RGB
 GIANT_TILES = 782 * 782
@@ -354,3 +353,73 @@ def test_a_bad_slide_is_not_retried_and_failures_print_no_traceback(inputs, tmp_
     assert "Traceback" not in err and "Compute Failed" not in err, err
     assert [ln for ln in err.splitlines() if ln.strip()] == \
         ["histo-wsss predict-many: 2 slide(s) failed: d_corrupt.tif, a.png"], err
+
+
+# -- tifffile's own log lines ------------------------------------------------------------------------
+def _declared_larger(path, side: int = GIANT) -> None:
+    """A real 256-px tiled TIFF whose directory then declares ``side`` x ``side`` px."""
+    tifffile.imwrite(path, tissue_image(256, 256, 7), tile=(128, 128), photometric="rgb", compression="zlib")
+    with tifffile.TiffFile(path, mode="r+b") as tf:
+        tf.pages[0].tags["ImageWidth"].overwrite(side)
+        tf.pages[0].tags["ImageLength"].overwrite(side)
+
+
+def test_a_refused_tiff_prints_only_our_line_not_tifffiles(tmp_path, capsys, caplog):
+    """tifffile logged "shaped series shape does not match page shape" before our one line."""
+    bad = tmp_path / "huge.tif"
+    _declared_larger(bad)
+    caplog.set_level(logging.DEBUG)
+    for argv in (["info", str(bad)], ["overview", str(bad), str(tmp_path / "o.png")]):
+        assert main(argv) == 2
+        _one_error_line(capsys, "huge.tif", f"declares {GIANT} x {GIANT} px")
+    assert [r.getMessage() for r in caplog.records if r.name == "tifffile"] == []
+    assert not (tmp_path / "o.png").exists()
+    # a file that opens keeps tifffile's remarks (only a refused file's are dropped)
+    caplog.clear()
+    ok = tmp_path / "ok.tif"
+    tifffile.imwrite(ok, tissue_image(256, 256, 7), tile=(128, 128), photometric="rgb")
+    logging.getLogger("tifffile").warning("a remark while %s opens", "ok.tif")  # what a benign remark looks like
+    with slide_mod._tifffile_log_held():
+        logging.getLogger("tifffile").warning("held remark")
+    assert [r.getMessage() for r in caplog.records if r.name == "tifffile"] == ["a remark while ok.tif opens",
+                                                                               "held remark"]
+    with open_slide(ok) as s:
+        assert s.dimensions == (256, 256)
+
+
+# -- predict-many: the run and the destination are checked once, before any slide ---------------------
+def test_predict_many_checks_its_output_and_its_run_before_any_slide(inputs, tmp_path, capsys):  # noqa: F811
+    """These used to fail slide by slide (an output folder among the slides was even accepted)."""
+    run, slides = inputs
+    folder = tmp_path / "slides"
+    shutil.copytree(slides["a"].parent, folder)
+    before = sorted(p.name for p in folder.iterdir())
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    stage_one_only = tmp_path / "cls"
+    (stage_one_only / "checkpoints").mkdir(parents=True)
+    from napari_histo_wsss.core.data.classes import get_preset
+    from napari_histo_wsss.core.models import CAMClassifier, save_model
+
+    save_model(stage_one_only / "checkpoints" / "best.pt", CAMClassifier(4, "efficientnet-lite0", "none", 32),
+               {"classes": get_preset("wsss4luad")})
+    garbage = tmp_path / "garbage"
+    shutil.copytree(run, garbage)
+    (garbage / "checkpoints" / "best.pt").write_bytes(b"\x80not a checkpoint" * 10)
+    cases = [
+        (run, folder, folder, "would replace the input"),
+        (run, folder, folder / "preds", "lies inside the input"),
+        (run, folder / "a.png", folder, "contains the input"),
+        (run, folder / "a.png", run, "would replace"),
+        (run, folder / "a.png", blocker / "out", "blocker is a file, not a folder"),
+        (run, folder / "a.png", tmp_path / ("n" * 300), "is too long"),
+        (stage_one_only, folder / "a.png", tmp_path / "o1", "holds a classifier model, not a segmenter"),
+        (garbage, folder / "a.png", tmp_path / "o2", "best.pt"),
+    ]
+    for run_dir, slide, out, says in cases:
+        argv = ["predict-many", str(run_dir), str(slide), "--out", str(out), "--threads", "--workers", "1",
+                "--tile", "128", "--overlap", "16", "--device", "cpu"]
+        assert main(argv) == 2, (out, says)
+        _one_error_line(capsys, "histo-wsss predict-many: error:", says)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from napari_histo_wsss.core.stage2 import infer
-from napari_histo_wsss.core.stage1.cams import cams_for_image
 from napari_histo_wsss.core.data.classes import get_preset
 from napari_histo_wsss.core.data.datasets import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from napari_histo_wsss.core.errors import SlideError
-from napari_histo_wsss.core.slides.grid import axis_starts, cosine_window, make_grid, working_downsample
 from napari_histo_wsss.core.models import CAMClassifier
+from napari_histo_wsss.core.slides.grid import axis_starts, cosine_window, make_grid, working_downsample
 from napari_histo_wsss.core.slides.slide import open_slide
+from napari_histo_wsss.core.stage1.cams import cams_for_image
+from napari_histo_wsss.core.stage2 import infer
 
 
 @pytest.mark.parametrize("length,size,step", [(100, 100, 60), (101, 100, 60), (1000, 256, 192), (1000, 250, 250),

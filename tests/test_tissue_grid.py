@@ -1,4 +1,4 @@
-"""core.tissue and core.grid on the real slide and on generated images; the info/overview CLI."""
+"""core.slides.tissue and core.slides.grid on the real slide and on generated images; the info/overview CLI."""
 
 from __future__ import annotations
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from napari_histo_wsss.core.stage1 import train as train_mod
 from napari_histo_wsss.core.data.classes import ClassTable
 from napari_histo_wsss.core.data.datasets import WeakSample, format_label_name, load_dataset
 from napari_histo_wsss.core.errors import DatasetError, TrainingError
+from napari_histo_wsss.core.stage1 import train as train_mod
 from napari_histo_wsss.core.stage1.train import ProgressEvent, TrainConfig, load_run, train_classifier
 
 COLOURS = np.array([(150, 40, 90), (230, 150, 190), (110, 60, 190)], dtype=np.uint8)  # tumour-ish, stroma-ish, other

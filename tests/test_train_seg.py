@@ -126,7 +126,7 @@ def test_train_segmenter_from_stage_one_run_with_resume(stage_one):
         list(train_segmenter(run, config=tiny(), dataset=stage_one / "patches", out_dir=out))
     events = list(train_segmenter(run, config=tiny(epochs=2), dataset=stage_one / "patches", out_dir=out, resume=True))
     assert events[-1].kind == "done"
-    assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     # the trained segmenter predicts a folder of held-out images
     from napari_histo_wsss.core.stage2.infer import predict_folder, segmenter_predict_fn
 
@@ -170,11 +170,19 @@ def test_synthesis_switch_trains_with_consistency(stage_one):
 
     n_train = len(load_dataset(stage_one / "patches").train)
     assert n_train >= 8
-    assert sum(e.kind == "step" for e in events) == n_train // 4
+    assert sum(e.kind == "step" and e.epochs > 0 for e in events) == n_train // 4
     model, _, cfg2, _ = load_segmenter(out)
     assert model.aux is not None and cfg2.synthesis == ("mosaic", "bezier")
     # what Resume (panel and CLI) continues: the saved settings, without the records beside them
     assert SegConfig.saved(out) == cfg
+    # the same seed gives the same weights, bit for bit (synthesis and its filter included)
+    again = stage_one / "seg-synth-again"
+    list(train_segmenter(stage_one / "run", stage_one / "seg" / "pseudo" / "fused", cfg,
+                         dataset=stage_one / "patches", out_dir=again))
+    from napari_histo_wsss.core.models import load_checkpoint
+
+    w1, w2 = (load_checkpoint(o / "checkpoints" / "last.pt")["state_dict"] for o in (out, again))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
 def test_damaged_run_config_is_a_clear_error_on_resume(stage_one, tmp_path, capsys):
@@ -257,3 +265,36 @@ def test_project_corrections_override_pseudo_mask(stage_one, cmu_svs, tmp_path):
                                   out_dir=tmp_path / "seg"))
     assert events[-1].kind == "done"
     assert "project pseudo-mask + corrections" in next(e for e in events if e.kind == "start").message
+
+
+@pytest.mark.parametrize("phase, big", [("synthesising images", dict(synthesis_count=20000, filter_steps=1)),
+                                        ("training the realness filter", dict(synthesis_count=8, filter_steps=5000))])
+def test_stop_during_synthesis_ends_within_seconds(stage_one, tmp_path, phase, big):
+    """Synthesis and the realness filter report progress with an ETA and honour a stop within
+    seconds: with these settings the end of the phase, where a stop used to be seen first, is
+    minutes away (ETA 4-15 min on two CPU cores)."""
+    import time
+
+    out = tmp_path / "seg"
+    asked: dict = {}
+    cfg = tiny(supervision="full", synthesis=("mosaic", "bezier"), batch_size=4, **big)
+    seen = []
+    for ev in train_segmenter(stage_one / "run", None, cfg, dataset=stage_one / "patches", out_dir=out,
+                              should_stop=lambda: "t" in asked):
+        seen.append(ev)
+        if ev.kind == "step" and ev.message.startswith(phase) and ev.step == 5 and not asked:
+            asked["t"] = time.perf_counter()
+    after_stop = time.perf_counter() - asked["t"]
+    assert seen[-1].kind == "cancelled" and f"stopped while {phase}; nothing saved yet" in seen[-1].message
+    assert after_stop < 5, f"{after_stop:.1f} s from the stop to the end"
+    # the phase's progress: every unit a step event with the phase's size and an ETA
+    mine = [e for e in seen if e.kind == "step" and e.message.startswith(phase)]
+    assert [e.step for e in mine] == [1, 2, 3, 4, 5] and len({e.steps for e in mine}) == 1
+    assert mine[0].steps == (40000 if "images" in phase else 5000) and all(e.eta_s > 0 for e in mine)
+    assert "(2 of 5)" in mine[0].message or "(4 of 5)" in mine[0].message
+    assert not any(e.kind == "start" for e in seen)  # stopped before training: nothing written
+    assert not (out / "checkpoints" / "last.pt").exists() and not (out / "config.json").exists()
+    # starting again into the same folder runs to the end
+    small = tiny(supervision="full", synthesis=("mosaic", "bezier"), batch_size=4, synthesis_count=4, filter_steps=2)
+    events = list(train_segmenter(stage_one / "run", None, small, dataset=stage_one / "patches", out_dir=out))
+    assert events[-1].kind == "done"

@@ -350,3 +350,83 @@ def test_segmenter_run_finds_its_stage_one_run_from_another_folder(stage_one, tm
     _model, _classes, _cfg, meta = load_segmenter(seg)
     assert meta["stage_one"] == str((stage_one / "run").resolve())
     shutil.rmtree(seg)
+
+
+# ---------------------------------------------------------------------------------------------
+# a run folder is never its own input
+# ---------------------------------------------------------------------------------------------
+def _tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_segmenter_run_never_replaces_its_stage_one_run_or_its_dataset(stage_one, tmp_path, capsys):  # noqa: F811
+    """``train-seg RUN --out RUN`` used to overwrite the stage-one run's best.pt, config.json and
+    metrics.jsonl (exit 0), and ``--out DATASET`` wrote a run into the patches."""
+    run, patches = tmp_path / "run", tmp_path / "patches"
+    shutil.copytree(stage_one / "run", run, ignore=shutil.ignore_patterns("last.pt"))
+    shutil.copytree(stage_one / "patches", patches)
+    before = (_tree(run), _tree(patches))
+    opts = ["--epochs", "1", "--batch-size", "2", "--max-steps-per-epoch", "1", "--weights", "none", "--device", "cpu"]
+    cases = {run: "would replace the input", run / "checkpoints" / "seg": "lies inside the input",
+             tmp_path: "contains the input", patches: "would replace the input",
+             patches / "seg": "lies inside the input"}
+    for out, says in cases.items():
+        assert main(["train-seg", str(run), "--dataset", str(patches), "--out", str(out), *opts]) == 2, out
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"histo-wsss train-seg: error: {out}: the segmenter run folder {says}"), err
+    assert (_tree(run), _tree(patches)) == before and not (patches / "seg").exists()
+    # the default place, RUN/segmenter, is the one folder inside the stage-one run a segmenter run may use
+    events = list(train_segmenter(run, config=seg_tiny(), dataset=patches, out_dir=run / "segmenter"))
+    assert events[-1].kind == "done" and (run / "segmenter" / "checkpoints" / "last.pt").is_file()
+    assert {k: v for k, v in _tree(run).items() if not k.startswith("segmenter/")} == before[0]
+
+
+def test_a_classifier_run_inside_its_dataset_is_refused(data, tmp_path, capsys):
+    ds = tmp_path / "ds"
+    shutil.copytree(data, ds)
+    before = _tree(ds)
+    for run, says in ((ds / "run", "lies inside the input"), (ds, "would replace the input"),
+                      (tmp_path, "contains the input")):
+        assert main(["train-cls", str(ds), str(run), "--epochs", "1", "--weights", "none", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"histo-wsss train-cls: error: {run}: the training run folder {says}"), err
+    assert _tree(ds) == before and not (ds / "run").exists()
+
+
+def test_a_run_name_too_long_is_one_line_before_any_training(stage_one, data, tmp_path, capsys):  # noqa: F811
+    long = tmp_path / ("n" * 300)
+    assert main(["train-cls", str(data), str(long), "--epochs", "1", "--weights", "none", "--device", "cpu"]) == 2
+    assert main(["train-seg", str(stage_one / "run"), "--dataset", str(stage_one / "patches"), "--out", str(long),
+                 "--epochs", "1", "--weights", "none", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(": error: ")[0] for line in err] == ["histo-wsss train-cls", "histo-wsss train-seg"], err
+    assert all("is too long (300 bytes" in line and "Traceback" not in line for line in err), err
+
+
+# ---------------------------------------------------------------------------------------------
+# the Segmenter panel: the stage-one run as the core reads it; what a cancelled prediction left
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gui
+def test_segmenter_panel_reads_the_stage_one_run_as_the_core_does_and_says_what_a_cancel_kept(
+        make_napari_viewer, tmp_path, monkeypatch):
+    pytest.importorskip("napari")
+    from _widget_helpers import open_panels
+
+    from napari_histo_wsss.core.progress import ProgressEvent
+
+    work = tmp_path / "work"
+    (work / "run" / "segmenter").mkdir(parents=True)
+    (work / "run" / "config.json").write_text(json.dumps({"method": "cam"}))
+    (work / "run" / "segmenter" / "config.json").write_text(json.dumps({"stage_one": "run"}))  # an older, relative entry
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _viewer, w = open_panels(make_napari_viewer)
+    st = w["Segmenter"]
+    assert st._stage_one_run(work / "run" / "segmenter") == (work / "run").resolve()  # was Path("run")
+
+    kept = "stopped after 3 of 9 tiles; the previous /p/s.ome.zarr is kept"
+    st.prediction_path = tmp_path / "s.ome.zarr"
+    st.pred_task.last_event = ProgressEvent("cancelled", step=3, steps=9, message=kept)
+    st._on_pred_finished("cancelled")
+    assert st.status.text() == f"prediction cancelled: {kept}; nothing new is shown"  # was "its partial output ..."

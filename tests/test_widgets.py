@@ -25,7 +25,8 @@ from _widget_helpers import (  # noqa: E402
 from qtpy.QtCore import Qt  # noqa: E402
 
 from napari_histo_wsss.core.data.project import Project  # noqa: E402
-from napari_histo_wsss.core.review import pseudo_from_canvas  # noqa: E402
+from napari_histo_wsss.core.review import outside_canvas, pseudo_from_canvas, uncertain_index  # noqa: E402
+from napari_histo_wsss.widgets.review import PSEUDO_OPACITY  # noqa: E402
 
 
 def wait_redraw(qtbot, rv) -> None:
@@ -50,12 +51,12 @@ def test_whole_flow_on_real_slide(make_napari_viewer, qtbot, tmp_path, cmu_svs):
     first, box = label_some_patches(qtbot, viewer, w)
     lab = w["Patch labelling"]
     table = Project.open(project.root).patch_labels(sid)  # what is on disk
-    on_disk = {(int(x), int(y)): tuple(l) for x, y, l in zip(table.x, table.y, table.labels)}
+    on_disk = {(int(x), int(y)): tuple(labels) for x, y, labels in zip(table.x, table.y, table.labels)}
     assert on_disk[(int(grid.x[first[0]]), int(grid.y[first[0]]))] == (1, 0, 0)
     for i in box:
         assert on_disk[(int(grid.x[i]), int(grid.y[i]))] == (0, 1, 0)
     assert lab.progress_label.text() == f"{1 + len(box)} of {len(grid)} patches labelled"
-    assert [l.text() for l in lab._count_labels] == ["1", str(len(box)), "0"]
+    assert [label.text() for label in lab._count_labels] == ["1", str(len(box)), "0"]
     # key 3 on the stroma block, then Ctrl+Z undoes it (and the undo is saved too)
     press(qtbot, viewer, Qt.Key.Key_3)
     assert Project.open(project.root).patch_labels(sid).labels[:, 2].sum() == len(box)
@@ -81,41 +82,77 @@ def test_whole_flow_on_real_slide(make_napari_viewer, qtbot, tmp_path, cmu_svs):
     rv.mode.setCurrentText("last")
     rv.device.setCurrentText("cpu")
     plan = rv.compute()
-    qtbot.waitUntil(lambda: not rv.task.running, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not rv.task.running and not rv.pseudo_task.running and not rv.save_task.running,
+                    timeout=WAIT_MS)
     assert "ready" in rv.status.text(), rv.status.text()
     classes = project.classes
+    # the review view: CAMs hidden (one click away), translucent, the class hue, zero off the tissue
+    tissue = rv.canvas.tissue
+    assert not tissue.all() and tissue.any()
     for i, c in enumerate(classes.classes):
         layer = viewer.layers[f"CAM {c.name}"]
-        assert layer.blending == "additive"
-        assert tuple(layer.contrast_limits) == (0.0, 1.0)
-        np.testing.assert_allclose(layer.colormap.colors[-1][:3], np.array(c.color) / 255, atol=1e-6)
-        assert layer.data.shape == plan.shape and 0 <= layer.data.min() and layer.data.max() <= 1
+        assert layer.blending == "translucent" and not layer.visible
+        assert tuple(layer.contrast_limits) == pytest.approx((0.0, float(rv.canvas.peaks()[i])))
+        colors = layer.colormap.colors
+        assert colors[0][3] == 0 and colors[-1][3] == 1  # alpha grows with the score
+        assert layer.data.shape == plan.shape and layer.data.min() >= 0 and (layer.data[~tissue] == 0).all()
+    rv.show_cams.setChecked(True)
+    assert all(viewer.layers[f"CAM {c.name}"].visible for c in classes.classes)
+    rv.show_cams.setChecked(False)
     pm = viewer.layers["pseudo-mask"]
     assert pm.data.shape == plan.shape
     for i, c in enumerate(classes.classes):
         np.testing.assert_allclose(pm.colormap.map(np.array([i + 1]))[0][:3], np.array(c.color) / 255, atol=1e-6)
-    assert list(pm.features["class"])[1:4] == classes.names
+    bg_value, unc_value = classes.background_index + 1, uncertain_index(classes) + 1
+    assert pm.colormap.map(np.array([bg_value]))[0][3] == 0  # glass: no veil
+    unc = pm.colormap.map(np.array([unc_value]))[0]
+    assert unc[3] > 0 and all(np.abs(unc[:3] - np.array(c.color) / 255).max() > 0.2 for c in classes.classes)
+    assert list(pm.features["class"])[1:4] == classes.names and pm.features["class"].iloc[-1] == "uncertain"
     values = set(np.unique(pm.data).tolist())
-    assert values <= set(range(1, classes.background_index + 2)) and len(values) >= 2
+    assert values <= set(range(1, unc_value + 1)) and len(values) >= 2
+    # tissue the model gives no class is uncertain, never background; glass (off the tissue
+    # mask, or white) is background
+    glass = outside_canvas(rv.canvas, rv.white_level)
+    assert glass[~tissue].all() and (pm.data[glass] == bg_value).all() and not (pm.data[~glass] == bg_value).any()
+    # layer order: slide, CAMs, pseudo-mask, reviewed outline; the pseudo-mask is the active layer
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("pseudo-mask") > max(names.index(f"CAM {c.name}") for c in classes.classes)
+    assert names[-1] == "reviewed" and viewer.layers.selection.active is pm or viewer.layers.selection.active.name == "pseudo-mask"
+    # the "Review view" button puts a scrambled view back
+    pm.opacity, pm.visible = 1.0, False
+    viewer.layers.move(viewer.layers.index(pm), 0)
+    rv.view_btn.click()
+    assert pm.visible and pm.opacity == pytest.approx(PSEUDO_OPACITY) and viewer.layers.selection.active.name == "pseudo-mask"
+    assert [layer.name for layer in viewer.layers] == names
+    # number keys on the pseudo-mask pick the paint class (not napari's tools); on another layer
+    # they say why nothing happened
+    mode = pm.mode
+    press(qtbot, viewer, Qt.Key.Key_2)
+    assert rv.paint_class.currentIndex() == 1 and pm.selected_label == 2 and pm.mode == mode
+    assert classes.names[1] in rv.status.text()
+    viewer.layers.selection.active = viewer.layers[session.slide_layer_name]
+    press(qtbot, viewer, Qt.Key.Key_1)
+    assert "number keys" in w["Patch labelling"].status.text() and session.slide_layer_name in w["Patch labelling"].status.text()
+    viewer.layers.selection.active = pm
+    press(qtbot, viewer, Qt.Key.Key_1)
+    assert rv.paint_class.currentIndex() == 0
     # layers sit on the slide: the mask's extent matches the slide's (level-0 size * scale)
     w0, h0 = session.slide.dimensions
     ext = pm.extent.world
     np.testing.assert_allclose(ext[1] - ext[0], np.array([h0, w0]) * session.scale0, rtol=0.02)
 
-    # sliders change the mask live: a higher CAM threshold only adds background, and the shown
-    # mask is exactly the core's pseudo-mask for the new settings; full gating keeps one class per tile
-    bg_value = classes.background_index + 1
-    before = int((pm.data == bg_value).sum())
+    # sliders change the mask live: a higher CAM threshold only adds uncertain tissue, and the
+    # shown mask is exactly the core's pseudo-mask for the new settings; full gating keeps one
+    # class for the whole slide (gating is decided per slide)
+    before = int((pm.data >= bg_value).sum())
     rv.cam_thr.setValue(90)
     wait_redraw(qtbot, rv)
-    expect = pseudo_from_canvas(rv.canvas, classes, 0.9, rv.gating_threshold, rv.white_level) + 1
+    expect = pseudo_from_canvas(rv.canvas, classes, 0.9, rv.gating_threshold, rv.white_level, uncertain=True) + 1
     np.testing.assert_array_equal(pm.data, expect)
-    assert int((pm.data == bg_value).sum()) >= before
+    assert int((pm.data >= bg_value).sum()) > before and (pm.data == unc_value).any()
     rv.gating.setValue(100)
     wait_redraw(qtbot, rv)
-    for ty, tx in rv.canvas.computed_tiles():
-        tissue_values = set(np.unique(pm.data[rv.canvas.tile_slices(ty, tx)]).tolist()) - {bg_value}
-        assert len(tissue_values) <= 1
+    assert len(set(np.unique(pm.data).tolist()) - {bg_value, unc_value}) == 1
     rv.gating.setValue(50)
     rv.cam_thr.setValue(20)
     wait_redraw(qtbot, rv)
@@ -179,7 +216,7 @@ def test_whole_flow_on_real_slide(make_napari_viewer, qtbot, tmp_path, cmu_svs):
     assert {a.color for a in feats if a.name == classes.names[k]} == {classes.classes[k].color}
     ds, origin = session.layer_geometry(pm)
     back = rasterize_geojson(feats, expect.shape, classes, downsample=ds, origin=origin, fill=classes.background_index)
-    assert (back == expect).mean() > 0.98  # outlines simplified by core.export.GEOJSON_TOLERANCE (< 0.5 px)
+    assert (back == expect).mean() > 0.98  # outlines simplified by core.io.export.GEOJSON_TOLERANCE (< 0.5 px)
     csv_text = next(p for p in paths if p.suffix == ".csv").read_text()
     assert csv_text.count("\n") == 1 + len(box) + 1
 
@@ -189,3 +226,13 @@ def test_whole_flow_on_real_slide(make_napari_viewer, qtbot, tmp_path, cmu_svs):
     scores = ex.score()
     assert scores["miou"] == pytest.approx(1.0)
     assert ex.table.rowCount() == classes.num_classes and "mIoU 1.000" in ex.summary.text()
+
+
+def test_tissue_outline_differs_from_every_class_colour():
+    """The tissue outline used to be green, like the tumour or normal classes of some tables."""
+    from napari_histo_wsss.core.data.classes import PRESETS
+    from napari_histo_wsss.widgets.project import TISSUE_RGBA
+
+    for table in PRESETS.values():
+        for c in table.classes:
+            assert np.abs(np.array(TISSUE_RGBA[:3]) - np.array(c.color) / 255).max() > 0.3, (table, c.name)

@@ -44,3 +44,23 @@ def test_import_labelled_patch_folder_and_train_on_it(make_napari_viewer, qtbot,
     assert "finished" in tr.status.text(), tr.status.text()
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["patch_size"] in (None, 128) and (run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def test_panels_opened_from_the_plugins_menu_dock_as_tabs(make_napari_viewer, qtbot):
+    """Each panel opened on its own (as the Plugins menu does, no tabify) joins the others' tabs."""
+    from qtpy.QtWidgets import QDockWidget
+
+    viewer = make_napari_viewer(show=True)
+    docks = [viewer.window.add_plugin_dock_widget("napari-histo-wsss", name)[0]
+             for name in ("Project", "Patch labelling", "Review and correct")]
+    qtbot.waitUntil(lambda: all(d.isVisible() for d in docks), timeout=5000)
+    main = docks[0].parentWidget()
+    qtbot.waitUntil(lambda: len(main.tabifiedDockWidgets(docks[0])) == 2, timeout=5000)
+    assert all(isinstance(d, QDockWidget) for d in docks)
+    assert set(main.tabifiedDockWidgets(docks[0])) == set(docks[1:])
+    # tab names are whole, not cut to "Pr..."
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QTabBar
+
+    bars = [b for b in main.findChildren(QTabBar) if b.parentWidget() is main and b.count() == 3]
+    qtbot.waitUntil(lambda: bars and all(b.elideMode() == Qt.TextElideMode.ElideNone for b in bars), timeout=5000)

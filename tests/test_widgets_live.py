@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 pytest.importorskip("napari")
+from _widget_helpers import WAIT_MS, make_project_with_grid, open_panels, press  # noqa: E402
 from qtpy.QtCore import Qt  # noqa: E402
 
 from napari_histo_wsss.widgets._live import LIVE_LAYER  # noqa: E402
-
-from _widget_helpers import WAIT_MS, make_project_with_grid, open_panels, press  # noqa: E402
 
 
 def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewer, qtbot, tmp_path, cmu_svs):

@@ -58,9 +58,15 @@ def test_cancel_and_resume_training(make_napari_viewer, qtbot, tmp_path, cmu_svs
 def test_gui_command_opens_a_project(make_napari_viewer, qtbot, tmp_path, cmu_svs, capsys):
     project = Project.create(tmp_path / "case.wsss", "wsss4luad", patch_size=32, target_mpp=4.0)
     sid = project.add_slide(cmu_svs)
+    grid = project.grid(sid)
+    project.set_patch_labels(sid, grid.x[:5], grid.y[:5], grid.size0, np.array([0, 1, 0]))
     viewer, w = open_gui(project.root, viewer=make_napari_viewer())
     session = w["Project"].session
     assert session.project.root == project.root and session.slide_id == sid
+    # reopened where it stood: the slide, its patch grid and the labels made before
+    qtbot.waitUntil(lambda: session.grid is not None and w["Patch labelling"].overlay is not None, timeout=WAIT_MS)
+    assert "patch grid" in viewer.layers and "tissue" in viewer.layers
+    assert w["Patch labelling"].progress_label.text().startswith("5 of ")
     # the project stores resolved paths; the data folder may be reached through a symlink
     assert Path(viewer.layers[0].metadata["path"]).resolve() == Path(cmu_svs).resolve()
     assert main(["gui", str(tmp_path / "missing.svs")]) == 2

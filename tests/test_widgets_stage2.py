@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("napari")
 from _widget_helpers import MPP, PATCH, WAIT_MS, open_panels  # noqa: E402
+from qtpy.QtWidgets import QPushButton  # noqa: E402
 
 from napari_histo_wsss.core.data.project import Project  # noqa: E402
 from napari_histo_wsss.core.stage1.train import TrainConfig, train_classifier  # noqa: E402
@@ -49,7 +50,8 @@ def test_segmenter_train_predict_export(make_napari_viewer, qtbot, tmp_path, cmu
     rv.mode.setCurrentText("last")
     rv.device.setCurrentText("cpu")
     rv.compute()
-    qtbot.waitUntil(lambda: not rv.task.running, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not rv.task.running and not rv.pseudo_task.running and not rv.save_task.running,
+                    timeout=WAIT_MS)
     pm = viewer.layers["pseudo-mask"]
     pm.paint((pm.data.shape[0] // 2, pm.data.shape[1] // 2), 1)
     rv.save()
@@ -64,8 +66,12 @@ def test_segmenter_train_predict_export(make_napari_viewer, qtbot, tmp_path, cmu
     st.device.setCurrentText("cpu")
     run_dir = st.start()
     assert run_dir.name.startswith("seg-")
+    assert "(" + st.config().backbone in st.status.text(), st.status.text()  # no empty method in "(..., cpu)"
     qtbot.waitUntil(lambda: not st.task.running, timeout=WAIT_MS)
-    assert "finished" in st.status.text(), st.status.text()
+    assert "finished" in st.status.text() and "Predict slide" in st.status.text(), st.status.text()
+    assert "CAMs" not in st.status.text()
+    cancels = [b.text() for b in st.findChildren(QPushButton) if "Cancel" in b.text()]
+    assert sorted(cancels) == ["Cancel prediction", "Cancel training"]
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     assert st.plot.point_count("loss") >= 1
     assert st.runs.currentText() == run_dir.name
@@ -112,4 +118,4 @@ def test_segmenter_train_predict_export(make_napari_viewer, qtbot, tmp_path, cmu
     np.testing.assert_array_equal(open_label_pyramid(paths[0]).read_index(0), truth)
     ds, origin = w["Project"].session.layer_geometry(layer)
     back = rasterize_geojson(paths[1], truth.shape, classes, downsample=ds, origin=origin, fill=classes.background_index)
-    assert (back == truth).mean() > 0.98  # outlines simplified by core.export.GEOJSON_TOLERANCE (< 0.5 px)
+    assert (back == truth).mean() > 0.98  # outlines simplified by core.io.export.GEOJSON_TOLERANCE (< 0.5 px)

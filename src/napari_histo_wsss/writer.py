@@ -1,5 +1,5 @@
 """npe2 writers: a napari Labels layer to OME-Zarr labels, pyramidal TIFF, palette PNG or QuPath
-GeoJSON, all through :mod:`core.export`.
+GeoJSON, all through :mod:`core.io.export`.
 
 What a layer means is read from its ``meta``:
 

@@ -41,7 +41,7 @@ class StopOnSigint:
         self.requested = True
         tqdm.write("stopping after the current step (Ctrl-C again to abort)...")
 
-    def __enter__(self) -> "StopOnSigint":
+    def __enter__(self) -> StopOnSigint:
         self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -55,7 +55,7 @@ def drive(events: Iterator[Any], bar_desc: str, on_event: Callable[[Any, tqdm], 
     job only rank 0 shows anything (the other ranks run the same loop silently)."""
     if not is_main_process():
         last = None
-        for last in events:
+        for last in events:  # noqa: B007 - runs the job to its end, keeping its last event
             pass
         return last
     first = next(events, None)
@@ -77,7 +77,11 @@ def drive(events: Iterator[Any], bar_desc: str, on_event: Callable[[Any, tqdm], 
                 post["epoch"] = f"{ev.epoch}/{ev.epochs}"
             if ev.loss is not None:
                 post["loss"] = f"{ev.loss:.4f}"
+            if ev.eta_s is not None:  # the job's own estimate: the bar's restarts with each phase of a job
+                post["eta"] = f"{ev.eta_s:.0f}s"
             bar.set_postfix(post, refresh=False)
+            bar.set_description(f"{bar_desc} · {ev.message}" if ev.kind == "step" and ev.message else bar_desc,
+                                refresh=False)
             bar.refresh()
             if on_event is not None:
                 on_event(ev, bar)

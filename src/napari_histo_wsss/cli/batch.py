@@ -1,6 +1,6 @@
 """``histo-wsss predict-many``: whole-slide prediction of many slides with Dask.
 
-Thin over :func:`~..core.batch.predict_many`: collects the slides (files, folders, ``.txt``
+Thin over :func:`~..core.stage2.batch.predict_many`: collects the slides (files, folders, ``.txt``
 lists), starts a LocalCluster or connects to a scheduler, prints one line per finished slide and
 a summary table, and exits non-zero when any slide failed.
 """
@@ -11,7 +11,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
+from napari_histo_wsss.cli._settings import add_settings_lazily, settings_from_args
 from napari_histo_wsss.core.errors import HistoWSSSError
 
 
@@ -46,23 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", action="store_true",
                    help="local cluster: run the workers as threads of this process instead of processes")
     p.add_argument("--retries", type=int, default=2, help="retries of a slide after a transient I/O error (default 2)")
-    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path (default best)")
-    p.add_argument("--tile", type=int, default=512, help="tile side in working pixels (default 512)")
-    p.add_argument("--overlap", type=int, default=64, help="tile overlap in working pixels (default 64)")
-    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass (default 8)")
-    res = p.add_mutually_exclusive_group()
-    res.add_argument("--target-mpp", type=float, default=None,
-                     help="microns per pixel the model works at (the slide is resampled to it)")
-    res.add_argument("--downsample", type=float, default=None,
-                     help="level-0 pixels per working pixel (default: 1, full resolution)")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--gate", action="store_true", help="switch off classes the stage-one classifier finds absent")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (per worker)")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch threads per worker (default: local cluster cores / workers; remote: the worker's own)")
-    p.add_argument("--overwrite", action="store_true", help="recompute outputs that are already complete")
     p.add_argument("--json", action="store_true", help="print the results as JSON lines instead of a table")
+    # one option per PredictSettings field, from its declaration (added when predict-many parses: it imports torch)
+    add_settings_lazily(p, _predict_settings_class)
     p.set_defaults(func=run_predict_many)
+
+
+def _predict_settings_class() -> Any:
+    from napari_histo_wsss.core.stage2.batch import PredictSettings
+
+    return PredictSettings
 
 
 def collect_slides(inputs: list[str]) -> list[Path]:
@@ -128,16 +123,17 @@ def _security(args: argparse.Namespace) -> object | None:
 
 
 def run_predict_many(args: argparse.Namespace) -> int:
+    from napari_histo_wsss.core.io.atomic import check_apart
     from napari_histo_wsss.core.stage2.batch import CONNECT_TIMEOUT_S, PredictSettings, SlideResult, predict_many
 
     security = _security(args)
     if args.connect_timeout is not None and args.scheduler is None:
         raise HistoWSSSError("--connect-timeout is for a remote scheduler; give --scheduler too")
+    # a folder of slides holds no predictions, not even in a subfolder (predict_many checks the slides and the run)
+    check_apart(args.out, inputs=[p for p in args.slides if Path(p).is_dir()], what="output folder")
     slides = collect_slides(args.slides)
-    settings = PredictSettings(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
-                               target_mpp=args.target_mpp, downsample=args.downsample, tta=args.tta,
-                               which=args.checkpoint, gate=args.gate, device=args.device,
-                               torch_threads=args.torch_threads, overwrite=args.overwrite)
+    settings = settings_from_args(PredictSettings, args)
+    settings.validate()
     where = args.scheduler or f"a local cluster of {args.workers} {'thread' if args.threads else 'process'} worker(s)"
     if args.scheduler:  # say it where it is used: the scheduler runs code
         where += (" (a scheduler you trust: it runs the code it is sent and unpickles the results"

@@ -1,11 +1,13 @@
 """``histo-wsss export``: label images to OME-Zarr, pyramidal TIFF, palette PNG, QuPath GeoJSON,
-and a project's patch labels to CSV (all through ``core.export``)."""
+and a project's patch labels to CSV (all through ``core.io.export``)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any
+
+from napari_histo_wsss.cli._settings import number
 
 FORMATS = ("ome-zarr", "tiff", "png", "geojson", "csv")
 _BY_SUFFIX = {".zarr": "ome-zarr", ".tif": "tiff", ".tiff": "tiff", ".png": "png", ".geojson": "geojson",
@@ -31,17 +33,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output file (or .ome.zarr folder)")
     p.add_argument("--format", choices=FORMATS, default=None, help="output format (default: from OUT's extension)")
     p.add_argument("--classes", default=None, help="class preset or classes JSON for a mask image (default wsss4luad)")
-    p.add_argument("--downsample", type=float, default=1.0,
+    p.add_argument("--downsample", type=number(float, (0, None), "lo"), default=1.0,
                    help="level-0 pixels per pixel of a mask image (default 1)")
     p.add_argument("--slide", default=None, help="project slide id (with --mask)")
     p.add_argument("--mask", default=None, help="project mask name: pseudo, corrected, prediction, ...")
-    p.add_argument("--max-side", type=int, default=16384,
+    p.add_argument("--max-side", type=number(int, (1, None)), default=16384,
                    help="GeoJSON/PNG from a pyramid: the finest level whose longer side is at most this (default 16384)")
     p.add_argument("--include-background", action="store_true", help="GeoJSON: export background polygons too")
-    p.add_argument("--min-area", type=float, default=0.0, help="GeoJSON: drop regions smaller than this (label pixels)")
+    p.add_argument("--min-area", type=number(float, (0, None)), default=0.0, help="GeoJSON: drop regions smaller than this (label pixels)")
     p.add_argument("--split", action="store_true",
                    help="GeoJSON: one Polygon feature per connected region (default: one MultiPolygon per class)")
-    p.add_argument("--tolerance", type=float, default=GEOJSON_TOLERANCE, metavar="PX",
+    p.add_argument("--tolerance", type=number(float, (0, None)), default=GEOJSON_TOLERANCE, metavar="PX",
                    help="GeoJSON: simplification tolerance in pixels of the exported level (times its downsample "
                         f"in level-0 pixels); 0 keeps the exact pixel edges (default {GEOJSON_TOLERANCE:g})")
     p.add_argument("--no-holes", dest="holes", action="store_false",

@@ -45,9 +45,7 @@ def open_gui(path: str | Path | None = None, show: bool = True, viewer: Any = No
         p = Path(path).expanduser()
         if p.is_dir() and (p / "project.json").is_file() or p.name == "project.json":
             project_panel = widgets["Project"]
-            project = project_panel.open_project(p.parent if p.name == "project.json" else p)
-            if project.slides:
-                project_panel.show_slide(next(iter(project.slides)))
+            project_panel.open_project(p.parent if p.name == "project.json" else p)  # with its first slide and grid
         else:
             try:
                 viewer.open(str(p), plugin=PLUGIN)

@@ -15,6 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from napari_histo_wsss.cli._progress import StopOnSigint, drive
+from napari_histo_wsss.cli._project import open_project_for_writing
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_suggest(args: argparse.Namespace) -> int:
-    from napari_histo_wsss.core.data.project import Project
     from napari_histo_wsss.core.device import apply_thread_policy, pick_device
     from napari_histo_wsss.core.errors import HistoWSSSError, ProjectError
     from napari_histo_wsss.core.stage1.suggest import SUGGESTIONS_NAME, project_suggestions
@@ -47,7 +47,7 @@ def run_suggest(args: argparse.Namespace) -> int:
         raise HistoWSSSError(f"--n must be at least 1, got {args.n}")
     device = pick_device(args.device)
     apply_thread_policy(gui=False)
-    project = Project.open(args.project)
+    project = open_project_for_writing(args.project)
     for sid in args.slide or []:
         if sid not in project.slides:
             raise ProjectError(f"{project.manifest_path}: unknown slide id {sid!r}; the project has "

@@ -16,15 +16,13 @@ from typing import Any
 from tqdm import tqdm
 
 from napari_histo_wsss.cli._progress import StopOnSigint, drive
-
-def _defaults() -> Any:
-    from napari_histo_wsss.core.review import ReviewSettings
-
-    return ReviewSettings()
+from napari_histo_wsss.cli._project import open_project_for_writing
+from napari_histo_wsss.cli._settings import add_settings, settings_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    d = _defaults()
+    from napari_histo_wsss.core.review import ReviewSettings
+
     p = subparsers.add_parser(
         "cams",
         help="compute a project's slide CAMs and pseudo-masks (the Review panel's 'Compute CAMs')",
@@ -41,32 +39,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run", default=None,
                    help="classifier run: a folder name under PROJECT/runs or a path (default: the newest cls-* run)")
     p.add_argument("--overwrite", action="store_true", help="replace existing cam, cam_probs and pseudo layers")
-    p.add_argument("--checkpoint", choices=["best", "last"], default=d.which, help=f"checkpoint (default {d.which})")
-    p.add_argument("--mode", choices=["multi", "last"], default=d.mode,
-                   help="CAM type: multi (fused with two earlier stages, finer) or last (default: the run's "
-                        "cam_mode, the CAMs its validation scored)")
-    p.add_argument("--tile", type=int, default=d.tile,
-                   help=f"tile side in model pixels; gating uses one class probability per tile (default {d.tile})")
-    p.add_argument("--max-side", type=int, default=d.max_side,
-                   help=f"the mask's longer side at most, in pixels (default {d.max_side})")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N, mps (default auto)")
-    p.add_argument("--cam-threshold", type=float, default=d.cam_threshold,
-                   help=f"normalised CAM score below which a pixel is background (default {d.cam_threshold})")
-    p.add_argument("--gating", type=float, default=None,
-                   help="class probability that switches a class on in a tile (default: the threshold the run's "
-                        "validation chose, else 0.5)")
-    p.add_argument("--white-level", type=int, default=d.white_level,
-                   help=f"grey level above which a pixel is white glass, for class tables with a white "
-                        f"background (default {d.white_level})")
+    add_settings(p, ReviewSettings)  # one option per ReviewSettings field, from its declaration
     p.set_defaults(func=run_cams)
 
 
 def run_cams(args: argparse.Namespace) -> int:
     from napari_histo_wsss.core.errors import ProjectError
-    from napari_histo_wsss.core.data.project import Project
-    from napari_histo_wsss.core.review import PATHOLOGIST_MASKS, ReviewSettings, compute_slide_cams, existing_computed, resolve_run
+    from napari_histo_wsss.core.review import (
+        PATHOLOGIST_MASKS,
+        ReviewSettings,
+        compute_slide_cams,
+        existing_computed,
+        resolve_run,
+    )
 
-    project = Project.open(args.project)
+    project = open_project_for_writing(args.project)
     slides = args.slide or list(project.slides)
     if not slides:
         raise ProjectError(f"{project.root}: the project has no slides; add one first")
@@ -82,9 +69,7 @@ def run_cams(args: argparse.Namespace) -> int:
             raise ProjectError(f"{project.root}: slides already hold CAM layers ({listing}); pass --overwrite to "
                                f"replace them (the pathologist's {', '.join(PATHOLOGIST_MASKS)} are never replaced)")
     run_dir = resolve_run(project, args.run)
-    settings = ReviewSettings(which=args.checkpoint, mode=args.mode, tile=args.tile, max_side=args.max_side,
-                              device=args.device, cam_threshold=args.cam_threshold, gating=args.gating,
-                              white_level=args.white_level)
+    settings = settings_from_args(ReviewSettings, args)
     settings.validate()
     print(f"classifier run {run_dir}")
 

@@ -1,6 +1,6 @@
 """``histo-wsss train-cls`` and ``histo-wsss pseudo-masks``: stage one from the command line.
 
-Both are thin: they build a :class:`~..core.train.TrainConfig` / pseudo-mask settings from the
+Both are thin: they build a :class:`~..core.stage1.train.TrainConfig` / pseudo-mask settings from the
 options, drive the core generators and show their events on a tqdm progress bar. Ctrl-C asks the
 trainer to stop at the next step (it checkpoints, and ``--resume`` continues); a second Ctrl-C
 aborts at once.
@@ -16,7 +16,8 @@ from typing import Any
 from tqdm import tqdm
 
 from napari_histo_wsss.cli._progress import StopOnSigint, drive
-from napari_histo_wsss.cli._settings import add_settings_lazily, option_list, settings_from_args
+from napari_histo_wsss.cli._settings import add_run_settings, add_settings_lazily, run_settings, settings_from_args
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the SegMix curriculum and the choice of best.pt by pseudo-mask mIoU; without them a share of the "
             "patches is held out for a validation loss. Ctrl-C stops after the current step with a checkpoint; "
             "--resume continues it with its saved settings ({resumable} may change). "
-            "Unset options take core.train.TrainConfig's defaults, recorded in RUN_DIR/config.json."
+            "Unset options take core.stage1.train.TrainConfig's defaults, recorded in RUN_DIR/config.json."
         ),
     )
     p.add_argument("dataset", help="dataset folder (or a project folder / project.json)")
@@ -38,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
     p.add_argument("--json", action="store_true", help="print one JSON line per epoch instead of a progress bar")
     # one option per TrainConfig field, from its declaration (names, types, choices, help, default)
-    add_settings_lazily(p, _train_config_class, then=_name_resumable)
+    add_run_settings(p, _train_config_class)
     p.set_defaults(func=run_train)
 
     q = subparsers.add_parser(
@@ -65,12 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--prob-threshold", type=float, default=None,
                    help="probability that switches a class on when gating by predictions (default: the threshold "
                         "the run's validation chose, see metrics.jsonl 'prob_threshold', else 0.5)")
-    q.add_argument("--bg-threshold", type=float, default=0.0, help="normalised CAM score below which a pixel is background")
-    q.add_argument("--flip", action="store_true", help="average CAMs with the horizontally flipped image")
-    q.add_argument("--tile", type=int, default=None, help="force tiling at this size (default: whole image up to 1024 px)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     q.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT_DIR (and --cams folder) as a whole once the new one is complete")
+    # --tile, --flip, --bg-threshold: from PseudoMaskSettings' declarations
+    add_settings_lazily(q, _pseudo_mask_settings_class)
     q.set_defaults(func=run_pseudo_masks)
 
 
@@ -80,18 +80,17 @@ def _train_config_class() -> Any:
     return TrainConfig
 
 
-def _name_resumable(parser: argparse.ArgumentParser, config_class: Any) -> None:
-    parser.description = parser.description.replace("{resumable}", option_list(config_class, config_class.resumable()))
+def _pseudo_mask_settings_class() -> Any:
+    from napari_histo_wsss.core.stage1.cams import PseudoMaskSettings
+
+    return PseudoMaskSettings
 
 
 def _config(args: argparse.Namespace) -> Any:
-    """The TrainConfig of the options: on ``--resume`` of a run with a config.json, its saved
-    settings (:meth:`~..core.settings.Settings.saved`) with the options given; else the defaults
-    with them."""
+    """The TrainConfig of the options (a resumed run's saved settings with the options given)."""
     from napari_histo_wsss.core.stage1.train import TrainConfig
 
-    base = TrainConfig.saved(args.run_dir) if args.resume and (Path(args.run_dir) / "config.json").is_file() else None
-    return settings_from_args(TrainConfig, args, base)
+    return run_settings(TrainConfig, args, args.run_dir, args.resume)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -129,10 +128,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_pseudo_masks(args: argparse.Namespace) -> int:
+    from napari_histo_wsss.core.device import apply_thread_policy, pick_device
     from napari_histo_wsss.core.io.atomic import check_output
     from napari_histo_wsss.core.stage1.cams import PseudoMaskSettings, generate_pseudo_masks
-    from napari_histo_wsss.core.device import apply_thread_policy, pick_device
-    from napari_histo_wsss.core.stage1.train import calibrated_prob_threshold, load_run
+    from napari_histo_wsss.core.stage1.train import calibrated_offsets, calibrated_prob_threshold, load_run
 
     # the destination before the model is loaded (generate_pseudo_masks checks it again, with --cams)
     labels_dir = args.labels if args.labels not in (None, "names") else None
@@ -152,9 +151,13 @@ def run_pseudo_masks(args: argparse.Namespace) -> int:
         threshold = calibrated_prob_threshold(args.run_dir, args.checkpoint if args.checkpoint == "last" else "best")
         if threshold is not None:
             print(f"gating by predicted probabilities at {threshold:g} (chosen on the run's validation images)")
-    settings = PseudoMaskSettings(mode=args.mode or cfg.cam_mode, window=cfg.patch_size, tile=args.tile,
-                                  flip=args.flip, prob_threshold=0.5 if threshold is None else threshold,
-                                  bg_threshold=args.bg_threshold)
+    run_own = PseudoMaskSettings(mode=args.mode or cfg.cam_mode, window=cfg.patch_size,
+                                 prob_threshold=0.5 if threshold is None else threshold)
+    settings = settings_from_args(PseudoMaskSettings, args, run_own)
+    if settings.gating != "prob" and settings.offsets is None:  # offsets chosen on the run's validation images
+        found = calibrated_offsets(args.run_dir, args.checkpoint if args.checkpoint == "last" else "best", settings.gating)
+        settings.offsets = tuple(found) if found is not None else None
+    settings.validate()
     with StopOnSigint() as stop:
         last = drive(generate_pseudo_masks(model, classes, args.images_dir, args.out_dir, settings, cams_dir=cams_dir,
                                             labels=args.labels, device=device, should_stop=stop,

@@ -1,5 +1,5 @@
-"""``histo-wsss train-seg`` and ``histo-wsss predict``: stage two over ``core.train_seg`` and
-``core.infer``, with the same progress bars and Ctrl-C handling as stage one."""
+"""``histo-wsss train-seg`` and ``histo-wsss predict``: stage two over ``core.stage2.train``
+and ``core.stage2.infer``, with the same progress bars and Ctrl-C handling as stage one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from tqdm import tqdm
 
 from napari_histo_wsss.cli._progress import StopOnSigint, drive
-from napari_histo_wsss.cli._settings import add_settings_lazily, option_list, settings_from_args
+from napari_histo_wsss.cli._settings import add_run_settings, add_settings_lazily, run_settings, settings_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "or more --pseudo-masks folders (masks named like the training images) to use your own; a folder "
             "of ground-truth masks, or --full-supervision on a make-patches dataset, trains the fully "
             "supervised reference. Ctrl-C stops after the current step with a checkpoint; --resume continues it "
-            "with its saved settings ({resumable} may change). Unset options take core.train_seg.SegConfig's "
+            "with its saved settings ({resumable} may change). Unset options take core.stage2.train.SegConfig's "
             "defaults, recorded in the segmenter run's config.json."
         ),
     )
@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with its saved settings (only the options given change)")
     # one option per SegConfig field, from its declaration (names, types, choices, help, default)
-    add_settings_lazily(p, _seg_config_class, then=_name_resumable)
+    add_run_settings(p, _seg_config_class)
     p.set_defaults(func=run_train_seg)
 
     q = subparsers.add_parser(
@@ -59,20 +59,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("run_dir", help="segmenter run folder, or the stage-one run that holds segmenter/")
     q.add_argument("input", help="folder of images, or a slide file")
     q.add_argument("out", help="output folder (images) or .ome.zarr path (slide)")
-    q.add_argument("--tile", type=int, default=512, help="tile side in pixels (default 512)")
-    q.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (default 64)")
-    q.add_argument("--batch-size", type=int, default=8, help="tiles per batch (default 8)")
-    q.add_argument("--target-mpp", type=float, default=None,
-                   help="working resolution of slides in um/px, matching the training images' (default: level 0)")
-    q.add_argument("--downsample", type=float, default=None, help="working downsample of level 0 (overrides --target-mpp)")
-    q.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    q.add_argument("--gate", action="store_true", help="switch off classes the stage-one classifier finds absent (MLPS)")
     q.add_argument("--no-tissue", action="store_true", help="predict every tile, not only tissue")
     q.add_argument("--cams", action="store_true", help="write the stage-one classifier's CAM maps (slides only)")
-    q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     q.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT once the new output is complete (never INPUT or RUN_DIR)")
+    # tile, overlap, batch size, resolution, TTA, gating, checkpoint, device: the PredictSettings
+    # declarations that predict-many and the Segmenter panel use too (one set of defaults)
+    add_settings_lazily(q, _predict_settings_class, skip=("overwrite", "torch_threads"))
     q.set_defaults(func=run_predict)
+
+
+def _predict_settings_class() -> Any:
+    from napari_histo_wsss.core.stage2.batch import PredictSettings
+
+    return PredictSettings
 
 
 def _seg_config_class() -> Any:
@@ -81,19 +81,12 @@ def _seg_config_class() -> Any:
     return SegConfig
 
 
-def _name_resumable(parser: argparse.ArgumentParser, config_class: Any) -> None:
-    parser.description = parser.description.replace("{resumable}", option_list(config_class, config_class.resumable()))
-
-
 def _seg_config(args: argparse.Namespace) -> Any:
-    """The SegConfig of the options: on ``--resume`` of a run with a config.json, its saved
-    settings (:meth:`~..core.settings.Settings.saved`) with the options given; else the defaults
-    with them."""
+    """The SegConfig of the options (a resumed run's saved settings with the options given)."""
     from napari_histo_wsss.core.stage2.train import SegConfig
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "segmenter"
-    base = SegConfig.saved(out) if args.resume and (out / "config.json").is_file() else None
-    return settings_from_args(SegConfig, args, base)
+    return run_settings(SegConfig, args, out, args.resume)
 
 
 def run_train_seg(args: argparse.Namespace) -> int:
@@ -120,11 +113,14 @@ def run_train_seg(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from napari_histo_wsss.core.io.atomic import check_output
     from napari_histo_wsss.core.device import apply_thread_policy, pick_device
     from napari_histo_wsss.core.errors import HistoWSSSError
+    from napari_histo_wsss.core.io.atomic import check_output
+    from napari_histo_wsss.core.stage2.batch import PredictSettings
     from napari_histo_wsss.core.stage2.infer import cam_predict_fn, predict_folder, predict_slide, segmenter_predict_fn
 
+    opts = settings_from_args(PredictSettings, args)
+    opts.validate()
     src = Path(args.input)
     if not src.exists():
         raise HistoWSSSError(f"{src}: input not found")
@@ -133,7 +129,7 @@ def run_predict(args: argparse.Namespace) -> int:
     # the destination before the model is loaded: never the input or the run, never an old output unasked
     check_output(args.out, inputs=[src], overwrite=args.overwrite, protect=[args.run_dir],
                  what="output folder" if src.is_dir() else "output", folder=True if src.is_dir() else None)
-    device = pick_device(args.device)
+    device = pick_device(opts.device)
     apply_thread_policy(gui=False)
     run = Path(args.run_dir)
     stage_one = run
@@ -145,26 +141,26 @@ def run_predict(args: argparse.Namespace) -> int:
     else:
         from napari_histo_wsss.core.stage2.train import load_segmenter
 
-        model, classes, _cfg, meta = load_segmenter(run, map_location=device)
+        model, classes, _cfg, meta = load_segmenter(run, which=opts.which, map_location=device)
         stage_one = Path(meta.get("stage_one") or run)
         gate = None
-        if args.gate:
+        if opts.gate:
             from napari_histo_wsss.core.stage1.train import load_run
 
             gate = load_run(stage_one, map_location=device)[0]
         fn = segmenter_predict_fn(model, classes, device, gate=gate)
     with StopOnSigint() as stop:
         if src.is_dir():
-            last = drive(predict_folder(src, args.out, fn, classes, tile=args.tile, overlap=args.overlap, tta=args.tta,
+            last = drive(predict_folder(src, args.out, fn, classes, tile=opts.tile, overlap=opts.overlap, tta=opts.tta,
                                          should_stop=stop, overwrite=args.overwrite), "predict")
         else:
             from napari_histo_wsss.core.slides.slide import open_slide
 
             with open_slide(src) as slide:
-                last = drive(predict_slide(slide, fn, args.out, tile=args.tile, overlap=args.overlap,
-                                            batch_size=args.batch_size, target_mpp=args.target_mpp,
-                                            tissue=False if args.no_tissue else None, tta=args.tta, should_stop=stop,
-                                            classes=classes, downsample=args.downsample,
+                last = drive(predict_slide(slide, fn, args.out, tile=opts.tile, overlap=opts.overlap,
+                                            batch_size=opts.batch_size, target_mpp=opts.target_mpp,
+                                            tissue=False if args.no_tissue else None, tta=opts.tta, should_stop=stop,
+                                            classes=classes, downsample=opts.downsample,
                                             output="maps" if args.cams else "labels", overwrite=args.overwrite),
                               "predict")
     if last is not None:

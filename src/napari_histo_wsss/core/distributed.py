@@ -100,7 +100,7 @@ class DistContext:
     _owns_group: bool = field(default=False, repr=False)
 
     @classmethod
-    def from_env(cls, device: str | torch.device | None = "auto", timeout_s: float = 1800.0) -> "DistContext":
+    def from_env(cls, device: str | torch.device | None = "auto", timeout_s: float = 1800.0) -> DistContext:
         """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` (torchrun) and pick the
         rank's device from ``device`` (``auto``, ``cpu``, ``cuda``...). Nothing is initialised
         yet. Without those variables: a single-process context."""
@@ -142,7 +142,7 @@ class DistContext:
         return global_batch_size // self.world_size
 
     # -- life cycle -------------------------------------------------------------------------------
-    def init(self) -> "DistContext":
+    def init(self) -> DistContext:
         """Select the rank's GPU and join the process group (``env://`` rendezvous set up by
         torchrun). Idempotent; a no-op for a single process."""
         if self.device.type == "cuda":
@@ -170,7 +170,7 @@ class DistContext:
             dist.destroy_process_group()
         self._owns_group = False
 
-    def __enter__(self) -> "DistContext":
+    def __enter__(self) -> DistContext:
         return self.init()
 
     def __exit__(self, *exc: object) -> None:

@@ -40,14 +40,16 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from napari_histo_wsss.core.io.atomic import remove_temporaries, write_json, write_text
 from napari_histo_wsss.core.data.classes import ClassTable
 from napari_histo_wsss.core.device import apply_thread_policy, autocast, grad_scaler, seed_everything
 from napari_histo_wsss.core.distributed import DistContext
 from napari_histo_wsss.core.errors import HistoWSSSError, TrainingError
+from napari_histo_wsss.core.io.atomic import remove_temporaries, write_json, write_text
 from napari_histo_wsss.core.models import check_classes, load_checkpoint, parameter_groups, save_model
+from napari_histo_wsss.core.models.backbones import BACKBONES
 from napari_histo_wsss.core.progress import ProgressEvent
 from napari_histo_wsss.core.runs import (
+    check_run_place,
     check_same_dataset,
     dataset_fingerprint,
     ensure_run_folders,
@@ -57,9 +59,48 @@ from napari_histo_wsss.core.runs import (
     saving,
     worker_error,
 )
+from napari_histo_wsss.core.settings import known_backbone, setting
 
 __all__ = ["TrainingTask", "RunContext", "EpochSummary", "run_training", "lr_at", "warmup_for", "build_optimizer",
-           "item_seed", "Batches", "make_loader"]
+           "item_seed", "Batches", "make_loader", "common_setting"]
+
+
+# ---------------------------------------------------------------------------------------------
+# settings both stages declare alike
+# ---------------------------------------------------------------------------------------------
+#: Keyword arguments of :func:`~.settings.setting` for the settings that both training stages
+#: have with the same default, rule and help (the stages' config classes declare the others).
+#: The section names are those of both classes' ``--help`` and "Advanced" forms.
+_COMMON_SETTINGS: dict[str, dict[str, Any]] = {
+    "head_lr_mult": dict(default=10.0, range=(0, None), open="lo", group="optimisation", label="Head LR multiplier",
+                         help="the new layers learn this many times faster than the backbone"),
+    "weight_decay": dict(default=1e-4, range=(0, None), group="optimisation", decimals=6, step=1e-4,
+                         help="AdamW weight decay"),
+    "warmup_steps": dict(default=20, range=(0, None), group="optimisation",
+                         help="steps of linear learning-rate warm-up before the cosine decay"),
+    "max_steps_per_epoch": dict(default=None, range=(1, None), none="all", group="optimisation",
+                                help="cap the steps of an epoch (default: one pass over the data)"),
+    "backbone": dict(default="efficientnet-lite0", choices=BACKBONES, strict=False, check=known_backbone, basic=True,
+                     group="training settings", help="efficientnet-lite0/1/2, resnet18/34/50"),
+    "weights": dict(default="imagenet", choices=("imagenet", "none"), strict=False, basic=True,
+                    group="training settings", browse="PyTorch weights (*.pth *.pt);;All files (*)",
+                    help="imagenet, none, or a .pth checkpoint path (e.g. pathology-pretrained)"),
+    "device": dict(default="auto", choices=("auto", "cpu", "cuda", "mps"), strict=False, basic=True, resumable=True,
+                   group="training settings", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps"),
+    "seed": dict(default=0, range=(0, 2**32 - 1), basic=True, group="training settings",
+                 help="random seed (CPU runs repeat exactly)"),
+    "amp": dict(default=True, resumable=True, group="performance", label="Mixed precision on GPUs",
+                help="mixed precision on GPUs (off: full precision there too)"),
+    "num_workers": dict(default=0, range=(0, None), resumable=True, gui=False, group="performance",
+                        help="data-loading worker processes (0 = in the training process)"),
+}
+
+
+def common_setting(name: str) -> Any:
+    """A new dataclass field for setting ``name`` as both stages declare it (``device: str =
+    common_setting("device")``); each class keeps its own field order."""
+    kw = dict(_COMMON_SETTINGS[name])
+    return setting(kw.pop("default"), **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +297,14 @@ class TrainingTask:
         """Read and check the training data; set ``classes``, ``spec`` and ``patch_size``."""
         raise NotImplementedError
 
+    def run_apart_from(self, run: Path) -> tuple[list[Path], list[Path]]:
+        """``(inputs, holders)`` for :func:`~.runs.check_run_place` of the run folder ``run``,
+        after :meth:`load`: folders it may not be, hold or lie inside, and folders it may lie
+        inside but not be or hold. The dataset is an input; a project dataset is a holder (it
+        keeps its runs)."""
+        root = Path(self.spec.root)
+        return ([], [root]) if self.spec.layout == "project" else ([root], [])
+
     @property
     def classes_source(self) -> str:
         """Where the class table comes from, for the message of a checkpoint with another one."""
@@ -282,7 +331,8 @@ class TrainingTask:
 
     def setup(self, ctx: RunContext, model: torch.nn.Module) -> Iterator[ProgressEvent]:
         """Build the data pipelines (and anything the loss needs); set ``steps``. May yield ``log``
-        events (shown before ``start``)."""
+        and ``step`` events (shown before ``start``) and end with a ``cancelled`` event, which ends
+        the run."""
         return iter(())
 
     def state_dict(self) -> dict:
@@ -371,6 +421,7 @@ def _run(task: TrainingTask, run: Path, dctx: DistContext, resume: bool,
     ctx = RunContext(run, task.cfg, dctx, resume, should_stop)
     task.load(ctx)
     cfg = ctx.cfg = task.cfg  # as load() settled it
+    check_run_place(run, *task.run_apart_from(run), what=f"{task.what} folder")  # never into its own inputs
     last_path, best_path, metrics_path = ctx.last_path, ctx.best_path, ctx.metrics_path
 
     # -- resume checks: before any work, so that a bad resume fails in seconds ------------------------
@@ -404,7 +455,10 @@ def _run(task: TrainingTask, run: Path, dctx: DistContext, resume: bool,
     model = task.build_model(ctx, fresh=ckpt is None)
     optimizer = build_optimizer(model, cfg)
     scaler = grad_scaler(ctx.device, cfg.amp)
-    yield from task.setup(ctx, model)
+    for ev in task.setup(ctx, model):
+        yield ev
+        if ev.kind == "cancelled":
+            return
     steps = task.steps
     total_steps = steps * cfg.epochs
     warmup = warmup_for(cfg.warmup_steps, total_steps)

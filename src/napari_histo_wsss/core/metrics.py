@@ -1,6 +1,6 @@
 """Segmentation metrics from a confusion matrix: per-class IoU, mIoU, fwIoU, pixel accuracy.
 
-The convention (MLPS, Han et al. 2022; design notes section 5), stated once and used everywhere:
+The convention (MLPS, Han et al. 2022), stated once and used everywhere:
 
 * Masks hold class indices ``0..K-1``. With a :class:`~.classes.ClassTable` of ``C`` tissue
   classes, ``K = C + 1`` and index ``C`` is background/exclude.

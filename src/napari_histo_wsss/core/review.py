@@ -4,21 +4,27 @@ Everything of one slide lives on one *canvas* (:class:`CamCanvas`): a single-lev
 slide at the project's working resolution, or coarser so that its longer side stays under
 ``max_side`` (napari cannot paint multiscale Labels and paints huge ones slowly). The canvas is
 cut into square tiles (:func:`plan_cams`, laid with :func:`~.grid.axis_starts`); each tile
-holding tissue is read from the slide at the working resolution and given to the run's
-classifier (:func:`~.cams.cams_for_image`), which returns its CAMs and the tile's image-level
-class probabilities (the gating of the pseudo-mask is per tile).
+holding tissue is read from the slide at the working resolution, widened by a margin, and given
+to the run's classifier (:func:`~.cams.cams_for_image` without its per-image normalisation),
+which returns its CAMs at raw strength and the tile's image-level class probabilities.
+Neighbouring tiles overlap by twice the margin and are blended with the package's cosine
+window (:meth:`CamCanvas.put`); CAMs are zero outside the project's tissue mask.
 
-The automatic pseudo-mask of a tile is :func:`~.cams.class_scores` (cached per tile, it does not
-depend on the CAM threshold) followed by :func:`~.cams.threshold_scores` - the same two steps
-that :func:`~.cams.pseudo_mask` chains for image folders and stage two's MLPS sets - with the
-white glass of :func:`~.tissue.white_background_mask` as background.
+The automatic pseudo-mask is decided per slide, never per tile, so no tile edge can show:
+gating from the slide-level probabilities (each class's highest tile probability), one
+normalisation per class over the whole slide (:func:`canvas_scores`: :func:`~.cams.allowed_classes`
+and :func:`~.cams.class_scores`, cached; they do not depend on the CAM threshold), then
+:func:`~.cams.threshold_scores` - the steps that :func:`~.cams.pseudo_mask` chains for image
+folders and stage two's MLPS sets - with glass (outside the tissue mask, or white glass of
+:func:`~.tissue.white_background_mask`) as background. Tissue that no class reaches is
+*uncertain* in the review (:func:`uncertain_index`, its own style) and saved as background.
 
 :func:`compute_slide_cams` is the one job that computes and stores a slide's layers; the Review
 panel runs it in the background and ``histo-wsss cams`` from the command line. The project masks
 (``masks/<slide>/<name>``, :meth:`~.project.Project.write_mask`) are named by the constants
 below; stage two (:mod:`.train_seg`) reads the same names:
 
-* ``cam`` (C, h, w) float16 and ``cam_probs`` (C, th, tw) float16, NaN on tiles not computed;
+* ``cam`` (C, h, w) float16 (each class normalised over the slide) and ``cam_probs`` (C, th, tw) float16, NaN on tiles not computed;
 * ``pseudo`` (h, w) uint8 class indices, the automatic mask (background = C);
 * ``corrected``, ``corrected_flag`` and ``reviewed``: the pathologist's work. A pixel is
   *corrected* when the user changed it (painted, filled or erased) and its value now differs
@@ -41,8 +47,9 @@ import numpy as np
 
 from napari_histo_wsss.core.data.classes import ClassTable
 from napari_histo_wsss.core.errors import HistoWSSSError, ProjectError, TrainingError
-from napari_histo_wsss.core.slides.grid import axis_starts
 from napari_histo_wsss.core.progress import ProgressEvent
+from napari_histo_wsss.core.settings import Settings, setting
+from napari_histo_wsss.core.slides.grid import axis_starts, cosine_window
 from napari_histo_wsss.core.slides.tissue import white_background_mask
 
 __all__ = [
@@ -59,14 +66,18 @@ __all__ = [
     "CamCanvas",
     "CamPlan",
     "CamTile",
-    "PseudoTile",
     "plan_cams",
     "plan_slide_cams",
     "slide_cam_tiles",
-    "pseudo_tile",
-    "white_tile",
+    "uncertain_index",
+    "slide_probs",
+    "canvas_scores",
+    "outside_canvas",
     "pseudo_from_canvas",
-    "pseudo_tiles",
+    "pseudo_updates",
+    "ThresholdIndex",
+    "PseudoTile",
+    "tissue_on_canvas",
     "Corrections",
     "calibrated_gating",
     "list_runs",
@@ -76,6 +87,7 @@ __all__ = [
     "load_canvas",
     "load_corrections",
     "corrections_for_plan",
+    "with_uncertain",
 ]
 
 # -- the project masks of the review step (one place; stage two reads them) --------------------
@@ -90,47 +102,46 @@ COMPUTED_MASKS = (MASK_CAM, MASK_CAM_PROBS, MASK_PSEUDO)
 #: The pathologist's work: written only from the Review panel's edits, never recomputed.
 PATHOLOGIST_MASKS = (MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_REVIEWED)
 
+#: Smallest class peak the per-slide normalisation divides by (a class never seen stays zero).
+_EPS = 1e-6
+
 #: Prefix of classifier run folders under a project's ``runs/``.
 CLASSIFIER_RUN_PREFIX = "cls-"
 
 
 @dataclass
-class ReviewSettings:
-    """How a slide's CAMs and automatic pseudo-mask are computed (the Review panel's form).
+class ReviewSettings(Settings):
+    """How a slide's CAMs and automatic pseudo-mask are computed (the Review panel's form and
+    ``histo-wsss cams``' options, generated from these declarations: :mod:`.settings`).
 
-    ``which``: checkpoint (best/last); ``mode``: CAM type (see :data:`.models.classifier.CAM_MODES`;
-    None: the run's own ``cam_mode``, the type its validation scored and ``pseudo-masks`` uses);
-    ``tile``: tile side in model pixels (gating uses one class probability per tile);
-    ``max_side``: the canvas's longer side at most; ``device``: auto, cpu, cuda[:N], mps;
-    ``cam_threshold``: normalised CAM score below which a pixel is background; ``gating``: class
-    probability that switches a class on in a tile (None: the run's calibrated threshold, see
-    :func:`calibrated_gating`, else 0.5); ``white_level``: grey level above which a pixel is white
-    glass (used when the class table has ``white_background``)."""
+    ``mode`` None is the run's own ``cam_mode``, the type its validation scored and
+    ``pseudo-masks`` uses; ``tile``: each tile is computed with a margin of an eighth of it on
+    every side and blended with its neighbours (768 keeps a tile and its margins within one exact
+    pass of :func:`~.stage1.cams.cams_for_image`); ``gating`` None is the run's calibrated
+    threshold (:func:`calibrated_gating`), else 0.5; ``white_level`` is used when the class table
+    has ``white_background``."""
 
-    which: str = "best"
-    mode: str | None = None
-    tile: int = 1024
-    max_side: int = 4096
-    device: str = "auto"
-    cam_threshold: float = 0.2
-    gating: float | None = None
-    white_level: int = 200
+    what = "review setting"
 
-    def validate(self) -> None:
-        from napari_histo_wsss.core.models.classifier import CAM_MODES
-
-        checks = [
-            (self.mode is None or self.mode in CAM_MODES,
-             f"CAM mode must be one of {', '.join(CAM_MODES)}, got {self.mode!r}"),
-            (self.tile >= 32, f"tile must be at least 32 px, got {self.tile}"),
-            (self.max_side >= 64, f"max. mask side must be at least 64 px, got {self.max_side}"),
-            (0.0 <= self.cam_threshold <= 1.0, f"CAM threshold must lie in 0..1, got {self.cam_threshold}"),
-            (self.gating is None or 0.0 <= self.gating <= 1.0, f"gating must lie in 0..1, got {self.gating}"),
-            (0 <= self.white_level <= 255, f"white level must lie in 0..255, got {self.white_level}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise HistoWSSSError(f"review setting: {message}")
+    which: str = setting("best", choices=("best", "last"), option="checkpoint", label="Checkpoint",
+                         help="checkpoint")
+    # the entries of models.classifier.CAM_MODES (that module imports torch; tests/test_settings.py compares them)
+    mode: str | None = setting(None, choices=("multi", "last"), label="CAM mode",
+                               help="CAM type: multi (fused with two earlier stages, finer) or last (default: the "
+                                    "run's cam_mode, the CAMs its validation scored)")
+    tile: int = setting(768, range=(32, None), step=64,
+                        help="tile side in model pixels; tiles are blended with their neighbours")
+    max_side: int = setting(4096, range=(64, None), step=256, label="Max. mask side",
+                            help="the mask's longer side at most, in pixels")
+    device: str = setting("auto", choices=("auto", "cpu", "cuda", "mps"), strict=False,
+                          help="auto, cpu, cuda, cuda:N, mps")
+    cam_threshold: float = setting(0.2, range=(0, 1), help="normalised CAM score below which a pixel is background")
+    gating: float | None = setting(None, range=(0, 1),
+                                   help="class probability that switches a class on for the slide (default: the "
+                                        "threshold the run's validation chose, else 0.5)")
+    white_level: int = setting(200, range=(0, 255),
+                               help="grey level above which a pixel is white glass, for class tables with a white "
+                                    "background")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,10 +151,14 @@ class ReviewSettings:
 class CamCanvas:
     """CAMs of one slide on a single-level raster.
 
-    ``cams`` (C, h, w) float32 in [0, 1]; ``probs`` (C, th, tw) float32 image-level probability
-    of each class per tile, NaN where the tile was not computed (no tissue, or cancelled);
-    ``tile`` canvas pixels per tile side; ``downsample`` level-0 pixels per canvas pixel; ``rgb``
-    the slide at canvas resolution (white where not computed) for the white-background rule.
+    ``cams`` (C, h, w) float32: the blended CAMs, each class at its raw strength (comparable
+    across tiles; :func:`canvas_scores` normalises them once per slide) and zero outside the
+    tissue; ``weight`` (h, w) the blending weight each pixel has received (0: not computed);
+    ``probs`` (C, th, tw) float32 image-level probability of each class per tile, NaN where the
+    tile was not computed (no tissue, or cancelled); ``tile`` canvas pixels per tile side;
+    ``downsample`` level-0 pixels per canvas pixel; ``rgb`` the slide at canvas resolution (white
+    where not computed) for the white-background rule; ``tissue`` (h, w) bool, the project's
+    tissue mask on the canvas (None: everything is tissue).
     """
 
     cams: np.ndarray
@@ -151,13 +166,21 @@ class CamCanvas:
     tile: int
     downsample: float
     rgb: np.ndarray
-    #: cache of :func:`core.cams.class_scores` per (ty, tx, tile version, allowed classes); see
-    #: :func:`pseudo_tile` (filled from the slider worker thread, so keys carry the tile version)
-    scores: dict = field(default_factory=dict, repr=False, compare=False)
-    versions: dict = field(default_factory=dict, repr=False, compare=False)
+    weight: np.ndarray | None = None
+    tissue: np.ndarray | None = None
+    #: bumped by every :meth:`put`; the caches of :meth:`peaks`, :func:`canvas_scores` and :func:`outside_canvas` carry it
+    version: int = field(default=0, compare=False)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.weight is None:  # a canvas read back from the project: the computed tiles are whole
+            self.weight = np.zeros(self.shape, dtype=np.float32)
+            for ty, tx in self.computed_tiles():
+                self.weight[self.tile_slices(ty, tx)] = 1.0
 
     @classmethod
-    def empty(cls, num_classes: int, shape: tuple[int, int], tile: int, downsample: float) -> "CamCanvas":
+    def empty(cls, num_classes: int, shape: tuple[int, int], tile: int, downsample: float,
+              tissue: np.ndarray | None = None) -> CamCanvas:
         h, w = shape
         th, tw = math.ceil(h / tile), math.ceil(w / tile)
         return cls(
@@ -165,6 +188,7 @@ class CamCanvas:
             probs=np.full((num_classes, th, tw), np.nan, dtype=np.float32),
             tile=int(tile), downsample=float(downsample),
             rgb=np.full((h, w, 3), 255, dtype=np.uint8),
+            weight=np.zeros((h, w), dtype=np.float32), tissue=tissue,
         )
 
     @property
@@ -187,26 +211,54 @@ class CamCanvas:
             region[self.tile_slices(ty, tx)] = True
         return region
 
-    def put(self, ty: int, tx: int, cams: np.ndarray, probs: np.ndarray, rgb: np.ndarray) -> tuple[slice, slice]:
-        """Store one computed tile (already at canvas resolution, cropped to the canvas)."""
-        sy, sx = self.tile_slices(ty, tx)
-        self.cams[:, sy, sx] = cams
-        self.rgb[sy, sx] = rgb
+    def peaks(self) -> np.ndarray:
+        """(C,) the strongest value of each class on the slide so far (the per-slide normalisation)."""
+        key = ("peaks", self.version)
+        if key not in self.cache:
+            self.cache = {k: v for k, v in self.cache.items() if k[0] != "peaks"}
+            self.cache[key] = self.cams.reshape(self.cams.shape[0], -1).max(axis=1)
+        return self.cache[key]
+
+    def put(self, ty: int, tx: int, cams: np.ndarray, probs: np.ndarray, rgb: np.ndarray,
+            box: tuple[slice, slice] | None = None) -> tuple[slice, slice]:
+        """Blend one computed tile in. ``cams`` (C, bh, bw) and ``rgb`` (bh, bw, 3) cover ``box``
+        (default the tile itself): the tile widened by the plan's margin, clipped to the canvas.
+        Tiles overlap by twice the margin and are blended with the cosine window of
+        :func:`~.grid.cosine_window` (a partition of unity), so no tile edge shows. Returns ``box``."""
+        sy, sx = box if box is not None else self.tile_slices(ty, tx)
+        bh, bw = sy.stop - sy.start, sx.stop - sx.start
+        core_y, core_x = self.tile_slices(ty, tx)
+        # ramps as long as the overlap with each neighbour (twice the margin on that side)
+        ov = 2 * max(core_y.start - sy.start, sy.stop - core_y.stop, core_x.start - sx.start, sx.stop - core_x.stop, 0)
+        wy = cosine_window(bh, min(ov, bh // 2))
+        wx = cosine_window(bw, min(ov, bw // 2))
+        fw = np.outer(wy, wx)
+        old_w = self.weight[sy, sx]
+        new_w = old_w + fw
+        part = self.cams[:, sy, sx]
+        part *= old_w / new_w
+        part += np.asarray(cams, dtype=np.float32) * (fw / new_w)
+        if self.tissue is not None:
+            part *= self.tissue[sy, sx]
+        self.weight[sy, sx] = new_w
+        self.rgb[core_y, core_x] = rgb[core_y.start - sy.start:core_y.stop - sy.start,
+                                       core_x.start - sx.start:core_x.stop - sx.start]
         self.probs[:, ty, tx] = probs
-        self.versions[(ty, tx)] = self.versions.get((ty, tx), 0) + 1  # cached scores of the old tile go stale
-        for key in [k for k in list(self.scores) if k[:2] == (ty, tx)]:
-            self.scores.pop(key, None)
+        self.version += 1
+        self.cache = {}  # scores, peaks and glass go stale
         return sy, sx
 
 
 @dataclass(eq=False)
 class CamTile(ProgressEvent):
-    """A finished tile of :func:`slide_cam_tiles`: its CAMs (C, th, tw), class probabilities (C,)
-    and RGB (th, tw, 3), at canvas resolution and cropped to the canvas."""
+    """A finished tile of :func:`slide_cam_tiles`: its CAMs (C, bh, bw) at raw strength, class
+    probabilities (C,) and RGB (bh, bw, 3), at canvas resolution, covering ``box`` (the tile
+    widened by the plan's margin, clipped to the canvas)."""
 
     kind: str = "step"
     ty: int = 0
     tx: int = 0
+    box: tuple[slice, slice] | None = None
     cams: np.ndarray | None = field(default=None, repr=False)
     probs: np.ndarray | None = field(default=None, repr=False)
     rgb: np.ndarray | None = field(default=None, repr=False)
@@ -214,12 +266,20 @@ class CamTile(ProgressEvent):
 
 @dataclass(eq=False)
 class PseudoTile(ProgressEvent):
-    """A recomputed tile of the automatic mask (:func:`pseudo_tiles`)."""
+    """A recomputed automatic mask (:func:`pseudo_updates`): ``mask`` covers ``box`` (None: the
+    whole canvas); ``ty``/``tx`` name the tile when it is one."""
 
     kind: str = "step"
     ty: int = 0
     tx: int = 0
+    box: tuple[slice, slice] | None = None
     mask: np.ndarray | None = field(default=None, repr=False)
+    #: a CAM-threshold move (:class:`ThresholdIndex`): the flat canvas indices that changed and
+    #: their new values (``mask`` is None then), and the threshold the mask now stands for
+    changed: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    threshold: float | None = None
+    #: the index the next CAM-threshold move can use (sent with a whole mask)
+    index: ThresholdIndex | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -233,6 +293,19 @@ class CamPlan:
     tiles: list[tuple[int, int]] = field(default_factory=list)   # (ty, tx) holding tissue
 
     @property
+    def margin(self) -> int:
+        """Canvas px each tile is widened by on every side (neighbours overlap by twice this)."""
+        return max(1, self.tile // 8)
+
+    def box(self, ty: int, tx: int) -> tuple[slice, slice]:
+        """The canvas box a tile's CAMs are computed on: the tile widened by :attr:`margin`,
+        clipped to the canvas."""
+        h, w = self.shape
+        t, m = self.tile, self.margin
+        return (slice(max(0, ty * t - m), min(h, (ty + 1) * t + m)),
+                slice(max(0, tx * t - m), min(w, (tx + 1) * t + m)))
+
+    @property
     def tile_work(self) -> int:
         """Model input pixels per tile side."""
         return max(1, int(round(self.tile * self.downsample / self.work_downsample)))
@@ -241,9 +314,9 @@ class CamPlan:
 def plan_cams(slide_dims: tuple[int, int], work_downsample: float, tile_work: int, max_side: int,
               tissue: Any = None) -> CamPlan:
     """Canvas at the working resolution (coarser if its longer side would exceed ``max_side``),
-    non-overlapping tiles of ``tile_work`` model pixels laid by :func:`~.grid.axis_starts` (the
-    last ones cropped at the canvas edge); tiles without tissue (per ``tissue.box_fraction``)
-    are skipped."""
+    tiles of ``tile_work`` model pixels laid by :func:`~.grid.axis_starts` (the last ones cropped
+    at the canvas edge; each is computed on a box widened by :attr:`CamPlan.margin`); tiles
+    without tissue (per ``tissue.box_fraction``) are skipped."""
     w0, h0 = slide_dims
     ds = max(float(work_downsample), max(w0, h0) / float(max_side))
     h, w = max(1, math.ceil(h0 / ds)), max(1, math.ceil(w0 / ds))
@@ -268,100 +341,178 @@ def plan_slide_cams(project: Any, slide_id: str, tile: int, max_side: int) -> Ca
     return plan
 
 
-def _resize_stack(maps: np.ndarray, size: int) -> np.ndarray:
-    """(C, s, s) float maps -> (C, size, size), area-averaged (bilinear when enlarging)."""
-    if maps.shape[1] == size and maps.shape[2] == size:
+def tissue_on_canvas(project: Any, slide_id: str, shape: tuple[int, int], downsample: float) -> np.ndarray:
+    """The project's tissue mask of a slide resampled (nearest) onto a canvas raster."""
+    t = project.tissue(slide_id)
+    return _onto(np.asarray(t.mask, dtype=bool), t.downsample, shape, downsample)
+
+
+def _resize_stack(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(C, h, w) float maps -> (C, *size), area-averaged (bilinear when enlarging)."""
+    if maps.shape[1:] == tuple(size):
         return maps
     import torch
     import torch.nn.functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(maps))[None]
-    mode = "area" if maps.shape[1] >= size else "bilinear"
+    mode = "area" if maps.shape[1] >= size[0] and maps.shape[2] >= size[1] else "bilinear"
     kw = {} if mode == "area" else {"align_corners": False}
-    return F.interpolate(t, size=(size, size), mode=mode, **kw)[0].numpy()
+    return F.interpolate(t, size=tuple(size), mode=mode, **kw)[0].numpy()
 
 
 def slide_cam_tiles(model: Any, slide: Any, plan: CamPlan, mode: str, window: int, device: Any,
                     should_stop: Callable[[], bool]) -> Iterator[CamTile]:
-    """The CAMs of each planned tile of an open slide, in plan order, at canvas resolution
-    (:func:`~.cams.cams_for_image` on the tile read at the working resolution, then resized);
-    returns early when ``should_stop()``."""
+    """The CAMs of each planned tile of an open slide, in plan order, at canvas resolution and
+    raw strength (:func:`~.cams.cams_for_image` without its per-image normalisation, on the
+    tile's widened box read at the working resolution, then resized); returns early when
+    ``should_stop()``."""
     from PIL import Image
 
     from napari_histo_wsss.core.stage1.cams import cams_for_image
 
     t0 = time.monotonic()
     n = len(plan.tiles)
-    tw = plan.tile_work
-    size0 = plan.tile * plan.downsample
-    h, w = plan.shape
+    ds, scale = plan.downsample, plan.downsample / plan.work_downsample
     for i, (ty, tx) in enumerate(plan.tiles, start=1):
         if should_stop():
             return
-        rgb = slide.read_scaled((tx * size0, ty * size0), (size0, size0), (tw, tw))
-        cams, probs = cams_for_image(model, rgb, device=device, mode=mode, window=window)
-        cams = _resize_stack(cams, plan.tile)
-        small = np.asarray(Image.fromarray(rgb).resize((plan.tile, plan.tile), Image.Resampling.BOX))
-        ch, cw = min(plan.tile, h - ty * plan.tile), min(plan.tile, w - tx * plan.tile)
-        yield CamTile(ty=ty, tx=tx, cams=cams[:, :ch, :cw], probs=probs, rgb=small[:ch, :cw], step=i, steps=n,
+        sy, sx = plan.box(ty, tx)
+        bh, bw = sy.stop - sy.start, sx.stop - sx.start
+        size = (max(1, int(round(bw * scale))), max(1, int(round(bh * scale))))
+        rgb = slide.read_scaled((sx.start * ds, sy.start * ds), (bw * ds, bh * ds), size)
+        cams, probs = cams_for_image(model, rgb, device=device, mode=mode, window=window, normalize=False)
+        cams = _resize_stack(cams, (bh, bw))
+        small = np.asarray(Image.fromarray(rgb).resize((bw, bh), Image.Resampling.BOX))
+        yield CamTile(ty=ty, tx=tx, box=(sy, sx), cams=cams, probs=probs, rgb=small, step=i, steps=n,
                       eta_s=(time.monotonic() - t0) / i * (n - i), message=f"tile {i}/{n}")
 
 
 # ---------------------------------------------------------------------------------------------
 # the automatic pseudo-mask
 # ---------------------------------------------------------------------------------------------
-def pseudo_tile(canvas: CamCanvas, classes: ClassTable, ty: int, tx: int, cam_threshold: float, gating: float,
-                white: np.ndarray | None = None) -> np.ndarray:
-    """The automatic pseudo-mask (uint8 class index, background = C) of one computed tile:
-    :func:`~.cams.class_scores` gated by the tile's predicted probabilities (``gating``), then
-    :func:`~.cams.threshold_scores` with ``cam_threshold`` as the background threshold; ``white``
-    (the tile's white-glass mask) is background too. The threshold-independent scores are
-    cached on the canvas per tile and gating, so moving the CAM-threshold slider costs one
-    comparison per pixel."""
-    from napari_histo_wsss.core.stage1.cams import allowed_classes, class_scores, threshold_scores
-
-    allowed = allowed_classes(classes, probs=canvas.probs[:, ty, tx], prob_threshold=gating)
-    key = (ty, tx, canvas.versions.get((ty, tx), 0), allowed.tobytes())
-    parts = canvas.scores.get(key)
-    if parts is None:
-        sy, sx = canvas.tile_slices(ty, tx)
-        parts = canvas.scores[key] = class_scores(canvas.cams[:, sy, sx], classes, allowed)
-    return threshold_scores(*parts, classes, bg_threshold=cam_threshold, white=white)
+def uncertain_index(classes: ClassTable) -> int:
+    """Class-index value of *uncertain* tissue in the review (the model gives it no class): one
+    past the background. Shown in its own style; saved as background (:meth:`Corrections.masks`)."""
+    return classes.background_index + 1
 
 
-def white_tile(canvas: CamCanvas, ty: int, tx: int, level: int | None) -> np.ndarray | None:
-    """White glass (grey > ``level``, small specks kept as tissue) of one tile; None when ``level`` is None."""
-    if level is None:
-        return None
-    sy, sx = canvas.tile_slices(ty, tx)
-    return white_background_mask(canvas.rgb[sy, sx], grey_threshold=int(level))
+def slide_probs(canvas: CamCanvas) -> np.ndarray:
+    """(C,) the slide-level class probabilities: each class's highest tile probability (0 when
+    no tile is computed). Gating is decided once per slide from these."""
+    p = canvas.probs.reshape(canvas.probs.shape[0], -1)
+    if np.isnan(p).all():
+        return np.zeros(p.shape[0], dtype=np.float32)
+    return np.nanmax(p, axis=1).astype(np.float32)
 
 
-def pseudo_from_canvas(canvas: CamCanvas, classes: ClassTable, cam_threshold: float, gating: float,
-                       white_level: int | None) -> np.ndarray:
-    """The automatic pseudo-mask of the whole canvas (tiles not computed are background)."""
-    out = np.full(canvas.shape, classes.background_index, dtype=np.uint8)
-    for ty, tx in canvas.computed_tiles():
-        out[canvas.tile_slices(ty, tx)] = pseudo_tile(canvas, classes, ty, tx, cam_threshold, gating,
-                                                      white_tile(canvas, ty, tx, white_level))
+def canvas_scores(canvas: CamCanvas, classes: ClassTable, gating: float,
+                  box: tuple[slice, slice] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The threshold-independent part of the slide's pseudo-mask: :func:`~.cams.allowed_classes`
+    from the slide-level probabilities (:func:`slide_probs`) and :func:`~.cams.class_scores` of
+    the CAMs normalised per class over the whole slide (:meth:`CamCanvas.peaks`). One gating and
+    one normalisation per slide, so no tile edge can show. ``box``: only that part of the
+    canvas (the live view while tiles arrive); the whole canvas is cached until the next
+    :meth:`CamCanvas.put`, so a CAM-threshold move costs one comparison per pixel."""
+    from napari_histo_wsss.core.stage1.cams import allowed_classes, class_scores
+
+    allowed = allowed_classes(classes, probs=slide_probs(canvas), prob_threshold=gating)
+    key = ("scores", canvas.version, allowed.tobytes())
+    if box is None and key in canvas.cache:
+        return canvas.cache[key]
+    scale = (1.0 / np.maximum(canvas.peaks(), _EPS)).astype(np.float32)[:, None, None]
+    cams = canvas.cams if box is None else canvas.cams[:, box[0], box[1]]
+    scores = class_scores(cams * scale, classes, allowed, norm="none")
+    if box is None:
+        canvas.cache = {k: v for k, v in canvas.cache.items() if k[0] != "scores"}
+        canvas.cache[key] = scores
+    return scores
+
+
+def outside_canvas(canvas: CamCanvas, white_level: int | None, box: tuple[slice, slice] | None = None) -> np.ndarray:
+    """(h, w) bool (or ``box`` of it): pixels that are background whatever the CAMs say - not
+    computed, outside the tissue mask, or (``white_level`` set) white glass
+    (:func:`~.tissue.white_background_mask`). The whole canvas is cached per version and level."""
+    key = ("outside", canvas.version, white_level)
+    if box is None and key in canvas.cache:
+        return canvas.cache[key]
+    sl = box if box is not None else (slice(None), slice(None))
+    out = canvas.weight[sl] <= 0
+    if canvas.tissue is not None:
+        out |= ~canvas.tissue[sl]
+    if white_level is not None:
+        out |= white_background_mask(canvas.rgb[sl], grey_threshold=int(white_level))
+    if box is None:
+        canvas.cache = {k: v for k, v in canvas.cache.items() if k[0] != "outside"}
+        canvas.cache[key] = out
     return out
 
 
-def pseudo_tiles(canvas: CamCanvas, classes: ClassTable, tiles: list[tuple[int, int]], cam_threshold: float,
-                 gating: float, white_level: int | None, white_cache: dict,
-                 should_stop: Callable[[], bool]) -> Iterator[PseudoTile]:
-    """The automatic mask of ``tiles`` in the given order (the Review panel passes the visible
-    ones first), one :class:`PseudoTile` each. White masks depend only on the white level and
-    are cached per tile in ``white_cache``."""
-    n = len(tiles)
-    for i, (ty, tx) in enumerate(tiles, start=1):
-        if should_stop():
-            return
-        key = (white_level, ty, tx)
-        if key not in white_cache:
-            white_cache[key] = white_tile(canvas, ty, tx, white_level)
-        yield PseudoTile(ty=ty, tx=tx, mask=pseudo_tile(canvas, classes, ty, tx, cam_threshold, gating, white_cache[key]),
-                         step=i, steps=n)
+def pseudo_from_canvas(canvas: CamCanvas, classes: ClassTable, cam_threshold: float, gating: float,
+                       white_level: int | None, uncertain: bool = False,
+                       box: tuple[slice, slice] | None = None) -> np.ndarray:
+    """The automatic pseudo-mask of the canvas (or of ``box``), uint8 class index:
+    :func:`canvas_scores` then :func:`~.cams.threshold_scores` with ``cam_threshold`` as the
+    background threshold and :func:`outside_canvas` as background. With ``uncertain``, tissue
+    whose best score stays below the threshold gets :func:`uncertain_index` instead of the
+    background (the review's display); without, it is background (what is saved and what stage
+    two reads)."""
+    from napari_histo_wsss.core.stage1.cams import threshold_scores
+
+    argmax, best = canvas_scores(canvas, classes, gating, box)
+    outside = outside_canvas(canvas, white_level, box)
+    mask = threshold_scores(argmax, best, classes, bg_threshold=cam_threshold, white=outside)
+    if uncertain:
+        mask[(mask == classes.background_index) & ~outside] = uncertain_index(classes)
+    return mask
+
+
+class ThresholdIndex:
+    """The slide's tissue pixels sorted by their best score (:func:`canvas_scores`), so that a
+    CAM-threshold move touches only the pixels whose score lies between the old and the new
+    threshold (a binary search, then work in proportion to the pixels that change) - the same
+    result as :func:`pseudo_from_canvas` at the new threshold (``tests/test_review.py``). Valid
+    for one canvas version, gating and white level (:meth:`fits`)."""
+
+    def __init__(self, canvas: CamCanvas, classes: ClassTable, gating: float, white_level: int | None) -> None:
+        argmax, best = canvas_scores(canvas, classes, gating)
+        tissue = np.flatnonzero(~outside_canvas(canvas, white_level))
+        scores = best.ravel()[tissue]
+        order = np.argsort(scores, kind="stable")
+        self.pixels = tissue[order].astype(np.int64)
+        self.scores = scores[order]
+        self.classes = argmax.ravel()[self.pixels]
+        self.uncertain = np.uint8(uncertain_index(classes))
+        self.key = (canvas.version, float(gating), white_level)
+
+    def fits(self, canvas: CamCanvas, gating: float, white_level: int | None) -> bool:
+        return self.key == (canvas.version, float(gating), white_level)
+
+    def changed(self, old: float, new: float) -> tuple[np.ndarray, np.ndarray]:
+        """(flat canvas indices, new values) of the tissue pixels whose value differs between
+        thresholds ``old`` and ``new`` (:func:`~.cams.threshold_scores`: a class from ``best >=
+        threshold`` on, uncertain below)."""
+        lo, hi = sorted((max(old, 0.0), max(new, 0.0)))
+        a, b = np.searchsorted(self.scores, [lo, hi], side="left")
+        values = np.where(self.scores[a:b] >= new, self.classes[a:b], self.uncertain).astype(np.uint8)
+        return self.pixels[a:b], values
+
+
+def pseudo_updates(canvas: CamCanvas, classes: ClassTable, cam_threshold: float, gating: float,
+                   white_level: int | None, should_stop: Callable[[], bool],
+                   index: ThresholdIndex | None = None, shown: float | None = None) -> Iterator[PseudoTile]:
+    """The review display's automatic mask (uncertain tissue shown): the job the Review panel
+    runs off the GUI thread when a slider moves. With an ``index`` that fits and the threshold
+    ``shown`` now, one :class:`PseudoTile` with only the pixels that change; else the whole mask
+    (:func:`pseudo_from_canvas`), then the :class:`ThresholdIndex` for the next moves."""
+    if should_stop():
+        return
+    if index is not None and shown is not None and index.fits(canvas, gating, white_level):
+        yield PseudoTile(changed=index.changed(shown, cam_threshold), threshold=cam_threshold, step=1, steps=1)
+        return
+    yield PseudoTile(mask=pseudo_from_canvas(canvas, classes, cam_threshold, gating, white_level, uncertain=True),
+                     threshold=cam_threshold, step=1, steps=2)
+    if not should_stop():
+        yield PseudoTile(index=ThresholdIndex(canvas, classes, gating, white_level), step=2, steps=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,9 +521,14 @@ def pseudo_tiles(canvas: CamCanvas, classes: ClassTable, tiles: list[tuple[int, 
 class Corrections:
     """The editable mask (layer values = class index + 1, 0 = erased) and what the user changed in it.
 
-    ``auto``: the automatic mask (class indices); ``touched``: pixels the user painted, filled or
-    erased; ``reviewed``: pixels marked reviewed. The corrected flag is ``touched & (value !=
-    automatic value)``, so undoing a stroke (the value returns to the automatic one) clears it."""
+    ``auto``: the automatic mask (class indices, :func:`uncertain_index` for uncertain tissue);
+    ``touched``: pixels the user painted, filled or erased; ``reviewed``: pixels marked reviewed.
+    The corrected flag is ``touched & (value != automatic value)``, so undoing a stroke (the value
+    returns to the automatic one) clears it. :meth:`record` keeps the strokes (napari's ``paint``
+    event atoms, which carry the old values) so :meth:`undo` needs no private napari state."""
+
+    #: strokes kept for undo
+    HISTORY = 100
 
     def __init__(self, auto: np.ndarray, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -380,6 +536,7 @@ class Corrections:
         self.data = (auto.astype(np.uint8) + 1)
         self.touched = np.zeros(auto.shape, dtype=bool)
         self.reviewed = np.zeros(auto.shape, dtype=bool)
+        self.history: list[list[tuple[Any, Any, np.ndarray]]] = []
 
     def touch_from_paint(self, atoms: Any) -> None:
         """Mark the pixels of a napari ``paint`` event's history atoms as touched: atoms with a
@@ -395,34 +552,85 @@ class Corrections:
             else:
                 self.touched[tuple(atom[0])] = True
 
+    def record(self, atoms: Any) -> None:
+        """One stroke (a ``paint`` event's atoms): mark its pixels touched and keep its old
+        values for :meth:`undo`."""
+        atoms = list(atoms)
+        self.touch_from_paint(atoms)
+        stroke = []
+        for atom in atoms:
+            key = getattr(atom, "slice_key", None)
+            if key is not None:
+                stroke.append((tuple(key), getattr(atom, "mask", None), np.array(atom.old_values, copy=True)))
+            else:
+                stroke.append((tuple(atom[0]), None, np.array(atom[1], copy=True)))
+        self.history.append(stroke)
+        del self.history[: -self.HISTORY]
+
+    def undo(self) -> bool:
+        """Put back the values from before the last recorded stroke; returns False when there is
+        nothing to undo."""
+        if not self.history:
+            return False
+        for key, mask, old in reversed(self.history.pop()):
+            if mask is None:
+                self.data[key] = old
+            else:
+                region = self.data[key]
+                region[np.asarray(mask, dtype=bool)] = old
+        return True
+
     def flag(self) -> np.ndarray:
         """Pixels whose value differs from the automatic mask because the user changed them."""
+        if not self.touched.any():
+            return np.zeros(self.touched.shape, dtype=bool)
         return self.touched & (self.data != self.auto + 1)
 
     def set_auto(self, auto: np.ndarray, region: tuple[slice, slice] | None = None) -> None:
         """New automatic values for the whole mask, or for ``region`` (``auto`` then holds just that
         region): thresholds moved or tiles arrived. Corrected pixels keep the user's value."""
         sl = region if region is not None else (slice(None), slice(None))
-        touched, data = self.touched[sl], self.data[sl]
-        keep = touched & (data != self.auto[sl] + 1)
-        self.auto[sl] = auto
-        self.data[sl] = np.where(keep, data, self.auto[sl] + 1)
-        self.touched[sl] = keep
+        touched, data, old = self.touched[sl], self.data[sl], self.auto[sl]
+        if not touched.any():  # nothing painted here: one pass
+            old[...] = auto
+            np.add(old, 1, out=data, dtype=np.uint8, casting="unsafe")
+            return
+        # only the touched pixels need a look (few; a slider move must stay one pass per pixel)
+        where = np.nonzero(touched)
+        values = data[where]
+        keep = values != old[where] + 1
+        old[...] = auto
+        np.add(old, 1, out=data, dtype=np.uint8, casting="unsafe")
+        data[tuple(a[keep] for a in where)] = values[keep]
+        touched[tuple(a[~keep] for a in where)] = False
+
+    def set_auto_at(self, flat: np.ndarray, values: np.ndarray) -> None:
+        """New automatic values at the flat indices ``flat`` (a CAM-threshold move); corrected
+        pixels keep the user's value."""
+        auto, data, touched = self.auto.reshape(-1), self.data.reshape(-1), self.touched.reshape(-1)
+        old, cur, t = auto[flat], data[flat], touched[flat]
+        keep = t & (cur != old + 1)
+        auto[flat] = values
+        data[flat] = np.where(keep, cur, values + 1)
+        touched[flat] = keep
 
     def corrected(self) -> np.ndarray:
         """Class-index mask of the layer (erased pixels, value 0, become background C)."""
         out = self.data.astype(np.int16) - 1
-        out[out < 0] = self.num_classes
+        out[(out < 0) | (out > self.num_classes)] = self.num_classes  # erased and uncertain: background
         return out.astype(np.uint8)
 
     def area_per_class(self) -> np.ndarray:
         """Corrected pixels per resulting class index (0..C, C = background/erased)."""
-        return np.bincount(self.corrected()[self.flag()], minlength=self.num_classes + 1)[: self.num_classes + 1]
+        flag = self.flag()
+        if not flag.any():
+            return np.zeros(self.num_classes + 1, dtype=np.int64)
+        return np.bincount(self.corrected()[flag], minlength=self.num_classes + 1)[: self.num_classes + 1]
 
     def masks(self) -> dict[str, np.ndarray]:
         """The project masks of this state, copied (painting may go on while they are written):
-        ``pseudo`` (automatic), ``corrected``, ``corrected_flag`` and ``reviewed``."""
-        return {MASK_PSEUDO: self.auto.copy(), MASK_CORRECTED: self.corrected(), MASK_CORRECTED_FLAG: self.flag(),
+        ``pseudo`` (automatic; uncertain saved as background), ``corrected``, ``corrected_flag`` and ``reviewed``."""
+        return {MASK_PSEUDO: np.minimum(self.auto, self.num_classes), MASK_CORRECTED: self.corrected(), MASK_CORRECTED_FLAG: self.flag(),
                 MASK_REVIEWED: self.reviewed.copy()}
 
 
@@ -452,6 +660,15 @@ def load_corrections(project: Any, slide_id: str, auto: np.ndarray, downsample: 
     return edits
 
 
+def with_uncertain(auto: np.ndarray, canvas: CamCanvas, classes: ClassTable, white_level: int | None) -> np.ndarray:
+    """A saved automatic mask (uncertain tissue saved as background) with :func:`uncertain_index`
+    put back on the background pixels that are tissue (not :func:`outside_canvas`)."""
+    auto = np.asarray(auto, dtype=np.uint8).copy()
+    if auto.shape == canvas.shape:
+        auto[(auto == classes.background_index) & ~outside_canvas(canvas, white_level)] = uncertain_index(classes)
+    return auto
+
+
 def corrections_for_plan(project: Any, slide_id: str, plan: CamPlan) -> Corrections:
     """The editable state while a slide's CAMs are (re)computed on ``plan``: the saved automatic
     mask, when it was made on the same raster, with the saved corrections and review marks on top
@@ -476,7 +693,8 @@ def load_canvas(project: Any, slide_id: str) -> CamCanvas | None:
     parr, pds = probs
     tile = max(1, int(round(pds / ds)))
     canvas = CamCanvas(arr.astype(np.float32), parr.astype(np.float32), tile, ds,
-                       np.full(arr.shape[1:] + (3,), 255, dtype=np.uint8))
+                       np.full(arr.shape[1:] + (3,), 255, dtype=np.uint8),
+                       tissue=tissue_on_canvas(project, slide_id, arr.shape[1:], ds))
     with project.open_slide(slide_id) as slide:
         h, w = canvas.shape
         canvas.rgb[:] = slide.read_scaled((0, 0), (w * ds, h * ds), (w, h))
@@ -523,7 +741,9 @@ def calibrated_gating(run_dir: str | Path, which: str = "best") -> float | None:
 
 
 def _write_computed(project: Any, slide_id: str, canvas: CamCanvas, pseudo: np.ndarray) -> list[str]:
-    project.write_mask(slide_id, MASK_CAM, canvas.cams.astype(np.float16), canvas.downsample)
+    # saved normalised once per slide (each class's peak = 1), as the pseudo-mask saw them
+    scale = (1.0 / np.maximum(canvas.peaks(), _EPS)).astype(np.float32)
+    project.write_mask(slide_id, MASK_CAM, (canvas.cams * scale[:, None, None]).astype(np.float16), canvas.downsample)
     project.write_mask(slide_id, MASK_CAM_PROBS, canvas.probs.astype(np.float16), canvas.downsample * canvas.tile)
     project.write_mask(slide_id, MASK_PSEUDO, pseudo, canvas.downsample)
     return list(COMPUTED_MASKS)
@@ -549,7 +769,7 @@ def compute_slide_cams(
     """Compute a project slide's CAMs and automatic pseudo-mask with a classifier run and store
     them as the project masks ``cam``, ``cam_probs`` and ``pseudo`` (never the corrections).
 
-    Yields ``start``, a :class:`CamTile` per tile (kind ``step``, with the tile's data for a
+    Yields ``start`` (its ``metrics`` hold the gating used), a :class:`CamTile` per tile (kind ``step``, with the tile's data for a
     live display), then ``done`` - or ``cancelled`` when ``should_stop()`` says so between tiles.
     With ``save`` the layers are written at the end (with ``keep_partial``, also when cancelled
     or closed early: the tiles computed so far, the others NaN/background); a slide that already
@@ -584,9 +804,10 @@ def compute_slide_cams(
     gating = s.gating if s.gating is not None else calibrated_gating(run_dir, s.which)
     gating = 0.5 if gating is None else float(gating)
     white = int(s.white_level) if classes.white_background else None
-    canvas = CamCanvas.empty(classes.num_classes, plan.shape, plan.tile, plan.downsample)
+    canvas = CamCanvas.empty(classes.num_classes, plan.shape, plan.tile, plan.downsample,
+                             tissue=tissue_on_canvas(project, slide_id, plan.shape, plan.downsample))
     n = len(plan.tiles)
-    yield ProgressEvent("start", steps=n, message=f"{slide_id}: {n} tiles with {run_dir.name} ({s.which}, {mode} CAMs, "
+    yield ProgressEvent("start", steps=n, metrics={"gating": gating}, message=f"{slide_id}: {n} tiles with {run_dir.name} ({s.which}, {mode} CAMs, "
                         f"{device}); mask {plan.shape[1]}x{plan.shape[0]} px at {plan.downsample:.2f}x")
 
     def write() -> list[str]:
@@ -597,7 +818,7 @@ def compute_slide_cams(
     try:
         with project.open_slide(slide_id) as slide:
             for tile in slide_cam_tiles(model, slide, plan, mode, window, device, stop):
-                canvas.put(tile.ty, tile.tx, tile.cams, tile.probs, tile.rgb)
+                canvas.put(tile.ty, tile.tx, tile.cams, tile.probs, tile.rgb, tile.box)
                 yield tile
     except GeneratorExit:  # closed early (the GUI worker closes a job that ignores a stop): keep the tiles
         if save and keep_partial and canvas.computed_tiles():

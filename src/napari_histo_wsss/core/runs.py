@@ -7,6 +7,8 @@ or saves, so that nothing is lost or silently mixed:
 * :func:`dataset_fingerprint` / :func:`check_same_dataset` / :func:`record_dataset` - a run
   records a fingerprint of its patch list in ``dataset.json``; a resume on other patches,
   labels or validation images is refused (its ``metrics.jsonl`` would mix two datasets);
+* :func:`check_run_place` - a run folder is never its dataset or its stage-one run, nor inside or
+  around them (its files would replace theirs, or land among the data);
 * :func:`ensure_run_folders` - the run and checkpoint folders are created and checked writable
   before any training, not after the first epoch;
 * :func:`saving` - a failed write of an epoch's files (disk full, permissions) is one line that
@@ -25,15 +27,15 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from napari_histo_wsss.core.io.atomic import ensure_dir, write_json
 from napari_histo_wsss.core.errors import DatasetError, HistoWSSSError, TrainingError
+from napari_histo_wsss.core.io.atomic import check_apart, ensure_dir, write_json
 
 __all__ = ["DATASET_RECORD", "require_run", "dataset_fingerprint", "check_same_dataset", "record_dataset",
-           "ensure_run_folders", "describe_position", "saving", "worker_error", "read_metrics", "checkpoint_file"]
+           "check_run_place", "ensure_run_folders", "describe_position", "saving", "worker_error", "read_metrics", "checkpoint_file"]
 
 #: The file of a run folder that records its training dataset (folder, layout, fingerprint).
 DATASET_RECORD = "dataset.json"
@@ -106,6 +108,15 @@ def record_dataset(run: Path, spec: Any, fingerprint: dict[str, Any]) -> None:
                                       "fingerprint": fingerprint})
 
 
+def check_run_place(run: Path, inputs: Sequence[Path] = (), holders: Sequence[Path] = (),
+                    what: str = "run folder") -> None:
+    """Refuse a run folder that is, holds or lies inside one of ``inputs`` (the dataset folder,
+    a stage-one run), or is or holds one of ``holders`` (a project, which keeps its runs inside):
+    the run's ``config.json``, ``checkpoints/`` and ``metrics.jsonl`` would replace the input's
+    own, or its files would land among the data. One line naming both; nothing written."""
+    check_apart(run, inputs, holders, what)
+
+
 def ensure_run_folders(run: Path, checkpoints: Path) -> None:
     """Create the run folder and its checkpoint folder and check both writable before any
     training: a read-only or full disk, missing permissions or a file where a folder belongs is
@@ -161,7 +172,7 @@ def worker_error(error: BaseException) -> HistoWSSSError | None:
         return None
     name = m.group(1)
     last = None
-    for last in re.finditer(rf"^(?:[\w.]+\.)?{re.escape(name)}: (.+)$", text, re.M):
+    for last in re.finditer(rf"^(?:[\w.]+\.)?{re.escape(name)}: (.+)$", text, re.M):  # noqa: B007 - keeps the last
         pass
     message = last.group(1).strip() if last is not None else text.strip().splitlines()[-1]
     if isinstance(error, HistoWSSSError):

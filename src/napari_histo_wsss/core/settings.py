@@ -1,7 +1,8 @@
 """One source of settings: dataclass fields that carry their own help, range and choices.
 
-A settings class (:class:`~.train.TrainConfig`, :class:`~.train_seg.SegConfig`) is a dataclass
-deriving from :class:`Settings` whose fields are declared with :func:`setting`, e.g.::
+A settings class (:class:`~.stage1.train.TrainConfig`, :class:`~.stage2.train.SegConfig`,
+:class:`~.stage1.cams.PseudoMaskSettings`, :class:`~.stage2.batch.PredictSettings`,
+:class:`~.review.ReviewSettings`) is a dataclass deriving from :class:`Settings` whose fields are declared with :func:`setting`, e.g.::
 
     lr: float = setting(3e-4, range=(0, None), open="lo", help="learning rate of the backbone")
 
@@ -62,6 +63,7 @@ class SettingInfo:
     browse: str = ""
     decimals: int | None = None
     step: float | None = None
+    option: str = ""
 
     def gui_label(self, name: str) -> str:
         return self.label or name.replace("_", " ").capitalize()
@@ -71,7 +73,7 @@ def setting(default: Any, *, help: str, range: tuple[float | None, float | None]
             choices: Sequence[Any] = (), strict: bool = True, min_items: int = 0,
             check: Callable[[Any], str | None] | None = None, cli: bool = True, gui: bool = True, basic: bool = False,
             resumable: bool = False, group: str = "", label: str = "", none: str = "", toggle: Any = None,
-            browse: str = "", decimals: int | None = None, step: float | None = None) -> Any:
+            browse: str = "", decimals: int | None = None, step: float | None = None, option: str = "") -> Any:
     """A dataclass field with its metadata.
 
     ``help``: one line for ``--help`` and the widget's tooltip. ``range=(lo, hi)``: inclusive
@@ -85,13 +87,14 @@ def setting(default: Any, *, help: str, range: tuple[float | None, float | None]
     change when a run is resumed. ``label``: the GUI label; ``none``: what ``None`` means, in a
     word ("auto", "all"); ``toggle``: the GUI offers a check box that sets this value (off = the
     default); ``browse``: a file-dialog filter offered beside a text field; ``decimals`` /
-    ``step``: of a GUI number field.
+    ``step``: of a GUI number field. ``option``: the command-line option's name when it is not
+    the field's (``which`` is ``--checkpoint``).
     """
     if open not in ("", "lo", "hi", "both"):
         raise ValueError(f"open must be '', 'lo', 'hi' or 'both', got {open!r}")
     info = SettingInfo(help=help, range=range, open=open, choices=tuple(choices), strict=strict, min_items=min_items,
                        check=check, cli=cli, gui=gui, basic=basic, resumable=resumable, group=group, label=label,
-                       none=none, toggle=toggle, browse=browse, decimals=decimals, step=step)
+                       none=none, toggle=toggle, browse=browse, decimals=decimals, step=step, option=option)
     return dataclasses.field(default=default, metadata={"setting": info})
 
 

@@ -19,7 +19,7 @@ from napari_histo_wsss.widgets.export import ExportWidget
 from napari_histo_wsss.widgets.labelling import LabellingWidget
 from napari_histo_wsss.widgets.project import ProjectWidget
 from napari_histo_wsss.widgets.review import ReviewWidget
-from napari_histo_wsss.widgets.stage2 import Stage2Widget
 from napari_histo_wsss.widgets.stage1 import TrainingWidget
+from napari_histo_wsss.widgets.stage2 import Stage2Widget
 
 __all__ = ["ProjectWidget", "LabellingWidget", "TrainingWidget", "ReviewWidget", "Stage2Widget", "ExportWidget"]

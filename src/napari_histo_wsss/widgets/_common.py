@@ -33,6 +33,7 @@ class Panel(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.session = Session.of(napari_viewer)
+        self.session.watch_close(self)
         self.main_layout = QVBoxLayout(self)
         self.main_layout.setContentsMargins(6, 6, 6, 6)
         if self.heading:
@@ -43,6 +44,37 @@ class Panel(QWidget):
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.status.setObjectName("status")
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
+        super().showEvent(event)
+        if not getattr(self, "_tabbed", False):
+            self._tabbed = True
+            from qtpy.QtCore import QTimer
+
+            QTimer.singleShot(0, self._tab_with_other_panels)
+
+    def _tab_with_other_panels(self) -> None:
+        """Dock this panel as a tab beside the plugin's other docked panels, as ``histo-wsss gui``
+        does, when it was opened on its own from the Plugins menu (napari would stack the docks
+        into one very tall column). Public Qt only: the dock and main window holding the panel."""
+        from qtpy.QtCore import QTimer
+        from qtpy.QtWidgets import QDockWidget, QMainWindow
+
+        dock = self.parentWidget()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parentWidget()
+        main = dock.parentWidget() if dock is not None else None
+        if not isinstance(main, QMainWindow) or dock.isFloating():
+            return
+        others = [d for d in main.findChildren(QDockWidget) if d is not dock and not d.isFloating()
+                  and d.isVisible() and d.findChild(Panel) is not None]
+        suffix = " (napari-histo-wsss)"  # napari's dock title; the tab shows just the panel's name
+        if dock.windowTitle().endswith(suffix):
+            dock.setWindowTitle(dock.windowTitle()[: -len(suffix)])
+        if others and not any(d in main.tabifiedDockWidgets(dock) for d in others):
+            main.tabifyDockWidget(others[0], dock)
+            dock.raise_()
+        QTimer.singleShot(0, lambda: _full_tab_names(main))
 
     def finish_layout(self) -> None:
         """Append the status line and a stretch; call at the end of a subclass's ``__init__``."""
@@ -66,6 +98,17 @@ class Panel(QWidget):
     def watch(self, task: Any) -> None:
         """Put a background job's failure in this panel's status line (the job already notified)."""
         task.failed.connect(lambda message: self.fail(f"{task.title} failed: {message}", notify=False))
+
+
+def _full_tab_names(main: Any) -> None:
+    """Tabs of docked panels show their whole names ("Review and correct", not "Rev..."),
+    scrolling when they do not fit."""
+    from qtpy.QtWidgets import QTabBar
+
+    for bar in main.findChildren(QTabBar):
+        if bar.parentWidget() is main:  # the dock areas' tab bars, not tabs inside widgets
+            bar.setElideMode(Qt.TextElideMode.ElideNone)
+            bar.setUsesScrollButtons(True)
 
 
 def guarded(slot: F) -> F:
@@ -192,7 +235,8 @@ class SettingsForm(QWidget):
         # on a laptop screen (napari does not scroll a dock widget)
         inner = QWidget()
         self.advanced_form = QFormLayout(inner)
-        self.advanced_form.setContentsMargins(6, 0, 6, 6)
+        # no left margin: the advanced rows span the main form, so their labels start where its labels do
+        self.advanced_form.setContentsMargins(0, 0, 6, 6)
         self.advanced = QScrollArea()
         self.advanced.setWidget(inner)
         self.advanced.setWidgetResizable(True)
@@ -222,6 +266,35 @@ class SettingsForm(QWidget):
             self.form.addRow(self.advanced)
         else:
             self.advanced_button.hide()
+        self._align_labels()
+
+    def labels(self) -> list[QLabel]:
+        """The row labels of the main and the advanced form, top to bottom."""
+        role = QFormLayout.ItemRole.LabelRole
+        items = [form.itemAt(row, role) for form in (self.form, self.advanced_form) for row in range(form.rowCount())]
+        return [item.widget() for item in items if item is not None and isinstance(item.widget(), QLabel)]
+
+    def _align_labels(self) -> None:
+        """One label column for both forms: the advanced rows are a second QFormLayout (inside a
+        scroll area), which would size its label column on its own labels; every label gets the
+        widest one's width. Done again when the form is shown and when its style or font changes
+        (napari's stylesheet, applied when the panel is docked, changes the labels' widths)."""
+        labels = self.labels()
+        if labels:
+            width = max(label.sizeHint().width() for label in labels)
+            for label in labels:
+                label.setMinimumWidth(width)
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
+        self._align_labels()
+        super().showEvent(event)
+
+    def changeEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
+        from qtpy.QtCore import QEvent
+
+        if event.type() in (QEvent.Type.StyleChange, QEvent.Type.FontChange):
+            self._align_labels()
+        super().changeEvent(event)
 
     def show_advanced(self, shown: bool) -> None:
         """Open or close the "Advanced settings" section."""

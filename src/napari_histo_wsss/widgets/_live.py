@@ -28,16 +28,14 @@ from napari_histo_wsss.widgets._common import form_group, label_colormap
 
 LIVE_LAYER = "live pseudo-mask"
 FLOOR = 0.5  # a cell whose best class probability is below this is shown as uncertain
-UNCERTAIN_VALUE = 255  # layer value of uncertain tissue
-_UNCERTAIN_RGBA = (0.36, 0.40, 0.55, 1.0)
 
 
-def live_colormap(classes: Any) -> dict:
-    """Label colours of the live layer: class index + 1 in the class colours, 0 (off tissue)
-    transparent, uncertain tissue grey-blue."""
-    colors = dict(classes.label_colormap())
-    colors[UNCERTAIN_VALUE] = _UNCERTAIN_RGBA
-    return colors
+def live_style(classes: Any) -> tuple[dict, float]:
+    """(label colours, opacity): the live layer looks like the Review panel's pseudo-mask, with the
+    same class fills and the same style for uncertain tissue."""
+    from napari_histo_wsss.widgets.review import PSEUDO_OPACITY, pseudo_colormap
+
+    return pseudo_colormap(classes), PSEUDO_OPACITY
 
 
 def _prepare(feats: Any, grid: Any) -> dict:
@@ -156,7 +154,6 @@ class LiveLabelling(QObject):
         def job(should_stop):
             from napari_histo_wsss.core.device import pick_device
             from napari_histo_wsss.core.slides.slide import open_slide
-
             from napari_histo_wsss.core.stage1.live import warm_up
 
             with open_slide(path) as slide:  # its own reader: the viewer's one serves the GUI thread
@@ -237,20 +234,22 @@ class LiveLabelling(QObject):
                             + (f". {notes}" if notes else ""))
 
     def _show(self, mask: np.ndarray) -> None:
+        from napari_histo_wsss.core.review import uncertain_index
         from napari_histo_wsss.core.stage1.live import UNCERTAIN
 
         classes = self.session.require_project().classes
         data = mask.astype(np.uint8)
-        data[mask == UNCERTAIN] = UNCERTAIN_VALUE
+        data[mask == UNCERTAIN] = uncertain_index(classes) + 1
         layer = self.session.layer(LIVE_LAYER)
         if layer is not None and layer.data.shape == data.shape:
             layer.data = data  # a few thousand cells: replacing them is cheaper than diffing
             return
         tf = self.session.overlay_transform(self.features.cell0)
+        colors, opacity = live_style(classes)
         viewer = self.session.viewer
         active = viewer.layers.selection.active
-        layer = self.session.replace_layer(LIVE_LAYER, viewer.add_labels, data=data, opacity=0.45,
-                                           colormap=label_colormap(live_colormap(classes)), **tf)
+        layer = self.session.replace_layer(LIVE_LAYER, viewer.add_labels, data=data, opacity=opacity,
+                                           colormap=label_colormap(colors), **tf)
         layer.editable = False
         layer.metadata["histo_wsss"] = "live-pseudo"
         grid_layer = self.panel.overlay.layer if self.panel.overlay is not None else None

@@ -49,9 +49,9 @@ class PatchGridOverlay:
 
     def __init__(
         self,
-        session: "Session",
-        grid: "PatchGrid",
-        classes: "ClassTable",
+        session: Session,
+        grid: PatchGrid,
+        classes: ClassTable,
         labels: np.ndarray,
         on_edit: Callable[[np.ndarray], None],
         on_change: Callable[[], None],
@@ -330,7 +330,7 @@ class PatchGridOverlay:
         return float(self.step)
 
 
-def grid_labels_from_table(grid: "PatchGrid", table: Any, num_classes: int) -> tuple[np.ndarray, int]:
+def grid_labels_from_table(grid: PatchGrid, table: Any, num_classes: int) -> tuple[np.ndarray, int]:
     """(N, C) labels of the grid's patches from a project label table, and how many rows of the
     table belong to no patch of this grid (e.g. labelled with another patch size)."""
     labels = np.zeros((len(grid), num_classes), dtype=np.uint8)

@@ -29,8 +29,8 @@ from napari_histo_wsss.widgets._worker import BackgroundTask
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-    from napari_histo_wsss.core.slides.grid import PatchGrid
     from napari_histo_wsss.core.data.project import Project
+    from napari_histo_wsss.core.slides.grid import PatchGrid
     from napari_histo_wsss.core.slides.slide import Slide
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,9 @@ class Session(QObject):
     runs_changed = Signal()
     mask_saved = Signal(str)
 
-    _sessions: "weakref.WeakKeyDictionary[Any, Session]" = weakref.WeakKeyDictionary()
+    _sessions: weakref.WeakKeyDictionary[Any, Session] = weakref.WeakKeyDictionary()
 
-    def __init__(self, viewer: "napari.Viewer") -> None:
+    def __init__(self, viewer: napari.Viewer) -> None:
         super().__init__()
         self._viewer_ref = weakref.ref(viewer)
         self.project: Project | None = None
@@ -74,11 +74,10 @@ class Session(QObject):
         self.translate0 = np.zeros(2)
         self.units0: tuple | None = None
         self._tasks: dict[str, BackgroundTask] = {}
-        self._hook_window_close(viewer)
 
     # -- lookup ----------------------------------------------------------------------------------
     @classmethod
-    def of(cls, viewer: "napari.Viewer") -> "Session":
+    def of(cls, viewer: napari.Viewer) -> Session:
         """The session of ``viewer`` (created on first use)."""
         s = cls._sessions.get(viewer)
         if s is None:
@@ -87,20 +86,20 @@ class Session(QObject):
         return s
 
     @property
-    def viewer(self) -> "napari.Viewer":
+    def viewer(self) -> napari.Viewer:
         v = self._viewer_ref()
         if v is None:
             raise GuiError("the napari viewer of this panel was closed")
         return v
 
     # -- project and slide -------------------------------------------------------------------------
-    def set_project(self, project: "Project | None") -> None:
+    def set_project(self, project: Project | None) -> None:
         """Make ``project`` current; the slide and grid are cleared (they belong to a project)."""
         self.project = project
         self.set_slide(None, None)
         self.project_changed.emit()
 
-    def set_slide(self, slide_id: str | None, slide: "Slide | None", layer: Any = None) -> None:
+    def set_slide(self, slide_id: str | None, slide: Slide | None, layer: Any = None) -> None:
         """Make a slide of the project current; ``layer`` (the napari layer showing it) sets the geometry."""
         if self.slide is not None and self.slide is not slide:
             try:
@@ -124,22 +123,22 @@ class Session(QObject):
         self.slide_changed.emit()
         self.grid_changed.emit()
 
-    def set_grid(self, grid: "PatchGrid | None") -> None:
+    def set_grid(self, grid: PatchGrid | None) -> None:
         self.grid = grid
         self.grid_changed.emit()
 
-    def require_project(self) -> "Project":
+    def require_project(self) -> Project:
         if self.project is None:
             raise GuiError("no project open: create or open one in the Project panel first")
         return self.project
 
-    def require_slide(self) -> tuple[str, "Slide"]:
+    def require_slide(self) -> tuple[str, Slide]:
         self.require_project()
         if self.slide is None or self.slide_id is None:
             raise GuiError("no slide open: open a slide and add it to the project in the Project panel first")
         return self.slide_id, self.slide
 
-    def require_grid(self) -> "PatchGrid":
+    def require_grid(self) -> PatchGrid:
         self.require_slide()
         if self.grid is None:
             raise GuiError("the patch grid of this slide is not ready: press 'Detect tissue and grid' in the Project panel")
@@ -197,7 +196,7 @@ class Session(QObject):
         jobs (short redraws) show no progress bar."""
         t = self._tasks.get(key)
         if t is None:
-            t = BackgroundTask(title, window=self._window(), parent=self, quiet=quiet)
+            t = BackgroundTask(title, parent=self, quiet=quiet)
             self._tasks[key] = t
         return t
 
@@ -218,15 +217,9 @@ class Session(QObject):
             except Exception:  # noqa: BLE001
                 log.debug("closing the slide failed", exc_info=True)
 
-    def _window(self) -> Any:
-        v = self._viewer_ref()
-        return getattr(v, "window", None) if v is not None else None
-
-    def _hook_window_close(self, viewer: Any) -> None:
-        """Stop the jobs when the viewer's main window goes away, whatever closes it."""
-        qt_window = getattr(getattr(viewer, "window", None), "_qt_window", None)
-        if qt_window is None:
-            return
+    def watch_close(self, widget: Any) -> None:
+        """Stop the jobs when ``widget`` (a docked panel) is destroyed with the viewer's window,
+        whatever closes it (public Qt: the panel's own ``destroyed`` signal)."""
         ref = weakref.ref(self)
 
         def on_destroyed(*_: Any) -> None:
@@ -234,4 +227,4 @@ class Session(QObject):
             if s is not None:
                 s.shutdown()
 
-        qt_window.destroyed.connect(on_destroyed)
+        widget.destroyed.connect(on_destroyed)

@@ -8,8 +8,8 @@ GUI thread, where the caller touches layers. It also
 
 * shows a napari progress bar (activity dock) whose description carries the core's ETA and whose
   cancel button cancels the job,
-* registers the job with the viewer window, so that napari asks before closing a window with work
-  in flight and cancels it on close,
+* is cancelled, and waited for, when the viewer's window goes away (:meth:`Session.shutdown`,
+  hooked to the panels' ``destroyed`` signal - public Qt, no private napari window API),
 * turns every exception of the job into a message (``show_error`` plus the ``failed`` signal),
   never a traceback dialog; unexpected exceptions are logged with their traceback,
 * refuses a second start while a job runs (:class:`TaskBusyError`).
@@ -113,17 +113,15 @@ class BackgroundTask(QObject):
     finished = Signal(str)
     failed = Signal(str)
 
-    def __init__(self, title: str, window: Any = None, parent: QObject | None = None, quiet: bool = False) -> None:
+    def __init__(self, title: str, parent: QObject | None = None, quiet: bool = False) -> None:
         super().__init__(parent)
         self.title = title
-        self._window = window
         self.quiet = quiet
         self._worker: GeneratorWorker | None = None
         self._stop = threading.Event()
         self._done = threading.Event()
         self._done.set()
         self._progress: _JobProgress | None = None
-        self._status_id: Any = None
         self._outcome = "done"
         self._queue: collections.deque = collections.deque()
         self._dispatching = False
@@ -159,7 +157,6 @@ class BackgroundTask(QObject):
         self._worker = worker
         if not self.quiet:
             self._progress = _JobProgress(self.cancel, total=0, desc=description or self.title)
-            self._register_status(description or self.title)
         worker.start()
 
     def cancel(self) -> None:
@@ -213,7 +210,6 @@ class BackgroundTask(QObject):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        self._update_status()
         self._worker = None
         if self._outcome == "cancelled" and not self.quiet:
             show_info(f"{self.title} cancelled" + (f": {self.last_event.message}" if getattr(self.last_event, "message", "") else ""))
@@ -230,37 +226,6 @@ class BackgroundTask(QObject):
             pbar.n = 0
             pbar.update(min(done, total))
         pbar.set_description(describe_event(self.title, ev))
-
-    # -- napari window integration -------------------------------------------------------------
-    def _register_status(self, description: str) -> None:
-        """Tell the viewer window a job runs (napari asks before closing, and cancels it)."""
-        register = getattr(self._window, "_register_task_status", None)
-        if register is None:
-            return
-        from napari.utils.task_status import Status
-
-        def cancel_and_wait() -> bool:
-            self.cancel()
-            return self.wait(60)
-
-        try:
-            self._status_id = register("napari-histo-wsss", Status.BUSY, description, cancel_callback=cancel_and_wait)
-        except Exception:  # noqa: BLE001 - private napari API: degrade to no close confirmation
-            log.debug("could not register the task with the napari window", exc_info=True)
-            self._status_id = None
-
-    def _update_status(self) -> None:
-        update = getattr(self._window, "_update_task_status", None)
-        if update is None or self._status_id is None:
-            return
-        from napari.utils.task_status import Status
-
-        status = {"done": Status.COMPLETED, "cancelled": Status.CANCELLED, "failed": Status.FAILED}[self._outcome]
-        try:
-            update(self._status_id, status, self.title)
-        except Exception:  # noqa: BLE001
-            log.debug("could not update the napari task status", exc_info=True)
-        self._status_id = None
 
 
 def progress_units(ev: Any) -> tuple[int, int]:
@@ -308,6 +273,6 @@ def describe_event(title: str, ev: Any) -> str:
     if eta:
         parts.append(f"ETA {eta}")
     msg = getattr(ev, "message", "")
-    if msg and getattr(ev, "kind", "") in ("log", "checkpoint", "cancelled", "done", "start"):
+    if msg and getattr(ev, "kind", "") in ("log", "checkpoint", "cancelled", "done", "start", "step"):
         parts.append(msg)
     return " · ".join(parts)

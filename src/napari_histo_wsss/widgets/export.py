@@ -7,14 +7,14 @@ Labels layer (e.g. a palette PNG opened with napari's reader) is read as class i
 layer sits over the slide (level-0 pixels per layer pixel, origin) comes from its scale/translate
 (:meth:`Session.layer_geometry`), so GeoJSON coordinates are level-0 pixels as QuPath expects.
 
-Formats (one dialog, any combination, written in the background by :mod:`core.export`):
+Formats (one dialog, any combination, written in the background by :mod:`core.io.export`):
 OME-Zarr labels with the colour table, tiled pyramidal TIFF, palette PNG, QuPath GeoJSON, and the
 project's patch labels as CSV.
 
 Metrics: the source layer against a ground-truth Labels layer or mask file (palette/RGB PNG or
-TIFF via :func:`core.datasets.read_index_mask`, QuPath GeoJSON via
-:func:`core.export.rasterize_geojson`), resampled to the prediction's raster by nearest neighbour,
-scored by :class:`core.metrics.ConfusionMatrix` (background ignored, design section 5).
+TIFF via :func:`core.data.datasets.read_index_mask`, QuPath GeoJSON via
+:func:`core.io.export.rasterize_geojson`), resampled to the prediction's raster by nearest neighbour,
+scored by :class:`core.metrics.ConfusionMatrix` (background ignored).
 """
 
 from __future__ import annotations
@@ -65,11 +65,17 @@ def layer_levels(layer: Any) -> list[Any]:
     return list(layer.data) if getattr(layer, "multiscale", False) else [layer.data]
 
 
-def to_class_index(values: np.ndarray, plugin_layer: bool) -> np.ndarray:
-    """Layer values -> class indices (plugin layers: value - 1, 0 -> UNLABELLED)."""
+def to_class_index(values: np.ndarray, plugin_layer: bool, same_as: dict | None = None) -> np.ndarray:
+    """Layer values -> class indices (plugin layers: value - 1, 0 -> UNLABELLED). ``same_as``
+    maps display-only values to the value they stand for (the Review panel's "uncertain" tissue
+    is background, as saved: ``layer.metadata["same_as"]``)."""
     from napari_histo_wsss.core.io.export import stored_to_index
 
     arr = np.asarray(values)
+    if same_as:
+        arr = arr.copy()
+        for shown, value in same_as.items():
+            arr[arr == shown] = value
     return stored_to_index(arr) if plugin_layer else arr.astype(np.uint8)
 
 
@@ -78,10 +84,11 @@ def index_levels(layer: Any) -> list[Any]:
     import dask.array as da
 
     plugin = is_plugin_layer(layer)
+    same_as = (getattr(layer, "metadata", None) or {}).get("same_as")
     out = []
     for lv in layer_levels(layer):
         arr = lv if isinstance(lv, da.Array) else da.from_array(lv, chunks=(1024, 1024))
-        out.append(arr.map_blocks(lambda b: to_class_index(b, plugin), dtype=np.uint8))
+        out.append(arr.map_blocks(lambda b: to_class_index(b, plugin, same_as), dtype=np.uint8))
     return out
 
 
@@ -155,7 +162,7 @@ class ExportWidget(Panel):
         for key, (title, suffix) in FORMATS.items():
             cb = QCheckBox(f"{title} ({suffix})")
             cb.setChecked(key in ("ome-zarr", "geojson"))
-            if key == "geojson":  # written with core.export's defaults, as `histo-wsss export` does
+            if key == "geojson":  # written with core.io.export's defaults, as `histo-wsss export` does
                 from napari_histo_wsss.core.io.export import GEOJSON_TOLERANCE
 
                 cb.setToolTip(f"one MultiPolygon per class, holes as inner rings, outlines simplified by "
@@ -268,7 +275,8 @@ class ExportWidget(Panel):
         classes = project.classes
         levels = index_levels(layer)
         if is_plugin_layer(layer) and not getattr(layer, "multiscale", False):
-            levels = [np.asarray(to_class_index(np.array(layer.data, copy=True), True))]  # a snapshot: painting may go on
+            levels = [np.asarray(to_class_index(np.array(layer.data, copy=True), True,  # a snapshot: painting may go on
+                                                layer.metadata.get("same_as")))]
         table = project.patch_labels() if "csv" in formats else None
         paths = {k: out / f"{stem}{FORMATS[k][1]}" for k in formats}
 

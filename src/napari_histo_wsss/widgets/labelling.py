@@ -102,12 +102,31 @@ class LabellingWidget(Panel):
         self.live = LiveLabelling(self)  # live CAMs and "label this next" suggestions
         self.main_layout.addWidget(self.live.box)
         self.finish_layout()
+        # number keys act on the patch grid (label) and the pseudo-mask (pick the paint class);
+        # pressed with another layer active they reach the viewer: say why nothing happened
+        for key in range(10):
+            self.viewer.bind_key(str(key), self._on_stray_key, overwrite=True)
+        self.session.slide_changed.connect(self._bind_slide_keys)
 
         self.session.project_changed.connect(self._rebuild_legend)
         self.session.grid_changed.connect(self._on_grid_changed)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self._rebuild_legend()
         self._on_grid_changed()
+
+    def _bind_slide_keys(self) -> None:
+        """The slide layer (the one most often selected) answers number keys with the same
+        message (napari's image layer would take them as its own tool shortcuts)."""
+        layer = self.session.layer(self.session.slide_layer_name)
+        if layer is not None:
+            for key in range(10):
+                layer.bind_key(str(key), lambda _l: self._on_stray_key(self.viewer), overwrite=True)
+
+    def _on_stray_key(self, viewer: Any) -> None:
+        active = viewer.layers.selection.active
+        name = f"'{active.name}'" if active is not None else "no layer"
+        self.say(f"number keys label the selected patches on the 'patch grid' layer and pick the paint class on "
+                 f"the 'pseudo-mask' layer; {name} is selected: select one of those in the layer list", notify=True)
 
     # -- grid and overlay ----------------------------------------------------------------------
     def _on_grid_changed(self) -> None:

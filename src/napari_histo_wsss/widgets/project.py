@@ -1,6 +1,6 @@
 """Project panel: create/open a project folder, classes, slides, tissue detection and patch grid.
 
-Everything the panel sets persists in the project folder (:class:`core.project.Project`): the
+Everything the panel sets persists in the project folder (:class:`core.data.project.Project`): the
 class table and patch settings are fixed when the project is created (labels refer to them), slides
 are added by path, the tissue mask and patch grid come from :meth:`Project.grid`.
 """
@@ -39,7 +39,8 @@ from napari_histo_wsss.widgets._state import GuiError
 TISSUE_LAYER = "tissue"
 _PLUGIN = "napari-histo-wsss"
 _CUSTOM = "custom"
-_TISSUE_RGBA = (0.15, 0.85, 0.45, 1.0)
+#: Tissue outline: near-black, a colour no class table uses, visible on H&E and on glass
+TISSUE_RGBA = (0.08, 0.08, 0.10, 1.0)
 
 
 def slide_path_of_layer(layer: Any) -> str | None:
@@ -274,6 +275,14 @@ class ProjectWidget(Panel):
         self.path_edit.setText(str(path))
         self._make_current(project)
         opened = f"opened {project.root}: {len(project.slides)} slide(s), classes {', '.join(project.classes.names)}"
+        if project.slides:  # carry on where the project stands: its first slide, grid and patch labels
+            sid = next(iter(project.slides))
+            try:
+                self.show_slide(sid)
+                self.detect_grid()
+                opened += f"; slide {sid} shown with its patch grid and labels"
+            except HistoWSSSError as e:
+                opened += f"; slide {sid} not shown: {e}"
         if project.open_elsewhere is not None:
             warning = project.open_elsewhere.message(project.root)
             self.say(f"{opened}. Warning: {warning}")
@@ -421,6 +430,9 @@ class ProjectWidget(Panel):
         """Run tissue detection and the patch grid in the background; show both when ready."""
         project = self.session.require_project()
         sid, _slide = self.session.require_slide()
+        if self._grid_task.running:
+            self.say("the patch grid is being laid; it shows when ready")
+            return
 
         def job(should_stop: Any) -> Iterator[Any]:
             grid = project.grid(sid)
@@ -440,12 +452,12 @@ class ProjectWidget(Panel):
             tf = self.session.overlay_transform(tissue.downsample)
             layer = self.session.replace_layer(
                 TISSUE_LAYER, self.viewer.add_labels, data=np.asarray(tissue.mask).astype(np.uint8),
-                opacity=0.9, colormap=label_colormap({1: _TISSUE_RGBA}), **tf,
+                opacity=0.9, colormap=label_colormap({1: TISSUE_RGBA}), **tf,
             )
             layer.contour = 2  # outline only: the slide stays visible under it
             layer.editable = False
         if len(grid) == 0:
-            self.fail(f"no tissue patches found on {sid} (min. tissue {self.min_tissue.value():.2f}); lower 'Min. tissue' in a new project or check the slide")
+            self.fail(f"no tissue patches found on {sid} (min. tissue {self.min_tissue.value():.2f}); lower 'Min. tissue' and press 'Apply settings', or check the slide")
         else:
             self.say(f"{len(grid)} tissue patches of {grid.patch_size} px ({grid.size0} px at level 0) on {sid}")
         self.session.set_grid(grid)

@@ -5,23 +5,28 @@ pseudo-mask, the corrected-pixel rules and the project mask names); this panel s
 turns the pathologist's strokes into :class:`~..core.review.Corrections`.
 
 Compute (background job): :func:`core.review.compute_slide_cams` - the same job as
-``histo-wsss cams`` - applies a run's classifier to the slide tile by tile and stores the project
-masks ``cam``, ``cam_probs`` and ``pseudo``; each finished tile is shown at once.
+``histo-wsss cams`` - applies a run's classifier to the slide tile by tile (blended, one gating and
+normalisation per slide) and stores the project masks ``cam``, ``cam_probs`` and ``pseudo``; each
+finished tile is shown at once.
 
-Layers (all placed over the slide with :meth:`Session.overlay_transform`):
+Layers (all placed over the slide with :meth:`Session.overlay_transform`), in the review view
+(:meth:`ReviewWidget.review_view`, also the "Review view" button):
 
-* ``CAM <class>`` - one Image layer per class, black-to-class-colour colormap, additive blending,
-  contrast limits 0..1;
-* ``pseudo-mask`` - a Labels layer holding ``class index + 1`` (0 = unlabelled) with the class
-  colour table and the class names as features; it is the layer the pathologist edits with
-  napari's brush, fill and eraser;
+* ``CAM <class>`` - one Image layer per class (hidden until "Show CAM layers"), zero off the
+  tissue, translucent: the class hue with an opacity that grows with the score
+  (:func:`cam_colormap`), each class scaled by its strongest score on the slide;
+* ``pseudo-mask`` - a Labels layer holding ``class index + 1`` (0 = unlabelled) as a light fill:
+  class colours, background (glass) transparent, uncertain tissue
+  (:func:`core.review.uncertain_index`) in its own dark shade; the class names as features; it is
+  the layer the pathologist edits with napari's brush, fill and eraser, number keys pick the class;
 * ``reviewed`` - the outline of the regions marked reviewed.
 
-Sliders (CAM threshold, gating probability, white-background grey level) recompute the automatic
-mask tile by tile (:func:`core.review.pseudo_tiles`) and redraw it; pixels the user corrected are
-kept. Painting or filling marks pixels touched (napari's ``paint`` event); undo restores the
-automatic value so the corrected flag clears by itself. Corrections autosave (debounced) and on
-"Save" as ``pseudo``, ``corrected``, ``corrected_flag`` and ``reviewed``.
+Sliders (CAM threshold, gating probability, white-background grey level) recompute the slide's
+automatic mask off the GUI thread (:func:`core.review.pseudo_updates`, per-slide scores cached) and
+redraw it; pixels the user corrected are kept. Painting or filling records the stroke (napari's
+``paint`` event: pixels touched, old values kept for Undo); undo restores the old values so the
+corrected flag clears by itself. Corrections autosave (debounced) and on "Save" as ``pseudo``,
+``corrected``, ``corrected_flag`` and ``reviewed``.
 """
 
 from __future__ import annotations
@@ -63,26 +68,44 @@ from napari_histo_wsss.core.review import (
     load_corrections,
     plan_slide_cams,
     pseudo_from_canvas,
-    pseudo_tile,
-    pseudo_tiles,
-    white_tile,
+    pseudo_updates,
+    tissue_on_canvas,
+    uncertain_index,
+    with_uncertain,
 )
-from napari_histo_wsss.widgets._common import Panel, clear_layout, color_swatch, compact, form_group, guarded, label_colormap, same_layer
+from napari_histo_wsss.widgets._common import (
+    Panel,
+    clear_layout,
+    color_swatch,
+    compact,
+    form_group,
+    guarded,
+    label_colormap,
+    same_layer,
+)
 from napari_histo_wsss.widgets._state import GuiError
 
 CAM_PREFIX = "CAM "
 PSEUDO_LAYER = "pseudo-mask"
 REVIEWED_LAYER = "reviewed"
 _REVIEWED_RGBA = (0.0, 0.9, 0.9, 1.0)
+#: Uncertain tissue (no class reaches the CAM threshold): a dark shade, hue-less, so it reads
+#: apart from every class colour on H&E (mean CIEDE2000 15 from the stain, 11.6 or more from any class fill)
+UNCERTAIN_RGB = (0.12, 0.12, 0.15)
+#: The review view's defaults: a light fill of the assigned classes over the slide (class colours
+#: at 0.45 in effect), uncertain tissue a lighter shade (0.39), glass clear, CAMs off
+PSEUDO_OPACITY = 0.6
+_CLASS_ALPHA = 0.75
+_UNCERTAIN_ALPHA = 0.65
+#: a typical H&E purple, to show the legend swatch of uncertain tissue as it looks on the slide
+_HE_RGB = (150, 90, 170)
+CAM_OPACITY = 0.8
 _AUTOSAVE_MS = 1500
-_REDRAW_MS = 60
+_REDRAW_MS = 10
 _REFRESH_S = 0.3  # at most this often the CAM layers are re-uploaded while tiles arrive
 _DEFAULTS = ReviewSettings()
 _AS_TRAINED = "as trained"  # the CAM mode entry that stands for ReviewSettings.mode None (the run's cam_mode)
 
-# ---------------------------------------------------------------------------------------------
-# the panel
-# ---------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------
 # the panel
 # ---------------------------------------------------------------------------------------------
@@ -102,10 +125,25 @@ def _slider(lo: int, hi: int, value: int) -> QSlider:
 
 
 def cam_colormap(rgb: tuple[int, int, int], name: str) -> Any:
-    """Black -> class colour, for additive blending of the per-class CAM layers."""
+    """Transparent -> the class hue, for translucent CAM layers over H&E: the colour is the
+    class's hue at full saturation and brightness (a dark class colour would vanish on stained
+    tissue) and the opacity grows with the score, so weak scores and glass show the slide."""
+    import colorsys
+
     from napari.utils.colormaps import Colormap
 
-    return Colormap([[0.0, 0.0, 0.0, 1.0], [rgb[0] / 255, rgb[1] / 255, rgb[2] / 255, 1.0]], name=f"cam-{name}")
+    h, _s, _v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    r, g, b = colorsys.hsv_to_rgb(h, 1.0 if max(rgb) != min(rgb) else 0.0, 1.0)
+    return Colormap([[r, g, b, 0.0], [r, g, b, 0.0], [r, g, b, 1.0]], controls=[0.0, 0.15, 1.0], name=f"cam-{name}")
+
+
+def pseudo_colormap(classes: Any) -> dict:
+    """Label colours of the pseudo-mask layer (values = class index + 1): the class colours,
+    background (glass, excluded) transparent, uncertain tissue a dark shade of its own."""
+    colors = {k: (r, g, b, _CLASS_ALPHA) for k, (r, g, b, _a) in classes.label_colormap().items() if k is not None}
+    colors[classes.background_index + 1] = (0.0, 0.0, 0.0, 0.0)
+    colors[uncertain_index(classes) + 1] = (*UNCERTAIN_RGB, _UNCERTAIN_ALPHA)
+    return colors
 
 
 class ReviewWidget(Panel):
@@ -142,7 +180,8 @@ class ReviewWidget(Panel):
         self.tile.setSingleStep(64)
         self.tile.setValue(_DEFAULTS.tile)
         self.tile.setSuffix(" px")
-        self.tile.setToolTip("tile side in model pixels; gating uses one class probability per tile")
+        self.tile.setToolTip("tile side in model pixels; tiles overlap and are blended, gating and "
+                             "normalisation are decided once per slide")
         form.addRow("Tile", self.tile)
         self.max_side = QSpinBox()
         self.max_side.setRange(256, 16384)
@@ -174,14 +213,28 @@ class ReviewWidget(Panel):
         form.addRow("CAM threshold", self._with_label(self.cam_thr, self.cam_thr_label))
         self.gating = _slider(0, 100, 50)
         self.gating_label = QLabel()
+        self.gating.setToolTip("slide-level class probability (a class's best tile) that switches the class on for the slide")
         form.addRow("Gating (class prob.)", self._with_label(self.gating, self.gating_label))
         self.white = _slider(150, 255, _DEFAULTS.white_level)
         self.white_label = QLabel()
         form.addRow("White background", self._with_label(self.white, self.white_label))
         self.show_cams = QCheckBox("Show CAM layers")
-        self.show_cams.setChecked(True)
+        self.show_cams.setChecked(False)
+        self.show_cams.setToolTip("one layer per class over the tissue: the class hue, more opaque where the score is higher")
         self.show_cams.toggled.connect(self._on_show_cams)
-        form.addRow(self.show_cams)
+        self.view_btn = QPushButton("Review view")
+        self.view_btn.setToolTip("the default view: slide, a light fill of the assigned classes (uncertain tissue in "
+                                 "dark shade, glass clear), CAMs hidden, the pseudo-mask layer selected for editing")
+        self.view_btn.clicked.connect(self._on_review_view)
+        row = QHBoxLayout()
+        row.addWidget(self.show_cams, 1)
+        row.addWidget(self.view_btn)
+        form.addRow(row)
+        legend = QHBoxLayout()
+        a = PSEUDO_OPACITY * _UNCERTAIN_ALPHA
+        legend.addWidget(color_swatch(tuple(int(round((1 - a) * h + a * 255 * c)) for h, c in zip(_HE_RGB, UNCERTAIN_RGB))))
+        legend.addWidget(QLabel("uncertain: tissue no class reaches (saved as background); glass is left clear"), 1)
+        form.addRow(legend)
         for s in (self.cam_thr, self.gating, self.white):
             s.valueChanged.connect(self._on_slider)
         self.main_layout.addWidget(box)
@@ -233,11 +286,12 @@ class ReviewWidget(Panel):
         self._stats_timer.setInterval(_REDRAW_MS)
         self._stats_timer.timeout.connect(self._update_stats)
 
-        self._white_cache: dict = {}
         self._pseudo_again = False
+        self._save_after_pseudo = False
+        self._index: Any = None  # core.review.ThresholdIndex of the canvas, once a whole mask was made
+        self._shown_threshold: float | None = None  # the CAM threshold the shown automatic mask stands for
         self._pseudo_started = 0.0
         self.redraw_seconds: float | None = None
-        self.tiles_in_view = 0
         self.pseudo_task = self.session.task("pseudo", "Pseudo-mask redraw", quiet=True)
         self.pseudo_task.event.connect(self._on_pseudo_tile)
         self.pseudo_task.finished.connect(self._on_pseudo_finished)
@@ -330,9 +384,10 @@ class ReviewWidget(Panel):
             self.pseudo_task.wait(10)
         self.canvas = None
         self.edits = None
-        self._white_cache = {}
+        self._index = None
+        self._shown_threshold = None
         self._dirty = False
-        for name in [PSEUDO_LAYER, REVIEWED_LAYER] + [l.name for l in self.viewer.layers if l.name.startswith(CAM_PREFIX)]:
+        for name in [PSEUDO_LAYER, REVIEWED_LAYER] + [lyr.name for lyr in self.viewer.layers if lyr.name.startswith(CAM_PREFIX)]:
             layer = self.session.layer(name)
             if layer is not None:
                 self.viewer.layers.remove(layer)
@@ -373,9 +428,6 @@ class ReviewWidget(Panel):
         if self._dirty:
             self.save()
         plan = plan_slide_cams(project, sid, self.tile.value(), self.max_side.value())
-        chosen = calibrated_gating(run_dir, which)
-        if chosen is not None:  # start the gating slider where the run's validation put it
-            self.gating.setValue(int(round(chosen * 100)))
         settings = ReviewSettings(which=which, mode=self.mode.currentData(), tile=self.tile.value(),
                                   max_side=self.max_side.value(), device=self.device.currentText(),
                                   cam_threshold=self.cam_threshold, gating=self.gating_threshold,
@@ -383,6 +435,11 @@ class ReviewWidget(Panel):
         self._start_canvas(project, plan)
 
         def job(should_stop: Callable[[], bool]) -> Iterator[Any]:
+            # in the worker: reading the run's calibration imports torch (seconds, never on the GUI
+            # thread); the gating starts where the run's validation put it (the start event says so)
+            chosen = calibrated_gating(run_dir, which)
+            if chosen is not None:
+                settings.gating = chosen
             return compute_slide_cams(project, sid, run_dir, settings, should_stop, overwrite=True,
                                       save=not project.read_only, keep_partial=True, plan=plan)
 
@@ -397,7 +454,8 @@ class ReviewWidget(Panel):
         self._clear()
         self._slide_id = sid = self.session.slide_id
         c = project.classes.num_classes
-        self.canvas = CamCanvas.empty(c, plan.shape, plan.tile, plan.downsample)
+        self.canvas = CamCanvas.empty(c, plan.shape, plan.tile, plan.downsample,
+                                      tissue=tissue_on_canvas(project, sid, plan.shape, plan.downsample))
         try:  # recomputing keeps the saved corrections: new tiles replace only automatic values
             self.edits = corrections_for_plan(project, sid, plan)
         except HistoWSSSError as e:
@@ -406,14 +464,20 @@ class ReviewWidget(Panel):
         self.show_layers()
 
     def _on_tile(self, ev: Any) -> None:
+        if getattr(ev, "kind", "") == "start" and "gating" in (ev.metrics or {}):
+            self.gating.blockSignals(True)  # the tiles to come are drawn with it; no redraw needed
+            self.gating.setValue(int(round(float(ev.metrics["gating"]) * 100)))
+            self.gating.blockSignals(False)
+            self._update_slider_labels()
+            return
         if not isinstance(ev, CamTile) or self.canvas is None or self.edits is None:
             return
-        region = self.canvas.put(ev.ty, ev.tx, ev.cams, ev.probs, ev.rgb)
+        region = self.canvas.put(ev.ty, ev.tx, ev.cams, ev.probs, ev.rgb, ev.box)
         project = self.session.require_project()
-        white = white_tile(self.canvas, ev.ty, ev.tx, self.white_level)
-        self._white_cache[(self.white_level, ev.ty, ev.tx)] = white
-        self.edits.set_auto(pseudo_tile(self.canvas, project.classes, ev.ty, ev.tx, self.cam_threshold,
-                                        self.gating_threshold, white), region)
+        # the live view: the new tile's box with the slide's gating and normalisation so far
+        # (the whole mask is redone once the last tile is in)
+        self.edits.set_auto(pseudo_from_canvas(self.canvas, project.classes, self.cam_threshold, self.gating_threshold,
+                                               self.white_level, uncertain=True, box=region), region)
         now = time.monotonic()
         if now - self._last_refresh > _REFRESH_S or ev.step == ev.steps:
             self._last_refresh = now
@@ -426,11 +490,9 @@ class ReviewWidget(Panel):
         n = len(self.canvas.computed_tiles())
         if outcome == "failed":
             return
-        try:
-            self.save()
-        except HistoWSSSError as e:
-            self.fail(str(e))
-            return
+        # the whole slide's gating and normalisation replace the live view; saved once it is in
+        self._save_after_pseudo = True
+        self.recompute_pseudo()
         if outcome == "done":
             self.say(f"CAMs and pseudo-mask of {self._slide_id} ready ({n} tiles); correct the pseudo-mask layer", notify=True)
         else:
@@ -438,41 +500,87 @@ class ReviewWidget(Panel):
 
     # -- layers --------------------------------------------------------------------------------
     def show_layers(self) -> None:
-        """(Re-)add the CAM image layers, the pseudo-mask Labels layer and the reviewed outline."""
+        """(Re-)add the CAM image layers, the pseudo-mask Labels layer and the reviewed outline,
+        in the review view (:meth:`review_view`)."""
         project = self.session.require_project()
         if self.canvas is None or self.edits is None:
             raise GuiError("no CAMs yet: press 'Compute CAMs' (or 'Load saved')")
         tf = self.session.overlay_transform(self.canvas.downsample)
+        peaks = self.canvas.peaks()
         for i, cdef in enumerate(project.classes.classes):
             layer = self.session.replace_layer(
                 f"{CAM_PREFIX}{cdef.name}", self.viewer.add_image, data=self.canvas.cams[i],
-                colormap=cam_colormap(cdef.color, cdef.name), blending="additive", contrast_limits=(0.0, 1.0),
+                colormap=cam_colormap(cdef.color, cdef.name), blending="translucent",
+                contrast_limits=(0.0, max(float(peaks[i]), 1e-6)), opacity=CAM_OPACITY,
                 visible=self.show_cams.isChecked(), **tf,
             )
             layer.metadata["histo_wsss"] = "cam"
             self.cam_layers[i] = layer
+        names = ["unlabelled"] + project.classes.names + ["background / exclude", "uncertain"]
+        layer = self.session.replace_layer(
+            PSEUDO_LAYER, self.viewer.add_labels, data=self.edits.data,
+            colormap=label_colormap(pseudo_colormap(project.classes)), opacity=PSEUDO_OPACITY,
+            features={"index": np.arange(len(names)), "class": names}, **tf,
+        )
+        layer.metadata["histo_wsss"] = "pseudo-mask"
+        layer.metadata["same_as"] = {uncertain_index(project.classes) + 1: project.classes.background_index + 1}
+        layer.events.paint.connect(self._on_paint)
+        layer.bind_key("Control-Z", lambda _l: self.undo(), overwrite=True)
+        for key in range(1, min(project.classes.num_classes + 1, 9) + 1):  # the classes, then background
+            layer.bind_key(str(key), self._key_paint_class(key - 1), overwrite=True)
+        self.mask_layer = layer
         layer = self.session.replace_layer(
             REVIEWED_LAYER, self.viewer.add_labels, data=self.edits.reviewed.view(np.uint8),
             colormap=label_colormap({1: _REVIEWED_RGBA}), opacity=0.9, **tf,
         )
         layer.contour = 2
         layer.editable = False
-        names = ["unlabelled"] + project.classes.names + ["background / exclude"]
-        layer = self.session.replace_layer(
-            PSEUDO_LAYER, self.viewer.add_labels, data=self.edits.data,
-            colormap=label_colormap(project.classes.label_colormap()), opacity=0.55,
-            features={"index": np.arange(len(names)), "class": names}, **tf,
-        )
-        layer.metadata["histo_wsss"] = "pseudo-mask"
-        layer.events.paint.connect(self._on_paint)
-        layer.bind_key("Control-Z", lambda _l: self.undo(), overwrite=True)
-        self.mask_layer = layer
         self._on_paint_class(self.paint_class.currentIndex())
-        self.viewer.layers.selection.active = layer
+        self.review_view()
         self._update_stats()
 
-    def _refresh_layers(self) -> None:
+    def review_view(self) -> None:
+        """The one-click review view: the slide as it is, the CAM layers (if shown) above it, the
+        pseudo-mask as a light fill of the assigned classes above them, the reviewed outline on
+        top; the labelling layers (patch grid, tissue outline) hidden; the pseudo-mask layer
+        selected so the brush, fill and number keys act on it."""
+        from napari_histo_wsss.widgets._patch_grid import GRID_LAYER
+        from napari_histo_wsss.widgets.project import TISSUE_LAYER
+
+        for name in (GRID_LAYER, TISSUE_LAYER):
+            layer = self.session.layer(name)
+            if layer is not None:
+                layer.visible = False
+        order = list(self.cam_layers.values())
+        for name in (PSEUDO_LAYER, REVIEWED_LAYER):
+            layer = self.session.layer(name)
+            if layer is not None:
+                order.append(layer)
+        for layer in order:  # each to the top in turn: CAMs, pseudo-mask, reviewed outline
+            self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
         for layer in self.cam_layers.values():
+            layer.visible = self.show_cams.isChecked()
+            layer.opacity = CAM_OPACITY
+        if self.mask_layer is not None:
+            self.mask_layer.visible = True
+            self.mask_layer.opacity = PSEUDO_OPACITY
+            self.mask_layer.contour = 0
+            self.viewer.layers.selection.active = self.mask_layer
+
+    @guarded
+    def _on_review_view(self, *_: Any) -> None:
+        if self.canvas is None:
+            raise GuiError("no CAMs yet: press 'Compute CAMs' (or 'Load saved')")
+        if self.mask_layer is None:
+            self.show_layers()
+        self.review_view()
+        self.say("review view: classes as a light fill, uncertain tissue in dark shade, glass clear")
+
+    def _refresh_layers(self) -> None:
+        peaks = self.canvas.peaks() if self.canvas is not None else None
+        for i, layer in self.cam_layers.items():
+            if peaks is not None:  # one normalisation per slide: the strongest score so far is full colour
+                layer.contrast_limits = (0.0, max(float(peaks[i]), 1e-6))
             layer.refresh()
         if self.mask_layer is not None:
             self.mask_layer.refresh()
@@ -500,6 +608,13 @@ class ReviewWidget(Panel):
             if same_layer(layer, removed):
                 del self.cam_layers[i]
 
+    def _key_paint_class(self, index: int) -> Callable[[Any], None]:
+        def pick(_layer: Any) -> None:
+            self.paint_class.setCurrentIndex(index)
+            self.say(f"painting with {self.paint_class.currentText()} (number keys pick the class on the pseudo-mask)")
+
+        return pick
+
     def _on_paint_class(self, index: int) -> None:
         if self.mask_layer is not None and index >= 0:
             self.mask_layer.selected_label = index + 1
@@ -510,45 +625,44 @@ class ReviewWidget(Panel):
         self._redraw_timer.start()
 
     def recompute_pseudo(self) -> None:
-        """Apply the sliders to the mask (corrected pixels are kept): the tiles are recomputed in
-        the background, those in view first, and drawn as they arrive."""
+        """Apply the sliders to the mask (corrected pixels are kept): the whole slide's automatic
+        mask is made off the GUI thread (:func:`core.review.pseudo_updates`; with the scores
+        cached a CAM-threshold move is one comparison per pixel) and drawn at once."""
         if self.canvas is None or self.edits is None or self.session.project is None:
             return
         if self.pseudo_task.running:
-            self._pseudo_again = True  # the sliders moved again: restart when this pass stops
-            self.pseudo_task.cancel()
+            self._pseudo_again = True  # the sliders moved again: redo once this pass ends
             return
-        canvas, classes = self.canvas, self.session.project.classes
-        tiles = self._tiles_in_view_order()
-        args = (canvas, classes, tiles, self.cam_threshold, self.gating_threshold, self.white_level, self._white_cache)
+        args = (self.canvas, self.session.project.classes, self.cam_threshold, self.gating_threshold, self.white_level)
+        index, shown = self._index, self._shown_threshold
         self._pseudo_started = time.perf_counter()
-        self.pseudo_task.start(lambda should_stop: pseudo_tiles(*args, should_stop), "Pseudo-mask")
-
-    def _tiles_in_view_order(self) -> list[tuple[int, int]]:
-        """Computed tiles, those meeting the visible part of the mask first (nearest the centre first)."""
-        canvas = self.canvas
-        r0, c0, r1, c1 = self._visible_box()
-        cy, cx = (r0 + r1) / 2, (c0 + c1) / 2
-        t = canvas.tile
-
-        def key(tile: tuple[int, int]) -> tuple[int, float]:
-            ty, tx = tile
-            visible = ty * t < r1 and (ty + 1) * t > r0 and tx * t < c1 and (tx + 1) * t > c0
-            return (0 if visible else 1, ((ty + 0.5) * t - cy) ** 2 + ((tx + 0.5) * t - cx) ** 2)
-
-        order = sorted(canvas.computed_tiles(), key=key)
-        self.tiles_in_view = sum(1 for tile in order if key(tile)[0] == 0)
-        return order
+        if index is not None and shown is not None and index.fits(self.canvas, self.gating_threshold, self.white_level):
+            # a CAM-threshold move: a binary search and the changed pixels only - milliseconds, so
+            # done here at once (no thread hand-over) with the same core job
+            for ev in pseudo_updates(*args, lambda: False, index, shown):
+                self._on_pseudo_tile(ev)
+            self._on_pseudo_finished("done")
+            return
+        self.pseudo_task.start(lambda should_stop: pseudo_updates(*args, should_stop, index, shown), "Pseudo-mask")
 
     def _on_pseudo_tile(self, ev: Any) -> None:
         if not isinstance(ev, PseudoTile) or self.canvas is None or self.edits is None:
             return
-        self.edits.set_auto(ev.mask, self.canvas.tile_slices(ev.ty, ev.tx))
-        now = time.monotonic()
-        if now - self._last_refresh > _REFRESH_S / 3 or ev.step == ev.steps:
-            self._last_refresh = now
-            if self.mask_layer is not None:
-                self.mask_layer.refresh()
+        if ev.index is not None:
+            self._index = ev.index  # the next CAM-threshold moves change only the pixels they must
+            return
+        if ev.mask is not None:
+            if ev.mask.shape != self.edits.auto.shape:
+                return  # made for a slide that was since replaced
+            self.edits.set_auto(ev.mask, ev.box)
+        elif ev.changed is not None:
+            self.edits.set_auto_at(*ev.changed)
+        else:
+            return
+        self._shown_threshold = ev.threshold
+        if self.mask_layer is not None:
+            self.mask_layer.refresh()
+        self.redraw_seconds = time.perf_counter() - self._pseudo_started
 
     def _on_pseudo_finished(self, outcome: str) -> None:
         if self._pseudo_again:
@@ -557,18 +671,22 @@ class ReviewWidget(Panel):
             return
         if outcome != "done":
             return
-        self.redraw_seconds = time.perf_counter() - self._pseudo_started
-        if self.mask_layer is not None:
-            self.mask_layer.refresh()
-        self._mark_dirty()
-        self._update_stats()
+        if self._save_after_pseudo:
+            self._save_after_pseudo = False
+            try:
+                self.save()
+            except HistoWSSSError as e:
+                self.fail(str(e))
+        else:
+            self._mark_dirty()
+        self._stats_timer.start()  # after the redraw: counting corrected areas is a pass over the mask
 
     # -- corrections ---------------------------------------------------------------------------
     def _on_paint(self, event: Any) -> None:
         # napari emits "paint" before it writes the new values: count them a moment later
         if self.edits is None:
             return
-        self.edits.touch_from_paint(event.value)
+        self.edits.record(event.value)
         self._mark_dirty()
         self._stats_timer.start()
 
@@ -585,10 +703,10 @@ class ReviewWidget(Panel):
         """Undo the last paint/fill/erase stroke on the pseudo-mask layer."""
         if self.mask_layer is None:
             raise GuiError("the pseudo-mask layer is not shown: press 'Show layers again'")
-        if not self.mask_layer._undo_history:  # noqa: SLF001 - napari keeps no public "can undo"
+        if self.edits is None or not self.edits.undo():
             self.say("nothing to undo")
             return
-        self.mask_layer.undo()
+        self.mask_layer.refresh()
         self._mark_dirty()
         self._update_stats()
 
@@ -736,9 +854,10 @@ class ReviewWidget(Panel):
         self._slide_id = sid
         self.canvas = canvas
         pseudo = project.read_mask(sid, MASK_PSEUDO)
-        auto = pseudo[0] if pseudo is not None else pseudo_from_canvas(
-            canvas, project.classes, self.cam_threshold, self.gating_threshold, self.white_level)
-        self.edits = load_corrections(project, sid, auto.astype(np.uint8), canvas.downsample)
+        auto = (with_uncertain(pseudo[0], canvas, project.classes, self.white_level) if pseudo is not None else
+                pseudo_from_canvas(canvas, project.classes, self.cam_threshold, self.gating_threshold, self.white_level,
+                                   uncertain=True))
+        self.edits = load_corrections(project, sid, auto, canvas.downsample)
         self.show_layers()
         self.save_label.setText("loaded from the project")
         self.say(f"loaded the saved CAMs and corrections of {sid} ({int(self.edits.flag().sum())} corrected pixels)")

@@ -1,9 +1,9 @@
 """Training panel: stage-one CAM classifier training in the background with a live loss plot.
 
-The form is generated from :class:`core.train.TrainConfig`'s field declarations
+The form is generated from :class:`core.stage1.train.TrainConfig`'s field declarations
 (:class:`~._common.SettingsForm`: the core's defaults, limits and help, the less common settings
 under "Advanced settings"); Start runs
-:func:`core.train.train_classifier` in a :class:`~._worker.BackgroundTask` (the event loop stays
+:func:`core.stage1.train.train_classifier` in a :class:`~._worker.BackgroundTask` (the event loop stays
 free; the core checkpoints every epoch and on Cancel), Resume continues the selected run from its
 last checkpoint. Training data is the project's labelled patches (all slides) or an imported
 labelled patch folder.
@@ -81,6 +81,8 @@ class TrainingWidget(Panel):
     """Train the CAM classifier on labelled patches; progress, ETA, live plot, cancel, resume."""
 
     heading = "Train CAM classifier"
+    #: what the status line suggests once a training has finished
+    next_step = "review its CAMs in the Review panel"
     #: Run folders of this panel are called ``<run_prefix><method>-<time>`` under the project's runs/.
     run_prefix = "cls-"
     task_key = "train-cls"
@@ -296,8 +298,8 @@ class TrainingWidget(Panel):
         self.task.start(job, f"Training {run_dir.name}")
         self._set_running(True)
         n = len(getattr(spec, "train", ()) or ())
-        self.say(("resuming " if resume else "training ") + f"{run_dir.name} on {n} training items "
-                 f"({getattr(cfg, 'method', '')}, {cfg.backbone}, {cfg.device})")
+        what = ", ".join(str(v) for v in (getattr(cfg, "method", ""), cfg.backbone, cfg.device) if v)
+        self.say(("resuming " if resume else "training ") + f"{run_dir.name} on {n} training items ({what})")
 
     def _set_running(self, running: bool) -> None:
         self.start_btn.setEnabled(True)  # pressing Start while running gives a clear message
@@ -312,7 +314,7 @@ class TrainingWidget(Panel):
             self.bar.setValue(done)
         kind = getattr(ev, "kind", "")
         if kind != "checkpoint":  # checkpoint messages are file paths: the status line has the run
-            self.eta.setText(describe_event("", ev).lstrip(" ·") + segmix_state((getattr(ev, "metrics", None) or {})))
+            self.eta.setText(describe_event("", ev).lstrip(" ·") + segmix_state(getattr(ev, "metrics", None) or {}))
         steps = getattr(ev, "steps", 0) or 0
         if kind == "step" and ev.loss is not None and steps:
             self.plot.append("loss", max(ev.epoch - 1, 0) + ev.step / steps, ev.loss)
@@ -353,7 +355,7 @@ class TrainingWidget(Panel):
         name = self.run_dir.name if self.run_dir else "run"
         if outcome == "done":
             self.bar.setValue(self.bar.maximum())
-            self.say(f"training of {name} finished; review its CAMs in the Review panel", notify=True)
+            self.say(f"training of {name} finished; {self.next_step}", notify=True)
         elif outcome == "cancelled":
             self.say(f"training of {name} cancelled; its checkpoint is kept: press Resume to continue")
         if self.run_dir is not None:

@@ -2,12 +2,13 @@
 
 Train: the project's labelled patches with their saved pseudo-masks and the pathologist's
 corrections (Review panel; corrected pixels override and weigh more) are the training set of
-:func:`core.train_seg.train_segmenter` (learning from a chosen stage-one classifier run), run in
+:func:`core.stage2.train.train_segmenter` (learning from a chosen stage-one classifier run), run in
 the background with the same progress, ETA, live loss plot, cancel and resume as the classifier
-(:class:`~.training.TrainingWidget`, whose run list, plot and progress handling this panel
-shares; its settings form is generated from :class:`core.train_seg.SegConfig`, with the core's
-defaults). Predict: :func:`core.infer.predict_slide` writes an OME-Zarr label pyramid into
-the run folder tile by tile; when it is complete it is shown as a multiscale Labels layer with the
+(:class:`~.stage1.TrainingWidget`, whose run list, plot and progress handling this panel
+shares; its settings form is generated from :class:`core.stage2.train.SegConfig`, with the core's
+defaults). Predict (its form is generated from :class:`core.stage2.batch.PredictSettings`, as are
+``predict-many``'s options): :func:`core.stage2.infer.predict_slide` writes an OME-Zarr label
+pyramid into the run folder tile by tile; when it is complete it is shown as a multiscale Labels layer with the
 class colours (read-only: corrections belong on the pseudo-mask).
 """
 
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QPushButton, QSpinBox, QWidget
+from qtpy.QtWidgets import QHBoxLayout, QPushButton, QWidget
 
 from napari_histo_wsss.core.settings import read_run_config
-from napari_histo_wsss.core.stage2.train import SegConfig
-from napari_histo_wsss.widgets._common import form_group, guarded, label_colormap
+from napari_histo_wsss.core.stage2.batch import PredictSettings
+from napari_histo_wsss.core.stage2.train import SegConfig, recorded_stage_one
+from napari_histo_wsss.widgets._common import SettingsForm, guarded, label_colormap
 from napari_histo_wsss.widgets._state import GuiError
 from napari_histo_wsss.widgets.stage1 import TrainingWidget, list_runs
 
@@ -32,6 +34,7 @@ class Stage2Widget(TrainingWidget):
     """Train the stage-two segmenter on corrected pseudo-masks; predict the current slide."""
 
     heading = "Segmenter and slide prediction"
+    next_step = "predict the slide with it (Predict slide, below)"
     run_prefix = "seg-"
     task_key = "train-seg"
     task_title = "Segmenter training"
@@ -47,27 +50,16 @@ class Stage2Widget(TrainingWidget):
         if label is not None:
             label.setText("Classifier run")
 
-        box, form = form_group("Predict the slide")
-        self.pred_tile = QSpinBox()
-        self.pred_tile.setRange(64, 4096)
-        self.pred_tile.setSingleStep(64)
-        self.pred_tile.setValue(512)
-        self.pred_tile.setSuffix(" px")
-        form.addRow("Tile", self.pred_tile)
-        self.pred_overlap = QSpinBox()
-        self.pred_overlap.setRange(0, 1024)
-        self.pred_overlap.setValue(64)
-        self.pred_overlap.setSuffix(" px")
-        form.addRow("Overlap", self.pred_overlap)
-        self.tta = QCheckBox("flip test-time augmentation")
-        form.addRow(self.tta)
-        self.gate = QCheckBox("gate classes with the stage-one classifier")
-        self.gate.setToolTip("MLPS test-time gating: classes the classifier finds absent in a tile are switched off")
-        form.addRow(self.gate)
+        # generated from PredictSettings (the fields predict-many shares with this panel)
+        self.pred_settings = SettingsForm(PredictSettings, title="Predict the slide")
+        box, form = self.pred_settings, self.pred_settings.form
+        w = self.pred_settings.widgets
+        self.pred_tile, self.pred_overlap, self.tta, self.gate = w["tile"], w["overlap"], w["tta"], w["gate"]
         row = QHBoxLayout()
         self.predict_btn = QPushButton("Predict slide")
         self.predict_btn.clicked.connect(self._on_predict)
-        self.pred_cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setText("Cancel training")  # one panel, two jobs: each button says which it stops
+        self.pred_cancel_btn = QPushButton("Cancel prediction")
         self.pred_cancel_btn.clicked.connect(self._on_pred_cancel)
         row.addWidget(self.predict_btn)
         row.addWidget(self.pred_cancel_btn)
@@ -129,8 +121,8 @@ class Stage2Widget(TrainingWidget):
         cfg_path = run_dir / "config.json"
         if cfg_path.is_file():
             recorded = read_run_config(cfg_path).get("stage_one")
-            if recorded:
-                return Path(recorded)
+            if recorded:  # absolute, also when an older run recorded it relative (as load_segmenter reads it)
+                return Path(recorded_stage_one(recorded, run_dir))
         data = self.source.currentData()
         if not data:
             raise GuiError("no classifier run in this project yet: train one in the Training panel first")
@@ -158,7 +150,7 @@ class Stage2Widget(TrainingWidget):
             self.say("no prediction is running")
             return
         self.pred_task.cancel()
-        self.say("cancelling the prediction (the partial output stays marked incomplete)")
+        self.say("cancelling the prediction after the current batch of tiles")
 
     def predict(self, run_dir: str | Path | None = None) -> Path:
         """Predict the current slide with a segmenter run (background); returns the output path."""
@@ -183,8 +175,8 @@ class Stage2Widget(TrainingWidget):
         stage_one = self._stage_one_run(run_dir) if gate else None
 
         def job(should_stop: Callable[[], bool]) -> Iterator[Any]:
-            from napari_histo_wsss.core.stage2.infer import predict_slide, segmenter_predict_fn
             from napari_histo_wsss.core.slides.slide import open_slide
+            from napari_histo_wsss.core.stage2.infer import predict_slide, segmenter_predict_fn
             from napari_histo_wsss.core.stage2.train import load_segmenter
 
             model = load_segmenter(run_dir)[0]
@@ -206,8 +198,10 @@ class Stage2Widget(TrainingWidget):
 
     def _on_pred_finished(self, outcome: str) -> None:
         if outcome != "done" or self.prediction_path is None:
-            if outcome == "cancelled":
-                self.say("prediction cancelled; its partial output is marked incomplete and not shown")
+            if outcome == "cancelled":  # the core says what is left: the previous output, or an incomplete one
+                ev = self.pred_task.last_event
+                said = ev.message if getattr(ev, "kind", "") == "cancelled" and ev.message else "no output was finished"
+                self.say(f"prediction cancelled: {said}; nothing new is shown")
             return
         try:
             self.show_prediction(self.prediction_path)

@@ -8,7 +8,7 @@ the table; the background/exclude class (white glass, unlabelled) has index ``C`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -28,7 +28,7 @@ class ClassDef:
         return {"name": self.name, "color": list(self.color), "abbrev": self.abbrev}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ClassDef":
+    def from_dict(cls, d: dict) -> ClassDef:
         color = tuple(int(c) for c in d["color"])
         if len(color) != 3 or not all(0 <= c <= 255 for c in color):
             raise ClassTableError(f"class {d.get('name')!r}: colour must be three integers 0-255, got {d['color']!r}")
@@ -131,7 +131,7 @@ class ClassTable:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ClassTable":
+    def from_dict(cls, d: dict) -> ClassTable:
         try:
             return cls(
                 classes=tuple(ClassDef.from_dict(c) for c in d["classes"]),
@@ -143,7 +143,7 @@ class ClassTable:
             raise ClassTableError(f"malformed class table: missing or bad field {e}") from e
 
     @classmethod
-    def custom(cls, names: Iterable[str], colors: Iterable[RGB] | None = None, white_background: bool = True) -> "ClassTable":
+    def custom(cls, names: Iterable[str], colors: Iterable[RGB] | None = None, white_background: bool = True) -> ClassTable:
         names = list(names)
         colors = list(colors) if colors is not None else [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(len(names))]
         if len(colors) != len(names):

@@ -48,10 +48,12 @@ from PIL import Image
 
 from napari_histo_wsss.core.data.classes import ClassTable, get_preset
 from napari_histo_wsss.core.errors import ClassTableError, DatasetError
-from napari_histo_wsss.core.slides.grid import axis_starts
 from napari_histo_wsss.core.io.atomic import check_output, fsync_dir, fsync_tree
-
-from napari_histo_wsss.core.models.backbones import IMAGENET_MEAN, IMAGENET_STD  # the models' input normalisation (re-exported)
+from napari_histo_wsss.core.models.backbones import (  # the models' input normalisation (re-exported)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+)
+from napari_histo_wsss.core.slides.grid import axis_starts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TRAIN_DIRS = ("training", "train", "1.training", "train_examples")
@@ -642,7 +644,7 @@ def make_patches(
 
     ``out_dir`` must be empty or absent. The set is built in a hidden staging folder next to it,
     fsynced and renamed into place at the end (the same temp-then-rename rule as
-    :mod:`core.atomic`, applied to the whole folder): a failed or killed build leaves no
+    :mod:`core.io.atomic`, applied to the whole folder): a failed or killed build leaves no
     ``out_dir`` that could be mistaken for a patch set, only a dot-folder that loaders skip and
     the next build does not mind. Returns the statistics plus the settings.
     """

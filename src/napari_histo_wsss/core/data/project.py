@@ -1,4 +1,4 @@
-"""The project folder: the one source of truth of a labelling/training session (design section 3).
+"""The project folder: the one source of truth of a labelling/training session.
 
 Layout of a project folder (e.g. ``case-12.wsss/``)::
 
@@ -7,13 +7,13 @@ Layout of a project folder (e.g. ``case-12.wsss/``)::
                             slide_id,x,y,size0,<one 0/1 column per class name>,updated,who
     masks/<slide_id>/<name> zarr v3 arrays ("tissue", "cam", "pseudo", "corrected", ...) with attrs
                             downsample, classes_hash, complete
-    runs/                   training runs (written by core.train / core.train_seg)
+    runs/                   training runs (written by core.stage1.train / core.stage2.train)
     .lock                   empty file whose advisory lock (``fcntl.flock``) serialises the saves
                             of all processes that have the project open
     .session-<pid>-<token>  one per GUI window that has the project open (pid, host, start time),
                             locked while that window lives
 
-Durability: ``project.json`` and ``labels.csv`` are rewritten whole through :mod:`core.atomic`
+Durability: ``project.json`` and ``labels.csv`` are rewritten whole through :mod:`core.io.atomic`
 (temp file + fsync + rename) on every change, so a crash or ``kill -9`` leaves the previous or the
 new version, never a mix. A mask is written into a hidden temporary zarr array, marked
 ``complete`` in its attributes last, and then swapped in by renames; a kill between the renames
@@ -63,9 +63,9 @@ try:
 except ImportError:  # pragma: no cover - Windows: saves are not coordinated between processes
     fcntl = None  # type: ignore[assignment]
 
-from napari_histo_wsss.core.io.atomic import atomic_path, fsync_dir, fsync_tree, remove_temporaries, write_text
 from napari_histo_wsss.core.data.classes import ClassTable, get_preset
 from napari_histo_wsss.core.errors import ClassTableError, HistoWSSSError, ProjectError
+from napari_histo_wsss.core.io.atomic import atomic_path, fsync_dir, fsync_tree, remove_temporaries, write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_histo_wsss.core.slides.grid import PatchGrid
@@ -108,7 +108,7 @@ class SlideRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SlideRecord":
+    def from_dict(cls, d: dict) -> SlideRecord:
         return cls(
             path=str(d["path"]), width=int(d["width"]), height=int(d["height"]),
             mpp=None if d.get("mpp") is None else float(d["mpp"]), format=str(d.get("format", "")),
@@ -239,7 +239,7 @@ class Project:
         # digests of the project.json / labels.csv bytes that memory reflects: a save re-reads a
         # file only when another process has replaced it since
         self._manifest_digest, self._labels_digest = digests
-        self._grids: dict[str, "PatchGrid"] = {}
+        self._grids: dict[str, PatchGrid] = {}
         self._lock = threading.RLock()
         self._grid_lock = threading.Lock()  # tissue detection is slow: do not block label saves
         self._disk_lock = disk_lock if disk_lock is not None else _DiskLock(root / LOCK_NAME)
@@ -289,7 +289,7 @@ class Project:
         target_mpp: float | None = 1.0,
         min_tissue: float = 0.5,
         session: bool = False,
-    ) -> "Project":
+    ) -> Project:
         """Create a new project in ``path`` (absent or empty folder). ``classes`` is a
         :class:`ClassTable` or a preset name. ``target_mpp`` = microns per pixel of the patches the
         models see (1.0 is about 10x); ``None`` reads patches at level 0. ``session``: register
@@ -329,7 +329,7 @@ class Project:
         return project
 
     @classmethod
-    def open(cls, path: str | os.PathLike, session: bool = False) -> "Project":
+    def open(cls, path: str | os.PathLike, session: bool = False) -> Project:
         """Open an existing project (its folder or its ``project.json``). Raises ProjectError for
         a missing or damaged manifest or label file, an unsafe slide id, or a schema newer than
         this plugin's.
@@ -468,7 +468,7 @@ class Project:
                 return alt
         raise ProjectError(f"{p}: slide {slide_id!r} of project {self.root} is missing (moved or deleted?)")
 
-    def open_slide(self, slide_id: str) -> "Slide":
+    def open_slide(self, slide_id: str) -> Slide:
         """Open a project slide (the caller closes it, e.g. ``with project.open_slide(i) as s``)."""
         from napari_histo_wsss.core.slides.slide import open_slide
 
@@ -489,7 +489,7 @@ class Project:
             self._grids.clear()
 
     def tissue(self, slide_id: str):
-        """The slide's tissue mask (:class:`core.tissue.TissueMask`), detected once and cached
+        """The slide's tissue mask (:class:`core.slides.tissue.TissueMask`), detected once and cached
         as the mask ``"tissue"`` (detected again, without caching, on a read-only project)."""
         from napari_histo_wsss.core.slides.tissue import TissueMask, detect_tissue
 
@@ -502,7 +502,7 @@ class Project:
             self.write_mask(slide_id, "tissue", tm.mask.astype(bool), tm.downsample)
         return tm
 
-    def grid(self, slide_id: str) -> "PatchGrid":
+    def grid(self, slide_id: str) -> PatchGrid:
         """The patch grid of a slide with the project's settings (tissue mask + ``make_grid``),
         computed once per settings and cached in memory."""
         from napari_histo_wsss.core.slides.grid import make_grid
@@ -728,7 +728,7 @@ class Project:
         self._check_writable(path)
         try:
             writer()
-        except HistoWSSSError as e:  # core.atomic turns OSError into HistoWSSSError
+        except HistoWSSSError as e:  # core.io.atomic turns OSError into HistoWSSSError
             raise ProjectError(f"{e} (project {self.root})") from e
 
     def _write_manifest(self, settings: dict, slides: dict[str, SlideRecord]) -> None:

@@ -6,7 +6,9 @@ never a half-written file. Every project, checkpoint and export writer goes thro
 The destination checks every command makes before it starts work live here too:
 :func:`check_output` (never an input, never an existing output without ``overwrite``),
 :func:`ensure_dir` (the folder exists and is writable, else one clear line) and
-:func:`replace_dir` (a whole output folder built beside the old one and swapped in at the end).
+:func:`replace_dir` (a whole output folder built beside the old one and swapped in at the end);
+all three (and every atomic write) first refuse a name too long for the file system
+(:func:`check_names`).
 Files and folders are created with the user's umask (temporary files from :mod:`tempfile`
 would otherwise stay ``0600``/``0700`` after the rename, unreadable to colleagues on a shared
 server).
@@ -74,11 +76,47 @@ def _problem(folder: Path, e: OSError) -> str:
     """A short description of why ``folder`` cannot be created or written: names a file standing
     where a folder is expected (the OS only says "File exists" or "Not a directory")."""
     for p in (folder, *folder.parents):
-        if p.exists() or p.is_symlink():
-            if not p.is_dir():
-                return f"{p} is a file, not a folder"
-            break
+        try:
+            if p.exists() or p.is_symlink():
+                if not p.is_dir():
+                    return f"{p} is a file, not a folder"
+                break
+        except OSError:  # a name the OS cannot even look up (too long, ...): its own error says it
+            continue
     return e.strerror or str(e)
+
+
+def _limit(path: Path, name: str, default: int) -> int:
+    """``os.pathconf(name)`` of the nearest existing folder above ``path`` (the file system the
+    path would be created on), or ``default`` where the OS does not say."""
+    for p in path.parents:
+        try:
+            return int(os.pathconf(p, name))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return default
+
+
+def check_names(path: str | os.PathLike) -> Path:
+    """Refuse, in one line naming the path, a path the OS cannot create: a file or folder name
+    longer than its file system allows (``NAME_MAX``, 255 bytes on most) or a path longer than
+    ``PATH_MAX``. Without this the first ``stat`` of the path raises ``ENAMETOOLONG``. Returns
+    ``path`` as a Path."""
+    p = Path(path)
+    full = Path(os.path.abspath(p))
+    name_max = _limit(full, "PC_NAME_MAX", 255)
+    for part in full.parts[1:]:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            short = part if len(part) <= 24 else f"{part[:12]}...{part[-8:]}"
+            raise HistoWSSSError(f"{p}: the name {short!r} is too long ({size} bytes; the file system allows "
+                                 f"{name_max}); choose a shorter name")
+    path_max = _limit(full, "PC_PATH_MAX", 4096)
+    size = len(os.fsencode(str(full)))
+    if size >= path_max:
+        raise HistoWSSSError(f"{p}: the path is too long ({size} bytes; the file system allows {path_max - 1}); "
+                             "choose a shorter one")
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +127,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """Yield a temporary path next to ``path``; on clean exit it is fsynced and renamed onto
     ``path``. On error the temporary file is removed and ``path`` is untouched. The file gets
     the umask's permissions (not mkstemp's 0600)."""
-    path = Path(path)
+    path = check_names(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -189,19 +227,40 @@ def ensure_dir(path: str | os.PathLike, what: str = "folder") -> Path:
     """Create ``path`` (and its parents) if needed and check that it is a folder this process can
     write in (a hidden probe file is created and removed: permissions, read-only mounts and a full
     inode table all show up). Any failure is one :class:`HistoWSSSError` line naming the path."""
-    p = Path(path)
+    p = check_names(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise HistoWSSSError(f"{p}: cannot create the {what}: {_problem(p, e)}") from e
     if not p.is_dir():
         raise HistoWSSSError(f"{p}: cannot create the {what}: {_problem(p, NotADirectoryError())}")
+    _probe(p, p, what)
+    return p
+
+
+def _probe(folder: Path, path: Path, what: str) -> None:
+    """Create and remove a hidden file in ``folder``; failure: one line naming ``path``."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", suffix=".tmp", dir=p)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", suffix=".tmp", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise HistoWSSSError(f"{p}: the {what} is not writable: {e.strerror or e}") from e
+        raise HistoWSSSError(f"{path}: the {what} is not writable: {e.strerror or e}") from e
+
+
+def check_writable(path: str | os.PathLike, what: str = "folder") -> Path:
+    """:func:`ensure_dir` without creating anything: ``path`` if it exists, else the nearest
+    folder above it that does, must be a folder this process can write in (for a destination
+    that is created only once the work has started, so that a refusal before it leaves nothing
+    behind). Failures are one :class:`HistoWSSSError` line naming ``path``."""
+    p = check_names(path)
+    full = Path(os.path.abspath(p))
+    for existing in (full, *full.parents):
+        if existing.exists() or existing.is_symlink():
+            break
+    if not existing.is_dir():
+        raise HistoWSSSError(f"{p}: cannot create the {what}: {existing} is a file, not a folder")
+    _probe(existing, p, what)
     return p
 
 
@@ -215,6 +274,30 @@ def _same(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)  # hard links, case-insensitive file systems
     except OSError:
         return False
+
+
+def check_apart(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
+                protect: Iterable[str | os.PathLike | None] = (), what: str = "output") -> Path:
+    """Refuse, in one line, a destination ``out`` that is, holds or lies inside one of ``inputs``,
+    or is or holds one of ``protect`` (symlinks and hard links resolved; None entries skipped),
+    and a name too long for the file system (:func:`check_names`). :func:`check_output`'s rule
+    for what an output may not touch; on its own for destinations that are written into rather
+    than replaced (a run folder, ``predict-many``'s output folder). Returns ``out`` as a Path."""
+    path = check_names(out)
+    real = _real(path)
+    for kind, group in (("input", inputs), ("protected", protect)):
+        for given in group:
+            if given is None or str(given) == "":
+                continue
+            other = _real(Path(given))
+            name = f"the input {given}" if kind == "input" else str(given)
+            if real == other or _same(path, Path(given)):
+                raise HistoWSSSError(f"{path}: the {what} would replace {name}; choose another {what}")
+            if other.is_relative_to(real):
+                raise HistoWSSSError(f"{path}: the {what} contains {name}; choose another {what}")
+            if kind == "input" and real.is_relative_to(other):
+                raise HistoWSSSError(f"{path}: the {what} lies inside the input {given}; choose another {what}")
+    return path
 
 
 def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
@@ -231,21 +314,9 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
       folder counts as absent, and an existing entry of the wrong kind (a file where a folder is
       written, or the reverse) is refused even with ``overwrite``.
     * The parent folder is created if needed and must be writable (:func:`ensure_dir`).
+    * A name too long for the file system is refused first (:func:`check_names`).
     """
-    path = Path(out)
-    real = _real(path)
-    for kind, group in (("input", inputs), ("protected", [*protect, os.getcwd()])):
-        for given in group:
-            if given is None or str(given) == "":
-                continue
-            other = _real(Path(given))
-            name = f"the input {given}" if kind == "input" else str(given)
-            if real == other or _same(path, Path(given)):
-                raise HistoWSSSError(f"{path}: the {what} would replace {name}; choose another {what}")
-            if other.is_relative_to(real):
-                raise HistoWSSSError(f"{path}: the {what} contains {name}; choose another {what}")
-            if kind == "input" and real.is_relative_to(other):
-                raise HistoWSSSError(f"{path}: the {what} lies inside the input {given}; choose another {what}")
+    path = check_apart(out, inputs, [*protect, os.getcwd()], what)
     if path.exists() or path.is_symlink():
         is_dir = path.is_dir()
         if folder is True and not is_dir:
@@ -255,7 +326,7 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
         empty = folder is True and is_dir and not path.is_symlink() and not any(path.iterdir())
         if not overwrite and not empty:
             raise HistoWSSSError(f"{path} exists; pass --overwrite to replace it")
-    ensure_dir(real.parent if path.is_symlink() else Path(os.path.abspath(path)).parent, "output folder")
+    ensure_dir(_real(path).parent if path.is_symlink() else Path(os.path.abspath(path)).parent, "output folder")
     return path
 
 

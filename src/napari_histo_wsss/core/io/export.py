@@ -1,6 +1,6 @@
 """Exports of tissue label images in the formats pathologists' tools open, and their read-back.
 
-Formats (design notes section 7):
+Formats:
 
 * **OME-Zarr labels** (:func:`export_ome_zarr`, :class:`LabelPyramid`): OME-NGFF 0.4 (zarr v2, the
   version QuPath/Bio-Formats, napari-ome-zarr and Fiji read) ``<out>/labels/<name>/0,1,2...``: an
@@ -44,9 +44,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from napari_histo_wsss.core.io.atomic import fsync_tree, staging_dir, swap_dir, write_text, write_with
 from napari_histo_wsss.core.data.classes import ClassTable
 from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.core.io.atomic import fsync_tree, staging_dir, swap_dir, write_text, write_with
 
 __all__ = [
     "UNLABELLED",
@@ -155,7 +155,7 @@ class LabelPyramid:
     @classmethod
     def create(cls, path: str | Path, shape: tuple[int, int], classes: ClassTable, downsample: float = 1.0,
                mpp: float | None = None, name: str = LABELS_NAME, kind: str = "labels", chunk: int = 1024,
-               extra: dict | None = None, overwrite: bool = False, fill_index: int | None = None) -> "LabelPyramid":
+               extra: dict | None = None, overwrite: bool = False, fill_index: int | None = None) -> LabelPyramid:
         """Allocate an empty pyramid for a ``shape`` (h, w) label image whose pixels are
         ``downsample`` level-0 pixels of a slide with ``mpp`` microns per level-0 pixel.
         Unwritten label pixels read as ``fill_index`` (default unlabelled); whole-slide
@@ -240,7 +240,7 @@ class LabelPyramid:
         """Level-0 slide pixels per pixel of each level."""
         return [self.downsample * 2**k for k in range(len(self.levels))]
 
-    def index_levels(self) -> list["IndexView"]:
+    def index_levels(self) -> list[IndexView]:
         """Every level as a lazy class-index view (sliceable like an array, read on demand), the
         input the exporters take for slide-sized label images."""
         if self.kind != "labels":
@@ -403,7 +403,7 @@ def _image_label(classes: ClassTable) -> dict:
 
 
 def _omero(classes: ClassTable) -> dict:
-    chans = [{"label": c.name, "color": "%02X%02X%02X" % tuple(c.color), "active": True,
+    chans = [{"label": c.name, "color": "{:02X}{:02X}{:02X}".format(*c.color), "active": True,
               "window": {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}} for c in classes.classes]
     return {"channels": chans}
 
@@ -1023,7 +1023,7 @@ def level_for_max_side(shapes: Sequence[tuple[int, ...]], max_side: int) -> int:
 # patch labels
 # ---------------------------------------------------------------------------------------------
 def export_patch_labels_csv(table: Any, path: str | Path) -> Path:
-    """Write a project's patch labels (``core.project.PatchLabelTable``) as CSV: ``slide_id, x,
+    """Write a project's patch labels (``core.data.project.PatchLabelTable``) as CSV: ``slide_id, x,
     y, size0`` (level-0 pixels), one 0/1 column per class name, ``updated``, ``who``."""
     names = list(getattr(table, "class_names", []) or [f"class_{i}" for i in range(table.labels.shape[1])])
     buf = io.StringIO()

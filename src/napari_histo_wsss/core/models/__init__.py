@@ -16,7 +16,13 @@ from napari_histo_wsss.core.models.backbones import (
     parameter_groups,
 )
 from napari_histo_wsss.core.models.checkpoint import check_classes, load_checkpoint, load_model, save_model
-from napari_histo_wsss.core.models.classifier import CAM_MODES, CAMClassifier, normalize_cams, pda_threshold_at, progressive_dropout_attention
+from napari_histo_wsss.core.models.classifier import (
+    CAM_MODES,
+    CAMClassifier,
+    normalize_cams,
+    pda_threshold_at,
+    progressive_dropout_attention,
+)
 from napari_histo_wsss.core.models.segmenter import Segmenter
 
 __all__ = [

@@ -13,7 +13,7 @@ mismatch is an error rather than a silently random layer.
 :data:`BACKBONE_REGISTRY` is the one list of backbones: name -> builder, the normalisation of
 the input tensors the backbone takes, and the channels of its four maps. The CLI, the widgets
 and checkpoints (which record the name) all go through it; the data pipeline
-(``core.datasets.to_tensor``) and inference import the normalisation constants from here.
+(``core.data.datasets.to_tensor``) and inference import the normalisation constants from here.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 #: ImageNet channel mean/std of RGB in 0..1: the normalisation every registered backbone takes
-#: (``core.datasets.to_tensor`` produces it; EfficientNet-Lite converts it to its own [-1, 1]).
+#: (``core.data.datasets.to_tensor`` produces it; EfficientNet-Lite converts it to its own [-1, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OUTPUT_STRIDES = (8, 16, 32)
@@ -82,7 +82,9 @@ class Backbone(nn.Module):
 
 
 def _efficientnet_lite(name: str, output_stride: int, **kwargs) -> Backbone:
-    from napari_histo_wsss.core.models.efficientnet_lite import EfficientNetLite  # imported here: it imports Backbone from this module
+    from napari_histo_wsss.core.models.efficientnet_lite import (
+        EfficientNetLite,  # imported here: it imports Backbone from this module
+    )
 
     return EfficientNetLite(name, output_stride=output_stride, **kwargs)
 

@@ -1,7 +1,7 @@
 """Model checkpoints that rebuild themselves.
 
 A checkpoint is one ``torch.save`` file written atomically (temp file + rename, via
-``core.atomic``) holding ``{"meta", "state_dict", "extra"}``:
+``core.io.atomic``) holding ``{"meta", "state_dict", "extra"}``:
 
 * ``meta``: JSON-like dict with ``kind`` (``"classifier"`` | ``"segmenter"``), ``arch`` (the
   constructor arguments: backbone, output stride, number of classes...), ``classes`` (the
@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from napari_histo_wsss import __version__
-from napari_histo_wsss.core.io.atomic import write_with
 from napari_histo_wsss.core.data.classes import ClassTable
 from napari_histo_wsss.core.errors import HistoWSSSError, TrainingError
+from napari_histo_wsss.core.io.atomic import write_with
 from napari_histo_wsss.core.models.classifier import CAMClassifier
 from napari_histo_wsss.core.models.segmenter import Segmenter
 
@@ -76,7 +76,7 @@ def save_model(path: str | Path, model: nn.Module, meta: Mapping[str, Any] | Non
 
 def _save_payload(payload: dict, tmp: Path) -> None:
     """``torch.save`` through a Python file, so that a failed write (disk full, quota, I/O error)
-    is the ``OSError`` with its errno that :mod:`core.atomic` turns into one line. torch's writer
+    is the ``OSError`` with its errno that :mod:`core.io.atomic` turns into one line. torch's writer
     swallows the error of a ``write`` and raises ``RuntimeError: ... unexpected pos`` instead, so
     the file records the error it raised and that error is raised again."""
     with open(tmp, "wb") as f:

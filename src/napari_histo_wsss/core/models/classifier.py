@@ -34,9 +34,14 @@ from torch import Tensor, nn
 from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.core.models.backbones import DEFAULT_BACKBONE, build_backbone
 
-__all__ = ["CAMClassifier", "normalize_cams", "progressive_dropout_attention", "pda_threshold_at", "CAM_MODES"]
+__all__ = ["CAMClassifier", "normalize_cams", "progressive_dropout_attention", "pda_threshold_at", "CAM_MODES",
+           "HEADS"]
 
 CAM_MODES = ("last", "multi")
+#: ``"last"``: the head reads the last feature map; ``"fused"``: the last map upsampled to the
+#: stride of the third map and concatenated with it (OEEM's stride-16 + stride-32 fusion), so the
+#: CAMs are twice as fine as the last map without dilating the backbone.
+HEADS = ("last", "fused")
 _EPS = 1e-5
 
 
@@ -83,21 +88,70 @@ class CAMClassifier(nn.Module):
     kind = "classifier"
 
     def __init__(self, num_classes: int, backbone: str = DEFAULT_BACKBONE, weights: str | Path | None = "imagenet",
-                 output_stride: int = 16, embed_dim: int = 128, cam_weights: Sequence[float] = (0.5, 0.25, 0.25)):
+                 output_stride: int = 16, embed_dim: int = 128, cam_weights: Sequence[float] = (0.5, 0.25, 0.25),
+                 head: str = "last"):
         super().__init__()
+        if head not in HEADS:
+            raise HistoWSSSError(f"unknown classifier head {head!r}; choose one of {', '.join(HEADS)}")
         if int(num_classes) < 1:
             raise HistoWSSSError(f"a classifier needs at least one class, got num_classes={num_classes}")
         if len(cam_weights) != 3 or min(cam_weights) < 0 or sum(cam_weights) <= 0:
             raise HistoWSSSError(f"cam_weights must be three non-negative weights (last, stride 16, stride 8), got {list(cam_weights)}")
         self.arch = {"num_classes": int(num_classes), "backbone": str(backbone), "output_stride": int(output_stride),
                      "embed_dim": int(embed_dim), "cam_weights": [float(w) for w in cam_weights]}
+        if head != "last":  # older checkpoints record no head: they rebuild with the default
+            self.arch["head"] = head
         self.num_classes = int(num_classes)
         self.backbone = build_backbone(backbone, weights, output_stride)
+        self.fused = head == "fused" and self.backbone.strides[2] < self.backbone.strides[3]
         dim = self.backbone.channels[-1]
-        self.head = nn.Conv2d(dim, self.num_classes, 1, bias=False)
+        head_dim = dim + (self.backbone.channels[2] if self.fused else 0)
+        self.head = nn.Conv2d(head_dim, self.num_classes, 1, bias=False)
+        # names of the modules kept in eval mode while training (freeze()): names, not the modules,
+        # because data-parallel training swaps batch norms for synchronised ones in place
+        self._frozen: list[str] = []
         nn.init.xavier_uniform_(self.head.weight)
         hidden = min(dim, 512)
         self.projector = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, int(embed_dim), 1))
+
+    # -- freezing (training of small label sets) -----------------------------------------------
+    def freeze(self, batchnorm: bool = False, stages: int = 0) -> None:
+        """Freeze for training: ``stages`` (0-3) first backbone stages get no gradient (their
+        backward pass is skipped, so steps are cheaper) and, with ``batchnorm``, every BatchNorm
+        of the backbone keeps its ImageNet statistics and affine parameters (eval mode and no
+        gradient, also after ``train()``): a batch of 16 patches of one slide estimates them
+        badly."""
+        if not 0 <= int(stages) <= 3:
+            raise HistoWSSSError(f"frozen stages must be 0 to 3, got {stages}")
+        frozen: list[nn.Module] = []
+        for m in _early_modules(self.backbone, int(stages)):
+            for p in m.parameters():
+                p.requires_grad_(False)
+            frozen.append(m)
+        if batchnorm:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for p in m.parameters():
+                        p.requires_grad_(False)
+                    frozen.append(m)
+        ids = {id(m) for m in frozen}
+        self._frozen = [name for name, m in self.named_modules() if id(m) in ids]
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CAMClassifier:
+        super().train(mode)
+        for name in self._frozen:
+            self.get_submodule(name).eval()
+        return self
+
+    def head_input(self, feats: Sequence[Tensor]) -> Tensor:
+        """The map the 1x1 head reads: the last feature map, or (fused head) the last map
+        upsampled bilinearly to the third map's size and concatenated with it."""
+        if not self.fused:
+            return feats[-1]
+        low = feats[2]
+        up = F.interpolate(feats[-1], size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([up, low], dim=1)
 
     # -- training-time computation ---------------------------------------------------------
     def forward_features(self, x: Tensor, pda_threshold: float | None = None, labels: Tensor | None = None,
@@ -108,11 +162,12 @@ class CAMClassifier(nn.Module):
         ``embed=True`` adds ``embedding`` (:meth:`embed` of the last map) computed in the same
         call, so that data-parallel training synchronises the projector's gradients too."""
         feats = self.backbone(x)
-        cam = self.head(feats[-1])
+        fmap = self.head_input(feats)
+        cam = self.head(fmap)
         if pda_threshold is None:
             logits = cam.mean(dim=(2, 3))
         else:
-            erased = progressive_dropout_attention(feats[-1], cam, pda_threshold, labels)
+            erased = progressive_dropout_attention(fmap, cam, pda_threshold, labels)
             logits = self.head(erased.mean(dim=(2, 3), keepdim=True)).flatten(1)
         out = {"logits": logits, "cam": cam, "features": feats}
         if embed:
@@ -160,7 +215,7 @@ class CAMClassifier(nn.Module):
             x = x.detach().clone()  # a normal tensor even if the caller made it in inference mode
             feats = self.backbone(x)
             targets = [feats[2], feats[1]]
-            cam = self.head(feats[-1])
+            cam = self.head(self.head_input(feats))
             logits = cam.mean(dim=(2, 3))
             per_layer: list[list[Tensor]] = [[] for _ in targets]
             for c in range(self.num_classes):
@@ -169,3 +224,15 @@ class CAMClassifier(nn.Module):
                     acc.append(F.relu((F.relu(g) * act).sum(dim=1)).detach())
         out = [F.relu(cam.detach().float())] + [torch.stack(acc, dim=1).float() for acc in per_layer]
         return [normalize_cams(F.interpolate(m, size=size, mode="bilinear", align_corners=False)) for m in out]
+
+
+def _early_modules(backbone: nn.Module, stages: int) -> list[nn.Module]:
+    """The modules of a backbone that compute its first ``stages`` feature maps (stem included)."""
+    if stages == 0:
+        return []
+    if hasattr(backbone, "_blocks") and hasattr(backbone, "_taps"):  # EfficientNet-Lite
+        last = backbone._taps[stages - 1]
+        return [backbone._conv_stem, backbone._bn0, *list(backbone._blocks)[: last + 1]]
+    if hasattr(backbone, "layer1"):  # ResNet
+        return [backbone.conv1, backbone.bn1, *[getattr(backbone, f"layer{i}") for i in range(1, stages + 1)]]
+    raise HistoWSSSError(f"freezing stages is not supported for the backbone {getattr(backbone, 'name', backbone)!r}")

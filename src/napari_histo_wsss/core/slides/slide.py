@@ -36,8 +36,8 @@ import math
 import os
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor, as_completed
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -449,7 +449,7 @@ class Slide:
             self._closer()
             self._closer = None
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -597,6 +597,37 @@ def _open_tiff(path: Path, vendor: str | None) -> Slide:
     return slide
 
 
+@contextlib.contextmanager
+def _tifffile_log_held(pass_on: bool = True) -> Iterator[None]:
+    """Hold back what tifffile logs while a TIFF's structure is read. A damaged file is refused
+    in one :class:`SlideError` line, so tifffile's own remark printed before it (such as "shaped
+    series shape does not match page shape") is dropped; for a file that opens, the held records
+    are passed on unchanged (``pass_on=False``: dropped too, for a check whose file is read again
+    afterwards). Also a decorator."""
+    import logging
+
+    logger = logging.getLogger("tifffile")
+    held: list[logging.LogRecord] = []
+
+    class _Hold(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            held.append(record)
+            return False
+
+    hold = _Hold()
+    logger.addFilter(hold)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        logger.removeFilter(hold)
+        if ok and pass_on:
+            for record in held:
+                logger.handle(record)
+
+
+@_tifffile_log_held()
 def _open_tifffile(path: Path) -> Slide:
     import tifffile
     import zarr
@@ -651,6 +682,7 @@ def _open_tifffile(path: Path) -> Slide:
     return Slide(path, "ome-tiff" if is_ome else "generic-tiff", "tifffile", levels, mpp, objective, props, layout.samples, tf.close)
 
 
+@_tifffile_log_held(pass_on=False)
 def _check_vendor_tiff(path: Path) -> None:
     """:func:`_check_tile_table` on the tiled directories of a TIFF-based vendor slide (SVS, SCN,
     BIF, Philips) before OpenSlide opens it: OpenSlide accepts an SVS whose directory declares

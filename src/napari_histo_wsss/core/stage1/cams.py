@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from napari_histo_wsss.core.io.atomic import write_with
 from napari_histo_wsss.core.data.classes import ClassTable
 from napari_histo_wsss.core.data.datasets import list_images, parse_label_name, read_rgb, to_tensor
 from napari_histo_wsss.core.errors import DatasetError, HistoWSSSError
-from napari_histo_wsss.core.slides.grid import axis_starts, cosine_window
+from napari_histo_wsss.core.io.atomic import write_with
 from napari_histo_wsss.core.models.classifier import CAM_MODES, normalize_cams
 from napari_histo_wsss.core.progress import ProgressEvent
+from napari_histo_wsss.core.settings import Settings, setting
+from napari_histo_wsss.core.slides.grid import axis_starts, cosine_window
 from napari_histo_wsss.core.slides.tissue import white_background_mask
 
 __all__ = [
@@ -46,7 +47,17 @@ __all__ = [
     "save_cams",
     "PseudoMaskSettings",
     "generate_pseudo_masks",
+    "logit_maps",
+    "raw_argmax_mask",
+    "calibrate_offsets",
+    "GATINGS",
 ]
+
+#: How unlabelled images are gated: ``"prob"`` (classes whose image probability reaches a
+#: threshold, then argmax of per-class normalised CAMs), ``"prob-raw"`` (the same classes, then
+#: argmax of the raw CAM logits plus per-class offsets calibrated on validation images) or
+#: ``"raw"`` (argmax of the offset raw logits over all classes; no image-level decision).
+GATINGS = ("prob", "prob-raw", "raw")
 
 # Images whose sides are both at most this many pixels are processed in one pass (exact CAMs);
 # larger ones are tiled. 1024 px keeps the autograd graph of multi-layer CAMs within ~2 GB.
@@ -110,6 +121,39 @@ def _blend_weights(h: int, w: int, overlap: int, device: torch.device) -> torch.
     return torch.from_numpy(np.outer(wy, wx)).to(device)
 
 
+def _prepare(model: torch.nn.Module, rgb: np.ndarray, scales: Sequence[float], device, who: str
+             ) -> tuple[torch.device, torch.Tensor]:
+    """Checks of an image and its test-time scales; the device, the model moved there in eval
+    mode, and the image as a (1, 3, H, W) tensor on it."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise HistoWSSSError(f"{who} expects a uint8 (H, W, 3) image, got {rgb.dtype} {rgb.shape}")
+    if not scales or any(s <= 0 for s in scales):
+        raise HistoWSSSError(f"test-time scales must be positive, got {list(scales)}")
+    dev = torch.device(device) if device is not None else _model_device(model)
+    model.to(dev).eval()
+    return dev, to_tensor(rgb)[None].to(dev)
+
+
+def _blend_tiles(x: torch.Tensor, tile: int, overlap: int, fn: Callable) -> tuple[torch.Tensor, list]:
+    """``fn(tile tensor) -> (maps (C, h, w), extra)`` over overlapping tiles of ``x`` (1, 3, H, W),
+    the maps blended with the cosine window into (C, H, W); also the list of the tiles' extras."""
+    h, w = x.shape[-2:]
+    acc = weight = None
+    extras = []
+    for y0 in axis_starts(h, tile, tile - overlap):
+        for x0 in axis_starts(w, tile, tile - overlap):
+            m, extra = fn(x[:, :, y0:y0 + tile, x0:x0 + tile])
+            extras.append(extra)
+            if acc is None:
+                acc = torch.zeros((m.shape[0], h, w), device=x.device)
+                weight = torch.zeros((h, w), device=x.device)
+            fw = _blend_weights(m.shape[1], m.shape[2], overlap, x.device)
+            acc[:, y0:y0 + m.shape[1], x0:x0 + m.shape[2]] += m * fw
+            weight[y0:y0 + m.shape[1], x0:x0 + m.shape[2]] += fw
+    # every pixel is covered; cosine weights at the image edges are tiny but never 0
+    return acc / weight.clamp_min(torch.finfo(weight.dtype).tiny), extras
+
+
 def cams_for_image(
     model: torch.nn.Module,
     rgb: np.ndarray,
@@ -120,6 +164,7 @@ def cams_for_image(
     window: int | None = None,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    normalize: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class activation maps and image-level probabilities of one RGB image.
 
@@ -137,6 +182,9 @@ def cams_for_image(
             (see the module docstring); None = whole-image mean.
         scales, flip: test-time augmentation - maps are averaged over the rescaled (and
             horizontally flipped) inputs.
+        normalize: False keeps each class's raw strength (maps scaled by the last-stage CAM
+            peak, not by the image's own maximum), so that the maps of several tiles of one
+            slide can be normalised together (:mod:`.review`: one normalisation per slide).
 
     Returns:
         ``(cams, probs)``: float32 ``(C, H, W)`` in [0, 1], each class max-normalised over the
@@ -144,14 +192,8 @@ def cams_for_image(
     """
     if mode not in CAM_MODES:
         raise HistoWSSSError(f"unknown CAM mode {mode!r}; choose one of {', '.join(CAM_MODES)}")
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise HistoWSSSError(f"cams_for_image expects a uint8 (H, W, 3) image, got {rgb.dtype} {rgb.shape}")
-    if not scales or any(s <= 0 for s in scales):
-        raise HistoWSSSError(f"test-time scales must be positive, got {list(scales)}")
-    dev = torch.device(device) if device is not None else _model_device(model)
-    model.to(dev).eval()
+    dev, x = _prepare(model, rgb, scales, device, "cams_for_image")
     h, w = rgb.shape[:2]
-    x = to_tensor(rgb)[None].to(dev)
     if tile is None and max(h, w) <= WHOLE_IMAGE_MAX:
         with torch.no_grad():
             maps, logit_map = _tile_maps(model, x, mode, scales, flip)
@@ -161,25 +203,14 @@ def cams_for_image(
         ov = int(overlap if overlap is not None else tile // 4)
         if tile < 32 or not 0 <= ov <= tile // 2:
             raise HistoWSSSError(f"tile must be >= 32 px and overlap within [0, tile/2], got tile={tile}, overlap={ov}")
-        acc = weight = None
-        best = None
+        def per_tile(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            m, lm = _tile_maps(model, xt, mode, scales, flip)
+            return m, _window_logits(lm, tuple(xt.shape[-2:]), window)
+
         with torch.no_grad():
-            for y0 in axis_starts(h, tile, tile - ov):
-                for x0 in axis_starts(w, tile, tile - ov):
-                    xt = x[:, :, y0:y0 + tile, x0:x0 + tile]
-                    m, lm = _tile_maps(model, xt, mode, scales, flip)
-                    if acc is None:
-                        acc = torch.zeros((m.shape[0], h, w), device=dev)
-                        weight = torch.zeros((h, w), device=dev)
-                    fw = _blend_weights(m.shape[1], m.shape[2], ov, dev)
-                    acc[:, y0:y0 + m.shape[1], x0:x0 + m.shape[2]] += m * fw
-                    weight[y0:y0 + m.shape[1], x0:x0 + m.shape[2]] += fw
-                    wl = _window_logits(lm, tuple(xt.shape[-2:]), window)
-                    best = wl if best is None else torch.maximum(best, wl)
-        # every pixel is covered; cosine weights at the image edges are tiny but never 0
-        maps = acc / weight.clamp_min(torch.finfo(weight.dtype).tiny)
-        logits = best
-    cams = normalize_cams(maps[None])[0]
+            maps, window_logits = _blend_tiles(x, tile, ov, per_tile)
+        logits = torch.stack(window_logits).amax(dim=0)
+    cams = normalize_cams(maps[None])[0] if normalize else maps
     return cams.cpu().numpy().astype(np.float32), torch.sigmoid(logits).cpu().numpy().astype(np.float32)
 
 
@@ -305,21 +336,159 @@ def save_cams(path: str | Path, cams: np.ndarray) -> None:
         raise HistoWSSSError(f"{path}: CAM arrays are saved as .npy or .npz")
 
 
-@dataclass
-class PseudoMaskSettings:
-    """How :func:`generate_pseudo_masks` computes CAMs and masks (see :func:`cams_for_image` and
-    :func:`pseudo_mask` for each field)."""
+def logit_maps(
+    model: torch.nn.Module,
+    rgb: np.ndarray,
+    device: torch.device | str | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    tile: int = 512,
+) -> np.ndarray:
+    """Raw (un-normalised, signed) CAM logits ``(C, H, W)`` float32 of an RGB image at image
+    resolution: the head applied at every location, upsampled bilinearly, averaged over the
+    test-time ``scales`` and horizontal ``flip``. The head is linear and bias-free, so the maps
+    of every class share one scale (the image logit is their mean): comparing them pixel by
+    pixel needs no normalisation. Images larger than :data:`WHOLE_IMAGE_MAX` are done in
+    ``tile``-px tiles overlapping by a quarter, blended with the cosine window."""
+    dev, x = _prepare(model, rgb, scales, device, "logit_maps")
+    h, w = rgb.shape[:2]
 
-    mode: str = "multi"
-    window: int | None = None
-    tile: int | None = None
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    prob_threshold: float = 0.5
-    bg_threshold: float = 0.0
-    bg_alpha: float | None = None
-    norm: str = "class"
-    white_background: bool | None = None
+    def one(xt: torch.Tensor) -> torch.Tensor:
+        th, tw = xt.shape[-2:]
+        acc, n = None, 0
+        for s in scales:
+            xs = xt if s == 1.0 else F.interpolate(xt, scale_factor=s, mode="bilinear", align_corners=False,
+                                                    recompute_scale_factor=False)
+            for flipped in ((False, True) if flip else (False,)):
+                xi = torch.flip(xs, dims=[3]) if flipped else xs
+                m = model.forward_features(xi)["cam"].float()
+                if flipped:
+                    m = torch.flip(m, dims=[3])
+                m = F.interpolate(m, size=(th, tw), mode="bilinear", align_corners=False)[0]
+                acc = m if acc is None else acc + m
+                n += 1
+        return acc / n
+
+    with torch.no_grad():
+        if max(h, w) <= WHOLE_IMAGE_MAX:
+            out = one(x)
+        else:
+            out, _ = _blend_tiles(x, tile, tile // 4, lambda xt: (one(xt), None))
+    return out.cpu().numpy().astype(np.float32)
+
+
+def raw_argmax_mask(
+    logits: np.ndarray,
+    classes: ClassTable,
+    offsets: np.ndarray | Sequence[float] | None = None,
+    rgb: np.ndarray | None = None,
+    labels: np.ndarray | Sequence[int] | None = None,
+    white_background: bool | None = None,
+) -> np.ndarray:
+    """Class-index mask from raw CAM logits (:func:`logit_maps`): each pixel takes the class of
+    the largest ``logit + offset`` (OEEM-style raw argmax), so an image's classes follow from its
+    pixels, not from an image-level threshold; ``labels`` (when known) restrict the choice to the
+    labelled classes. Background on white glass as in :func:`pseudo_mask`."""
+    logits = np.asarray(logits, dtype=np.float32)
+    c = classes.num_classes
+    if logits.ndim != 3 or logits.shape[0] != c:
+        raise HistoWSSSError(f"CAM logits of shape {logits.shape} do not match the {c} classes of the table")
+    off = np.zeros(c, dtype=np.float32) if offsets is None else np.asarray(offsets, dtype=np.float32)
+    if off.shape != (c,):
+        raise HistoWSSSError(f"{off.size} CAM offsets for {c} classes")
+    scores = logits + off[:, None, None]
+    if labels is not None:
+        allowed = classes.check_labels(labels, where="pseudo-mask gating").astype(bool)
+        if allowed.any():
+            scores = np.where(allowed[:, None, None], scores, -np.inf)
+    mask = np.argmax(scores, axis=0).astype(np.uint8)
+    if (classes.white_background if white_background is None else white_background) and rgb is not None:
+        if rgb.shape[:2] != mask.shape:
+            raise HistoWSSSError(f"image of {rgb.shape[1]}x{rgb.shape[0]} px does not match CAMs of {mask.shape[1]}x{mask.shape[0]} px")
+        mask[white_background_mask(rgb)] = classes.background_index
+    return mask
+
+
+def calibrate_offsets(
+    items: Sequence[tuple[np.ndarray, np.ndarray]],
+    classes: ClassTable,
+    grid: Sequence[float] = tuple(np.round(np.arange(-4.0, 4.01, 0.5), 2)),
+    rounds: int = 2,
+    subsample: int = 4,
+) -> tuple[np.ndarray, float | None]:
+    """Per-class offsets for :func:`raw_argmax_mask` that maximise the mIoU (MLPS convention,
+    background ignored) on validation images: ``items`` are ``(logits (C, H, W), ground truth
+    (H, W))`` pairs, or ``(logits, ground truth, allowed (C,) bool)`` when each image's classes
+    are gated first (by predicted probabilities). Coordinate ascent over ``grid`` (``rounds``
+    passes; the first class stays at 0, only differences matter), every ``subsample``-th pixel.
+    Returns ``(offsets, mIoU)``; ties keep the offset nearest 0."""
+    from napari_histo_wsss.core.metrics import compute_scores
+
+    c, bg = classes.num_classes, classes.background_index
+    xs, ys = [], []
+    for item in items:
+        logits, gt = item[0], item[1]
+        lg = np.asarray(logits, dtype=np.float32)[:, ::subsample, ::subsample].reshape(c, -1)
+        if len(item) > 2 and item[2] is not None and np.asarray(item[2], dtype=bool).any():
+            lg = np.where(np.asarray(item[2], dtype=bool)[:, None], lg, -np.inf)
+        g = np.asarray(gt)[::subsample, ::subsample].reshape(-1)
+        keep = g != bg
+        xs.append(lg[:, keep])
+        ys.append(g[keep].astype(np.int64))
+    if not xs or sum(y.size for y in ys) == 0:
+        return np.zeros(c, dtype=np.float32), None
+    x, y = np.concatenate(xs, axis=1), np.concatenate(ys)
+    names = classes.names + ["background"]
+
+    def miou(off: np.ndarray) -> float:
+        pred = np.argmax(x + off[:, None], axis=0)
+        m = np.bincount(y * (c + 1) + pred, minlength=(c + 1) ** 2).reshape(c + 1, c + 1)
+        v = compute_scores(m, names, ignore_index=bg)["miou"]
+        return -1.0 if v is None else float(v)
+
+    off = np.zeros(c, dtype=np.float32)
+    best = miou(off)
+    for _ in range(rounds):
+        for k in range(1, c):
+            for v in sorted(grid, key=abs):
+                trial = off.copy()
+                trial[k] = v
+                score = miou(trial)
+                if score > best + 1e-9:
+                    best, off = score, trial
+    return off, best
+
+
+@dataclass
+class PseudoMaskSettings(Settings):
+    """How :func:`generate_pseudo_masks` computes CAMs and masks (see :func:`cams_for_image` and
+    :func:`pseudo_mask` for each field). ``histo-wsss pseudo-masks`` generates its options from
+    the fields declared ``cli``; ``mode``, ``window`` and ``prob_threshold`` default there to the
+    run's own (its cam_mode, patch size and calibrated threshold), so the command sets them itself."""
+
+    what = "pseudo-mask setting"
+
+    mode: str = setting("multi", choices=CAM_MODES, cli=False, help="CAM type")
+    window: int | None = setting(None, range=(1, None), cli=False, help="sliding-window side (None: whole image)")
+    tile: int | None = setting(None, range=(1, None), none="auto",
+                               help="force tiling at this size (default: whole image up to 1024 px)")
+    scales: tuple[float, ...] = setting((1.0,), range=(0, None), open="lo", min_items=1, cli=False,
+                                        help="image scales whose CAMs are averaged")
+    flip: bool = setting(False, help="average CAMs with the horizontally flipped image")
+    prob_threshold: float = setting(0.5, range=(0, 1), cli=False,
+                                    help="probability that switches a class on when gating by predictions")
+    bg_threshold: float = setting(0.0, range=(0, 1), help="normalised CAM score below which a pixel is background")
+    bg_alpha: float | None = setting(None, range=(0, None), open="lo", cli=False,
+                                     help="exponent of TPRO's background score (1 - max score)**bg_alpha")
+    norm: str = setting("class", choices=("class", "global", "none"), cli=False, help="CAM normalisation")
+    gating: str = setting("prob-raw", choices=GATINGS,
+                          help="images without labels: prob (classes above the probability threshold, normalised "
+                               "CAMs), prob-raw (those classes, raw CAM logits + the offsets validation calibrated) "
+                               "or raw (raw logits + offsets over all classes)")
+    offsets: tuple[float, ...] | None = setting(None, min_items=1, none="run's", cli=False,
+                                                help="per-class offsets of raw gating (None: zeros)")
+    white_background: bool | None = setting(None, cli=False,
+                                            help="background on white glass (None: the class table's setting)")
 
 
 def generate_pseudo_masks(
@@ -351,9 +520,9 @@ def generate_pseudo_masks(
     """
     import contextlib
 
-    from napari_histo_wsss.core.io.atomic import check_output, replace_dir
     from napari_histo_wsss.core.data.datasets import read_index_mask
     from napari_histo_wsss.core.errors import Cancelled
+    from napari_histo_wsss.core.io.atomic import check_output, replace_dir
 
     s = settings or PseudoMaskSettings()
     images = list_images(images_dir)
@@ -404,9 +573,18 @@ def generate_pseudo_masks(
                 rgb = read_rgb(path)
                 cams, probs = cams_for_image(model, rgb, device=device, tile=s.tile, mode=s.mode, window=s.window,
                                              scales=s.scales, flip=s.flip)
-                mask = pseudo_mask(cams, classes, rgb=rgb, labels=label_of(path), probs=probs,
-                                   prob_threshold=s.prob_threshold, bg_threshold=s.bg_threshold, bg_alpha=s.bg_alpha,
-                                   norm=s.norm, white_background=s.white_background)
+                known = label_of(path)
+                if known is None and s.gating != "prob":
+                    logits = logit_maps(model, rgb, device=device, scales=s.scales, flip=s.flip, tile=s.tile or 512)
+                    gate = None
+                    if s.gating == "prob-raw":
+                        gate = allowed_classes(classes, probs=probs, prob_threshold=s.prob_threshold).astype(np.uint8)
+                    mask = raw_argmax_mask(logits, classes, s.offsets, rgb=rgb, labels=gate,
+                                           white_background=s.white_background)
+                else:
+                    mask = pseudo_mask(cams, classes, rgb=rgb, labels=known, probs=probs,
+                                       prob_threshold=s.prob_threshold, bg_threshold=s.bg_threshold,
+                                       bg_alpha=s.bg_alpha, norm=s.norm, white_background=s.white_background)
                 save_pseudo_mask(tmp_out / f"{stem}.png", mask, classes)
                 if tmp_cams is not None:
                     save_cams(tmp_cams / f"{stem}.{cams_format}", cams)

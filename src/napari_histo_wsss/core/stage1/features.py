@@ -111,7 +111,7 @@ class FeatureExtractor:
         return f[0].permute(1, 2, 0).float().cpu().numpy()
 
 
-def image_features(extractor: FeatureExtractor, rgb: np.ndarray) -> "SlideFeatures":
+def image_features(extractor: FeatureExtractor, rgb: np.ndarray) -> SlideFeatures:
     """Features of a whole image held in memory (a patch-folder image, a test image): one
     forward pass, every cell counted as tissue unless it is white glass."""
     from napari_histo_wsss.core.slides.tissue import white_background_mask

@@ -56,7 +56,7 @@ class LiveHead:
     trainable: np.ndarray | None = field(default=None, repr=False)  # (K,) bool: positives and negatives seen
     n_labels: int = 0
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> "LiveHead":
+    def fit(self, x: np.ndarray, y: np.ndarray) -> LiveHead:
         """Fit on pooled patch features ``x`` ``(N, C)`` and multi-hot labels ``y`` ``(N, K)``."""
         import torch
 

@@ -18,7 +18,7 @@ A run folder holds::
     checkpoints/last.pt  model + optimizer + scheduler + RNG state, after every epoch and on cancel
     checkpoints/best.pt  the model of the best epoch by the selection signal
 
-Every file is written through :mod:`core.atomic`, so a run killed at any point can be resumed
+Every file is written through :mod:`core.io.atomic`, so a run killed at any point can be resumed
 from ``last.pt`` (``resume=True``) and reproduces, on the CPU, exactly what the uninterrupted
 run would have computed: the data order is a function of ``(seed, epoch)``, each item's
 augmentation of ``(seed, epoch, index)``, each SegMix shuffle of ``(seed, epoch, step)``, and the
@@ -56,7 +56,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from napari_histo_wsss.core.data.classes import ClassTable
-from napari_histo_wsss.core.data.datasets import DatasetSpec, MaskedSample, WeakLabelDataset, WeakSample, image_size, load_dataset
+from napari_histo_wsss.core.data.datasets import (
+    DatasetSpec,
+    MaskedSample,
+    WeakLabelDataset,
+    WeakSample,
+    image_size,
+    load_dataset,
+)
 from napari_histo_wsss.core.device import autocast
 from napari_histo_wsss.core.engine import (  # noqa: F401 - build_optimizer, lr_at: re-exported, older imports read them here
     Batches,
@@ -64,6 +71,7 @@ from napari_histo_wsss.core.engine import (  # noqa: F401 - build_optimizer, lr_
     RunContext,
     TrainingTask,
     build_optimizer,
+    common_setting,
     item_seed,
     lr_at,
     make_loader,
@@ -71,12 +79,12 @@ from napari_histo_wsss.core.engine import (  # noqa: F401 - build_optimizer, lr_
 )
 from napari_histo_wsss.core.errors import DatasetError, HistoWSSSError, TrainingError
 from napari_histo_wsss.core.models import CAMClassifier, check_classes, load_model
-from napari_histo_wsss.core.models.backbones import BACKBONES, OUTPUT_STRIDES
-from napari_histo_wsss.core.models.classifier import CAM_MODES, normalize_cams, pda_threshold_at
+from napari_histo_wsss.core.models.backbones import OUTPUT_STRIDES
+from napari_histo_wsss.core.models.classifier import CAM_MODES, HEADS, normalize_cams, pda_threshold_at
 from napari_histo_wsss.core.progress import EVENT_KINDS, ProgressEvent  # noqa: F401 - re-exported: older imports read them here
 from napari_histo_wsss.core.runs import checkpoint_file, read_metrics
+from napari_histo_wsss.core.settings import Settings, positive_sum, setting
 from napari_histo_wsss.core.stage1.segmix import SegMixScheduler, default_tiles, segmix_batch
-from napari_histo_wsss.core.settings import Settings, known_backbone, positive_sum, setting
 
 __all__ = [
     "TrainConfig",
@@ -140,34 +148,36 @@ class TrainConfig(Settings):
 
     method: str = setting("cam", choices=METHODS, basic=True, group=_RUN,
                           help="cam (plain CAM classifier) or segmix (tile-shuffle curriculum)")
-    epochs: int = setting(8, range=(1, None), basic=True, resumable=True, group=_RUN, help="number of epochs")
+    epochs: int = setting(6, range=(1, None), basic=True, resumable=True, group=_RUN, help="number of epochs")
     batch_size: int = setting(16, range=(1, None), basic=True, group=_RUN, help="patches per step")
     lr: float = setting(3e-4, range=(0, None), open="lo", basic=True, group=_RUN, label="Learning rate", decimals=6,
                         step=1e-4, help="learning rate of the pretrained backbone (new layers: x head_lr_mult)")
-    head_lr_mult: float = setting(10.0, range=(0, None), open="lo", group=_OPT, label="Head LR multiplier",
-                                  help="the new layers learn this many times faster than the backbone")
-    weight_decay: float = setting(1e-4, range=(0, None), group=_OPT, decimals=6, step=1e-4, help="AdamW weight decay")
-    warmup_steps: int = setting(20, range=(0, None), group=_OPT,
-                                help="steps of linear learning-rate warm-up before the cosine decay")
-    max_steps_per_epoch: int | None = setting(None, range=(1, None), none="all", group=_OPT,
-                                              help="cap the steps of an epoch (default: one pass over the data)")
-    backbone: str = setting("efficientnet-lite0", choices=BACKBONES, strict=False, check=known_backbone, basic=True,
-                            group=_RUN, help="efficientnet-lite0/1/2, resnet18/34/50")
-    weights: str = setting("imagenet", choices=("imagenet", "none"), strict=False, basic=True, group=_RUN,
-                           browse="PyTorch weights (*.pth *.pt);;All files (*)",
-                           help="imagenet, none, or a .pth checkpoint path (e.g. pathology-pretrained)")
+    head_lr_mult: float = common_setting("head_lr_mult")
+    weight_decay: float = common_setting("weight_decay")
+    warmup_steps: int = common_setting("warmup_steps")
+    max_steps_per_epoch: int | None = common_setting("max_steps_per_epoch")
+    steps: int | None = setting(300, range=(1, None), none="epochs", basic=True, group=_OPT, label="Total steps",
+                                help="optimizer steps of the whole run, spread over the epochs (default: epochs x one "
+                                     "pass over the patches); patches are drawn again once all were seen")
+    crop_size: int | None = setting(128, range=(32, None), none="whole", group=_DATA, label="Random crop (px)",
+                                    help="train on random crops of this side from each patch (default: the whole patch)")
+    freeze_bn: bool = setting(True, group=_MODEL, label="Freeze BatchNorm",
+                              help="keep the backbone's BatchNorm statistics and parameters at their pretrained values")
+    freeze_stages: int = setting(2, range=(0, 3), group=_MODEL, label="Frozen stages",
+                                 help="first backbone stages (stem included) kept frozen: cheaper steps, less overfitting")
+    head: str = setting("fused", choices=HEADS, group=_MODEL, label="CAM head",
+                        help="last (head on the last feature map) or fused (last map + stride-16 map: finer CAMs)")
+    backbone: str = common_setting("backbone")
+    weights: str = common_setting("weights")
     output_stride: int = setting(32, choices=OUTPUT_STRIDES, group=_MODEL,
                                  help="8, 16 or 32 (smaller = sharper CAMs, slower)")
     cam_weights: tuple[float, float, float] = setting(
         (0.5, 0.25, 0.25), range=(0, None), check=positive_sum, group=_MODEL, label="CAM weights",
         help="weights of the last-stage, stride-16 and stride-8 maps that cam-mode multi fuses")
-    device: str = setting("auto", choices=("auto", "cpu", "cuda", "mps"), strict=False, basic=True, resumable=True,
-                          group=_RUN, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    seed: int = setting(0, range=(0, 2**32 - 1), basic=True, group=_RUN, help="random seed (CPU runs repeat exactly)")
-    amp: bool = setting(True, resumable=True, group=_PERF, label="Mixed precision on GPUs",
-                        help="mixed precision on GPUs (off: full precision there too)")
-    num_workers: int = setting(0, range=(0, None), resumable=True, gui=False, group=_PERF,
-                               help="data-loading worker processes (0 = in the training process)")
+    device: str = common_setting("device")
+    seed: int = common_setting("seed")
+    amp: bool = common_setting("amp")
+    num_workers: int = common_setting("num_workers")
     patch_size: int | None = setting(None, range=(32, None), none="auto", gui=False, group=_DATA,
                                      help="patch side the images are resized to (default: their own size)")
     augment: bool = setting(True, group=_DATA, label="Augment (flips, turns, colour jitter)",
@@ -214,8 +224,10 @@ class TrainConfig(Settings):
 def build_model(cfg: TrainConfig, num_classes: int, weights: str | None = None) -> CAMClassifier:
     """The CAM classifier of ``cfg`` (``weights`` overrides ``cfg.weights``, e.g. ``"none"`` when
     a checkpoint will be loaded anyway)."""
-    return CAMClassifier(num_classes, backbone=cfg.backbone, weights=cfg.weights if weights is None else weights,
-                         output_stride=cfg.output_stride, cam_weights=cfg.cam_weights)
+    model = CAMClassifier(num_classes, backbone=cfg.backbone, weights=cfg.weights if weights is None else weights,
+                          output_stride=cfg.output_stride, cam_weights=cfg.cam_weights, head=cfg.head)
+    model.freeze(batchnorm=cfg.freeze_bn, stages=cfg.freeze_stages)
+    return model
 
 
 def epoch_indices(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
@@ -223,6 +235,40 @@ def epoch_indices(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) 
     resumed runs agree; with ``world`` > 1 each rank takes every ``world``-th index."""
     order = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
     return order[rank::world]
+
+
+def budget_indices(n: int, count: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """``count`` sample indices per rank for one epoch of a step-budgeted run: shuffled passes
+    over the ``n`` samples, one after the other (each a function of ``(seed, epoch, pass)``), so
+    every sample is seen once before any is seen twice within the epoch; rank ``r`` takes every
+    ``world``-th index."""
+    passes, need = [], count * world
+    k = 0
+    while sum(len(p) for p in passes) < need:
+        passes.append(np.random.default_rng([int(seed), int(epoch), 7, k]).permutation(n))
+        k += 1
+    return np.concatenate(passes)[:need][rank::world]
+
+
+class _RandomCrops(torch.utils.data.Dataset):
+    """Random ``size``-px crops of the items of a dataset of ``(image, labels)`` (the crop drawn
+    from torch's RNG, which :class:`_SeededItems` seeds per item); labels unchanged."""
+
+    def __init__(self, base: torch.utils.data.Dataset, size: int):
+        self.base, self.size = base, int(size)
+        self.samples = getattr(base, "samples", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> Any:
+        x, y = self.base[i]
+        h, w = x.shape[-2:]
+        if h <= self.size and w <= self.size:
+            return x, y
+        top = int(torch.randint(0, h - self.size + 1, (1,))) if h > self.size else 0
+        left = int(torch.randint(0, w - self.size + 1, (1,))) if w > self.size else 0
+        return x[:, top:top + self.size, left:left + self.size], y
 
 
 _item_seed = item_seed  # the per-item seeds of augmentation, SegMix and PSCL sampling
@@ -316,44 +362,74 @@ def evaluate_pseudo_masks(model: CAMClassifier, samples: Sequence[MaskedSample],
     (``prob_threshold``, the lowest of equals) and its mIoU (``val_miou_prob``). Returns None
     when ``should_stop()`` interrupts it.
     """
-    from napari_histo_wsss.core.stage1.cams import cams_for_image, pseudo_mask
     from napari_histo_wsss.core.metrics import ConfusionMatrix
+    from napari_histo_wsss.core.stage1 import cams as C  # here: cams imports this module
 
     names = classes.names + ["background"]
     cm = ConfusionMatrix(classes.num_classes + 1, classes.background_index)
     by_t = {t: ConfusionMatrix(classes.num_classes + 1, classes.background_index) for t in PROB_THRESHOLDS}
-    losses = []
+    losses, raw = [], []
     for s in samples:
         if should_stop is not None and should_stop():
             return None
         rgb, gt = s.image(), s.mask()
-        cams, probs = cams_for_image(model, rgb, device=device, mode=cam_mode, window=patch_size)
-        cm.update(pseudo_mask(cams, classes, rgb=rgb, labels=s.labels), gt)
+        cams, probs = C.cams_for_image(model, rgb, device=device, mode=cam_mode, window=patch_size)
+        raw.append((C.logit_maps(model, rgb, device=device), gt, rgb, probs))
+        cm.update(C.pseudo_mask(cams, classes, rgb=rgb, labels=s.labels), gt)
         for t, cm_t in by_t.items():
-            cm_t.update(pseudo_mask(cams, classes, rgb=rgb, probs=probs, prob_threshold=t), gt)
+            cm_t.update(C.pseudo_mask(cams, classes, rgb=rgb, probs=probs, prob_threshold=t), gt)
         p = torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)
         losses.append(float(F.binary_cross_entropy(p, torch.from_numpy(s.labels.astype(np.float32)))))
     scores = cm.scores(names)
     prob = {t: cm_t.scores(names)["miou"] for t, cm_t in by_t.items()}
     best_t = max(PROB_THRESHOLDS, key=lambda t: (prob[t] if prob[t] is not None else -1.0, -t))
+    # raw-logit argmax gatings (C.GATINGS), per-class offsets calibrated here: "raw" (no
+    # image-level decision) and "prob-raw" (classes gated by probability at best_t first)
+    allowed = [C.allowed_classes(classes, probs=pr, prob_threshold=best_t) for _, _, _, pr in raw]
+    offsets, raw_miou = {}, {}
+    for gating, gate in (("raw", [None] * len(raw)), ("prob-raw", allowed)):
+        off, _ = C.calibrate_offsets([(lg, gt, a) for (lg, gt, _, _), a in zip(raw, gate)], classes)
+        cm_raw = ConfusionMatrix(classes.num_classes + 1, classes.background_index)
+        for (lg, gt, rgb, _), a in zip(raw, gate):
+            cm_raw.update(C.raw_argmax_mask(lg, classes, off, rgb=rgb, labels=None if a is None else a.astype(np.uint8)), gt)
+        offsets[gating], raw_miou[gating] = [float(v) for v in off], cm_raw.scores(names)["miou"]
     return {"val_miou": scores["miou"], "val_fwiou": scores["fwiou"], "val_pixel_accuracy": scores["pixel_accuracy"],
             "val_iou": scores["per_class_iou"], "val_loss": float(np.mean(losses)) if losses else None,
             "val_miou_prob": prob[best_t], "prob_threshold": best_t,
+            "val_miou_by_gating": {"prob": prob[best_t], **raw_miou}, "raw_offsets": offsets,
             "val_miou_prob_by_threshold": {str(t): v for t, v in prob.items()}}
+
+
+def _checkpoint_row(run_dir: str | Path, which: str) -> dict | None:
+    """The metrics.jsonl row of the ``best`` (or ``last``) checkpoint of a run; None without rows."""
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    if not rows:
+        return None
+    if which == "best":
+        return next((r for r in rows if r.get("epoch") == rows[-1].get("best_epoch")), rows[-1])
+    return rows[-1]
 
 
 def calibrated_prob_threshold(run_dir: str | Path, which: str = "best") -> float | None:
     """The probability threshold for gating unlabelled images that validation chose for the
     ``best`` (or ``last``) checkpoint of a run (``prob_threshold`` in metrics.jsonl), or None
     when the run had no validation images with masks."""
-    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
-    if not rows:
+    row = _checkpoint_row(run_dir, which)
+    if row is None:
         return None
-    row = rows[-1]
-    if which == "best":
-        row = next((r for r in rows if r.get("epoch") == rows[-1].get("best_epoch")), rows[-1])
     value = row.get("prob_threshold")
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def calibrated_offsets(run_dir: str | Path, which: str = "best", gating: str = "prob-raw") -> list[float] | None:
+    """The per-class offsets of a raw-logit ``gating`` (``"raw"`` or ``"prob-raw"``, see
+    :func:`~.cams.raw_argmax_mask`) that validation calibrated for the ``best`` (or ``last``)
+    checkpoint of a run (``raw_offsets`` in metrics.jsonl), or None when the run recorded none."""
+    row = _checkpoint_row(run_dir, which)
+    if row is None:
+        return None
+    value = (row.get("raw_offsets") or {}).get(gating) if isinstance(row.get("raw_offsets"), dict) else None
+    return [float(v) for v in value] if isinstance(value, list) else None
 
 
 def _evaluate_patches(model: CAMClassifier, loader: Batches, device: torch.device, amp: bool,
@@ -392,9 +468,26 @@ def _check_training_data(spec: DatasetSpec) -> np.ndarray:
     if len(present) < 2:
         raise DatasetError(
             f"{spec.root}: only {'one class (' + present[0] + ')' if present else 'no class'} occurs in the "
-            f"{len(spec.train)} training labels; a classifier needs patches of at least two classes"
+            f"{len(spec.train)} training labels; a classifier needs patches of at least two classes, so its CAMs "
+            "cannot separate anything yet: label patches of another class next"
         )
     return counts
+
+
+def single_label_warning(samples: Sequence[WeakSample], classes: ClassTable) -> str | None:
+    """A warning when some labelled class never occurs alone in a patch: its CAM cannot be told
+    apart from the classes it always comes with (tumour is learnt as "tumour + stroma"), so the
+    pseudo-masks will mix them; None when every labelled class has single-label patches."""
+    labels = np.array([np.asarray(s.labels) > 0 for s in samples], dtype=bool).reshape(len(samples), -1)
+    if labels.size == 0:
+        return None
+    single = labels[labels.sum(axis=1) == 1]
+    lonely = [n for c, n in enumerate(classes.names) if labels[:, c].any() and not single[:, c].any()]
+    if not lonely:
+        return None
+    return (f"no training patch holds only {' or only '.join(lonely)}: the CAMs cannot separate "
+            f"{'this class' if len(lonely) == 1 else 'these classes'} from the classes always labelled with "
+            f"{'it' if len(lonely) == 1 else 'them'}; label a few patches that show only {' or only '.join(lonely)} next")
 
 
 def _resolve_patch_size(spec: DatasetSpec, cfg: TrainConfig) -> tuple[int, str | None]:
@@ -521,6 +614,9 @@ class ClassifierTask(TrainingTask):
         missing = [n for n, k in zip(classes.names, counts) if k == 0]
         if missing:
             ctx.notes.append(f"no training patch is labelled {', '.join(missing)}: the classifier cannot learn it")
+        alone = single_label_warning(train_samples, classes)
+        if alone:
+            ctx.notes.append(alone)
         self.val_masks, self.feedback = val_masks, feedback
         self.train_samples, self.held_out = train_samples, held_out
         self.higher_is_better = feedback == "miou"
@@ -531,15 +627,25 @@ class ClassifierTask(TrainingTask):
 
     def setup(self, ctx: RunContext, model: torch.nn.Module) -> Iterator[ProgressEvent]:
         cfg, patch, world = self.cfg, self.patch_size, ctx.world
-        self.sched = _scheduler_for(cfg, patch, model.backbone.strides[-1], "max" if self.feedback == "miou" else "min")
+        side = min(patch, cfg.crop_size) if cfg.crop_size else patch  # the side of a training input
+        self.sched = _scheduler_for(cfg, side, model.backbone.strides[-1], "max" if self.feedback == "miou" else "min")
         self.local_bs = ctx.dctx.local_batch_size(cfg.batch_size)
-        self.train_ds = _SeededItems(WeakLabelDataset(self.train_samples, size=patch, augment=cfg.augment), cfg.seed)
+        items: torch.utils.data.Dataset = WeakLabelDataset(self.train_samples, size=patch, augment=cfg.augment)
+        if side < patch:
+            items = _RandomCrops(items, side)
+        self.train_ds = _SeededItems(items, cfg.seed)
         # every rank runs the same number of steps (a rank with one step more would wait forever)
         self.per_rank = len(self.train_samples) // world
         if self.per_rank == 0:
             raise DatasetError(f"{self.spec.root}: {len(self.train_samples)} training patches cannot feed {world} processes")
         self.drop_last = self.per_rank >= self.local_bs
         steps = self.per_rank // self.local_bs if self.drop_last else 1
+        if cfg.steps is not None:  # a step budget: the epochs split it, drawing patches again as needed
+            if cfg.steps < cfg.epochs:
+                raise TrainingError(f"a budget of {cfg.steps} steps cannot make {cfg.epochs} epochs of at least one "
+                                    f"step each; raise steps or lower epochs to {cfg.steps} or fewer")
+            steps = -(-int(cfg.steps) // int(cfg.epochs))
+            self.drop_last = True
         if cfg.max_steps_per_epoch is not None:
             steps = min(steps, cfg.max_steps_per_epoch)
         self.steps = steps
@@ -575,6 +681,10 @@ class ClassifierTask(TrainingTask):
         self.level = self.sched.current() if self.sched is not None else None
         self.pda_t = pda_threshold_at(epoch, cfg.pda_start_epoch, 1.0, cfg.pda_decay) if cfg.pda else None
         self.train_ds.epoch = epoch
+        if cfg.steps is not None:
+            order = budget_indices(len(self.train_samples), self.steps * self.local_bs, cfg.seed, epoch, ctx.rank, ctx.world)
+            order = order[first * self.local_bs:]
+            return make_loader(self.train_ds, order, self.local_bs, cfg.num_workers, True, ctx.pin)
         order = epoch_indices(len(self.train_samples), cfg.seed, epoch, ctx.rank, ctx.world)[: self.per_rank]
         order = order[first * self.local_bs: self.steps * self.local_bs if self.drop_last else None]
         return make_loader(self.train_ds, order, self.local_bs, cfg.num_workers, self.drop_last, ctx.pin)
@@ -591,8 +701,11 @@ class ClassifierTask(TrainingTask):
             loss = F.multilabel_soft_margin_loss(out["logits"].float(), y)
             if cfg.pscl:
                 g_pix = torch.Generator().manual_seed(_item_seed(cfg.seed + rank, epoch, 2_000_000 + step))
+                cam = out["cam"]
+                if cam.shape[-2:] != out["embedding"].shape[-2:]:  # fused head: CAMs finer than the embedding
+                    cam = F.adaptive_avg_pool2d(cam, out["embedding"].shape[-2:])
                 loss = loss + cfg.pscl_weight * supcon_loss(
-                    out["embedding"], out["cam"], y, cfg.pscl_temperature, cfg.pscl_min_score, generator=g_pix)
+                    out["embedding"], cam, y, cfg.pscl_temperature, cfg.pscl_min_score, generator=g_pix)
         return loss, x.shape[0]
 
     def validate(self, ctx: RunContext, model: torch.nn.Module) -> dict | None:

@@ -42,7 +42,9 @@ import torch
 
 from napari_histo_wsss.core.device import apply_thread_policy, available_cores
 from napari_histo_wsss.core.errors import HistoWSSSError
+from napari_histo_wsss.core.io.atomic import check_apart, check_writable
 from napari_histo_wsss.core.runs import checkpoint_file
+from napari_histo_wsss.core.settings import Settings, setting
 
 __all__ = [
     "PredictSettings",
@@ -65,28 +67,42 @@ _LASTING_ERRNOS = {getattr(errno, n) for n in ("ENOENT", "EACCES", "EPERM", "ENO
                                                 "ENOTDIR", "ENAMETOOLONG") if hasattr(errno, n)}
 
 @dataclass(frozen=True)
-class PredictSettings:
-    """How each slide is predicted (sent to every task, so plain values only).
+class PredictSettings(Settings):
+    """How each slide is predicted (sent to every task, so plain values only). The options of
+    ``histo-wsss predict-many`` and the Segmenter panel's "Predict the slide" form are generated
+    from these declarations (:mod:`~..settings`).
 
     ``tile``/``overlap``/``batch_size``/``tta`` as in :func:`~.infer.predict_slide`;
-    ``target_mpp`` (microns per pixel the model works at) or ``downsample`` (level-0 pixels
-    per working pixel; neither: level 0); ``which`` checkpoint of the run; ``gate``: switch off
-    classes the stage-one classifier finds absent; ``device`` per worker (``auto``: a worker
-    of a multi-GPU node takes GPU ``worker index % GPUs``); ``torch_threads``: intra-op
-    threads per task (None: :func:`~.device.apply_thread_policy`'s choice); ``overwrite``: recompute complete outputs.
+    ``target_mpp`` or ``downsample`` (neither: level 0; not both); ``device`` ``auto``: a worker
+    of a multi-GPU node takes GPU ``worker index % GPUs``; ``torch_threads`` None:
+    :func:`~..device.apply_thread_policy`'s choice.
     """
 
-    tile: int = 512
-    overlap: int = 64
-    batch_size: int = 8
-    target_mpp: float | None = None
-    downsample: float | None = None
-    tta: bool = False
-    which: str = "best"
-    gate: bool = False
-    device: str = "auto"
-    torch_threads: int | None = None
-    overwrite: bool = False
+    what = "prediction setting"
+
+    tile: int = setting(512, range=(1, None), basic=True, step=64, label="Tile (px)",
+                        help="tile side in working pixels")
+    overlap: int = setting(64, range=(0, None), basic=True, label="Overlap (px)", help="tile overlap in working pixels")
+    batch_size: int = setting(8, range=(1, None), gui=False, help="tiles per forward pass")
+    target_mpp: float | None = setting(None, range=(0, None), open="lo", gui=False,
+                                       help="microns per pixel the model works at (the slide is resampled to it; "
+                                            "not with --downsample)")
+    downsample: float | None = setting(None, range=(0, None), open="lo", gui=False,
+                                       help="level-0 pixels per working pixel (default: 1, full resolution)")
+    tta: bool = setting(False, basic=True, label="flip test-time augmentation", help="flip test-time augmentation")
+    which: str = setting("best", option="checkpoint", gui=False, help="best, last, or a checkpoint path")
+    gate: bool = setting(False, basic=True, label="gate classes with the stage-one classifier",
+                         help="switch off classes the stage-one classifier finds absent (MLPS test-time gating)")
+    device: str = setting("auto", choices=("auto", "cpu", "cuda", "mps"), strict=False, gui=False,
+                          help="auto, cpu, cuda, cuda:N, mps (per worker)")
+    torch_threads: int | None = setting(None, range=(1, None), gui=False,
+                                        help="torch threads per worker (default: local cluster cores / workers; "
+                                             "remote: the worker's own)")
+    overwrite: bool = setting(False, gui=False, help="recompute outputs that are already complete")
+
+    def problems(self) -> list[str]:
+        both = self.target_mpp is not None and self.downsample is not None
+        return super().problems() + ([f"{self.what}: give target_mpp or downsample, not both"] if both else [])
 
 
 @dataclass(frozen=True)
@@ -242,10 +258,10 @@ def predict_one(run_dir: str | Path, job: SlideJob, settings: PredictSettings) -
 
     Returns a ``done`` or ``skipped`` :class:`SlideResult`; raises (a :class:`HistoWSSSError`
     naming the file for bad input) on failure, so that Dask can retry it."""
-    from napari_histo_wsss.core.slides.grid import working_downsample
-    from napari_histo_wsss.core.stage2.infer import predict_slide
     from napari_histo_wsss.core.io.export import open_label_pyramid
+    from napari_histo_wsss.core.slides.grid import working_downsample
     from napari_histo_wsss.core.slides.slide import open_slide
+    from napari_histo_wsss.core.stage2.infer import predict_slide
 
     t0 = time.perf_counter()
     apply_thread_policy(threads=settings.torch_threads)  # in the worker thread that runs the model
@@ -451,10 +467,17 @@ def predict_many(
     if retries < 0:
         raise HistoWSSSError(f"retries must be >= 0, got {retries}")
     jobs = plan_jobs(slides, out_dir)
+    # fail once, clearly, before any slide instead of once per slide on the workers: an output
+    # folder holding slides or the run, one that cannot be written, a run without a segmenter,
+    # a damaged checkpoint (loaded here as each worker loads it)
+    check_apart(out_dir, inputs=[job.slide for job in jobs], protect=[run_dir], what="output folder")
     ckpt = checkpoint_file(Path(run_dir), settings.which, subrun="segmenter")  # what load_segmenter reads
-    if not ckpt.is_file():  # fail once, clearly, instead of once per slide on the workers
+    if not ckpt.is_file():
         raise HistoWSSSError(f"{run_dir}: no segmenter checkpoint {ckpt.name} found (train-seg first)")
     run = str(Path(run_dir).expanduser().absolute())
+    with _MODEL_LOCK:
+        _load_predictor(run, settings.which, settings.gate, "cpu", ckpt.stat().st_mtime_ns)
+    check_writable(out_dir, "output folder")  # created by the first task, so a failure now leaves nothing
 
     with _quiet_dask_logs():
         return _run_jobs(run, jobs, settings, scheduler, workers, processes, retries, on_result, security,

@@ -37,16 +37,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from napari_histo_wsss.core.data.classes import ClassTable
 from napari_histo_wsss.core.data.datasets import list_images, read_rgb, to_tensor
 from napari_histo_wsss.core.device import autocast
 from napari_histo_wsss.core.errors import HistoWSSSError, SlideError
 from napari_histo_wsss.core.io.export import LabelPyramid, export_palette_png
-from napari_histo_wsss.core.slides.grid import axis_starts, cosine_window, working_downsample
 from napari_histo_wsss.core.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from napari_histo_wsss.core.progress import ProgressEvent, run_to_end
+from napari_histo_wsss.core.slides.grid import axis_starts, cosine_window, working_downsample
 from napari_histo_wsss.core.slides.tissue import white_background_mask
 
 if TYPE_CHECKING:
@@ -97,8 +96,8 @@ class TilePlan:
         return int(self.active.shape[1])
 
 
-def plan_tiles(slide: "Slide", tile: int = 512, overlap: int = 64, downsample: float = 1.0,
-               tissue: "TissueMask | None | bool" = None, min_tissue: float = 0.0) -> TilePlan:
+def plan_tiles(slide: Slide, tile: int = 512, overlap: int = 64, downsample: float = 1.0,
+               tissue: TissueMask | None | bool = None, min_tissue: float = 0.0) -> TilePlan:
     """Lay the tile grid over the slide. ``tissue``: a mask, ``None`` (detect it) or ``False``
     (predict every tile). A slide where no tile holds tissue is a :class:`SlideError`."""
     if tile < 32:
@@ -244,7 +243,7 @@ class _Writer:
             raise self._error
 
 
-def _read_tile(slide: "Slide", plan: TilePlan, r: int, c: int) -> torch.Tensor:
+def _read_tile(slide: Slide, plan: TilePlan, r: int, c: int) -> torch.Tensor:
     """Tile (r, c) read from the slide at the working resolution, as a normalised tensor."""
     t, ds = plan.tile, plan.downsample
     x, y = c * plan.stride, r * plan.stride
@@ -256,14 +255,14 @@ def _read_tile(slide: "Slide", plan: TilePlan, r: int, c: int) -> torch.Tensor:
 
 
 def predict_slide(
-    slide: "Slide",
+    slide: Slide,
     predict_fn: PredictFn,
     out_path: str | Path,
     tile: int = 512,
     overlap: int = 64,
     batch_size: int = 8,
     target_mpp: float | None = None,
-    tissue: "TissueMask | None | bool" = None,
+    tissue: TissueMask | None | bool = None,
     tta: bool = False,
     should_stop: Callable[[], bool] | None = None,
     classes: ClassTable | None = None,
@@ -482,8 +481,8 @@ def predict_folder(images_dir: str | Path, out_dir: str | Path, predict_fn: Pred
     that replaces it at the end (:func:`~.atomic.replace_dir`), so a cancel or an error leaves no
     half-filled folder and an older ``out_dir`` untouched. An existing, non-empty ``out_dir`` needs
     ``overwrite`` (then it is replaced as a whole); it may never be, hold or lie in ``images_dir``."""
-    from napari_histo_wsss.core.io.atomic import check_output, replace_dir
     from napari_histo_wsss.core.errors import Cancelled
+    from napari_histo_wsss.core.io.atomic import check_output, replace_dir
 
     images = list_images(images_dir)
     if not images:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,11 +40,15 @@ __all__ = [
     "SYNTHESIS_KINDS",
     "MAX_WHITE_SHARE",
     "single_label_pools",
+    "pool_keys",
+    "group_pools",
     "mosaic",
     "bezier",
     "bezier_blob",
     "synthesize",
+    "iter_synthesize",
     "RealnessFilter",
+    "most_real",
     "consistency_loss",
     "image_level_loss",
 ]
@@ -58,21 +62,39 @@ SYNTHESIS_KINDS = ("mosaic", "bezier")
 MAX_WHITE_SHARE = 0.5
 
 
+#: :func:`pool_keys` of a single-label patch left out for being mostly white
+WHITE = -1
+
+
 def single_label_pools(samples: Sequence[WeakSample], classes: ClassTable,
                        max_white: float = MAX_WHITE_SHARE) -> dict[int, list[WeakSample]]:
     """Training patches with exactly one tissue class and at most ``max_white`` of white pixels
     (:func:`~.tissue.white_background_mask`), grouped by that class. At least two classes must
     have such patches, else synthesis cannot mix anything (DatasetError)."""
-    pools: dict[int, list[WeakSample]] = {}
-    white = 0
+    return group_pools(samples, list(pool_keys(samples, max_white)), classes)
+
+
+def pool_keys(samples: Sequence[WeakSample], max_white: float = MAX_WHITE_SHARE) -> Iterator[int | None]:
+    """Per sample, one at a time: its class when it is a single-label patch of at most
+    ``max_white`` white, :data:`WHITE` for a mostly white single-label patch, else None."""
     for s in samples:
         lab = np.asarray(s.labels)
         if lab.sum() != 1:
-            continue
-        if max_white < 1 and white_background_mask(s.image()).mean() > max_white:
-            white += 1
-            continue
-        pools.setdefault(int(np.argmax(lab)), []).append(s)
+            yield None
+        elif max_white < 1 and white_background_mask(s.image()).mean() > max_white:
+            yield WHITE
+        else:
+            yield int(np.argmax(lab))
+
+
+def group_pools(samples: Sequence[WeakSample], keys: Sequence[int | None],
+                classes: ClassTable) -> dict[int, list[WeakSample]]:
+    """The pools of :func:`single_label_pools` from the samples' :func:`pool_keys`."""
+    pools: dict[int, list[WeakSample]] = {}
+    for s, k in zip(samples, keys):
+        if k is not None and k != WHITE:
+            pools.setdefault(k, []).append(s)
+    white = sum(k == WHITE for k in keys)
     if len(pools) < 2:
         have = ", ".join(classes.names[k] for k in pools) or "none"
         left_out = f" ({white} mostly white single-label patches left out)" if white else ""
@@ -186,19 +208,27 @@ def bezier(pools: dict[int, list[WeakSample]], classes: ClassTable, size: int,
     return np.ascontiguousarray(img), mask
 
 
-def synthesize(pools: dict[int, list[WeakSample]], classes: ClassTable, n: int, size: int, kinds: Sequence[str],
-               seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``n`` synthetic ``(image, mask)`` pairs, alternating the requested ``kinds``;
-    deterministic for a seed."""
+def iter_synthesize(pools: dict[int, list[WeakSample]], classes: ClassTable, n: int, size: int,
+                    kinds: Sequence[str], seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``n`` synthetic ``(image, mask)`` pairs one at a time, alternating the requested ``kinds``;
+    deterministic for a seed (pair ``i`` depends only on ``seed`` and ``i``). The kinds are checked
+    at the call, before any pair is made."""
     bad = [k for k in kinds if k not in SYNTHESIS_KINDS]
     if bad or not kinds:
         raise DatasetError(f"synthesis kinds must be among {', '.join(SYNTHESIS_KINDS)}, got {list(kinds)}")
     makers = {"mosaic": mosaic, "bezier": bezier}
-    out = []
-    for i in range(n):
-        rng = np.random.default_rng([int(seed), i])
-        out.append(makers[kinds[i % len(kinds)]](pools, classes, size, rng))
-    return out
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in range(n):
+            yield makers[kinds[i % len(kinds)]](pools, classes, size, np.random.default_rng([int(seed), i]))
+
+    return pairs()
+
+
+def synthesize(pools: dict[int, list[WeakSample]], classes: ClassTable, n: int, size: int, kinds: Sequence[str],
+               seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The list of :func:`iter_synthesize`'s ``n`` pairs."""
+    return list(iter_synthesize(pools, classes, n, size, kinds, seed))
 
 
 class _Discriminator(nn.Module):
@@ -225,7 +255,12 @@ class RealnessFilter:
 
     ``fit`` trains it on real patches and synthetic images (balanced batches, Adam, random flips),
     ``scores`` gives the probability of "real" per image and ``keep`` the indices of the most
-    realistic ``fraction`` of a synthetic set."""
+    realistic ``fraction`` of a synthetic set. ``fit_steps`` and ``score_batches`` do the same
+    work one optimiser step / one batch of :attr:`SCORE_BATCH` images at a time, so that a caller
+    can report progress and stop between them."""
+
+    #: images scored per forward pass
+    SCORE_BATCH = 64
 
     steps: int = 200
     batch_size: int = 16
@@ -243,13 +278,20 @@ class RealnessFilter:
 
     def fit(self, real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray]) -> list[float]:
         """Train; returns the loss per step."""
+        return list(self.fit_steps(real, synthetic))
+
+    def fit_steps(self, real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray]) -> Iterator[float]:
+        """Train, yielding the loss after each of the :attr:`steps` steps. The inputs are checked
+        at the call."""
         if not real or not synthetic:
             raise DatasetError("the realness filter needs real and synthetic images to learn from")
+        return self._fit_steps(real, synthetic)
+
+    def _fit_steps(self, real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray]) -> Iterator[float]:
         rng = np.random.default_rng(self.seed)
         opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
         self.model.train()
         half = max(1, self.batch_size // 2)
-        losses = []
         for _ in range(self.steps):
             r = [real[i] for i in rng.integers(0, len(real), half)]
             s = [synthetic[i] for i in rng.integers(0, len(synthetic), half)]
@@ -261,25 +303,31 @@ class RealnessFilter:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(loss.item())
-        return losses
+            yield loss.item()
 
-    @torch.no_grad()
+    def score_batches(self, images: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+        """Probability of being real, per image, in batches of :attr:`SCORE_BATCH` images."""
+        self.model.eval()
+        for i in range(0, len(images), self.SCORE_BATCH):
+            with torch.no_grad():
+                yield torch.sigmoid(self.model(self._batch(images[i:i + self.SCORE_BATCH]))).cpu().numpy()
+
     def scores(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Probability of being real, per image."""
-        self.model.eval()
-        out = []
-        for i in range(0, len(images), 64):
-            out.append(torch.sigmoid(self.model(self._batch(images[i:i + 64]))).cpu())
-        return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+        out = list(self.score_batches(images))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def keep(self, synthetic: Sequence[np.ndarray], fraction: float) -> np.ndarray:
         """Indices (sorted) of the ``fraction`` most realistic synthetic images (at least one)."""
-        if not 0 < fraction <= 1:
-            raise DatasetError(f"the kept fraction of synthetic images must lie in (0, 1], got {fraction}")
-        s = self.scores(synthetic)
-        n = max(1, int(math.ceil(fraction * len(s))))
-        return np.sort(np.argsort(-s, kind="stable")[:n])
+        return most_real(self.scores(synthetic), fraction)
+
+
+def most_real(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices (sorted) of the ``fraction`` highest realness ``scores`` (at least one)."""
+    if not 0 < fraction <= 1:
+        raise DatasetError(f"the kept fraction of synthetic images must lie in (0, 1], got {fraction}")
+    n = max(1, int(math.ceil(fraction * len(scores))))
+    return np.sort(np.argsort(-scores, kind="stable")[:n])
 
 
 def consistency_loss(logits: Tensor, cam: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Stage two: train a DeepLabV3+ segmenter on (corrected) pseudo-masks, as a cancellable
 generator of progress events.
 
-Supervision, per training image (design notes section 6):
+Supervision, per training image:
 
 * **MLPS multi-layer pseudo-supervision**: several pseudo-mask sets (by default three, from the
   stage-one classifier's fused multi-layer CAM, its last-stage CAM and its stride-8 LayerCAM)
@@ -19,6 +19,9 @@ Supervision, per training image (design notes section 6):
   multi-label loss on the real patches plus a consistency loss between its CAM and the
   segmentation on those patches. An epoch is the same number of batches with or without
   synthesis (training images // batch size), so switching synthesis on costs no extra steps.
+  Before training starts, each of its phases (sorting the patches, synthesis, the filter's
+  training and scoring) yields a ``step`` event per image / filter step, with its ETA, and a stop
+  is honoured between two of them (nothing is written before training starts).
 * **Full supervision** (the reference): a folder of ground-truth masks as the only mask set, or
   ``supervision="full"`` on a make-patches dataset, which crops each patch's mask from the
   source masks recorded in ``make_patches.json``.
@@ -55,16 +58,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from napari_histo_wsss.core.io.atomic import write_text
 from napari_histo_wsss.core.data.classes import ClassTable
 from napari_histo_wsss.core.data.datasets import (
     DatasetSpec,
@@ -79,22 +83,33 @@ from napari_histo_wsss.core.data.datasets import (
     read_index_mask,
     to_tensor,
 )
-from napari_histo_wsss.core.engine import EpochSummary, RunContext, TrainingTask, item_seed, make_loader, run_training
+from napari_histo_wsss.core.engine import (
+    EpochSummary,
+    RunContext,
+    TrainingTask,
+    common_setting,
+    item_seed,
+    make_loader,
+    run_training,
+)
 from napari_histo_wsss.core.errors import DatasetError, TrainingError
+from napari_histo_wsss.core.io.atomic import write_text
 from napari_histo_wsss.core.metrics import ConfusionMatrix
 from napari_histo_wsss.core.models import Segmenter, load_model
-from napari_histo_wsss.core.models.backbones import BACKBONES, OUTPUT_STRIDES
+from napari_histo_wsss.core.models.backbones import OUTPUT_STRIDES
 from napari_histo_wsss.core.progress import ProgressEvent
 from napari_histo_wsss.core.review import MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_PSEUDO
 from napari_histo_wsss.core.runs import checkpoint_file
-from napari_histo_wsss.core.settings import Settings, known_backbone, positive_sum, setting
+from napari_histo_wsss.core.settings import Settings, positive_sum, setting
 from napari_histo_wsss.core.stage2.synthesis import (
     SYNTHESIS_KINDS,
     RealnessFilter,
     consistency_loss,
+    group_pools,
     image_level_loss,
-    single_label_pools,
-    synthesize,
+    iter_synthesize,
+    most_real,
+    pool_keys,
 )
 
 __all__ = ["SegConfig", "SegSample", "SegDataset", "SegmenterTask", "train_segmenter", "load_segmenter", "recorded_stage_one",
@@ -133,27 +148,18 @@ class SegConfig(Settings):
     batch_size: int = setting(8, range=(1, None), basic=True, group=_RUN, help="images per step")
     lr: float = setting(3e-4, range=(0, None), open="lo", basic=True, group=_RUN, label="Learning rate", decimals=6,
                         step=1e-4, help="learning rate of the backbone (new layers: x head_lr_mult)")
-    head_lr_mult: float = setting(10.0, range=(0, None), open="lo", group=_OPT, label="Head LR multiplier",
-                                  help="the new layers learn this many times faster than the backbone")
-    weight_decay: float = setting(1e-4, range=(0, None), group=_OPT, decimals=6, step=1e-4, help="AdamW weight decay")
-    warmup_steps: int = setting(20, range=(0, None), group=_OPT,
-                                help="steps of linear learning-rate warm-up before the cosine decay")
-    max_steps_per_epoch: int | None = setting(None, range=(1, None), none="all", group=_OPT,
-                                              help="cap the steps of an epoch (default: one pass over the data)")
-    backbone: str = setting("efficientnet-lite0", choices=BACKBONES, strict=False, check=known_backbone, basic=True,
-                            group=_RUN, help="efficientnet-lite0/1/2, resnet18/34/50")
-    weights: str = setting("imagenet", choices=("imagenet", "none"), strict=False, basic=True, group=_RUN,
-                           browse="PyTorch weights (*.pth *.pt);;All files (*)",
-                           help="imagenet, none, or a .pth checkpoint path (e.g. pathology-pretrained)")
+    head_lr_mult: float = common_setting("head_lr_mult")
+    weight_decay: float = common_setting("weight_decay")
+    warmup_steps: int = common_setting("warmup_steps")
+    max_steps_per_epoch: int | None = common_setting("max_steps_per_epoch")
+    backbone: str = common_setting("backbone")
+    weights: str = common_setting("weights")
     output_stride: int = setting(16, choices=OUTPUT_STRIDES, group=_MODEL,
                                  help="8, 16 or 32: feature stride of the DeepLabV3+ encoder (smaller = finer, slower)")
-    device: str = setting("auto", choices=("auto", "cpu", "cuda", "mps"), strict=False, basic=True, resumable=True,
-                          group=_RUN, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    seed: int = setting(0, range=(0, 2**32 - 1), basic=True, group=_RUN, help="random seed (CPU runs repeat exactly)")
-    amp: bool = setting(True, resumable=True, group=_PERF, label="Mixed precision on GPUs",
-                        help="mixed precision on GPUs (off: full precision there too)")
-    num_workers: int = setting(0, range=(0, None), resumable=True, gui=False, group=_PERF,
-                               help="data-loading worker processes (0 = in the training process)")
+    device: str = common_setting("device")
+    seed: int = common_setting("seed")
+    amp: bool = common_setting("amp")
+    num_workers: int = common_setting("num_workers")
     patch_size: int | None = setting(None, range=(32, None), none="auto", gui=False, group=_SUP,
                                      help="training image side (default: stage one's)")
     augment: bool = setting(True, group=_SUP, label="Augment (flips, turns, colour jitter)",
@@ -356,9 +362,9 @@ def make_pseudo_mask_sets(model: torch.nn.Module, classes: ClassTable, images_di
     CAM and the two LayerCAMs once, and every set is a weighting of them (:data:`PSEUDO_SETS`),
     turned into a mask by :func:`~.cams.pseudo_mask` (gated by the image labels, white glass =
     background). Yields ``log`` events with the progress, or ``cancelled``."""
-    from napari_histo_wsss.core.stage1.cams import pseudo_mask, save_pseudo_mask
     from napari_histo_wsss.core.data.datasets import parse_label_name, read_rgb
     from napari_histo_wsss.core.models.classifier import normalize_cams
+    from napari_histo_wsss.core.stage1.cams import pseudo_mask, save_pseudo_mask
 
     for name in sets:
         if name not in PSEUDO_SETS:
@@ -648,6 +654,13 @@ class SegmenterTask(TrainingTask):
     def classes_source(self) -> str:
         return f"the stage-one run {self.stage_one}"
 
+    def run_apart_from(self, run: Path) -> tuple[list[Path], list[Path]]:
+        """Also the stage-one run: the segmenter run may not be or hold it (its checkpoints and
+        config would be replaced), and lies inside it only as its ``segmenter/`` (the default)."""
+        inputs, holders = super().run_apart_from(run)
+        default = Path(os.path.realpath(run)) == Path(os.path.realpath(self.stage_one / "segmenter"))
+        return ([*inputs], [*holders, self.stage_one]) if default else ([*inputs, self.stage_one], [*holders])
+
     def prepare(self, ctx: RunContext) -> Iterator[ProgressEvent]:
         """The supervision: mask sets (made from the classifier when none are given), or the
         project's pseudo-mask and corrections."""
@@ -696,24 +709,12 @@ class SegmenterTask(TrainingTask):
                          cfg.output_stride, aux_head=bool(cfg.synthesis)).to(ctx.device)
 
     def setup(self, ctx: RunContext, model: torch.nn.Module) -> Iterator[ProgressEvent]:
-        cfg, spec, classes, patch = self.cfg, self.spec, self.classes, self.patch_size
+        cfg, classes, patch = self.cfg, self.classes, self.patch_size
         synth_ds = None
         if cfg.synthesis:
-            pools = single_label_pools(spec.train, classes)
-            want = cfg.synthesis_count
-            n_make = int(math.ceil(want / cfg.synthesis_keep)) if cfg.synthesis_filter else want
-            sizes = ", ".join(f"{classes.names[k]} {len(v)}" for k, v in sorted(pools.items()))
-            yield ProgressEvent("log", message=f"synthesising {n_make} {'/'.join(cfg.synthesis)} images "
-                                               f"from single-label patches ({sizes})")
-            pairs = synthesize(pools, classes, n_make, patch, cfg.synthesis, seed=cfg.seed)
-            if cfg.synthesis_filter:
-                real = [spec.train[i].image() for i in np.random.default_rng(cfg.seed).permutation(len(spec.train))[:256]]
-                filt = RealnessFilter(steps=cfg.filter_steps, seed=cfg.seed, device=ctx.device)
-                losses = filt.fit(real, [p[0] for p in pairs])
-                keep = filt.keep([p[0] for p in pairs], cfg.synthesis_keep)
-                pairs = [pairs[i] for i in keep]
-                ctx.notes.append(f"realness filter kept {len(pairs)} of {n_make} synthetic images "
-                                 f"(discriminator loss {np.mean(losses[-20:]):.3f})")
+            pairs = yield from self._synthesise(ctx)
+            if pairs is None:
+                return
             synth_ds = _SyntheticDataset(pairs, classes, self.n_sets)
         real_ds = SegDataset(self.samples, classes, patch, augment=cfg.augment, corrected_weight=cfg.corrected_weight)
         n_synth = int(round(cfg.batch_size * cfg.synthesis_share)) if synth_ds is not None else 0
@@ -728,6 +729,57 @@ class SegmenterTask(TrainingTask):
         self.n_real, self.n_synth = n_real, n_synth
         self.local_real = len(range(ctx.rank, n_real, ctx.world))
         self.steps = steps
+
+    def _synthesise(self, ctx: RunContext) -> Generator[ProgressEvent, None, list | None]:
+        """HisynSeg's synthetic ``(image, mask)`` pairs, kept by the realness filter. Each phase
+        (sorting the patches into pools, synthesis, loading real patches, training the filter,
+        scoring) yields a ``step`` event per unit of work with its ETA and polls ``should_stop``
+        before each unit; a stop yields ``cancelled`` and returns None, with nothing written."""
+        cfg, spec, classes = self.cfg, self.spec, self.classes
+        stop = ctx.validation_stop  # (distributed: the training loop's stop, which all ranks agree on)
+        phases = ["sorting single-label patches", "synthesising images", "loading real patches",
+                  "training the realness filter", "scoring synthetic images"][: 5 if cfg.synthesis_filter else 2]
+
+        def phase(items: Iterator[Any], n: int) -> Generator[ProgressEvent, None, list | None]:
+            name = phases[len(done)]
+            done.append(name)
+            out = yield from _tracked(items, n, f"{name} ({len(done)} of {len(phases)})", stop)
+            if out is None:
+                kept = (f"checkpoint {ctx.last_path} unchanged (resume to continue)" if ctx.last_path.is_file()
+                        else "nothing saved yet: start the run again")
+                yield ProgressEvent("cancelled", step=0, steps=n, message=f"stopped while {name}; {kept}")
+            return out
+
+        done: list[str] = []
+        keys = yield from phase(pool_keys(spec.train), len(spec.train))
+        if keys is None:
+            return None
+        pools = group_pools(spec.train, keys, classes)
+        want = cfg.synthesis_count
+        n_make = int(math.ceil(want / cfg.synthesis_keep)) if cfg.synthesis_filter else want
+        sizes = ", ".join(f"{classes.names[k]} {len(v)}" for k, v in sorted(pools.items()))
+        yield ProgressEvent("log", message=f"synthesising {n_make} {'/'.join(cfg.synthesis)} images "
+                                           f"from single-label patches ({sizes})")
+        pairs = yield from phase(iter_synthesize(pools, classes, n_make, self.patch_size, cfg.synthesis, seed=cfg.seed),
+                                 n_make)
+        if pairs is None or not cfg.synthesis_filter:
+            return pairs
+        order = np.random.default_rng(cfg.seed).permutation(len(spec.train))[:256]
+        real = yield from phase((spec.train[i].image() for i in order), len(order))
+        if real is None:
+            return None
+        filt = RealnessFilter(steps=cfg.filter_steps, seed=cfg.seed, device=ctx.device)
+        images = [p[0] for p in pairs]
+        losses = yield from phase(filt.fit_steps(real, images), cfg.filter_steps)
+        if losses is None:
+            return None
+        scores = yield from phase(filt.score_batches(images), -(-len(images) // filt.SCORE_BATCH))
+        if scores is None:
+            return None
+        pairs = [pairs[i] for i in most_real(np.concatenate(scores), cfg.synthesis_keep)]
+        ctx.notes.append(f"realness filter kept {len(pairs)} of {n_make} synthetic images "
+                         f"(discriminator loss {np.mean(losses[-20:]):.3f})")
+        return pairs
 
     def run_record(self) -> dict:
         # absolute paths: `predict --gate` and a resume find the stage-one run from any folder
@@ -799,6 +851,21 @@ class SegmenterTask(TrainingTask):
         return {"epoch": s.epoch, "train_loss": s.train_loss, "lr": s.lr,
                 "val_miou": s.val.get("val_miou"), "val_per_class_iou": s.val.get("val_per_class_iou"),
                 "seconds": s.seconds}
+
+
+def _tracked(items: Iterator[Any], n: int, what: str,
+             should_stop: Callable[[], bool] | None) -> Generator[ProgressEvent, None, list | None]:
+    """Collect the ``n`` items of ``items``, yielding a ``step`` event (``what``, with an ETA)
+    after each and polling ``should_stop`` before each; None when it asked to stop."""
+    out: list = []
+    t0 = time.perf_counter()
+    for i in range(1, n + 1):
+        if should_stop is not None and should_stop():
+            return None
+        out.append(next(items))
+        elapsed = time.perf_counter() - t0
+        yield ProgressEvent("step", step=i, steps=n, eta_s=elapsed / i * (n - i), message=what)
+    return out
 
 
 def _common_side(samples: Sequence[WeakSample]) -> int:

@@ -1,0 +1,333 @@
+"""Stage-one pseudo-mask quality on images nobody trained or tuned on: the whole table of
+docs/benchmarks/stage1.md, baselines beside every method.
+
+Protocol (it cannot pick anything on the images it reports):
+
+* the 31 annotated WSSS4LUAD images (``$HISTO_WSSS_DATA/wsss4luad-subset/val``) are split BY IMAGE
+  by ``make_patches`` (val 0.2, test 0.3, split seed ``s`` for each of ``--splits``): about 16
+  training images cut into weakly labelled patches, 6 validation images, 9 test images;
+* test images give no training patch and choose nothing; the checkpoint (``best.pt``, by the
+  label-gated val mIoU), the probability threshold and the raw-argmax offsets are all chosen on
+  the validation images;
+* each configuration trains once per (split, seed) (``--seeds``); a figure is the mean and
+  standard deviation over all ``splits x seeds`` runs of the mIoU over the run's test images
+  (MLPS convention: background ignored, mIoU over the classes present);
+* headline: pseudo-masks gated WITHOUT the image labels (``prob-gated``: the real use on new
+  images); secondary: gated by the true labels (``label-gated``);
+* baselines per split (no training, no seed): ``one class`` (every tissue pixel the most frequent
+  class of the training labels), ``image-label rule`` (each image's labelled class that is most
+  frequent in training; needs the labels), ``majority oracle`` (each image's most frequent true
+  class; needs the masks).
+
+Runs and CAM logits are cached in ``--work`` (outside the repository) keyed by configuration,
+split and seed: re-running re-scores without training; new gating rules need no retraining.
+
+Usage (2 CPU cores; trainings run one at a time)::
+
+    python bench/stage1_quality.py --configs demo-before,default --splits 0,1 --seeds 0,1,2
+
+Results go to ``--work/results.json`` and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_histo_wsss.core.data.datasets import load_dataset, make_patches
+from napari_histo_wsss.core.metrics import ConfusionMatrix
+from napari_histo_wsss.core.slides.tissue import white_background_mask
+from napari_histo_wsss.core.stage1.cams import (
+    allowed_classes,
+    calibrate_offsets,
+    cams_for_image,
+    logit_maps,
+    pseudo_mask,
+    raw_argmax_mask,
+)
+from napari_histo_wsss.core.stage1.train import (
+    TrainConfig,
+    calibrated_prob_threshold,
+    load_run,
+    train_classifier,
+)
+
+DATA = Path(os.environ.get("HISTO_WSSS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+# name -> (patch size, stride, TrainConfig fields). "demo-before" is what `histo-wsss demo` ran
+# before the step budget (train-cls --method segmix --epochs 6 with the old defaults).
+CONFIGS: dict[str, tuple[int, int, dict]] = {
+    "demo-before": (224, 112, dict(method="segmix", epochs=6, steps=None, crop_size=None, freeze_bn=False,
+                                   freeze_stages=0, head="last")),
+    "cam-6ep": (224, 112, dict(method="cam", epochs=6, steps=None, crop_size=None, freeze_bn=False,
+                               freeze_stages=0, head="last")),
+    "steps": (224, 112, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                             freeze_stages=2, head="last")),
+    "steps-fused": (224, 112, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                   freeze_stages=2, head="fused")),
+    "steps-fused-p128": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                       freeze_stages=2, head="fused")),
+    "default": (224, 112, dict()),  # TrainConfig's defaults as they are now
+}
+# gating rules scored on every run: name -> CAM source
+GATINGS = ("prob", "raw", "raw-cal", "raw-cal-tta", "area", "raw-cal-slic", "prob-raw", "prob-raw-tta")
+TTA = dict(scales=(0.75, 1.0, 1.25), flip=True)
+
+
+def patch_set(work: Path, patch: int, stride: int, split: int) -> Path:
+    root = DATA / "wsss4luad-subset" / "val"
+    out = work / f"patches-p{patch}-s{stride}-split{split}"
+    if not (out / "patches.csv").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        make_patches(root / "img", root / "mask", out, "wsss4luad", patch_size=patch, stride=stride,
+                     val_fraction=0.2, test_fraction=0.3, seed=split)
+    return out
+
+
+def train(work: Path, name: str, split: int, seed: int) -> tuple[Path, float]:
+    patch, stride, fields = CONFIGS[name]
+    ps = patch_set(work, patch, stride, split)
+    run = work / "runs" / f"{name}-split{split}-seed{seed}"
+    done = run / "bench_train.json"
+    if done.is_file():
+        return run, json.loads(done.read_text())["train_s"]
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = TrainConfig(**fields, seed=seed, device="cpu")
+    t0 = time.perf_counter()
+    for ev in train_classifier(ps, run, cfg):
+        if ev.kind == "epoch":
+            m = ev.metrics
+            print(f"  {name} split {split} seed {seed} epoch {ev.epoch}/{ev.epochs} loss {m['train_loss']:.4f} "
+                  f"val mIoU {m.get('val_miou')} {time.perf_counter() - t0:.0f}s", flush=True)
+    train_s = time.perf_counter() - t0
+    done.write_text(json.dumps({"train_s": train_s}))
+    return run, train_s
+
+
+def cached_maps(run: Path, samples, key: str, fn) -> list:
+    """``fn(sample)`` for every sample, cached as ``run/cache-<key>.npz`` (float16)."""
+    path = run / f"cache-{key}.npz"
+    if path.is_file():
+        z = np.load(path)
+        return [z[f"a{i}"].astype(np.float32) for i in range(len(samples))]
+    out = [fn(s) for s in samples]
+    np.savez(path, **{f"a{i}": np.asarray(a, dtype=np.float16) for i, a in enumerate(out)})
+    return out
+
+
+def slic_vote(mask: np.ndarray, rgb: np.ndarray, bg: int, n_segments: int) -> np.ndarray:
+    """Each SLIC superpixel takes the majority class of its tissue pixels (white stays background)."""
+    from skimage.segmentation import slic
+
+    seg = slic(rgb, n_segments=n_segments, compactness=10, start_label=0)
+    out = mask.copy()
+    tissue = mask != bg
+    k = int(mask.max()) + 1
+    counts = np.zeros((seg.max() + 1, k), dtype=np.int64)
+    np.add.at(counts, (seg[tissue], mask[tissue]), 1)
+    has = counts.sum(1) > 0
+    major = counts.argmax(1)
+    out[tissue & has[seg]] = major[seg][tissue & has[seg]]
+    return out
+
+
+def _cams_probs(model, rgb: np.ndarray, mode: str, window: int) -> np.ndarray:
+    """CAMs (C, H, W) with the probabilities stored in one more plane (first row), for the cache."""
+    cams, probs = cams_for_image(model, rgb, mode=mode, window=window)
+    extra = np.zeros((1,) + cams.shape[1:], dtype=np.float32)
+    extra[0, 0, : probs.size] = probs
+    return np.concatenate([cams, extra])
+
+
+class Scorer:
+    def __init__(self, classes):
+        self.classes = classes
+        self.k, self.bg = classes.num_classes + 1, classes.background_index
+        self.names = classes.names + ["background"]
+
+    def new(self) -> ConfusionMatrix:
+        return ConfusionMatrix(self.k, self.bg)
+
+    def result(self, cm: ConfusionMatrix) -> dict:
+        s = cm.scores(self.names)
+        iou = s["per_class_iou"]
+        ts = [iou[n] for n in self.classes.names[:2] if iou.get(n) is not None]
+        return {"miou": s["miou"], "iou": iou, "ts_miou": float(np.mean(ts)) if ts else None}
+
+
+def score_run(run: Path, split_dir: Path, scorer: Scorer, slic_segments: int) -> dict:
+    spec = load_dataset(split_dir)
+    classes = scorer.classes
+    model, _, cfg = load_run(run, "best")
+    torch.manual_seed(0)
+    patch = cfg.patch_size
+    val, test = list(spec.val), list(spec.test)
+    res = {}
+    for part, samples in (("val", val), ("test", test)):
+        both = cached_maps(run, samples, f"cams-{part}", lambda s: _cams_probs(model, s.image(), cfg.cam_mode, patch))
+        cams = [b[:-1] for b in both]
+        probs = [b[-1, 0, :classes.num_classes].astype(np.float32) for b in both]
+        raw = cached_maps(run, samples, f"raw-{part}", lambda s: logit_maps(model, s.image()))
+        tta = cached_maps(run, samples, f"rawtta-{part}", lambda s: logit_maps(model, s.image(), **TTA))
+        res[part] = dict(samples=samples, cams=cams, probs=probs, raw=raw, tta=tta)
+    # -- calibration on the validation images only ---------------------------------------------
+    v = res["val"]
+    t_prob = calibrated_prob_threshold(run, "best") or 0.5
+    off, _ = calibrate_offsets([(lg, s.mask()) for lg, s in zip(v["raw"], v["samples"])], classes)
+    off_tta, _ = calibrate_offsets([(lg, s.mask()) for lg, s in zip(v["tta"], v["samples"])], classes)
+    # prob-raw: classes gated by probability (validation threshold), then raw argmax among them
+    v_allowed = [allowed_classes(classes, probs=pr, prob_threshold=t_prob) for pr in v["probs"]]
+    off_pr, _ = calibrate_offsets([(lg, s.mask(), a) for lg, s, a in zip(v["raw"], v["samples"], v_allowed)], classes)
+    off_pr_tta, _ = calibrate_offsets([(lg, s.mask(), a) for lg, s, a in zip(v["tta"], v["samples"], v_allowed)], classes)
+
+    def area_mask(lg, cam, rgb, tau):
+        m = raw_argmax_mask(lg, classes, off, rgb=rgb)
+        tissue = m != scorer.bg
+        frac = np.array([(m[tissue] == c).mean() if tissue.any() else 0.0 for c in range(classes.num_classes)])
+        present = (frac >= tau).astype(np.uint8)
+        if not present.any():
+            present[int(frac.argmax())] = 1
+        return pseudo_mask(cam, classes, rgb=rgb, labels=present)
+
+    taus = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)
+    best_tau, best_v = 0.0, -1.0
+    for tau in taus:
+        cm = scorer.new()
+        for lg, cam, s in zip(v["raw"], v["cams"], v["samples"]):
+            cm.update(area_mask(lg, cam, s.image(), tau), s.mask())
+        val_m = scorer.result(cm)["miou"] or 0.0
+        if val_m > best_v + 1e-9:
+            best_tau, best_v = tau, val_m
+    # -- test ------------------------------------------------------------------------------------
+    t = res["test"]
+    cms = {g: scorer.new() for g in GATINGS}
+    lab = {g: scorer.new() for g in GATINGS}
+    for cam, pr, lg, lt, s in zip(t["cams"], t["probs"], t["raw"], t["tta"], t["samples"]):
+        rgb, gt, labels = s.image(), s.mask(), s.labels
+        cms["prob"].update(pseudo_mask(cam, classes, rgb=rgb, probs=pr, prob_threshold=t_prob), gt)
+        lab["prob"].update(pseudo_mask(cam, classes, rgb=rgb, labels=labels), gt)
+        cms["raw"].update(raw_argmax_mask(lg, classes, rgb=rgb), gt)
+        lab["raw"].update(raw_argmax_mask(lg, classes, rgb=rgb, labels=labels), gt)
+        m_cal = raw_argmax_mask(lg, classes, off, rgb=rgb)
+        cms["raw-cal"].update(m_cal, gt)
+        lab["raw-cal"].update(raw_argmax_mask(lg, classes, off, rgb=rgb, labels=labels), gt)
+        cms["raw-cal-tta"].update(raw_argmax_mask(lt, classes, off_tta, rgb=rgb), gt)
+        lab["raw-cal-tta"].update(raw_argmax_mask(lt, classes, off_tta, rgb=rgb, labels=labels), gt)
+        cms["area"].update(area_mask(lg, cam, rgb, best_tau), gt)
+        lab["area"].update(pseudo_mask(cam, classes, rgb=rgb, labels=labels), gt)
+        allowed = allowed_classes(classes, probs=pr, prob_threshold=t_prob).astype(np.uint8)
+        cms["prob-raw"].update(raw_argmax_mask(lg, classes, off_pr, rgb=rgb, labels=allowed), gt)
+        lab["prob-raw"].update(raw_argmax_mask(lg, classes, off_pr, rgb=rgb, labels=labels), gt)
+        cms["prob-raw-tta"].update(raw_argmax_mask(lt, classes, off_pr_tta, rgb=rgb, labels=allowed), gt)
+        lab["prob-raw-tta"].update(raw_argmax_mask(lt, classes, off_pr_tta, rgb=rgb, labels=labels), gt)
+        cms["raw-cal-slic"].update(slic_vote(m_cal, rgb, scorer.bg, slic_segments), gt)
+        lab["raw-cal-slic"].update(slic_vote(raw_argmax_mask(lg, classes, off, rgb=rgb, labels=labels), rgb, scorer.bg,
+                                             slic_segments), gt)
+    return {g: {"prob": scorer.result(cms[g]), "label": scorer.result(lab[g])} for g in GATINGS} | {
+        "calibration": {"prob_threshold": t_prob, "offsets": off.tolist(), "offsets_tta": off_tta.tolist(), "area_tau": best_tau,
+        "offsets_prob_raw": off_pr.tolist(), "offsets_prob_raw_tta": off_pr_tta.tolist()}}
+
+
+def baselines(split_dir: Path, scorer: Scorer) -> dict:
+    spec = load_dataset(split_dir)
+    classes = scorer.classes
+    prior = np.sum([s.labels for s in spec.train], axis=0).astype(np.float64)
+    top = int(np.argmax(prior))
+    cms = {n: scorer.new() for n in ("one class", "image-label rule", "majority oracle")}
+    for s in spec.test:
+        rgb, gt = s.image(), s.mask()
+        white = white_background_mask(rgb)
+        tissue_gt = gt[gt != scorer.bg]
+        major = int(np.bincount(tissue_gt, minlength=classes.num_classes).argmax()) if tissue_gt.size else top
+        for name, c in (("one class", top), ("image-label rule", int(np.argmax(np.where(s.labels > 0, prior, -1.0)))),
+                        ("majority oracle", major)):
+            m = np.full(gt.shape, c, dtype=np.uint8)
+            m[white] = scorer.bg
+            cms[name].update(m, gt)
+    return {n: scorer.result(cm) for n, cm in cms.items()}
+
+
+def summarise(values: list) -> str:
+    v = [x for x in values if x is not None]
+    if not v:
+        return "n/a"
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def table(results: dict, classes) -> str:
+    names = classes.names
+    head = ("| row | n | prob-gated mIoU | label-gated mIoU | " + " | ".join(f"{n} IoU" for n in names)
+            + " | tumour/stroma mIoU | train s |")
+    lines = [head, "|---" * (6 + len(names)) + "|"]
+    for base in ("one class", "image-label rule", "majority oracle"):
+        rows = [b[base] for b in results["baselines"].values()]
+        lines.append(f"| baseline: {base} | {len(rows)} splits | {summarise([r['miou'] for r in rows])} | "
+                     f"{summarise([r['miou'] for r in rows]) if base != 'one class' else 'n/a'} | "
+                     + " | ".join(summarise([r['iou'].get(n) for r in rows]) for n in names)
+                     + f" | {summarise([r['ts_miou'] for r in rows])} | - |")
+    for cfg_name, runs in results["runs"].items():
+        for g in GATINGS:
+            rows = [r for r in runs.values() if g in r]
+            if not rows:
+                continue
+            p = [r[g]["prob"] for r in rows]
+            lines.append(f"| {cfg_name} / {g} | {len(rows)} runs | {summarise([x['miou'] for x in p])} | "
+                         f"{summarise([r[g]['label']['miou'] for r in rows])} | "
+                         + " | ".join(summarise([x['iou'].get(n) for x in p]) for n in names)
+                         + f" | {summarise([x['ts_miou'] for x in p])} | {summarise([r['train_s'] for r in rows])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="demo-before,default", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument("--splits", default="0,1")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--slic-segments", type=int, default=200)
+    p.add_argument("--work", default="/tmp/s1q")
+    p.add_argument("--no-train", action="store_true", help="score only the runs already in --work")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    splits = [int(s) for s in args.splits.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results_path = work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"baselines": {}, "runs": {}}
+    scorer = classes = None
+    for name in args.configs.split(","):
+        patch, stride, _ = CONFIGS[name]
+        results["runs"].setdefault(name, {})
+        for split in splits:
+            ps = patch_set(work, patch, stride, split)
+            if scorer is None:
+                classes = load_dataset(ps).classes
+                scorer = Scorer(classes)
+            results["baselines"][f"split{split}"] = baselines(ps, scorer)
+            for seed in seeds:
+                run = work / "runs" / f"{name}-split{split}-seed{seed}"
+                if args.no_train and not (run / "bench_train.json").is_file():
+                    continue
+                run, train_s = train(work, name, split, seed)
+                r = score_run(run, ps, scorer, args.slic_segments)
+                r["train_s"] = train_s
+                results["runs"][name][f"split{split}-seed{seed}"] = r
+                results_path.write_text(json.dumps(results, indent=1))
+                print(f"{name} split {split} seed {seed}: " + ", ".join(
+                    f"{g} {r[g]['prob']['miou']:.3f}" for g in GATINGS), flush=True)
+    print(f"\nmachine: {os.cpu_count()} CPU cores, torch threads {args.threads}, torch {torch.__version__}\n")
+    print(table(results, classes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
