@@ -75,6 +75,11 @@ CONFIGS: dict[str, tuple[int, int, dict]] = {
                                    freeze_stages=2, head="fused")),
     "steps-fused-p128": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
                                        freeze_stages=2, head="fused")),
+    # issue 10: a quarter of each batch synthetic Mosaic/Bezier images from single-label patches
+    "p128-synth": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                 freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.0)),
+    "p128-synth-pix": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                     freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5)),
     "default": (224, 112, dict()),  # TrainConfig's defaults as they are now
 }
 # gating rules scored on every run: name -> CAM source

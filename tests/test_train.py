@@ -80,6 +80,16 @@ def weights_of(run_dir: Path, which: str = "last") -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def run_twice(data, tmp_path: Path, cfg) -> dict[str, torch.Tensor]:
+    """Train ``cfg`` into ``tmp_path/a`` and ``tmp_path/b``; the two must agree bit for bit.
+    Returns the weights."""
+    run_all(data, tmp_path / "a", cfg)
+    run_all(data, tmp_path / "b", cfg)
+    ref = weights_of(tmp_path / "a")
+    assert_same_weights(ref, weights_of(tmp_path / "b"))
+    return ref
+
+
 def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -143,10 +153,7 @@ def test_run_folder_metrics_and_segmix_state(data, tmp_path):
 
 def test_seeded_runs_repeat_and_cancel_resume_matches(data, tmp_path):
     cfg = tiny(method="segmix", segmix_warmup=0, pda=True, pda_start_epoch=1, pscl=True)
-    run_all(data, tmp_path / "a", cfg)
-    run_all(data, tmp_path / "b", cfg)
-    ref = weights_of(tmp_path / "a")
-    assert_same_weights(ref, weights_of(tmp_path / "b"))
+    ref = run_twice(data, tmp_path, cfg)
 
     run_all(data, tmp_path / "c", dataclasses.replace(cfg, seed=4))
     other = weights_of(tmp_path / "c")

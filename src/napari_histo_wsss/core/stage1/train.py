@@ -21,7 +21,8 @@ A run folder holds::
 Every file is written through :mod:`core.io.atomic`, so a run killed at any point can be resumed
 from ``last.pt`` (``resume=True``) and reproduces, on the CPU, exactly what the uninterrupted
 run would have computed: the data order is a function of ``(seed, epoch)``, each item's
-augmentation of ``(seed, epoch, index)``, each SegMix shuffle of ``(seed, epoch, step)``, and the
+augmentation of ``(seed, epoch, index)``, each SegMix shuffle and each step's synthetic images
+(``synth_share``) of ``(seed, epoch, step)``, and the
 global torch RNG (drop-connect) is saved with the checkpoint.
 
 Feedback and model selection. With validation images that have masks (``val/`` of the dataset),
@@ -38,7 +39,8 @@ the gradients, batch norms use the statistics of the global batch, losses are av
 cancel requests and non-finite losses are agreed by all ranks, every rank validates the same
 (synchronised) model, and only rank 0 writes files. With plain CAM the run matches the
 single-process run of the same global batch (tests/test_distributed.py); a SegMix shuffle mixes
-tiles within each rank's share of the batch.
+tiles within each rank's share of the batch, and each rank makes the synthetic share of its own
+share (seeded with its rank).
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ from napari_histo_wsss.core.progress import EVENT_KINDS, ProgressEvent  # noqa: 
 from napari_histo_wsss.core.runs import checkpoint_file, read_metrics
 from napari_histo_wsss.core.settings import Settings, positive_sum, setting
 from napari_histo_wsss.core.stage1.segmix import SegMixScheduler, default_tiles, segmix_batch
+from napari_histo_wsss.core.stage1.synthesis import SyntheticBatches, pixel_loss
+from napari_histo_wsss.core.stage2.synthesis import SYNTHESIS_KINDS
 
 __all__ = [
     "TrainConfig",
@@ -105,6 +109,14 @@ FEEDBACKS = ("auto", "miou", "loss")
 # Sections of `histo-wsss train-cls --help` and of the Training panel's "Advanced" form.
 _RUN, _OPT, _MODEL, _DATA, _PERF = "training settings", "optimisation", "model and CAMs", "data and validation", "performance"
 _SEGMIX, _EXTRA = "SegMix curriculum (method segmix)", "Progressive Dropout Attention and contrastive term"
+_SYNTH = "synthetic images (Mosaic/Bezier with exact masks)"
+
+
+def _synthesis_kinds(kinds: Sequence[str]) -> str | None:
+    """Problem of synthesis kinds outside mosaic/bezier, or None. (A rule rather than choices:
+    the Training panel then shows the pair as one editable list, not a single-choice box.)"""
+    bad = [k for k in kinds if k not in SYNTHESIS_KINDS]
+    return f"must be among {', '.join(SYNTHESIS_KINDS)}, not {', '.join(map(str, bad))}" if bad else None
 
 
 @dataclass
@@ -133,6 +145,10 @@ class TrainConfig(Settings):
     ``pda_decay`` per epoch); ``pscl`` (supervised contrastive term on last-stage features
     labelled by their gated CAM argmax, weight ``pscl_weight``, temperature ``pscl_temperature``,
     pixels whose normalised CAM is below ``pscl_min_score`` left out).
+    Synthesis (issue 10, :mod:`~.stage1.synthesis`): ``synth_share`` of each batch is replaced by
+    ``synth_kinds`` Mosaic/Bezier images made from single-label training patches, labelled by the
+    classes of their exact masks, and ``synth_pixel_weight`` adds a cross-entropy of the CAM
+    logits against those masks on the CAM grid.
     ``feedback``: ``"auto"`` (val pseudo-mask mIoU when validation masks exist, else val loss),
     ``"miou"`` or ``"loss"``; it drives SegMix and picks ``best.pt``.
 
@@ -216,6 +232,15 @@ class TrainConfig(Settings):
                                       help="temperature of the contrastive term")
     pscl_min_score: float = setting(0.5, range=(0, 1), group=_EXTRA, label="PSCL min. score",
                                     help="pixels whose normalised CAM is below this are left out of the term")
+    synth_share: float = setting(0.0, range=(0, 1), open="hi", group=_SYNTH, label="Synthetic share",
+                                 help="share of each batch replaced by synthetic Mosaic/Bezier images made from "
+                                      "single-label training patches, labelled by the classes of their exact masks "
+                                      "(0 = off; docs/benchmarks/stage1.md)")
+    synth_kinds: tuple[str, ...] = setting(SYNTHESIS_KINDS, min_items=1, check=_synthesis_kinds, group=_SYNTH,
+                                           label="Synthesis kinds", help="mosaic, bezier or mosaic,bezier (alternating)")
+    synth_pixel_weight: float = setting(0.0, range=(0, None), group=_SYNTH, label="Synthetic pixel-loss weight",
+                                        help="weight of a cross-entropy of the CAM logits against the exact masks of "
+                                             "the synthetic images, pooled to the CAM grid (0 = image labels only)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,6 +655,14 @@ class ClassifierTask(TrainingTask):
         side = min(patch, cfg.crop_size) if cfg.crop_size else patch  # the side of a training input
         self.sched = _scheduler_for(cfg, side, model.backbone.strides[-1], "max" if self.feedback == "miou" else "min")
         self.local_bs = ctx.dctx.local_batch_size(cfg.batch_size)
+        self.synth, self.n_synth = self._synthetic(ctx, side), 0
+        if self.synth is not None:
+            self.n_synth = min(int(round(self.local_bs * cfg.synth_share)), self.local_bs - 1)
+            if self.n_synth == 0:
+                ctx.notes.append(f"synthesis off: a batch of {self.local_bs} patches per process holds no synthetic "
+                                 f"share of {cfg.synth_share:g}; raise the batch size or the share")
+                self.synth = None
+        self.real_bs = self.local_bs - self.n_synth  # real patches loaded per step
         items: torch.utils.data.Dataset = WeakLabelDataset(self.train_samples, size=patch, augment=cfg.augment)
         if side < patch:
             items = _RandomCrops(items, side)
@@ -650,10 +683,26 @@ class ClassifierTask(TrainingTask):
             steps = min(steps, cfg.max_steps_per_epoch)
         self.steps = steps
         self.val_loader = None
+        if self.synth is not None:
+            ctx.notes.append(f"synthesis: {self.n_synth} of {self.local_bs} images per batch{' per process' if world > 1 else ''} "
+                             f"are {'/'.join(cfg.synth_kinds)} images of {self.synth.side} px from single-label patches "
+                             f"({self.synth.sizes()}), pixel-loss weight {cfg.synth_pixel_weight:g}")
         if self.held_out:
             self.val_loader = make_loader(_NamedItems(WeakLabelDataset(self.held_out, size=patch)), range(len(self.held_out)),
                                           cfg.batch_size, cfg.num_workers, False, ctx.pin)
         return iter(())
+
+    def _synthetic(self, ctx: RunContext, side: int) -> SyntheticBatches | None:
+        """The pools of the synthetic images (None when ``synth_share`` is 0, or with a note in
+        the run's log when fewer than two classes have single-label patches)."""
+        cfg = self.cfg
+        if cfg.synth_share <= 0:
+            return None
+        try:
+            return SyntheticBatches(self.train_samples, self.classes, self.patch_size, side, cfg.synth_kinds)
+        except DatasetError as e:
+            ctx.notes.append(f"synthesis off (synth_share {cfg.synth_share:g} ignored): {e}")
+            return None
 
     def state_dict(self) -> dict:
         return {"segmix": self.sched.state_dict() if self.sched is not None else None}
@@ -681,13 +730,14 @@ class ClassifierTask(TrainingTask):
         self.level = self.sched.current() if self.sched is not None else None
         self.pda_t = pda_threshold_at(epoch, cfg.pda_start_epoch, 1.0, cfg.pda_decay) if cfg.pda else None
         self.train_ds.epoch = epoch
+        bs = self.real_bs  # the rest of each batch is synthetic (loss)
         if cfg.steps is not None:
-            order = budget_indices(len(self.train_samples), self.steps * self.local_bs, cfg.seed, epoch, ctx.rank, ctx.world)
-            order = order[first * self.local_bs:]
-            return make_loader(self.train_ds, order, self.local_bs, cfg.num_workers, True, ctx.pin)
+            order = budget_indices(len(self.train_samples), self.steps * bs, cfg.seed, epoch, ctx.rank, ctx.world)
+            order = order[first * bs:]
+            return make_loader(self.train_ds, order, bs, cfg.num_workers, True, ctx.pin)
         order = epoch_indices(len(self.train_samples), cfg.seed, epoch, ctx.rank, ctx.world)[: self.per_rank]
-        order = order[first * self.local_bs: self.steps * self.local_bs if self.drop_last else None]
-        return make_loader(self.train_ds, order, self.local_bs, cfg.num_workers, self.drop_last, ctx.pin)
+        order = order[first * bs: self.steps * bs if self.drop_last or self.n_synth else None]
+        return make_loader(self.train_ds, order, bs, cfg.num_workers, self.drop_last, ctx.pin)
 
     def loss(self, ctx: RunContext, net: torch.nn.Module, batch: Any, epoch: int, step: int) -> tuple[Tensor, int]:
         cfg, level, rank = self.cfg, self.level, ctx.rank
@@ -695,10 +745,16 @@ class ClassifierTask(TrainingTask):
         if level is not None:
             g_mix = torch.Generator().manual_seed(_item_seed(cfg.seed + rank, epoch, 1_000_000 + step))
             x, y, _ = segmix_batch(x, y, level.tile, level.share, generator=g_mix, target_mode=cfg.segmix_targets)
+        n_real, masks = x.shape[0], None
+        if self.synth is not None:  # the batch's synthetic share, after the real patches
+            sx, sy, masks = self.synth.batch(self.n_synth, _item_seed(cfg.seed + rank, epoch, 3_000_000 + step))
+            x, y = torch.cat([x, sx]), torch.cat([y, sy])
         x, y = x.to(ctx.device, non_blocking=ctx.pin), y.to(ctx.device, non_blocking=ctx.pin)
         with ctx.autocast():
             out = net(x, pda_threshold=self.pda_t, labels=y, embed=cfg.pscl)
             loss = F.multilabel_soft_margin_loss(out["logits"].float(), y)
+            if masks is not None and cfg.synth_pixel_weight > 0:
+                loss = loss + cfg.synth_pixel_weight * pixel_loss(out["cam"][n_real:], masks.to(ctx.device))
             if cfg.pscl:
                 g_pix = torch.Generator().manual_seed(_item_seed(cfg.seed + rank, epoch, 2_000_000 + step))
                 cam = out["cam"]
