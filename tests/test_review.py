@@ -185,6 +185,23 @@ def test_undo_puts_back_the_strokes_old_values():
     assert not e.undo()
 
 
+def test_undo_after_a_threshold_move_gives_the_automatic_value_of_now():
+    """A stroke painted, thresholds moved (the automatic mask changed under it), then undo: the
+    pixels go back to what the automatic mask says now, not to the stale value of before the
+    stroke; a pixel corrected before the stroke keeps that correction."""
+    e = Corrections(np.zeros((4, 4), np.uint8), 3)
+    e.data[1, 1] = 3  # an earlier correction
+    e.record([(np.array([[1], [1]]), np.array([1], np.uint8), 3)])
+    e.data[0, 0] = e.data[1, 1] = 2  # the stroke: one automatic pixel, one corrected pixel
+    e.record([(np.array([[0, 1], [0, 1]]), np.array([1, 3], np.uint8), 2)])
+    e.set_auto(np.full((4, 4), 1, np.uint8))  # thresholds moved: the automatic class is now 1
+    assert e.data[0, 0] == 2 and e.data[1, 1] == 2 and e.data[2, 2] == 2  # painted pixels kept
+    e.data[0, 0] = 3  # touched but left; undo must still reach it
+    assert e.undo()
+    assert e.data[0, 0] == 2 and not e.flag()[0, 0]  # automatic value of now (class 1 -> 2)
+    assert e.data[1, 1] == 3 and e.flag()[1, 1]  # the earlier correction is back
+
+
 def test_corrections_keep_the_users_pixels():
     auto = np.zeros((6, 6), np.uint8)
     e = Corrections(auto.copy(), LUAD.num_classes)

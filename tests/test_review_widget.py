@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("napari")
 from _review_project import RUN, labelled_project_with_classifier  # noqa: E402
@@ -29,7 +30,19 @@ def _read(root, sid, names) -> dict:
     return {n: p.read_mask(sid, n) for n in names}
 
 
-def test_cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_path, cmu_svs, capsys):
+def test_cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_path, cmu_svs, capsys, monkeypatch):
+    # one torch thread for both (the GUI's policy leaves a core to the viewer, the command does not:
+    # another thread count sums the CAMs in another order, a few 1e-4 apart)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_path, cmu_svs, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_path, cmu_svs, capsys):
     project, sid = labelled_project_with_classifier(tmp_path / "case.wsss", cmu_svs)
     viewer, w = open_panels(make_napari_viewer)
     w["Project"].open_project(project.root)

@@ -156,13 +156,17 @@ def test_panel_forms_show_the_core_defaults(make_napari_viewer):
     assert set(seg.pred_settings.values()) == expected == {"tile", "overlap", "tta", "gate"}
     for name, value in seg.pred_settings.values().items():
         assert value == getattr(predict, name), f"prediction form: {name} shows {value!r}"
-    # the Review panel's fields (its own widgets: sliders) hold ReviewSettings' defaults
+    # the Review panel's form is ReviewSettings' (the thresholds are live sliders holding its defaults)
     _dock, review = viewer.window.add_plugin_dock_widget("napari-histo-wsss", "Review and correct")
     d = ReviewSettings()
-    assert review.mode.currentData() == d.mode is None
-    assert (review.which.currentText(), review.tile.value(), review.max_side.value(), review.device.currentText(),
-            review.cam_threshold, review.white.value()) == (d.which, d.tile, d.max_side, d.device, d.cam_threshold,
-                                                            d.white_level)
+    form = review.settings_form.values()
+    assert set(form) == {"which", "mode", "tile", "max_side", "device"}
+    assert ReviewSettings(**form) == d and form["mode"] is None
+    assert review.mode.currentText() == "as trained"
+    review.mode.setCurrentText("last")
+    assert review.settings_form.values()["mode"] == "last"
+    review.mode.setCurrentText("as trained")
+    assert (review.cam_threshold, review.white.value()) == (d.cam_threshold, d.white_level)
     assert settings_from_args(ReviewSettings, build_parser().parse_args(["cams", "P"])) == d
 
 

@@ -123,17 +123,17 @@ class ReviewSettings(Settings):
 
     what = "review setting"
 
-    which: str = setting("best", choices=("best", "last"), option="checkpoint", label="Checkpoint",
+    which: str = setting("best", choices=("best", "last"), option="checkpoint", label="Checkpoint", basic=True,
                          help="checkpoint")
     # the entries of models.classifier.CAM_MODES (that module imports torch; tests/test_settings.py compares them)
-    mode: str | None = setting(None, choices=("multi", "last"), label="CAM mode",
+    mode: str | None = setting(None, choices=("multi", "last"), none="as trained", label="CAM mode", basic=True,
                                help="CAM type: multi (fused with two earlier stages, finer) or last (default: the "
                                     "run's cam_mode, the CAMs its validation scored)")
-    tile: int = setting(768, range=(32, None), step=64,
-                        help="tile side in model pixels; tiles are blended with their neighbours")
-    max_side: int = setting(4096, range=(64, None), step=256, label="Max. mask side",
+    tile: int = setting(768, range=(32, None), step=64, basic=True,
+                        label="Tile (px)", help="tile side in model pixels; tiles are blended with their neighbours")
+    max_side: int = setting(4096, range=(64, None), step=256, label="Max. mask side (px)", basic=True,
                             help="the mask's longer side at most, in pixels")
-    device: str = setting("auto", choices=("auto", "cpu", "cuda", "mps"), strict=False,
+    device: str = setting("auto", choices=("auto", "cpu", "cuda", "mps"), strict=False, basic=True,
                           help="auto, cpu, cuda, cuda:N, mps")
     cam_threshold: float = setting(0.2, range=(0, 1), help="normalised CAM score below which a pixel is background")
     gating: float | None = setting(None, range=(0, 1),
@@ -561,23 +561,31 @@ class Corrections:
         for atom in atoms:
             key = getattr(atom, "slice_key", None)
             if key is not None:
-                stroke.append((tuple(key), getattr(atom, "mask", None), np.array(atom.old_values, copy=True)))
+                key, mask, old = tuple(key), getattr(atom, "mask", None), np.array(atom.old_values, copy=True)
             else:
-                stroke.append((tuple(atom[0]), None, np.array(atom[1], copy=True)))
+                key, mask, old = tuple(atom[0]), None, np.array(atom[1], copy=True)
+            auto = self.auto[key] if mask is None else self.auto[key][np.asarray(mask, dtype=bool)]
+            # pixels that showed the automatic value before the stroke follow the automatic mask on undo
+            stroke.append((key, mask, old, old == auto.astype(np.int64) + 1))
         self.history.append(stroke)
         del self.history[: -self.HISTORY]
 
     def undo(self) -> bool:
-        """Put back the values from before the last recorded stroke; returns False when there is
-        nothing to undo."""
+        """Take back the last recorded stroke; returns False when there is nothing to undo. A pixel
+        the user had corrected before the stroke gets that value back; one that showed the automatic
+        value gets the automatic value of *now* (thresholds may have moved since) and is no longer
+        touched."""
         if not self.history:
             return False
-        for key, mask, old in reversed(self.history.pop()):
+        for key, mask, old, was_auto in reversed(self.history.pop()):
             if mask is None:
-                self.data[key] = old
+                self.data[key] = np.where(was_auto, self.auto[key].astype(np.int64) + 1, old)
+                self.touched[key] = self.touched[key] & ~was_auto
             else:
-                region = self.data[key]
-                region[np.asarray(mask, dtype=bool)] = old
+                m = np.asarray(mask, dtype=bool)
+                region, touched = self.data[key], self.touched[key]
+                region[m] = np.where(was_auto, self.auto[key][m].astype(np.int64) + 1, old)
+                touched[m] &= ~was_auto
         return True
 
     def flag(self) -> np.ndarray:

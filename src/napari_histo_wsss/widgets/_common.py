@@ -338,16 +338,20 @@ def _editor(name: str, kind: Any, info: Any, default: Any
 
     if info.choices:  # a list: fixed choices, or offered ones that other values may join (editable)
         combo = QComboBox()
-        combo.addItems([format_value(c) for c in info.choices])
+        # an optional single choice offers None first, under the field's word for it ("as trained")
+        none_word = info.none or "none" if kind.optional and kind.base is not tuple else None
+        combo.addItems(([none_word] if none_word else []) + [format_value(c) for c in info.choices])
         combo.setEditable(not info.strict)
         convert = kind.base if kind.base in (int, float) else str
 
         def get_choice() -> Any:
             text = combo.currentText().strip()
+            if none_word is not None and text == none_word:
+                return None
             return convert(text) if text else default
 
         def put_choice(v: Any) -> None:
-            combo.setCurrentText(format_value(v))
+            combo.setCurrentText(none_word if v is None and none_word else format_value(v))
 
         row: Any = combo
         if info.browse:

@@ -45,7 +45,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSlider,
-    QSpinBox,
     QWidget,
 )
 
@@ -75,6 +74,7 @@ from napari_histo_wsss.core.review import (
 )
 from napari_histo_wsss.widgets._common import (
     Panel,
+    SettingsForm,
     clear_layout,
     color_swatch,
     compact,
@@ -104,7 +104,7 @@ _AUTOSAVE_MS = 1500
 _REDRAW_MS = 10
 _REFRESH_S = 0.3  # at most this often the CAM layers are re-uploaded while tiles arrive
 _DEFAULTS = ReviewSettings()
-_AS_TRAINED = "as trained"  # the CAM mode entry that stands for ReviewSettings.mode None (the run's cam_mode)
+_SLIDER_SETTINGS = ("cam_threshold", "gating", "white_level")  # ReviewSettings shown as live sliders
 
 # ---------------------------------------------------------------------------------------------
 # the panel
@@ -161,38 +161,16 @@ class ReviewWidget(Panel):
         self._dirty = False
         self._last_refresh = 0.0
 
-        box, form = form_group("Classifier")
+        # generated from ReviewSettings (the settings `histo-wsss cams` shares with this panel); the
+        # three thresholds are the live sliders below, not form fields
+        self.settings_form = SettingsForm(ReviewSettings, title="Classifier", skip=_SLIDER_SETTINGS)
+        box, form = self.settings_form, self.settings_form.form
         self.runs = compact(QComboBox())
         self.runs.setToolTip("a finished (or cancelled) classifier run of this project")
-        form.addRow("Run", self.runs)
-        self.which = QComboBox()
-        self.which.addItems(["best", "last"])
-        form.addRow("Checkpoint", self.which)
-        self.mode = QComboBox()
-        for text, mode in ((_AS_TRAINED, None), ("last", "last"), ("multi", "multi")):
-            self.mode.addItem(text, mode)
-        self.mode.setCurrentIndex(self.mode.findData(_DEFAULTS.mode))
-        self.mode.setToolTip(f"{_AS_TRAINED}: the run's cam_mode, the CAMs its validation scored (the core's default); "
-                             "last: classic CAM; multi: last-stage CAM fused with two earlier stages (finer)")
-        form.addRow("CAM mode", self.mode)
-        self.tile = QSpinBox()
-        self.tile.setRange(64, 4096)
-        self.tile.setSingleStep(64)
-        self.tile.setValue(_DEFAULTS.tile)
-        self.tile.setSuffix(" px")
-        self.tile.setToolTip("tile side in model pixels; tiles overlap and are blended, gating and "
-                             "normalisation are decided once per slide")
-        form.addRow("Tile", self.tile)
-        self.max_side = QSpinBox()
-        self.max_side.setRange(256, 16384)
-        self.max_side.setSingleStep(256)
-        self.max_side.setValue(_DEFAULTS.max_side)
-        self.max_side.setSuffix(" px")
-        self.max_side.setToolTip("the editable mask is at most this many pixels across (painting stays fast)")
-        form.addRow("Max. mask side", self.max_side)
-        self.device = QComboBox()
-        self.device.addItems(["auto", "cpu", "cuda", "mps"])
-        form.addRow("Device", self.device)
+        form.insertRow(0, "Run", self.runs)
+        w = self.settings_form.widgets
+        self.which, self.mode, self.tile, self.max_side, self.device = (
+            w["which"], w["mode"], w["tile"], w["max_side"], w["device"])
         row = QHBoxLayout()
         self.compute_btn = QPushButton("Compute CAMs")
         self.compute_btn.clicked.connect(self._on_compute)
@@ -422,14 +400,14 @@ class ReviewWidget(Panel):
                 raise GuiError("no classifier run in this project yet: train one in the Training panel first")
             run_dir = data
         run_dir = Path(run_dir)
-        which = self.which.currentText()
+        form = self.settings_form.values()
+        which = form["which"]
         if not (run_dir / "checkpoints" / f"{which}.pt").is_file():
             raise GuiError(f"{run_dir / 'checkpoints' / (which + '.pt')}: no such checkpoint; the run has not finished an epoch yet")
         if self._dirty:
             self.save()
-        plan = plan_slide_cams(project, sid, self.tile.value(), self.max_side.value())
-        settings = ReviewSettings(which=which, mode=self.mode.currentData(), tile=self.tile.value(),
-                                  max_side=self.max_side.value(), device=self.device.currentText(),
+        plan = plan_slide_cams(project, sid, form["tile"], form["max_side"])
+        settings = ReviewSettings(**form,
                                   cam_threshold=self.cam_threshold, gating=self.gating_threshold,
                                   white_level=int(self.white.value()))
         self._start_canvas(project, plan)
