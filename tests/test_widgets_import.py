@@ -64,3 +64,33 @@ def test_panels_opened_from_the_plugins_menu_dock_as_tabs(make_napari_viewer, qt
 
     bars = [b for b in main.findChildren(QTabBar) if b.parentWidget() is main and b.count() == 3]
     qtbot.waitUntil(lambda: bars and all(b.elideMode() == Qt.TextElideMode.ElideNone for b in bars), timeout=5000)
+
+
+def test_training_panel_warns_of_a_class_with_no_labelled_patch(make_napari_viewer, qtbot, tmp_path, wsss4luad_dir):
+    """Two tumour/stroma images (no normal tissue): the run's note that nothing is labelled normal
+    reaches the pathologist as a warning (amber status line and a napari notification), not as a
+    passing progress text."""
+    from napari_histo_wsss.core.data.datasets import make_patches, parse_label_name
+
+    src = tmp_path / "src"
+    for sub in ("img", "mask"):
+        (src / sub).mkdir(parents=True)
+        for name in ("00.png", "01.png"):
+            shutil.copy(wsss4luad_dir / "val" / sub / name, src / sub / name)
+    make_patches(src / "img", src / "mask", tmp_path / "patches", "wsss4luad", patch_size=128, stride=64)
+    labels = np.array([parse_label_name(p)[1] for p in (tmp_path / "patches" / "train").glob("*.png")])
+    assert labels[:, 2].sum() == 0 and labels[:, :2].sum(axis=0).all()  # normal never, the others present
+    viewer, w = open_panels(make_napari_viewer)
+    lab, tr = w["Patch labelling"], w["Training"]
+    w["Project"].create_project(tmp_path / "p.wsss")
+    lab.import_folder(tmp_path / "patches")
+    tr.source.setCurrentText("imported patch folder")
+    tiny_training_form(tr)
+    shown = []
+    warn = tr.warn
+    tr.warn = lambda message, notify=True: (warn(message, notify), shown.append((message, tr.status.styleSheet())))
+    tr.start()
+    qtbot.waitUntil(lambda: bool(shown) or not tr.task.running, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not tr.task.running, timeout=WAIT_MS)
+    assert any("no training patch is labelled normal" in m and "color" in style for m, style in shown), shown
+    assert "finished" in tr.status.text(), tr.status.text()

@@ -11,7 +11,7 @@ import functools
 import logging
 from typing import Any, Callable, TypeVar
 
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QLabel, QVBoxLayout, QWidget
 
@@ -87,6 +87,14 @@ class Panel(QWidget):
         self.status.setText(message)
         if notify:
             show_info(message)
+
+    def warn(self, message: str, notify: bool = True) -> None:
+        """Show a warning in the status line (amber) and as a napari warning notification (kept in
+        napari's notification list after the status line moves on)."""
+        self.status.setStyleSheet("color: #e0a030;")
+        self.status.setText(message)
+        if notify:
+            show_warning(message)
 
     def fail(self, message: str, notify: bool = True) -> None:
         """Show an error in the status line (red) and as a napari error notification."""
