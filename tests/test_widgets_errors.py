@@ -146,3 +146,27 @@ def test_bad_input_gives_messages_not_tracebacks(make_napari_viewer, qtbot, tmp_
     assert "choose a ground-truth mask file" in ex.status.text()
     push(qtbot, ex.export_btn)  # no folder
     assert "output folder" in ex.status.text()
+
+
+def test_resolution_the_slide_cannot_honour_is_said(make_napari_viewer, qtbot, tmp_path, wsss4luad_dir):
+    """A slide without a pixel size (a TIFF of a real H&E image, no resolution tags) in a project
+    whose Resolution is 1 µm/px: the grid is laid at level 0 and the panel says that Resolution was
+    ignored, instead of going silent."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    slide = tmp_path / "no-pixel-size.tif"
+    tifffile.imwrite(slide, np.asarray(Image.open(wsss4luad_dir / "val" / "img" / "02.png").convert("RGB")),
+                     photometric="rgb")
+    viewer, w = open_panels(make_napari_viewer)
+    proj = w["Project"]
+    proj.patch_size.setValue(64)
+    proj.target_mpp.setValue(1.0)
+    proj.create_project(tmp_path / "case.wsss")
+    proj.add_slide_file(slide)
+    proj.detect_grid()
+    qtbot.waitUntil(lambda: proj.session.grid is not None, timeout=WAIT_MS)
+    text = proj.status.text()
+    assert "does not state its pixel size" in text and "ignored" in text and "level 0" in text, text
+    assert proj.session.grid.size0 == 64

@@ -459,5 +459,13 @@ class ProjectWidget(Panel):
         if len(grid) == 0:
             self.fail(f"no tissue patches found on {sid} (min. tissue {self.min_tissue.value():.2f}); lower 'Min. tissue' and press 'Apply settings', or check the slide")
         else:
-            self.say(f"{len(grid)} tissue patches of {grid.patch_size} px ({grid.size0} px at level 0) on {sid}")
+            done = f"{len(grid)} tissue patches of {grid.patch_size} px ({grid.size0} px at level 0) on {sid}"
+            mpp = self.session.project.settings.get("target_mpp") if self.session.project is not None else None
+            slide = self.session.slide
+            if mpp and slide is not None and not slide.mpp:
+                # the Resolution setting cannot be honoured: say so instead of laying level-0 patches silently
+                self.warn(f"{done}: the slide does not state its pixel size, so Resolution {mpp:g} µm/px is "
+                          "ignored and patches are read at level 0")
+            else:
+                self.say(done)
         self.session.set_grid(grid)
