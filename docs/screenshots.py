@@ -4,7 +4,7 @@ Drives the whole GUI flow on the shipped CMU-1-Small-Region slide exactly as a u
 docked by ``histo-wsss gui``, the same widget methods the buttons call) and saves one window
 screenshot per step into ``docs/img/``:
 
-    project.png  labelling.png  training.png  review.png  review-cams.png  correction.png  segmenter.png
+    project.png  labelling.png  live_labelling_gui.png  training.png  review.png  review-cams.png  correction.png  segmenter.png
     export.png
 
 The review screenshots show the Review panel's defaults as they are (its "Review view"), and
@@ -15,6 +15,7 @@ darkest (nuclei-dense) ones become tumor, the palest stroma, and a band in betwe
 models train for a few epochs only, so the maps show the mechanics, not a finished model.
 
     xvfb-run -a -s "-screen 0 1920x1200x24" python docs/screenshots.py     (about 3-5 minutes on 2 cores)
+    ... python docs/screenshots.py --no-training      (the shots before training only: about a minute)
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def shot(viewer, app, widget, name: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--no-training", action="store_true",
+                    help="only the shots before training: project, labelling and live labelling")
     args = ap.parse_args()
 
     import napari
@@ -116,6 +119,19 @@ def main() -> None:
         ov.select(order[n // 6: n // 6 + 4])  # a live selection, as while labelling
         shot(viewer, app, lab, "labelling.png")
         ov.select(np.array([], dtype=np.int64))
+
+        # -- live labelling: live pseudo-mask from the labels above, the next suggestions numbered ---
+        live = lab.live
+        live.enable_box.setChecked(True)
+        wait(app, lambda: live.ready and live.head is not None)
+        live.n_spin.setValue(8)
+        live.suggest()
+        viewer.layers.selection.active = viewer.layers["patch grid"]
+        shot(viewer, app, lab, "live_labelling_gui.png")
+        live.enable_box.setChecked(False)
+        if args.no_training:
+            viewer.close()
+            return
 
         # -- training ------------------------------------------------------------------------------
         tr.method.setCurrentText("segmix")

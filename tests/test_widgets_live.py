@@ -3,6 +3,8 @@ suggestions driven from the keyboard (N, number keys, Enter)."""
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,8 @@ pytest.importorskip("napari")
 from _widget_helpers import WAIT_MS, make_project_with_grid, open_panels, press  # noqa: E402
 from qtpy.QtCore import Qt  # noqa: E402
 
-from napari_histo_wsss.widgets._live import LIVE_LAYER  # noqa: E402
+from napari_histo_wsss.cli import main  # noqa: E402
+from napari_histo_wsss.widgets._live import LIVE_LAYER, SUGGEST_LAYER  # noqa: E402
 
 
 def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewer, qtbot, tmp_path, cmu_svs):
@@ -29,6 +32,15 @@ def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewe
     assert len(batch) == 4 and len(set(batch)) == 4 and live.list.count() == 4
     assert ov.selection().tolist() == [batch[0]]
     grid_layer = ov.layer
+    # the ranking as a layer: a numbered ring on each suggested patch, the grid layer still active
+    marks = viewer.layers[SUGGEST_LAYER]
+    assert len(marks.data) == 4 and list(marks.features["rank"]) == ["1", "2", "3", "4"]
+    assert viewer.layers.selection.active.name == grid_layer.name
+    # the headless twin suggests the same first batch
+    sid = project_slide(project)
+    assert main(["suggest", str(project.root), "--n", "4", "--slide", sid, "--device", "cpu"]) == 0
+    rows = list(csv.DictReader((project.root / "suggestions.csv").read_text().splitlines()))
+    assert [(int(r["x"]), int(r["y"])) for r in rows] == [(int(ov.grid.x[i]), int(ov.grid.y[i])) for i in batch]
     viewer.layers.selection.active = grid_layer
     press(qtbot, viewer, Qt.Key.Key_1)  # tumour on the first suggestion
     assert ov.labels[batch[0], 0] == 1
@@ -39,6 +51,7 @@ def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewe
     assert ov.selection().tolist() == [batch[2]]
     press(qtbot, viewer, Qt.Key.Key_Return)  # no class yet: stays, and says why
     assert ov.selection().tolist() == [batch[2]]
+    assert list(viewer.layers[SUGGEST_LAYER].features["rank"]) == ["3", "4"]  # labelled ones are gone
 
     # the live pseudo-mask follows the labels
     qtbot.waitUntil(lambda: live.head is not None and viewer.layers[LIVE_LAYER] is not None, timeout=WAIT_MS)

@@ -10,6 +10,9 @@ Suggestions (``core/stage1/suggest.py``) are listed in the panel and on the keyb
 * ``1``..``9``: toggle classes on it (the grid's own keys);
 * ``Enter``: confirm it and move to the next one (a new batch is computed when the list runs out).
 
+The ranking is also a ``suggestions`` points layer: a numbered ring on each suggested patch still to
+label, so the pathologist sees where the next labels are wanted across the slide.
+
 So a pathologist can label a batch without touching the mouse.
 """
 
@@ -27,6 +30,7 @@ from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.widgets._common import form_group, label_colormap
 
 LIVE_LAYER = "live pseudo-mask"
+SUGGEST_LAYER = "suggestions"  # the suggested patches still to label, numbered in suggestion order
 FLOOR = 0.5  # a cell whose best class probability is below this is shown as uncertain
 
 
@@ -66,6 +70,7 @@ class LiveLabelling(QObject):
         self.head = None
         self.probs: np.ndarray | None = None
         self.queue: list[int] = []  # grid indices still to label, in suggestion order
+        self._rank: dict[int, int] = {}  # grid index -> its rank in the current batch (1 = first)
         self.current: int | None = None
         self._generation = 0
         self._lock = threading.Lock()
@@ -110,6 +115,7 @@ class LiveLabelling(QObject):
         self.head = self.probs = None
         self.queue, self.current = [], None
         self.list.clear()
+        self._show_suggestions()
         if self.enable_box.isChecked() and self.session.grid is not None:
             self.start_features()
 
@@ -132,9 +138,10 @@ class LiveLabelling(QObject):
         else:
             task = self.session.task("live-features", "Feature cache")
             task.cancel()
-            layer = self.session.layer(LIVE_LAYER)
-            if layer is not None:
-                self.session.viewer.layers.remove(layer)
+            for name in (LIVE_LAYER, SUGGEST_LAYER):
+                layer = self.session.layer(name)
+                if layer is not None:
+                    self.session.viewer.layers.remove(layer)
 
     def start_features(self) -> None:
         """Build (or load) the current slide's feature cache in the background."""
@@ -280,6 +287,7 @@ class LiveLabelling(QObject):
                         probs=self.probs if head is not None else None,
                         trainable=head.trainable if head is not None else None)
         self.queue = [p.index for p in picks]
+        self._rank = {p.index: r + 1 for r, p in enumerate(picks)}
         self.list.clear()
         names = self.session.require_project().classes.names
         for p in picks:
@@ -291,10 +299,42 @@ class LiveLabelling(QObject):
             self.list.addItem(f"({int(ov.grid.x[p.index])}, {int(ov.grid.y[p.index])})  {why}  {guess}".rstrip())
             self.list.item(self.list.count() - 1).setData(256, p.index)
         if not self.queue:
+            self._show_suggestions()
             self.panel.say("every patch is labelled")
             return []
         self.next()
         return list(self.queue)
+
+    def _show_suggestions(self) -> None:
+        """The ``suggestions`` layer: a numbered ring on each queued patch (its rank in this batch);
+        removed when nothing is queued. The active layer stays active (keys reach the grid)."""
+        ov = self.panel.overlay
+        viewer = self.session.viewer
+        layer = self.session.layer(SUGGEST_LAYER)
+        if ov is None or not self.queue:
+            if layer is not None:
+                viewer.layers.remove(layer)
+            return
+        g = ov.grid
+        idx = np.asarray(self.queue, dtype=np.int64)
+        centres0 = np.stack([g.y[idx] + g.size0 / 2, g.x[idx] + g.size0 / 2], axis=1).astype(float)
+        world = self.session.translate0 + self.session.scale0 * (centres0 - 0.5)
+        ranks = [str(self._rank[i]) for i in self.queue]
+        if layer is not None:
+            layer.data = world
+            layer.features = {"rank": ranks}  # the ring labels follow (text reads the feature)
+            layer.size = np.full(len(world), 0.7 * g.size0 * float(np.mean(self.session.scale0)))
+            return
+        active = viewer.layers.selection.active
+        layer = viewer.add_points(world, name=SUGGEST_LAYER, size=0.7 * g.size0 * float(np.mean(self.session.scale0)),
+                                  face_color="transparent", border_color="#ffd400", border_width=0.12,
+                                  text={"string": "{rank}", "color": "#ffd400", "size": 12, "anchor": "center"},
+                                  features={"rank": ranks}, blending="translucent_no_depth",
+                                  **({"units": self.session.units0} if self.session.units0 is not None else {}))
+        layer.editable = False
+        layer.metadata["histo_wsss"] = "suggestions"
+        if active is not None and active in viewer.layers:
+            viewer.layers.selection.active = active
 
     def next(self) -> int | None:
         """Select the next suggested patch that is still unlabelled and centre the view on it."""
@@ -303,6 +343,7 @@ class LiveLabelling(QObject):
             return None
         while self.queue and np.asarray(ov.labels)[self.queue[0]].any() and self.queue[0] != self.current:
             self.queue.pop(0)
+        self._show_suggestions()
         if not self.queue:
             try:
                 if not self.suggest():
@@ -319,7 +360,7 @@ class LiveLabelling(QObject):
         g = ov.grid
         x0, y0 = float(g.x[index]) + g.size0 / 2, float(g.y[index]) + g.size0 / 2
         world = self.session.translate0 + self.session.scale0 * (np.array([y0, x0]) - 0.5)
-        self.session.viewer.camera.center = tuple(world)
+        self.session.viewer.scene.camera.center = tuple(world)
         return self.current
 
     def confirm(self) -> int | None:
