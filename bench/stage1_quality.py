@@ -66,7 +66,7 @@ DATA = Path(os.environ.get("HISTO_WSSS_DATA", Path(__file__).resolve().parents[2
 # before the step budget (train-cls --method segmix --epochs 6 with the old defaults).
 CONFIGS: dict[str, tuple[int, int, dict]] = {
     "demo-before": (224, 112, dict(method="segmix", epochs=6, steps=None, crop_size=None, freeze_bn=False,
-                                   freeze_stages=0, head="last")),
+                                   freeze_stages=0, head="last", segmix_schedule="feedback")),
     "cam-6ep": (224, 112, dict(method="cam", epochs=6, steps=None, crop_size=None, freeze_bn=False,
                                freeze_stages=0, head="last")),
     "steps": (224, 112, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
@@ -80,6 +80,13 @@ CONFIGS: dict[str, tuple[int, int, dict]] = {
                                  freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.0)),
     "p128-synth-pix": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
                                      freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5)),
+    # SegMix on the step budget with the time-driven curriculum (climbs to the finest rung by the
+    # last epoch), area-weighted targets or the union of the sources' labels
+    "p128-segmix": (128, 64, dict(method="segmix", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                  freeze_stages=2, head="fused", segmix_schedule="time", segmix_targets="area")),
+    "p128-segmix-union": (128, 64, dict(method="segmix", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                        freeze_stages=2, head="fused", segmix_schedule="time",
+                                        segmix_targets="union")),
     "default": (224, 112, dict()),  # TrainConfig's defaults as they are now
 }
 # gating rules scored on every run: name -> CAM source

@@ -125,3 +125,36 @@ def test_scheduler_max_mode_and_state_roundtrip():
     with pytest.raises(ValueError):
         other.load_state_dict(state)
     assert np.isfinite(state["feedback"])
+
+
+def test_time_schedule_climbs_to_the_finest_rung_and_feedback_adjusts_it():
+    """Time schedule: warm-up, then the rung rises with elapsed epochs to the finest for the last
+    shuffled epoch, whatever the feedback; feedback that beats the threshold moves one rung ahead,
+    feedback worse than the epoch before holds the rung one epoch."""
+    def levels(feedback, **kw):
+        s = SegMixScheduler(tiles=(64, 32), shares=(0.25, 0.5), warmup_epochs=1, mode="min", schedule="time",
+                            total_epochs=len(feedback), **kw)
+        out = [s.level]
+        for f in feedback:
+            s.step(f)
+            out.append(s.level)
+        return out[:-1]  # the level each epoch ran at
+
+    flat = levels([0.5] * 6)
+    assert flat == [0, 1, 2, 3, 4, 4] and flat[-1] == 4  # climbs with no feedback gain at all
+    assert levels([float("nan")] * 6) == flat  # no feedback (no validation): time alone
+    fast = levels([0.5, 0.3, 0.25, 0.2, 0.15, 0.1])
+    assert fast[2] > flat[2]  # a clear gain moves ahead of time
+    held = levels([0.5, 0.4, 0.6, 0.4, 0.4, 0.4])  # epoch 3 is worse than epoch 2
+    assert held[3] == held[2] and held[-1] == 4
+    # the saved state keeps the schedule; a state from before the time schedule resumes on feedback
+    s = SegMixScheduler(tiles=(64, 32), warmup_epochs=1, schedule="time", total_epochs=6)
+    s.step(0.5)
+    state = s.state_dict()
+    assert state["schedule"] == "time"
+    old = {k: v for k, v in state.items() if k not in ("schedule", "last_error")}
+    t = SegMixScheduler(tiles=(64, 32), warmup_epochs=1, schedule="time", total_epochs=6)
+    t.load_state_dict(old)
+    assert t.schedule == "feedback"
+    with pytest.raises(ValueError, match="number of epochs"):
+        SegMixScheduler(tiles=(64,), schedule="time")

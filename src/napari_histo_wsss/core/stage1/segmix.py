@@ -19,13 +19,20 @@ calibrated to area. ``targets="union"`` (element-wise max over the sources prese
 to 1) is the alternative for callers who prefer hard multi-hot labels; it over-claims classes
 whose tissue happened to stay in the unswapped tiles of the source, so it is not the default.
 
-The curriculum (:class:`SegMixScheduler`) follows learning feedback, as in CellMix (the group's
-earlier public work) and SegMix: after ``warmup_epochs`` unshuffled epochs the shuffle starts
-coarse (large tiles, small swapped share) and moves one rung down a ladder of (tile, share) levels
-each time the epoch's feedback beats a threshold; each advance tightens the threshold by
-``decay`` (CellMix: 0.93); otherwise the level holds. Feedback is a validation loss (lower is
-better, ``mode="min"``) or a validation pseudo-mask mIoU (higher is better, ``mode="max"``; the
-scheduler then works on the error ``1 - mIoU``).
+The curriculum (:class:`SegMixScheduler`): after ``warmup_epochs`` unshuffled epochs the shuffle
+starts coarse (large tiles, small swapped share) and moves down a ladder of (tile, share) levels.
+
+* ``schedule="time"`` (default): the rung follows elapsed training, as in the CellMix lineage (the
+  group's earlier public work), so that the last shuffled epochs reach the finest rung; feedback
+  adjusts it: an epoch whose feedback beats the threshold moves one rung further ahead (and
+  tightens the threshold by ``decay``), an epoch whose feedback is worse than the previous one's
+  holds the rung for one epoch.
+* ``schedule="feedback"``: the rung moves only when the feedback beats the threshold (each advance
+  tightens it by ``decay``, CellMix: 0.93). In short runs the feedback rarely beats it, so the
+  shuffle stays on its coarsest rung (measured: docs/benchmarks/stage1.md).
+
+Feedback is a validation loss (lower is better, ``mode="min"``) or a validation pseudo-mask mIoU
+(higher is better, ``mode="max"``; the scheduler then works on the error ``1 - mIoU``).
 """
 
 from __future__ import annotations
@@ -149,6 +156,8 @@ class SegMixScheduler:
         warmup_epochs: int = 1,
         decay: float = 0.93,
         mode: Literal["min", "max"] = "min",
+        schedule: Literal["time", "feedback"] = "feedback",
+        total_epochs: int | None = None,
     ) -> None:
         if not tiles:
             raise ValueError("SegMix needs at least one tile size")
@@ -160,15 +169,22 @@ class SegMixScheduler:
             raise ValueError(f"threshold decay must be within (0, 1], got {decay}")
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if schedule not in ("time", "feedback"):
+            raise ValueError(f"schedule must be 'time' or 'feedback', got {schedule!r}")
+        if schedule == "time" and (total_epochs is None or int(total_epochs) < 1):
+            raise ValueError(f"a time schedule needs the run's number of epochs, got {total_epochs!r}")
         self.ladder: tuple[SegMixLevel, ...] = tuple(
             SegMixLevel(int(t), float(s)) for t in sorted(tiles, reverse=True) for s in sorted(shares)
         )
         self.warmup_epochs = max(0, int(warmup_epochs))
         self.decay = float(decay)
         self.mode = mode
+        self.schedule = schedule
+        self.total_epochs = None if total_epochs is None else int(total_epochs)
         self.level = 0 if self.warmup_epochs > 0 else 1
         self.threshold: float | None = None
         self.feedback: float | None = None
+        self.last_error: float | None = None
         self.epochs_seen = 0
 
     def current(self) -> SegMixLevel | None:
@@ -186,6 +202,8 @@ class SegMixScheduler:
         """
         self.epochs_seen += 1
         self.feedback = float(feedback)
+        if self.schedule == "time":
+            return self._step_time()
         if not math.isfinite(self.feedback):
             return False
         err = self._error(self.feedback)
@@ -205,6 +223,36 @@ class SegMixScheduler:
                 return True
         return False
 
+    def due_level(self) -> int:
+        """The rung elapsed training asks for before the next epoch (time schedule): 0 during the
+        warm-up, then 1 rising evenly to the finest rung for the last shuffled epoch."""
+        shuffled = self.epochs_seen - self.warmup_epochs  # shuffled epochs done = index of the next one
+        if shuffled < 0:
+            return 0
+        span = max(1, int(self.total_epochs or 1) - self.warmup_epochs - 1)  # shuffled epochs after the first
+        return min(len(self.ladder), 1 + -(-shuffled * (len(self.ladder) - 1) // span))
+
+    def _step_time(self) -> bool:
+        before = self.level
+        due = self.due_level()
+        err = self._error(self.feedback) if math.isfinite(self.feedback) else None
+        if before == 0:
+            self.level = due
+            if err is not None and due > 0:
+                self.threshold = err * self.decay
+        elif err is not None and self.last_error is not None and err > self.last_error:
+            self.level = before  # worse than the epoch before: hold this rung one more epoch
+        else:
+            self.level = max(before, due)
+            if err is not None and self.threshold is not None and err < self.threshold:
+                self.threshold *= self.decay
+                self.level = min(len(self.ladder), self.level + 1)  # learning well: one rung ahead
+            elif err is not None and self.threshold is None:
+                self.threshold = err * self.decay
+        if err is not None:
+            self.last_error = err
+        return self.level > before
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (saved in checkpoints and logged per epoch). ``threshold`` is
         reported in feedback units (a loss, or an mIoU for ``mode="max"``)."""
@@ -222,6 +270,8 @@ class SegMixScheduler:
             "ladder": [[lv.tile, lv.share] for lv in self.ladder],
             "warmup_epochs": self.warmup_epochs,
             "decay": self.decay,
+            "schedule": self.schedule,
+            "last_error": self.last_error,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -234,3 +284,7 @@ class SegMixScheduler:
         self.feedback = state["feedback"]
         thr = state["threshold"]
         self.threshold = None if thr is None else (float(thr) if self.mode == "min" else 1.0 - float(thr))
+        # a run keeps the curriculum it started with (checkpoints from before the time schedule: feedback)
+        self.schedule = state.get("schedule", "feedback")
+        last = state.get("last_error")
+        self.last_error = None if last is None else float(last)

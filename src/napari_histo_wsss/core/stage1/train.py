@@ -140,7 +140,8 @@ class TrainConfig(Settings):
     Methods: ``method`` ``"cam"`` (plain multi-label CAM) or ``"segmix"`` (tile shuffle with the
     feedback curriculum: ``segmix_tiles`` (``None`` = about 1/2, 1/4, 1/7 of the patch, multiples
     of the feature stride), ``segmix_shares``, ``segmix_warmup`` unshuffled epochs,
-    ``segmix_decay`` of the threshold, ``segmix_targets`` ``"area"``/``"union"``);
+    ``segmix_decay`` of the threshold, ``segmix_schedule`` ``"time"``/``"feedback"``, ``segmix_targets``
+    ``"area"``/``"union"``);
     ``pda`` (MLPS Progressive Dropout Attention from ``pda_start_epoch``, threshold decaying by
     ``pda_decay`` per epoch); ``pscl`` (supervised contrastive term on last-stage features
     labelled by their gated CAM argmax, weight ``pscl_weight``, temperature ``pscl_temperature``,
@@ -216,6 +217,9 @@ class TrainConfig(Settings):
                                  help="epochs without shuffling at the start")
     segmix_decay: float = setting(0.93, range=(0, 1), open="lo", group=_SEGMIX, label="SegMix decay",
                                   help="decay per epoch of the curriculum's threshold")
+    segmix_schedule: str = setting("time", choices=("time", "feedback"), group=_SEGMIX, label="SegMix schedule",
+                                   help="time (the rung follows elapsed epochs, feedback moves it ahead or holds it) "
+                                        "or feedback (it moves only when the feedback beats the threshold)")
     segmix_targets: str = setting("area", choices=("area", "union"), group=_SEGMIX, label="SegMix targets",
                                   help="labels of a shuffled image: area (soft, by tile area) or union (of the sources)")
     pda: bool = setting(False, group=_EXTRA, label="Progressive Dropout Attention (MLPS)",
@@ -550,7 +554,8 @@ def _scheduler_for(cfg: TrainConfig, patch_size: int, stride: int, mode: str) ->
     if cfg.method != "segmix":
         return None
     tiles = cfg.segmix_tiles or default_tiles(patch_size, stride)
-    return SegMixScheduler(tiles, cfg.segmix_shares, warmup_epochs=cfg.segmix_warmup, decay=cfg.segmix_decay, mode=mode)
+    return SegMixScheduler(tiles, cfg.segmix_shares, warmup_epochs=cfg.segmix_warmup, decay=cfg.segmix_decay, mode=mode,
+                           schedule=cfg.segmix_schedule, total_epochs=cfg.epochs)
 
 
 def train_classifier(
