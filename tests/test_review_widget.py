@@ -104,3 +104,13 @@ def _cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_path, c
     np.testing.assert_array_equal(again[MASK_CORRECTED_FLAG][0], work[MASK_CORRECTED_FLAG][0])
     np.testing.assert_array_equal(again[MASK_CORRECTED][0], work[MASK_CORRECTED][0])
     assert viewer.layers["pseudo-mask"].data[r, c] == k + 1
+
+    # a second window opening the project shows the saved layers again (the review as it was left)
+    viewer2, w2 = open_panels(make_napari_viewer)
+    w2["Project"].open_project(project.root)
+    w2["Project"].show_slide(sid)
+    rv2 = w2["Review and correct"]
+    qtbot.waitUntil(lambda: rv2.edits is not None and "pseudo-mask" in viewer2.layers, timeout=WAIT_MS)
+    assert "restored the saved CAMs" in rv2.status.text(), rv2.status.text()
+    assert viewer2.layers["pseudo-mask"].data[r, c] == k + 1 and rv2.edits.flag()[r, c]
+    np.testing.assert_array_equal(rv2.edits.reviewed, rv.edits.reviewed)

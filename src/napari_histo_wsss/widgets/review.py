@@ -51,6 +51,7 @@ from qtpy.QtWidgets import (
 from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.core.review import (
     CLASSIFIER_RUN_PREFIX,
+    MASK_CAM,
     MASK_CORRECTED,
     MASK_PSEUDO,
     CamCanvas,
@@ -281,6 +282,10 @@ class ReviewWidget(Panel):
         self.task.event.connect(self._on_tile)
         self.task.finished.connect(self._on_finished)
         self.watch(self.task)
+        # reopening a slide with saved CAMs shows them again (read in the background)
+        self.restore_task = self.session.task("review-restore", "Saved review layers", quiet=True)
+        self.restore_task.event.connect(self._on_restored)
+        self.watch(self.restore_task)
         self.session.project_changed.connect(self._on_project)
         self.session.slide_changed.connect(self._on_slide)
         self.session.runs_changed.connect(self._refresh_runs)
@@ -355,6 +360,30 @@ class ReviewWidget(Panel):
             self.task.cancel()
         self._clear()
         self._slide_id = self.session.slide_id
+        self._restore_saved()
+
+    def _restore_saved(self) -> None:
+        """Show the current slide's saved CAMs, pseudo-mask and corrections again, as the panel left
+        them (a reopened project, another slide and back), read off the GUI thread."""
+        project, sid = self.session.project, self.session.slide_id
+        if project is None or sid is None or self.restore_task.running or MASK_CAM not in project.mask_names(sid):
+            return
+        thresholds = (self.cam_threshold, self.gating_threshold, self.white_level)
+
+        def job(should_stop: Callable[[], bool]) -> Iterator[Any]:
+            canvas = load_canvas(project, sid)
+            if canvas is not None and not should_stop():
+                yield ("restored", sid, canvas, _saved_edits(project, sid, canvas, *thresholds))
+
+        self.restore_task.start(job, f"saved review layers of {sid}")
+
+    def _on_restored(self, item: Any) -> None:
+        if not (isinstance(item, tuple) and item and item[0] == "restored"):
+            return
+        _, sid, canvas, edits = item
+        if sid != self.session.slide_id or self.canvas is not None or self.task.running:
+            return  # the user moved on, or is computing new CAMs
+        self._show_saved(sid, canvas, edits, f"restored the saved CAMs and corrections of {sid}")
 
     def _clear(self) -> None:
         if self.pseudo_task.running:
@@ -828,14 +857,24 @@ class ReviewWidget(Panel):
         canvas = load_canvas(project, sid)
         if canvas is None:
             raise GuiError(f"no saved CAMs for slide {sid}: press 'Compute CAMs'")
+        edits = _saved_edits(project, sid, canvas, self.cam_threshold, self.gating_threshold, self.white_level)
+        self._show_saved(sid, canvas, edits, f"loaded the saved CAMs and corrections of {sid}")
+
+    def _show_saved(self, sid: str, canvas: CamCanvas, edits: Corrections, message: str) -> None:
         self._clear()
         self._slide_id = sid
         self.canvas = canvas
-        pseudo = project.read_mask(sid, MASK_PSEUDO)
-        auto = (with_uncertain(pseudo[0], canvas, project.classes, self.white_level) if pseudo is not None else
-                pseudo_from_canvas(canvas, project.classes, self.cam_threshold, self.gating_threshold, self.white_level,
-                                   uncertain=True))
-        self.edits = load_corrections(project, sid, auto, canvas.downsample)
+        self.edits = edits
         self.show_layers()
         self.save_label.setText("loaded from the project")
-        self.say(f"loaded the saved CAMs and corrections of {sid} ({int(self.edits.flag().sum())} corrected pixels)")
+        self.say(f"{message} ({int(self.edits.flag().sum())} corrected pixels)")
+
+
+def _saved_edits(project: Any, sid: str, canvas: CamCanvas, cam_threshold: float, gating: float,
+                 white_level: int) -> Corrections:
+    """The editable mask of a slide's saved layers: its saved pseudo-mask (else one made from the
+    saved CAMs at these thresholds) with the saved corrections and review marks on it."""
+    pseudo = project.read_mask(sid, MASK_PSEUDO)
+    auto = (with_uncertain(pseudo[0], canvas, project.classes, white_level) if pseudo is not None else
+            pseudo_from_canvas(canvas, project.classes, cam_threshold, gating, white_level, uncertain=True))
+    return load_corrections(project, sid, auto, canvas.downsample)
