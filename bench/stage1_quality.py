@@ -94,12 +94,18 @@ GATINGS = ("prob", "raw", "raw-cal", "raw-cal-tta", "area", "raw-cal-slic", "pro
 TTA = dict(scales=(0.75, 1.0, 1.25), flip=True)
 
 
+DATASET = "wsss4luad"  # or "glas" (--dataset): GlaS test A as the 2-class gland / other-tissue preset
+
+
 def patch_set(work: Path, patch: int, stride: int, split: int) -> Path:
-    root = DATA / "wsss4luad-subset" / "val"
-    out = work / f"patches-p{patch}-s{stride}-split{split}"
+    from stage1_experiments import source_folders
+
+    img, mask, preset = source_folders(DATASET, work)
+    prefix = "" if DATASET == "wsss4luad" else f"{DATASET}-"  # the WSSS4LUAD sets keep their cached names
+    out = work / f"{prefix}patches-p{patch}-s{stride}-split{split}"
     if not (out / "patches.csv").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        make_patches(root / "img", root / "mask", out, "wsss4luad", patch_size=patch, stride=stride,
+        make_patches(img, mask, out, preset, patch_size=patch, stride=stride,
                      val_fraction=0.2, test_fraction=0.3, seed=split)
     return out
 
@@ -262,7 +268,8 @@ def baselines(split_dir: Path, scorer: Scorer) -> dict:
         for name, c in (("one class", top), ("image-label rule", int(np.argmax(np.where(s.labels > 0, prior, -1.0)))),
                         ("majority oracle", major)):
             m = np.full(gt.shape, c, dtype=np.uint8)
-            m[white] = scorer.bg
+            if classes.white_background:  # GlaS labels every pixel: no white glass class there
+                m[white] = scorer.bg
             cms[name].update(m, gt)
     return {n: scorer.result(cm) for n, cm in cms.items()}
 
@@ -307,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slic-segments", type=int, default=200)
     p.add_argument("--work", default="/tmp/s1q")
     p.add_argument("--no-train", action="store_true", help="score only the runs already in --work")
+    p.add_argument("--dataset", choices=("wsss4luad", "glas"), default="wsss4luad",
+                   help="the shared WSSS4LUAD images, or GlaS test A (use its own --work)")
     args = p.parse_args(argv)
+    global DATASET
+    DATASET = args.dataset
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,111 @@
+"""Stage two on the stage-one runs of ``bench/stage1_quality.py``: how much the segmenter adds over
+its own pseudo-masks, on the same test images, under the same protocol.
+
+For each cached stage-one run (``--config``, ``--splits`` x ``--seeds`` in ``--work``; train them
+first with ``stage1_quality.py``) a segmenter is trained exactly as ``histo-wsss train-seg RUN``
+does (``train_segmenter`` with no pseudo-mask folder: the MLPS sets made from that classifier on
+its training patches, gated by their image labels), with ``SegConfig``'s defaults except the
+budget (``--epochs``, ``--max-steps``: CPU time). It then predicts the run's test images (whole
+images, ``predict_image``, no labels, no gating) and is scored with the same scorer as stage one
+(MLPS convention: background ground truth ignored). Nothing is chosen on the test images: the
+checkpoint is ``best.pt`` by the segmenter's own validation images (the split's val set).
+
+Printed beside each run: the stage-one pseudo-mask mIoU of the same run under the default gating
+(``prob-raw``, from ``--work/results.json``), so the difference is what stage two adds.
+
+    python bench/stage2_quality.py --config steps-fused-p128 --splits 0,1 --seeds 0,1 --threads 1
+
+Results go to ``--work/stage2.json`` and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from stage1_quality import CONFIGS, Scorer, patch_set, summarise
+
+from napari_histo_wsss.core.data.datasets import load_dataset
+from napari_histo_wsss.core.stage2.infer import predict_image, segmenter_predict_fn
+from napari_histo_wsss.core.stage2.train import SegConfig, load_segmenter, train_segmenter
+
+
+def train_and_score(work: Path, name: str, split: int, seed: int, epochs: int, max_steps: int | None,
+                    scorer: Scorer) -> dict:
+    patch, stride, _ = CONFIGS[name]
+    ps = patch_set(work, patch, stride, split)
+    run = work / "runs" / f"{name}-split{split}-seed{seed}"
+    if not (run / "bench_train.json").is_file():
+        raise SystemExit(f"{run}: no stage-one run; train it with bench/stage1_quality.py first")
+    out = work / "seg" / f"{name}-split{split}-seed{seed}-e{epochs}-s{max_steps}"
+    done = out / "bench_train.json"
+    t0 = time.perf_counter()
+    if not done.is_file():
+        cfg = SegConfig(epochs=epochs, max_steps_per_epoch=max_steps, seed=seed, device="cpu")
+        for ev in train_segmenter(run, None, cfg, dataset=ps, out_dir=out, resume=(out / "checkpoints").is_dir()):
+            if ev.kind == "epoch":
+                print(f"  seg {name} split {split} seed {seed} epoch {ev.epoch}/{ev.epochs} "
+                      f"loss {ev.metrics['train_loss']:.4f} val mIoU {ev.metrics.get('val_miou')} "
+                      f"{time.perf_counter() - t0:.0f}s", flush=True)
+        done.write_text(json.dumps({"train_s": time.perf_counter() - t0}))
+    model, classes, _cfg, _meta = load_segmenter(out, "best")
+    fn = segmenter_predict_fn(model, classes, "cpu")
+    cm = scorer.new()
+    for s in load_dataset(ps).test:
+        scores = predict_image(s.image(), fn)
+        cm.update(np.argmax(scores, axis=0).astype(np.uint8), s.mask())
+    return scorer.result(cm) | {"train_s": json.loads(done.read_text())["train_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="steps-fused-p128", help=f"stage-one configuration, of {', '.join(CONFIGS)}")
+    p.add_argument("--splits", default="0,1")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--max-steps", type=int, default=30, help="steps per epoch at most (CPU budget)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default="/tmp/s1q")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    s1 = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {"runs": {}}
+    path = work / "stage2.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    scorer = None
+    rows = []
+    for split in (int(x) for x in args.splits.split(",")):
+        for seed in (int(x) for x in args.seeds.split(",")):
+            if scorer is None:
+                patch, stride, _ = CONFIGS[args.config]
+                scorer = Scorer(load_dataset(patch_set(work, patch, stride, split)).classes)
+            key = f"{args.config}-split{split}-seed{seed}-e{args.epochs}-s{args.max_steps}"
+            r = train_and_score(work, args.config, split, seed, args.epochs, args.max_steps, scorer)
+            stage1 = s1["runs"].get(args.config, {}).get(f"split{split}-seed{seed}", {}).get("prob-raw", {})
+            r["stage1_prob_raw"] = (stage1.get("prob") or {}).get("miou")
+            results[key] = r
+            path.write_text(json.dumps(results, indent=1))
+            rows.append(r)
+            print(f"{key}: stage two {r['miou']:.3f}, its stage-one pseudo-masks (prob-raw) {r['stage1_prob_raw']}",
+                  flush=True)
+    names = scorer.classes.names
+    print(f"\n| row | n | mIoU | {' | '.join(f'{n} IoU' for n in names)} | tumour/stroma mIoU | train s |")
+    print("|---" * (5 + len(names)) + "|")
+    print(f"| stage one ({args.config} / prob-raw) | {len(rows)} runs | "
+          f"{summarise([r['stage1_prob_raw'] for r in rows])} |" + " |" * (len(names) + 2))
+    print(f"| stage two ({args.epochs} epochs x <= {args.max_steps} steps) | {len(rows)} runs | "
+          f"{summarise([r['miou'] for r in rows])} | "
+          + " | ".join(summarise([r['iou'].get(n) for r in rows]) for n in names)
+          + f" | {summarise([r['ts_miou'] for r in rows])} | {summarise([r['train_s'] for r in rows])} |")
+    gain = [r["miou"] - r["stage1_prob_raw"] for r in rows if r["stage1_prob_raw"] is not None]
+    print(f"\nstage two minus its stage-one pseudo-masks, per run: {summarise(gain)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
