@@ -191,7 +191,8 @@ class RunContext:
     dctx: DistContext
     resume: bool
     should_stop: Callable[[], bool] | None
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings the user must see (panels show them as such)
+    info: list[str] = field(default_factory=list)  # what the run does, said once (not a warning)
     resumed: bool = False  # a checkpoint was loaded
 
     @property
@@ -511,8 +512,9 @@ def _run(task: TrainingTask, run: Path, dctx: DistContext, resume: bool,
 
     yield ProgressEvent("start", epoch=start_epoch + 1, epochs=cfg.epochs, step=start_batch, steps=steps,
                         message=task.start_message(ctx))
-    for note in ctx.notes:
-        yield ProgressEvent("log", epoch=start_epoch + 1, epochs=cfg.epochs, message=note)
+    for level, notes in (("info", ctx.info), ("warning", ctx.notes)):
+        for note in notes:
+            yield ProgressEvent("log", epoch=start_epoch + 1, epochs=cfg.epochs, message=note, metrics={"level": level})
 
     t_run = time.perf_counter()
     steps_here = 0

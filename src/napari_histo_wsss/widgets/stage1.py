@@ -322,9 +322,9 @@ class TrainingWidget(Panel):
             self._plot_epoch(float(ev.epoch), ev.metrics or {})
         elif kind == "start" and self.run_dir is not None:
             self.session.runs_changed.emit()
-        elif kind == "log" and not steps and getattr(ev, "message", ""):
-            # the run's notes (a class with no labelled patch, a class never labelled alone, a fresh
-            # start instead of a resume): warnings the pathologist must see, not a passing ETA text
+        elif kind == "log" and not steps and getattr(ev, "message", "") and ev.metrics.get("level") == "warning":
+            # the run's warnings (a class with no labelled patch, a class never labelled alone, a fresh
+            # start instead of a resume): the pathologist must see them, not a passing ETA text
             self.warn(ev.message)
 
     def _plot_epoch(self, x: float, metrics: dict) -> None:

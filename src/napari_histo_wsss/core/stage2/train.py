@@ -777,7 +777,7 @@ class SegmenterTask(TrainingTask):
         if scores is None:
             return None
         pairs = [pairs[i] for i in most_real(np.concatenate(scores), cfg.synthesis_keep)]
-        ctx.notes.append(f"realness filter kept {len(pairs)} of {n_make} synthetic images "
+        ctx.info.append(f"realness filter kept {len(pairs)} of {n_make} synthetic images "
                          f"(discriminator loss {np.mean(losses[-20:]):.3f})")
         return pairs
 
