@@ -66,15 +66,16 @@ DATA = Path(os.environ.get("HISTO_WSSS_DATA", Path(__file__).resolve().parents[2
 # before the step budget (train-cls --method segmix --epochs 6 with the old defaults).
 CONFIGS: dict[str, tuple[int, int, dict]] = {
     "demo-before": (224, 112, dict(method="segmix", epochs=6, steps=None, crop_size=None, freeze_bn=False,
-                                   freeze_stages=0, head="last", segmix_schedule="feedback")),
+                                   freeze_stages=0, head="last", segmix_schedule="feedback",
+                                   synth_share=0.0)),
     "cam-6ep": (224, 112, dict(method="cam", epochs=6, steps=None, crop_size=None, freeze_bn=False,
-                               freeze_stages=0, head="last")),
+                               freeze_stages=0, head="last", synth_share=0.0)),
     "steps": (224, 112, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
-                             freeze_stages=2, head="last")),
+                             freeze_stages=2, head="last", synth_share=0.0)),
     "steps-fused": (224, 112, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
-                                   freeze_stages=2, head="fused")),
+                                   freeze_stages=2, head="fused", synth_share=0.0)),
     "steps-fused-p128": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
-                                       freeze_stages=2, head="fused")),
+                                       freeze_stages=2, head="fused", synth_share=0.0)),
     # issue 10: a quarter of each batch synthetic Mosaic/Bezier images from single-label patches
     "p128-synth": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
                                  freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.0)),
@@ -83,11 +84,12 @@ CONFIGS: dict[str, tuple[int, int, dict]] = {
     # SegMix on the step budget with the time-driven curriculum (climbs to the finest rung by the
     # last epoch), area-weighted targets or the union of the sources' labels
     "p128-segmix": (128, 64, dict(method="segmix", epochs=6, steps=300, crop_size=128, freeze_bn=True,
-                                  freeze_stages=2, head="fused", segmix_schedule="time", segmix_targets="area")),
+                                  freeze_stages=2, head="fused", segmix_schedule="time", segmix_targets="area",
+                                  synth_share=0.0)),
     "p128-segmix-union": (128, 64, dict(method="segmix", epochs=6, steps=300, crop_size=128, freeze_bn=True,
                                         freeze_stages=2, head="fused", segmix_schedule="time",
-                                        segmix_targets="union")),
-    "default": (224, 112, dict()),  # TrainConfig's defaults as they are now
+                                        segmix_targets="union", synth_share=0.0)),
+    "default": (128, 64, dict()),  # TrainConfig's defaults as they are now (= p128-synth-pix), demo patches
 }
 # gating rules scored on every run: name -> CAM source
 GATINGS = ("prob", "raw", "raw-cal", "raw-cal-tta", "area", "raw-cal-slic", "prob-raw", "prob-raw-tta")

@@ -6,7 +6,8 @@ first with ``stage1_quality.py``) a segmenter is trained exactly as ``histo-wsss
 does (``train_segmenter`` with no pseudo-mask folder: the MLPS sets made from that classifier on
 its training patches, gated by their image labels), with ``SegConfig``'s defaults except the
 budget (``--epochs``, ``--max-steps``: CPU time). It then predicts the run's test images (whole
-images, ``predict_image``, no labels, no gating) and is scored with the same scorer as stage one
+images, ``predict_image``, no labels), ungated and gated by the stage-one classifier at the
+threshold its validation chose (``predict --gate``), and is scored with the same scorer as stage one
 (MLPS convention: background ground truth ignored). Nothing is chosen on the test images: the
 checkpoint is ``best.pt`` by the segmenter's own validation images (the split's val set).
 
@@ -31,6 +32,7 @@ import torch
 from stage1_quality import CONFIGS, Scorer, patch_set, summarise
 
 from napari_histo_wsss.core.data.datasets import load_dataset
+from napari_histo_wsss.core.stage1.train import calibrated_prob_threshold, load_run
 from napari_histo_wsss.core.stage2.infer import predict_image, segmenter_predict_fn
 from napari_histo_wsss.core.stage2.train import SegConfig, load_segmenter, train_segmenter
 
@@ -54,12 +56,19 @@ def train_and_score(work: Path, name: str, split: int, seed: int, epochs: int, m
                       f"{time.perf_counter() - t0:.0f}s", flush=True)
         done.write_text(json.dumps({"train_s": time.perf_counter() - t0}))
     model, classes, _cfg, _meta = load_segmenter(out, "best")
-    fn = segmenter_predict_fn(model, classes, "cpu")
-    cm = scorer.new()
+    # ungated, and gated by the stage-one classifier (MLPS test-time gating, `predict --gate`) at the
+    # probability threshold the stage-one run's validation chose
+    gate = load_run(run, "best")[0]
+    fns = {"none": segmenter_predict_fn(model, classes, "cpu"),
+           "gate": segmenter_predict_fn(model, classes, "cpu", gate=gate,
+                                        gate_threshold=calibrated_prob_threshold(run, "best") or 0.5)}
+    cms = {k: scorer.new() for k in fns}
     for s in load_dataset(ps).test:
-        scores = predict_image(s.image(), fn)
-        cm.update(np.argmax(scores, axis=0).astype(np.uint8), s.mask())
-    return scorer.result(cm) | {"train_s": json.loads(done.read_text())["train_s"]}
+        rgb, gt = s.image(), s.mask()
+        for k, fn in fns.items():
+            cms[k].update(np.argmax(predict_image(rgb, fn), axis=0).astype(np.uint8), gt)
+    return scorer.result(cms["none"]) | {"gated": scorer.result(cms["gate"]),
+                                         "train_s": json.loads(done.read_text())["train_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +111,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{summarise([r['miou'] for r in rows])} | "
           + " | ".join(summarise([r['iou'].get(n) for r in rows]) for n in names)
           + f" | {summarise([r['ts_miou'] for r in rows])} | {summarise([r['train_s'] for r in rows])} |")
-    gain = [r["miou"] - r["stage1_prob_raw"] for r in rows if r["stage1_prob_raw"] is not None]
-    print(f"\nstage two minus its stage-one pseudo-masks, per run: {summarise(gain)}")
+    print(f"| stage two, gated by the stage-one classifier | {len(rows)} runs | "
+          f"{summarise([r['gated']['miou'] for r in rows])} | "
+          + " | ".join(summarise([r['gated']['iou'].get(n) for r in rows]) for n in names)
+          + f" | {summarise([r['gated']['ts_miou'] for r in rows])} | |")
+    for k, label in (("miou", "ungated"), ("gated", "gated")):
+        gain = [(r[k]["miou"] if k == "gated" else r[k]) - r["stage1_prob_raw"] for r in rows
+                if r["stage1_prob_raw"] is not None]
+        print(f"\nstage two ({label}) minus its stage-one pseudo-masks, per run: {summarise(gain)}")
     return 0
 
 

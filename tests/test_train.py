@@ -136,9 +136,8 @@ def test_run_folder_metrics_and_segmix_state(data, tmp_path):
     assert rows[0]["segmix"]["tile"] is None and rows[0]["segmix"]["share"] == 0.0
     assert (rows[1]["segmix"]["tile"], rows[1]["segmix"]["share"]) == (24, 0.25)
     assert rows[0]["segmix"]["next_tile"] == 24
-    # the default time schedule climbs: the last epoch runs finer than the first shuffled one
-    s1, s2 = rows[1]["segmix"], rows[2]["segmix"]
-    assert (s2["tile"], -s2["share"]) < (s1["tile"], -s1["share"]), (s1, s2)
+    # the time schedule never steps back (its climb: tests/test_segmix.py)
+    assert [r["segmix"]["next_level"] for r in rows] == sorted(r["segmix"]["next_level"] for r in rows)
     # the threshold is recorded in mIoU units once the curriculum started
     assert rows[0]["segmix"]["threshold"] is not None
 

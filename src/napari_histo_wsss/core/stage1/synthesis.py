@@ -35,6 +35,10 @@ from napari_histo_wsss.core.stage2.synthesis import group_pools, iter_synthesize
 __all__ = ["SyntheticBatches", "mask_labels", "pixel_loss"]
 
 
+class PatchReadError(DatasetError):
+    """A training patch could not be read while the pools were built (names the patch)."""
+
+
 class _DecodedOnce:
     """A sample's pixels, decoded on the first call only: resized to ``patch`` (as the training
     patches are) and cut to the central ``side`` x ``side`` (the training input side), read-only."""
@@ -45,7 +49,11 @@ class _DecodedOnce:
 
     def __call__(self) -> np.ndarray:
         if self.rgb is None:
-            rgb = self.sample.image()
+            try:
+                rgb = self.sample.image()
+            except OSError as e:  # as the training loader says it: the patch, then the reason
+                where = self.sample.path or self.sample.name
+                raise PatchReadError(f"{where}: cannot read the training patch: {e}") from e
             if rgb.shape[:2] != (self.patch, self.patch):
                 rgb = np.asarray(Image.fromarray(rgb).resize((self.patch, self.patch), Image.BILINEAR))
             top = (self.patch - self.side) // 2

@@ -87,7 +87,7 @@ from napari_histo_wsss.core.progress import EVENT_KINDS, ProgressEvent  # noqa: 
 from napari_histo_wsss.core.runs import checkpoint_file, read_metrics
 from napari_histo_wsss.core.settings import Settings, positive_sum, setting
 from napari_histo_wsss.core.stage1.segmix import SegMixScheduler, default_tiles, segmix_batch
-from napari_histo_wsss.core.stage1.synthesis import SyntheticBatches, pixel_loss
+from napari_histo_wsss.core.stage1.synthesis import PatchReadError, SyntheticBatches, pixel_loss
 from napari_histo_wsss.core.stage2.synthesis import SYNTHESIS_KINDS
 
 __all__ = [
@@ -236,13 +236,13 @@ class TrainConfig(Settings):
                                       help="temperature of the contrastive term")
     pscl_min_score: float = setting(0.5, range=(0, 1), group=_EXTRA, label="PSCL min. score",
                                     help="pixels whose normalised CAM is below this are left out of the term")
-    synth_share: float = setting(0.0, range=(0, 1), open="hi", group=_SYNTH, label="Synthetic share",
+    synth_share: float = setting(0.25, range=(0, 1), open="hi", group=_SYNTH, label="Synthetic share",
                                  help="share of each batch replaced by synthetic Mosaic/Bezier images made from "
                                       "single-label training patches, labelled by the classes of their exact masks "
-                                      "(0 = off; docs/benchmarks/stage1.md)")
+                                      "(0 = off; chosen on validation images: docs/benchmarks/stage1.md)")
     synth_kinds: tuple[str, ...] = setting(SYNTHESIS_KINDS, min_items=1, check=_synthesis_kinds, group=_SYNTH,
                                            label="Synthesis kinds", help="mosaic, bezier or mosaic,bezier (alternating)")
-    synth_pixel_weight: float = setting(0.0, range=(0, None), group=_SYNTH, label="Synthetic pixel-loss weight",
+    synth_pixel_weight: float = setting(0.5, range=(0, None), group=_SYNTH, label="Synthetic pixel-loss weight",
                                         help="weight of a cross-entropy of the CAM logits against the exact masks of "
                                              "the synthetic images, pooled to the CAM grid (0 = image labels only)")
 
@@ -638,9 +638,9 @@ class ClassifierTask(TrainingTask):
             order = np.random.default_rng([int(cfg.seed), 7919]).permutation(len(train_samples))
             held_out = [train_samples[i] for i in sorted(order[:n_val])]
             train_samples = [train_samples[i] for i in sorted(order[n_val:])]
-            ctx.notes.append(f"no validation images with masks: {n_val} training patches held out for the validation loss")
+            ctx.info.append(f"no validation images with masks: {n_val} training patches held out for the validation loss")
         if resize_note:
-            ctx.notes.append(resize_note)
+            ctx.info.append(resize_note)
         missing = [n for n, k in zip(classes.names, counts) if k == 0]
         if missing:
             ctx.notes.append(f"no training patch is labelled {', '.join(missing)}: the classifier cannot learn it")
@@ -689,7 +689,7 @@ class ClassifierTask(TrainingTask):
         self.steps = steps
         self.val_loader = None
         if self.synth is not None:
-            ctx.notes.append(f"synthesis: {self.n_synth} of {self.local_bs} images per batch{' per process' if world > 1 else ''} "
+            ctx.info.append(f"synthesis: {self.n_synth} of {self.local_bs} images per batch{' per process' if world > 1 else ''} "
                              f"are {'/'.join(cfg.synth_kinds)} images of {self.synth.side} px from single-label patches "
                              f"({self.synth.sizes()}), pixel-loss weight {cfg.synth_pixel_weight:g}")
         if self.held_out:
@@ -705,6 +705,8 @@ class ClassifierTask(TrainingTask):
             return None
         try:
             return SyntheticBatches(self.train_samples, self.classes, self.patch_size, side, cfg.synth_kinds)
+        except PatchReadError:
+            raise  # an unreadable patch stops the run, naming it, as the training loader would
         except DatasetError as e:
             ctx.notes.append(f"synthesis off (synth_share {cfg.synth_share:g} ignored): {e}")
             return None
