@@ -87,6 +87,7 @@ __all__ = [
     "load_canvas",
     "load_corrections",
     "corrections_for_plan",
+    "corrections_for_canvas",
     "with_uncertain",
 ]
 
@@ -688,6 +689,17 @@ def corrections_for_plan(project: Any, slide_id: str, plan: CamPlan) -> Correcti
     if saved is not None and saved[0].shape == tuple(plan.shape) and math.isclose(saved[1], plan.downsample, rel_tol=1e-6):
         auto = saved[0].astype(np.uint8)
     return load_corrections(project, slide_id, auto, plan.downsample)
+
+
+def corrections_for_canvas(project: Any, slide_id: str, canvas: CamCanvas, cam_threshold: float, gating: float,
+                           white_level: int | None) -> Corrections:
+    """The editable state of a slide's saved layers (:func:`load_canvas`): its saved automatic mask
+    (uncertain tissue put back, :func:`with_uncertain`), else one made from the saved CAMs at these
+    thresholds, with the saved corrections and review marks on top."""
+    saved = project.read_mask(slide_id, MASK_PSEUDO)
+    auto = (with_uncertain(saved[0], canvas, project.classes, white_level) if saved is not None else
+            pseudo_from_canvas(canvas, project.classes, cam_threshold, gating, white_level, uncertain=True))
+    return load_corrections(project, slide_id, auto, canvas.downsample)
 
 
 def load_canvas(project: Any, slide_id: str) -> CamCanvas | None:

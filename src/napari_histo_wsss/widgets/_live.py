@@ -320,13 +320,14 @@ class LiveLabelling(QObject):
         centres0 = np.stack([g.y[idx] + g.size0 / 2, g.x[idx] + g.size0 / 2], axis=1).astype(float)
         world = self.session.translate0 + self.session.scale0 * (centres0 - 0.5)
         ranks = [str(self._rank[i]) for i in self.queue]
+        ring = 0.7 * g.size0 * float(np.mean(self.session.scale0))  # ring diameter in world units
         if layer is not None:
             layer.data = world
             layer.features = {"rank": ranks}  # the ring labels follow (text reads the feature)
-            layer.size = np.full(len(world), 0.7 * g.size0 * float(np.mean(self.session.scale0)))
+            layer.size = np.full(len(world), ring)
             return
         active = viewer.layers.selection.active
-        layer = viewer.add_points(world, name=SUGGEST_LAYER, size=0.7 * g.size0 * float(np.mean(self.session.scale0)),
+        layer = viewer.add_points(world, name=SUGGEST_LAYER, size=ring,
                                   face_color="transparent", border_color="#ffd400", border_width=0.12,
                                   text={"string": "{rank}", "color": "#ffd400", "size": 12, "anchor": "center"},
                                   features={"rank": ranks}, blending="translucent_no_depth",

@@ -53,7 +53,6 @@ from napari_histo_wsss.core.review import (
     CLASSIFIER_RUN_PREFIX,
     MASK_CAM,
     MASK_CORRECTED,
-    MASK_PSEUDO,
     CamCanvas,
     CamPlan,
     CamTile,
@@ -62,16 +61,15 @@ from napari_histo_wsss.core.review import (
     ReviewSettings,
     calibrated_gating,
     compute_slide_cams,
+    corrections_for_canvas,
     corrections_for_plan,
     list_runs,
     load_canvas,
-    load_corrections,
     plan_slide_cams,
     pseudo_from_canvas,
     pseudo_updates,
     tissue_on_canvas,
     uncertain_index,
-    with_uncertain,
 )
 from napari_histo_wsss.widgets._common import (
     Panel,
@@ -373,7 +371,7 @@ class ReviewWidget(Panel):
         def job(should_stop: Callable[[], bool]) -> Iterator[Any]:
             canvas = load_canvas(project, sid)
             if canvas is not None and not should_stop():
-                yield ("restored", sid, canvas, _saved_edits(project, sid, canvas, *thresholds))
+                yield ("restored", sid, canvas, corrections_for_canvas(project, sid, canvas, *thresholds))
 
         self.restore_task.start(job, f"saved review layers of {sid}")
 
@@ -857,7 +855,7 @@ class ReviewWidget(Panel):
         canvas = load_canvas(project, sid)
         if canvas is None:
             raise GuiError(f"no saved CAMs for slide {sid}: press 'Compute CAMs'")
-        edits = _saved_edits(project, sid, canvas, self.cam_threshold, self.gating_threshold, self.white_level)
+        edits = corrections_for_canvas(project, sid, canvas, self.cam_threshold, self.gating_threshold, self.white_level)
         self._show_saved(sid, canvas, edits, f"loaded the saved CAMs and corrections of {sid}")
 
     def _show_saved(self, sid: str, canvas: CamCanvas, edits: Corrections, message: str) -> None:
@@ -868,13 +866,3 @@ class ReviewWidget(Panel):
         self.show_layers()
         self.save_label.setText("loaded from the project")
         self.say(f"{message} ({int(self.edits.flag().sum())} corrected pixels)")
-
-
-def _saved_edits(project: Any, sid: str, canvas: CamCanvas, cam_threshold: float, gating: float,
-                 white_level: int) -> Corrections:
-    """The editable mask of a slide's saved layers: its saved pseudo-mask (else one made from the
-    saved CAMs at these thresholds) with the saved corrections and review marks on it."""
-    pseudo = project.read_mask(sid, MASK_PSEUDO)
-    auto = (with_uncertain(pseudo[0], canvas, project.classes, white_level) if pseudo is not None else
-            pseudo_from_canvas(canvas, project.classes, cam_threshold, gating, white_level, uncertain=True))
-    return load_corrections(project, sid, auto, canvas.downsample)

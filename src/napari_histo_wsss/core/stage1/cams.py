@@ -422,7 +422,7 @@ def calibrate_offsets(
     are gated first (by predicted probabilities). Coordinate ascent over ``grid`` (``rounds``
     passes; the first class stays at 0, only differences matter), every ``subsample``-th pixel.
     Returns ``(offsets, mIoU)``; ties keep the offset nearest 0."""
-    from napari_histo_wsss.core.metrics import compute_scores
+    from napari_histo_wsss.core.metrics import ConfusionMatrix
 
     c, bg = classes.num_classes, classes.background_index
     xs, ys = [], []
@@ -441,9 +441,9 @@ def calibrate_offsets(
     names = classes.names + ["background"]
 
     def miou(off: np.ndarray) -> float:
-        pred = np.argmax(x + off[:, None], axis=0)
-        m = np.bincount(y * (c + 1) + pred, minlength=(c + 1) ** 2).reshape(c + 1, c + 1)
-        v = compute_scores(m, names, ignore_index=bg)["miou"]
+        cm = ConfusionMatrix(c + 1, bg)
+        cm.update(np.argmax(x + off[:, None], axis=0), y)
+        v = cm.scores(names)["miou"]
         return -1.0 if v is None else float(v)
 
     off = np.zeros(c, dtype=np.float32)
