@@ -81,6 +81,17 @@ CONFIGS: dict[str, tuple[int, int, dict]] = {
                                  freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.0)),
     "p128-synth-pix": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
                                      freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5)),
+    # issue 10: the default with twice the step budget (100 steps per epoch)
+    "p128-synth-pix-s600": (128, 64, dict(method="cam", epochs=6, steps=600, crop_size=128, freeze_bn=True,
+                                          freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5)),
+    # issue 10: MLPS's Progressive Dropout Attention on its schedule scaled to the run (from 15 %,
+    # threshold 0.94 decaying to 0.67), and the PSCL contrastive term, each on the default
+    "p128-synth-pix-pda": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                         freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5,
+                                         pda=True)),
+    "p128-synth-pix-pscl": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                          freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5,
+                                          pscl=True)),
     # SegMix on the step budget with the time-driven curriculum (climbs to the finest rung by the
     # last epoch), area-weighted targets or the union of the sources' labels
     "p128-segmix": (128, 64, dict(method="segmix", epochs=6, steps=300, crop_size=128, freeze_bn=True,
@@ -226,6 +237,20 @@ def score_run(run: Path, split_dir: Path, scorer: Scorer, slic_segments: int) ->
         val_m = scorer.result(cm)["miou"] or 0.0
         if val_m > best_v + 1e-9:
             best_tau, best_v = tau, val_m
+    # -- validation figures of the rules that calibrate on it ----------------------------------------
+    # in-sample: offsets calibrated and scored on the same 6 images (what `pseudo-masks` would
+    # pick from); leave-one-out: each image scored with offsets calibrated on the other 5
+    val_scores = {}
+    for g, maps in (("prob-raw", v["raw"]), ("prob-raw-tta", v["tta"])):
+        items = [(lg, s.mask(), a) for lg, s, a in zip(maps, v["samples"], v_allowed)]
+        off_g = off_pr if g == "prob-raw" else off_pr_tta
+        cm_in, cm_loo = scorer.new(), scorer.new()
+        for i, (lg, s, a) in enumerate(zip(maps, v["samples"], v_allowed)):
+            rgb, gt = s.image(), s.mask()
+            cm_in.update(raw_argmax_mask(lg, classes, off_g, rgb=rgb, labels=a.astype(np.uint8)), gt)
+            off_i, _ = calibrate_offsets(items[:i] + items[i + 1:], classes)
+            cm_loo.update(raw_argmax_mask(lg, classes, off_i, rgb=rgb, labels=a.astype(np.uint8)), gt)
+        val_scores[g] = {"in_sample": scorer.result(cm_in), "loo": scorer.result(cm_loo)}
     # -- test ------------------------------------------------------------------------------------
     t = res["test"]
     cms = {g: scorer.new() for g in GATINGS}
@@ -252,6 +277,7 @@ def score_run(run: Path, split_dir: Path, scorer: Scorer, slic_segments: int) ->
         lab["raw-cal-slic"].update(slic_vote(raw_argmax_mask(lg, classes, off, rgb=rgb, labels=labels), rgb, scorer.bg,
                                              slic_segments), gt)
     return {g: {"prob": scorer.result(cms[g]), "label": scorer.result(lab[g])} for g in GATINGS} | {
+        "val": val_scores,
         "calibration": {"prob_threshold": t_prob, "offsets": off.tolist(), "offsets_tta": off_tta.tolist(), "area_tau": best_tau,
         "offsets_prob_raw": off_pr.tolist(), "offsets_prob_raw_tta": off_pr_tta.tolist()}}
 
@@ -307,6 +333,43 @@ def table(results: dict, classes) -> str:
     return "\n".join(lines)
 
 
+VAL_RULES = ("prob-raw", "prob-raw-tta")
+
+
+def val_table(results: dict, classes) -> str:
+    """Validation mIoU (prob-gated) of the rules that calibrate on the validation images: in-sample
+    (the offsets scored on the images that chose them) and leave-one-image-out."""
+    t = classes.names[0]
+    lines = [f"| row | n | val mIoU (in-sample) | val mIoU (leave-one-out) | val {t} IoU (leave-one-out) |",
+             "|---|---|---|---|---|"]
+    for cfg_name, runs in results["runs"].items():
+        for g in VAL_RULES:
+            rows = [r["val"][g] for r in runs.values() if g in r.get("val", {})]
+            if rows:
+                lines.append(f"| {cfg_name} / {g} | {len(rows)} runs | {summarise([x['in_sample']['miou'] for x in rows])} | "
+                             f"{summarise([x['loo']['miou'] for x in rows])} | "
+                             f"{summarise([x['loo']['iou'].get(t) for x in rows])} |")
+    return "\n".join(lines)
+
+
+def time_inference(run: Path, split_dir: Path, repeats: int = 2) -> dict:
+    """Seconds per validation image of the raw CAM logits without and with the test-time
+    augmentation (``TTA``), best of ``repeats``, on this machine's torch threads."""
+    model, _, _ = load_run(run, "best")
+    images = [s.image() for s in load_dataset(split_dir).val]
+    out = {}
+    for name, kw in (("raw", {}), ("tta", TTA)):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for rgb in images:
+                logit_maps(model, rgb, **kw)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = best / len(images)
+    out["pixels"] = float(np.mean([im.shape[0] * im.shape[1] for im in images]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="demo-before,default", help=f"comma-separated, of {', '.join(CONFIGS)}")
@@ -318,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true", help="score only the runs already in --work")
     p.add_argument("--dataset", choices=("wsss4luad", "glas"), default="wsss4luad",
                    help="the shared WSSS4LUAD images, or GlaS test A (use its own --work)")
+    p.add_argument("--time-tta", action="store_true",
+                   help="also time the raw logits with and without test-time augmentation on the validation "
+                        "images of each configuration's first run")
     args = p.parse_args(argv)
     global DATASET
     DATASET = args.dataset
@@ -349,8 +415,18 @@ def main(argv: list[str] | None = None) -> int:
                 results_path.write_text(json.dumps(results, indent=1))
                 print(f"{name} split {split} seed {seed}: " + ", ".join(
                     f"{g} {r[g]['prob']['miou']:.3f}" for g in GATINGS), flush=True)
+        if args.time_tta:
+            first = work / "runs" / f"{name}-split{splits[0]}-seed{seeds[0]}"
+            if (first / "bench_train.json").is_file():
+                tt = time_inference(first, patch_set(work, patch, stride, splits[0]))
+                results.setdefault("inference_s", {})[name] = tt
+                results_path.write_text(json.dumps(results, indent=1))
+                print(f"{name}: raw {tt['raw']:.3f} s/image, TTA {tt['tta']:.3f} s/image "
+                      f"({tt['tta'] / tt['raw']:.1f}x), {tt['pixels'] / 1e6:.2f} Mpx per image", flush=True)
     print(f"\nmachine: {os.cpu_count()} CPU cores, torch threads {args.threads}, torch {torch.__version__}\n")
     print(table(results, classes))
+    print("\nValidation images (prob-gated, calibrated on them):\n")
+    print(val_table(results, classes))
     return 0
 
 

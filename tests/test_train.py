@@ -188,6 +188,41 @@ def test_seeded_runs_repeat_and_cancel_resume_matches(data, tmp_path):
     assert rows[1]["val_miou"] == pytest.approx(ref_rows[1]["val_miou"])
 
 
+def test_pda_starts_on_the_mlps_schedule_and_changes_the_forward_pass(data, tmp_path, monkeypatch):
+    """pda=True: off for the first 15 % of the run's steps, then MLPS's threshold (0.98 ** (20 x
+    share done)); at its first step the logits differ from the plain forward pass."""
+    from napari_histo_wsss.core.models.classifier import CAMClassifier
+
+    seen: list[float | None] = []
+    changed: list[bool] = []
+    original = CAMClassifier.forward_features
+
+    def spy(self, x, pda_threshold=None, embed=False):
+        out = original(self, x, pda_threshold, embed)
+        if self.training:
+            if pda_threshold is not None and not any(t is not None for t in seen):
+                with torch.no_grad():
+                    plain = original(self, x)["logits"]
+                changed.append(not torch.allclose(plain, out["logits"].detach(), rtol=1e-2, atol=0.0))
+            seen.append(pda_threshold)
+        return out
+
+    monkeypatch.setattr(CAMClassifier, "forward_features", spy)
+    cfg = tiny(method="cam", epochs=2, steps=10, max_steps_per_epoch=None, synth_share=0.0, pda=True)
+    events = run_all(data, tmp_path / "run", cfg)
+    assert events[-1].kind == "done"
+    assert seen[:2] == [None, None] and len(seen) == 10  # steps 0 and 1: 0 % and 10 % of the run
+    assert all(abs(t - 0.98 ** (20 * k / 10)) < 1e-9 for k, t in enumerate(seen) if k >= 2)
+    assert changed == [True]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pda_threshold"] for r in rows] == pytest.approx([0.98 ** 8, 0.98 ** 18])
+    monkeypatch.undo()
+    # off: no threshold anywhere
+    run_all(data, tmp_path / "off", dataclasses.replace(cfg, pda=False))
+    rows = [json.loads(line) for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pda_threshold"] for r in rows] == [None, None]
+
+
 def test_closing_the_generator_checkpoints_and_resume_adds_epochs(data, tmp_path):
     run = tmp_path / "run"
     gen = train_classifier(data, run, tiny(method="cam", epochs=1))

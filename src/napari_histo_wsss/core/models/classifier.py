@@ -14,10 +14,10 @@ Maps (:meth:`CAMClassifier.cams`), all per-class max-normalised to [0, 1] at inp
   for multi-layer pseudo-supervision.
 
 Training options the loop can switch on:
-  Progressive Dropout Attention (MLPS): ``forward(x, pda_threshold=t, labels=y)`` erases the
-  last-stage locations where a present class's normalised CAM exceeds ``t`` before pooling, so
-  the classifier must find evidence beyond the most discriminative spots (``t`` decays over
-  epochs, see :func:`pda_threshold_at`);
+  Progressive Dropout Attention (MLPS): ``forward(x, pda_threshold=t)`` weights the head's
+  input map, before pooling, by a soft attention made of every class's CAM with each class's
+  peaks (above ``t`` times its maximum) dropped, so the classifier must find evidence beyond the
+  most discriminative spots (``t`` decays over the run, see :func:`pda_threshold_at`);
   a PSCL-style projection head: :meth:`CAMClassifier.embed` maps features to L2-normalised
   embeddings for a supervised contrastive term.
 """
@@ -52,28 +52,42 @@ def normalize_cams(cams: Tensor) -> Tensor:
     return cams / peak.clamp_min(_EPS)
 
 
-def progressive_dropout_attention(features: Tensor, cam: Tensor, threshold: float, labels: Tensor | None = None) -> Tensor:
-    """Zero the feature locations whose normalised CAM exceeds ``threshold`` (MLPS PDA).
+def progressive_dropout_attention(features: Tensor, cam: Tensor, threshold: float) -> Tensor:
+    """MLPS Progressive Dropout Attention: ``features`` (B, D, h, w) times a soft attention map.
 
-    ``features`` (B, D, h, w), ``cam`` (B, C, h, w) the head applied to them, ``labels`` (B, C)
-    optional (multi-hot or soft): only classes present in the image (label > 0) can erase, so
-    the peaks of absent classes do not remove tissue. The mask carries no gradient. A threshold
-    >= 1 erases nothing.
+    ``cam`` (B, C, h, w) is the head applied to ``features``. For every class (all of them: MLPS
+    does not gate by the labels), the locations of its ReLU'd CAM above ``threshold`` times that
+    class's maximum in the image are dropped (set to 0) and the rest keep their CAM value; the
+    attention is the sum of these maps over the classes divided by the number of classes
+    (``tool/ADL_module.py`` of MLPS). Like MLPS, the attention is not detached: the gradient flows
+    through it into the head and the backbone. The attention replaces the features' scale by the
+    CAMs' (it is not a 0/1 mask), so it changes the logits at any threshold.
     """
-    with torch.no_grad():
-        norm = normalize_cams(F.relu(cam.detach().float()))
-        if labels is not None:
-            norm = norm * (labels.detach() > 0).to(norm.dtype)[:, :, None, None]
-        keep = norm.amax(dim=1, keepdim=True) <= threshold
-    return features * keep.to(features.dtype)
+    cams = F.relu(cam)
+    peak = cams.flatten(2).amax(dim=2)[:, :, None, None]
+    kept = torch.where(cams > peak * threshold, torch.zeros_like(cams), cams)
+    attention = kept.sum(dim=1, keepdim=True) / cams.shape[1]
+    return features * attention.to(features.dtype)
 
 
-def pda_threshold_at(epoch: int, start_epoch: int = 4, initial: float = 1.0, decay: float = 0.98) -> float | None:
-    """MLPS schedule: PDA off before ``start_epoch`` (``None``), then ``initial * decay**k`` in the
-    k-th epoch after it (0-based epochs)."""
-    if epoch < start_epoch:
+#: MLPS's schedule (``1_train_stage1.py``: 20 epochs, PDA from the fourth, i.e. ``ep > 2``, the
+#: threshold ``gama`` starting at 1 and multiplied by 0.98 after every epoch while above 0.65), in
+#: fractions of a run: one MLPS epoch is a twentieth of the run.
+PDA_REF_EPOCHS = 20
+PDA_START = 3 / PDA_REF_EPOCHS
+PDA_FLOOR = 0.65
+
+
+def pda_threshold_at(progress: float, start: float = PDA_START, decay: float = 0.98, initial: float = 1.0,
+                     ref_epochs: int = PDA_REF_EPOCHS, floor: float = PDA_FLOOR) -> float | None:
+    """MLPS schedule scaled to a run of any length: ``progress`` is the share of the run done
+    (0 at the first step, 1 at the end). PDA is off (``None``) before ``start``; from there the
+    threshold is ``initial * decay ** (progress * ref_epochs)``, never below ``floor`` (MLPS: 0.94
+    in its fourth of 20 epochs, about 0.67 in its last). It decays per step, smoothly, rather than
+    per epoch, so short runs of few epochs follow the same curve."""
+    if progress < start:
         return None
-    return float(initial * decay ** (epoch - start_epoch))
+    return float(max(floor, initial * decay ** (progress * ref_epochs)))
 
 
 class CAMClassifier(nn.Module):
@@ -154,11 +168,11 @@ class CAMClassifier(nn.Module):
         return torch.cat([up, low], dim=1)
 
     # -- training-time computation ---------------------------------------------------------
-    def forward_features(self, x: Tensor, pda_threshold: float | None = None, labels: Tensor | None = None,
-                         embed: bool = False) -> dict:
-        """One pass: ``logits`` (B, C), ``cam`` (B, C, h, w) = head on the last feature map (raw,
+    def forward_features(self, x: Tensor, pda_threshold: float | None = None, embed: bool = False) -> dict:
+        """One pass: ``logits`` (B, C), ``cam`` (B, C, h, w) = head on its input map (raw,
         before ReLU), ``features`` (the backbone's four maps). With ``pda_threshold`` the logits
-        come from the last map after :func:`progressive_dropout_attention` (``cam`` does not).
+        come from the head's input map weighted by :func:`progressive_dropout_attention` (``cam``
+        does not).
         ``embed=True`` adds ``embedding`` (:meth:`embed` of the last map) computed in the same
         call, so that data-parallel training synchronises the projector's gradients too."""
         feats = self.backbone(x)
@@ -167,16 +181,16 @@ class CAMClassifier(nn.Module):
         if pda_threshold is None:
             logits = cam.mean(dim=(2, 3))
         else:
-            erased = progressive_dropout_attention(fmap, cam, pda_threshold, labels)
+            erased = progressive_dropout_attention(fmap, cam, pda_threshold)
             logits = self.head(erased.mean(dim=(2, 3), keepdim=True)).flatten(1)
         out = {"logits": logits, "cam": cam, "features": feats}
         if embed:
             out["embedding"] = self.embed(feats)
         return out
 
-    def forward(self, x: Tensor, pda_threshold: float | None = None, labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, pda_threshold: float | None = None) -> Tensor:
         """Logits (B, C) for the multi-label soft-margin loss."""
-        return self.forward_features(x, pda_threshold, labels)["logits"]
+        return self.forward_features(x, pda_threshold)["logits"]
 
     def embed(self, features: Tensor | Sequence[Tensor]) -> Tensor:
         """Projection for a supervised contrastive (PSCL) term: the last feature map (or a map

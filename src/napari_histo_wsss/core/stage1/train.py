@@ -82,7 +82,7 @@ from napari_histo_wsss.core.engine import (  # noqa: F401 - build_optimizer, lr_
 from napari_histo_wsss.core.errors import DatasetError, HistoWSSSError, TrainingError
 from napari_histo_wsss.core.models import CAMClassifier, check_classes, load_model
 from napari_histo_wsss.core.models.backbones import OUTPUT_STRIDES
-from napari_histo_wsss.core.models.classifier import CAM_MODES, HEADS, normalize_cams, pda_threshold_at
+from napari_histo_wsss.core.models.classifier import CAM_MODES, HEADS, PDA_START, normalize_cams, pda_threshold_at
 from napari_histo_wsss.core.progress import EVENT_KINDS, ProgressEvent  # noqa: F401 - re-exported: older imports read them here
 from napari_histo_wsss.core.runs import checkpoint_file, read_metrics
 from napari_histo_wsss.core.settings import Settings, positive_sum, setting
@@ -142,8 +142,10 @@ class TrainConfig(Settings):
     of the feature stride), ``segmix_shares``, ``segmix_warmup`` unshuffled epochs,
     ``segmix_decay`` of the threshold, ``segmix_schedule`` ``"time"``/``"feedback"``, ``segmix_targets``
     ``"area"``/``"union"``);
-    ``pda`` (MLPS Progressive Dropout Attention from ``pda_start_epoch``, threshold decaying by
-    ``pda_decay`` per epoch); ``pscl`` (supervised contrastive term on last-stage features
+    ``pda`` (MLPS Progressive Dropout Attention on MLPS's schedule scaled to the run: from the
+    share ``pda_start`` of the run, or from epoch ``pda_start_epoch`` when set, the threshold
+    ``pda_decay ** (20 x share done)``, floor 0.65: 0.94 at 15 % of the run, see
+    :func:`~.models.classifier.pda_threshold_at`); ``pscl`` (supervised contrastive term on last-stage features
     labelled by their gated CAM argmax, weight ``pscl_weight``, temperature ``pscl_temperature``,
     pixels whose normalised CAM is below ``pscl_min_score`` left out).
     Synthesis (issue 10, :mod:`~.stage1.synthesis`): ``synth_share`` of each batch is replaced by
@@ -224,10 +226,15 @@ class TrainConfig(Settings):
                                   help="labels of a shuffled image: area (soft, by tile area) or union (of the sources)")
     pda: bool = setting(False, group=_EXTRA, label="Progressive Dropout Attention (MLPS)",
                         help="MLPS Progressive Dropout Attention")
-    pda_start_epoch: int = setting(4, range=(0, None), group=_EXTRA, label="PDA start epoch",
-                                   help="first epoch (0-based) of Progressive Dropout Attention")
+    pda_start: float = setting(PDA_START, range=(0, 1), group=_EXTRA, label="PDA start (share of run)",
+                               help="share of the run after which Progressive Dropout Attention is on "
+                                    "(MLPS: its 4th of 20 epochs = 0.15)")
+    pda_start_epoch: int | None = setting(None, range=(0, None), none="share", gui=False, group=_EXTRA,
+                                          label="PDA start epoch",
+                                          help="first epoch (0-based) of Progressive Dropout Attention "
+                                               "(default: from pda_start)")
     pda_decay: float = setting(0.98, range=(0, 1), open="lo", group=_EXTRA, label="PDA decay",
-                               help="decay per epoch of the attention threshold")
+                               help="decay of the attention threshold per twentieth of the run (one MLPS epoch)")
     pscl: bool = setting(False, group=_EXTRA, label="Contrastive term (PSCL)",
                          help="PSCL-style supervised contrastive term")
     pscl_weight: float = setting(0.1, range=(0, None), group=_EXTRA, label="PSCL weight",
@@ -735,7 +742,7 @@ class ClassifierTask(TrainingTask):
     def batches(self, ctx: RunContext, epoch: int, first: int) -> Iterable[Any]:
         cfg = self.cfg
         self.level = self.sched.current() if self.sched is not None else None
-        self.pda_t = pda_threshold_at(epoch, cfg.pda_start_epoch, 1.0, cfg.pda_decay) if cfg.pda else None
+        self.pda_t = None  # the threshold of the epoch's last step so far (metrics.jsonl)
         self.train_ds.epoch = epoch
         bs = self.real_bs  # the rest of each batch is synthetic (loss)
         if cfg.steps is not None:
@@ -757,8 +764,10 @@ class ClassifierTask(TrainingTask):
             sx, sy, masks = self.synth.batch(self.n_synth, _item_seed(cfg.seed + rank, epoch, 3_000_000 + step))
             x, y = torch.cat([x, sx]), torch.cat([y, sy])
         x, y = x.to(ctx.device, non_blocking=ctx.pin), y.to(ctx.device, non_blocking=ctx.pin)
+        if cfg.pda:
+            self.pda_t = self.pda_threshold(epoch, step)
         with ctx.autocast():
-            out = net(x, pda_threshold=self.pda_t, labels=y, embed=cfg.pscl)
+            out = net(x, pda_threshold=self.pda_t, embed=cfg.pscl)
             loss = F.multilabel_soft_margin_loss(out["logits"].float(), y)
             if masks is not None and cfg.synth_pixel_weight > 0:
                 loss = loss + cfg.synth_pixel_weight * pixel_loss(out["cam"][n_real:], masks.to(ctx.device))
@@ -770,6 +779,16 @@ class ClassifierTask(TrainingTask):
                 loss = loss + cfg.pscl_weight * supcon_loss(
                     out["embedding"], cam, y, cfg.pscl_temperature, cfg.pscl_min_score, generator=g_pix)
         return loss, x.shape[0]
+
+    def pda_threshold(self, epoch: int, step: int) -> float | None:
+        """The PDA threshold of step ``step`` of ``epoch`` (0-based): MLPS's schedule over the
+        share of the run done (``None``: off before ``pda_start``, or before ``pda_start_epoch``
+        when that is set)."""
+        cfg = self.cfg
+        progress = (epoch * self.steps + step) / max(cfg.epochs * self.steps, 1)
+        if cfg.pda_start_epoch is not None:
+            return pda_threshold_at(progress, start=0.0, decay=cfg.pda_decay) if epoch >= cfg.pda_start_epoch else None
+        return pda_threshold_at(progress, start=cfg.pda_start, decay=cfg.pda_decay)
 
     def validate(self, ctx: RunContext, model: torch.nn.Module) -> dict | None:
         if self.feedback == "miou" or self.val_masks:
