@@ -349,6 +349,14 @@ def val_table(results: dict, classes) -> str:
                 lines.append(f"| {cfg_name} / {g} | {len(rows)} runs | {summarise([x['in_sample']['miou'] for x in rows])} | "
                              f"{summarise([x['loo']['miou'] for x in rows])} | "
                              f"{summarise([x['loo']['iou'].get(t) for x in rows])} |")
+        pairs = [r for r in runs.values() if all(g in r.get("val", {}) for g in VAL_RULES)]
+        if pairs:  # run for run: what test-time augmentation adds on the validation and the test images
+            a, b = VAL_RULES
+            d_in = [r["val"][b]["in_sample"]["miou"] - r["val"][a]["in_sample"]["miou"] for r in pairs]
+            d_loo = [r["val"][b]["loo"]["miou"] - r["val"][a]["loo"]["miou"] for r in pairs]
+            d_test = [r[b]["prob"]["miou"] - r[a]["prob"]["miou"] for r in pairs]
+            lines.append(f"| {cfg_name} / {b} minus {a}, run for run | {len(pairs)} runs | {summarise(d_in)} | "
+                         f"{summarise(d_loo)} | test: {summarise(d_test)} |")
     return "\n".join(lines)
 
 
