@@ -360,6 +360,31 @@ def val_table(results: dict, classes) -> str:
     return "\n".join(lines)
 
 
+def paired_table(results: dict, classes, base: str, rule: str = "prob-raw") -> str:
+    """Each configuration minus ``base``, run for run (same split and seed), under ``rule``: on the
+    validation images (in-sample and leave-one-out) and on the test images; ``better`` counts the
+    runs above the base on the test images."""
+    t = classes.names[0]
+    ref = results["runs"].get(base, {})
+    lines = [f"| {rule}: row minus {base} | n | val mIoU (in-sample) | val mIoU (leave-one-out) | test prob-gated mIoU "
+             f"| test label-gated mIoU | test {t} IoU | runs better on test |", "|---|---|---|---|---|---|---|---|"]
+    for cfg_name, runs in results["runs"].items():
+        keys = [k for k in runs if k in ref and cfg_name != base and rule in runs[k].get("val", {})
+                and rule in ref[k].get("val", {})]
+        if not keys:
+            continue
+
+        def d(get, keys=keys, runs=runs):
+            return [get(runs[k]) - get(ref[k]) for k in keys]
+        test = d(lambda r: r[rule]["prob"]["miou"])
+        tumour = d(lambda r: r[rule]["prob"]["iou"].get(t) or 0.0)
+        lines.append(f"| {cfg_name} | {len(keys)} runs | {summarise(d(lambda r: r['val'][rule]['in_sample']['miou']))} | "
+                     f"{summarise(d(lambda r: r['val'][rule]['loo']['miou']))} | {summarise(test)} | "
+                     f"{summarise(d(lambda r: r[rule]['label']['miou']))} | {summarise(tumour)} | "
+                     f"{sum(x > 0 for x in test)} of {len(test)} |")
+    return "\n".join(lines)
+
+
 def time_inference(run: Path, split_dir: Path, repeats: int = 2) -> dict:
     """Seconds per validation image of the raw CAM logits without and with the test-time
     augmentation (``TTA``), best of ``repeats``, on this machine's torch threads."""
@@ -389,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true", help="score only the runs already in --work")
     p.add_argument("--dataset", choices=("wsss4luad", "glas"), default="wsss4luad",
                    help="the shared WSSS4LUAD images, or GlaS test A (use its own --work)")
+    p.add_argument("--paired-against", default="", metavar="CONFIG",
+                   help="also print every configuration minus this one, run for run (prob-raw and prob-raw-tta)")
     p.add_argument("--time-tta", action="store_true",
                    help="also time the raw logits with and without test-time augmentation on the validation "
                         "images of each configuration's first run")
@@ -435,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, classes))
     print("\nValidation images (prob-gated, calibrated on them):\n")
     print(val_table(results, classes))
+    if args.paired_against:
+        for rule in VAL_RULES:
+            print(f"\nRun for run against {args.paired_against} ({rule}):\n")
+            print(paired_table(results, classes, args.paired_against, rule))
     return 0
 
 
