@@ -86,19 +86,22 @@ def test_whole_flow_on_real_slide(make_napari_viewer, qtbot, tmp_path, cmu_svs):
                     timeout=WAIT_MS)
     assert "ready" in rv.status.text(), rv.status.text()
     classes = project.classes
-    # the review view: CAMs hidden (one click away), translucent, the class hue, zero off the tissue
+    # the review view: CAMs hidden (one click away, made only then: adding a napari layer holds
+    # the GUI thread), translucent, the class hue, zero off the tissue
     tissue = rv.canvas.tissue
     assert not tissue.all() and tissue.any()
+    assert not any(layer.name.startswith("CAM ") for layer in viewer.layers)
+    rv.show_cams.setChecked(True)
     for i, c in enumerate(classes.classes):
         layer = viewer.layers[f"CAM {c.name}"]
-        assert layer.blending == "translucent" and not layer.visible
+        assert layer.blending == "translucent" and layer.visible
         assert tuple(layer.contrast_limits) == pytest.approx((0.0, float(rv.canvas.peaks()[i])))
         colors = layer.colormap.colors
         assert colors[0][3] == 0 and colors[-1][3] == 1  # alpha grows with the score
         assert layer.data.shape == plan.shape and layer.data.min() >= 0 and (layer.data[~tissue] == 0).all()
-    rv.show_cams.setChecked(True)
-    assert all(viewer.layers[f"CAM {c.name}"].visible for c in classes.classes)
+        assert np.shares_memory(layer.data, rv.canvas.cams[i])
     rv.show_cams.setChecked(False)
+    assert not any(viewer.layers[f"CAM {c.name}"].visible for c in classes.classes)
     pm = viewer.layers["pseudo-mask"]
     assert pm.data.shape == plan.shape
     for i, c in enumerate(classes.classes):
@@ -114,10 +117,12 @@ def test_whole_flow_on_real_slide(make_napari_viewer, qtbot, tmp_path, cmu_svs):
     # mask, or white) is background
     glass = outside_canvas(rv.canvas, rv.white_level)
     assert glass[~tissue].all() and (pm.data[glass] == bg_value).all() and not (pm.data[~glass] == bg_value).any()
-    # layer order: slide, CAMs, pseudo-mask, reviewed outline; the pseudo-mask is the active layer
+    # layer order: slide, CAMs, pseudo-mask on top (the reviewed outline comes with the first
+    # mark); the pseudo-mask is the active layer
     names = [layer.name for layer in viewer.layers]
     assert names.index("pseudo-mask") > max(names.index(f"CAM {c.name}") for c in classes.classes)
-    assert names[-1] == "reviewed" and viewer.layers.selection.active is pm or viewer.layers.selection.active.name == "pseudo-mask"
+    assert names[-1] == "pseudo-mask" and "reviewed" not in names
+    assert viewer.layers.selection.active is pm or viewer.layers.selection.active.name == "pseudo-mask"
     # the "Review view" button puts a scrambled view back
     pm.opacity, pm.visible = 1.0, False
     viewer.layers.move(viewer.layers.index(pm), 0)
@@ -182,6 +187,7 @@ def test_whole_flow_on_real_slide(make_napari_viewer, qtbot, tmp_path, cmu_svs):
     # mark reviewed, then undo the paint stroke: the flag clears
     frac = rv.mark_reviewed((0, 0, plan.shape[0] // 2, plan.shape[1]))
     assert 0 < frac < 1
+    assert viewer.layers[-1].name == "reviewed" and viewer.layers["reviewed"].data[0, 0] == 1
     rv.undo()
     assert pm.data[r, c] == rv.edits.auto[r, c] + 1
     rv.save()
@@ -192,8 +198,11 @@ def test_whole_flow_on_real_slide(make_napari_viewer, qtbot, tmp_path, cmu_svs):
     k = (int(rv.edits.auto[r, c]) + 1) % classes.num_classes
     pm.paint((r, c), k + 1)
     rv.save()
+    layers_before = list(viewer.layers)
     rv.load()
-    pm = viewer.layers["pseudo-mask"]
+    # the same layers show the loaded canvas (layers are refilled in place, never removed and re-added)
+    assert list(viewer.layers) == layers_before and viewer.layers["pseudo-mask"] is pm
+    assert np.shares_memory(pm.data, rv.edits.data) and viewer.layers["reviewed"].data[0, 0] == 1
     assert pm.data[r, c] == k + 1 and rv.edits.flag()[r, c]
 
     # -- export in all formats and read back ----------------------------------------------------

@@ -12,14 +12,20 @@ finished tile is shown at once.
 Layers (all placed over the slide with :meth:`Session.overlay_transform`), in the review view
 (:meth:`ReviewWidget.review_view`, also the "Review view" button):
 
-* ``CAM <class>`` - one Image layer per class (hidden until "Show CAM layers"), zero off the
+* ``CAM <class>`` - one Image layer per class, made when "Show CAM layers" is ticked, zero off the
   tissue, translucent: the class hue with an opacity that grows with the score
   (:func:`cam_colormap`), each class scaled by its strongest score on the slide;
 * ``pseudo-mask`` - a Labels layer holding ``class index + 1`` (0 = unlabelled) as a light fill:
   class colours, background (glass) transparent, uncertain tissue
   (:func:`core.review.uncertain_index`) in its own dark shade; the class names as features; it is
   the layer the pathologist edits with napari's brush, fill and eraser, number keys pick the class;
-* ``reviewed`` - the outline of the regions marked reviewed.
+* ``reviewed`` - the outline of the regions marked reviewed (made once something is marked).
+
+Adding or removing a napari layer costs 0.15-0.35 s of GUI thread (napari's own scene-graph work
+and garbage collection), so Compute never removes layers: a recompute puts the new canvas into
+the existing layers in place, a first Compute adds the missing layers one per event-loop turn after
+the job has started, and layers nobody looks at (hidden CAMs, an empty reviewed outline) are not
+made at all.
 
 Sliders (CAM threshold, gating probability, white-background grey level) recompute the slide's
 automatic mask off the GUI thread (:func:`core.review.pseudo_updates`, per-slide scores cached) and
@@ -156,6 +162,7 @@ class ReviewWidget(Panel):
         self.edits: Corrections | None = None
         self.mask_layer: Any = None
         self.cam_layers: dict[int, Any] = {}
+        self._pending_layers: list[tuple[str, int]] = []  # layers still to add, one per event-loop turn
         self._slide_id: str | None = None
         self._dirty = False
         self._last_refresh = 0.0
@@ -383,7 +390,8 @@ class ReviewWidget(Panel):
             return  # the user moved on, or is computing new CAMs
         self._show_saved(sid, canvas, edits, f"restored the saved CAMs and corrections of {sid}")
 
-    def _clear(self) -> None:
+    def _reset(self) -> None:
+        """Forget the shown canvas and its corrections (the layers stay, to be refilled)."""
         if self.pseudo_task.running:
             self.pseudo_task.cancel()
             self.pseudo_task.wait(10)
@@ -392,6 +400,11 @@ class ReviewWidget(Panel):
         self._index = None
         self._shown_threshold = None
         self._dirty = False
+        self._pending_layers = []
+
+    def _clear(self) -> None:
+        """Forget the canvas and remove its layers (another slide or project is shown)."""
+        self._reset()
         for name in [PSEUDO_LAYER, REVIEWED_LAYER] + [lyr.name for lyr in self.viewer.layers if lyr.name.startswith(CAM_PREFIX)]:
             layer = self.session.layer(name)
             if layer is not None:
@@ -456,7 +469,7 @@ class ReviewWidget(Panel):
         return plan
 
     def _start_canvas(self, project: Any, plan: CamPlan) -> None:
-        self._clear()
+        self._reset()
         self._slide_id = sid = self.session.slide_id
         c = project.classes.num_classes
         self.canvas = CamCanvas.empty(c, plan.shape, plan.tile, plan.downsample,
@@ -466,7 +479,7 @@ class ReviewWidget(Panel):
         except HistoWSSSError as e:
             self.say(f"the saved corrections of {sid} cannot be read ({e}); starting without them")
             self.edits = Corrections(np.full(plan.shape, project.classes.background_index, dtype=np.uint8), c)
-        self.show_layers()
+        self.show_layers(defer=True)  # the job starts first; missing layers follow, one per event-loop turn
 
     def _on_tile(self, ev: Any) -> None:
         if getattr(ev, "kind", "") == "start" and "gating" in (ev.metrics or {}):
@@ -504,45 +517,104 @@ class ReviewWidget(Panel):
             self.say(f"CAM computation cancelled after {n} tiles; those are shown and saved")
 
     # -- layers --------------------------------------------------------------------------------
-    def show_layers(self) -> None:
-        """(Re-)add the CAM image layers, the pseudo-mask Labels layer and the reviewed outline,
-        in the review view (:meth:`review_view`)."""
+    def show_layers(self, defer: bool = False) -> None:
+        """Show the canvas: the pseudo-mask Labels layer, the CAM image layers (when "Show CAM
+        layers" is ticked) and the reviewed outline (once something is marked), in the review view
+        (:meth:`review_view`). Existing layers get the new data in place; missing ones are added
+        now, or with ``defer`` one per event-loop turn (so that Compute returns at once)."""
         project = self.session.require_project()
         if self.canvas is None or self.edits is None:
             raise GuiError("no CAMs yet: press 'Compute CAMs' (or 'Load saved')")
-        tf = self.session.overlay_transform(self.canvas.downsample)
-        peaks = self.canvas.peaks()
-        for i, cdef in enumerate(project.classes.classes):
-            layer = self.session.replace_layer(
-                f"{CAM_PREFIX}{cdef.name}", self.viewer.add_image, data=self.canvas.cams[i],
-                colormap=cam_colormap(cdef.color, cdef.name), blending="translucent",
-                contrast_limits=(0.0, max(float(peaks[i]), 1e-6)), opacity=CAM_OPACITY,
-                visible=self.show_cams.isChecked(), **tf,
-            )
-            layer.metadata["histo_wsss"] = "cam"
-            self.cam_layers[i] = layer
-        names = ["unlabelled"] + project.classes.names + ["background / exclude", "uncertain"]
-        layer = self.session.replace_layer(
-            PSEUDO_LAYER, self.viewer.add_labels, data=self.edits.data,
-            colormap=label_colormap(pseudo_colormap(project.classes)), opacity=PSEUDO_OPACITY,
-            features={"index": np.arange(len(names)), "class": names}, **tf,
-        )
-        layer.metadata["histo_wsss"] = "pseudo-mask"
-        layer.metadata["same_as"] = {uncertain_index(project.classes) + 1: project.classes.background_index + 1}
-        layer.events.paint.connect(self._on_paint)
-        layer.bind_key("Control-Z", lambda _l: self.undo(), overwrite=True)
-        for key in range(1, min(project.classes.num_classes + 1, 9) + 1):  # the classes, then background
-            layer.bind_key(str(key), self._key_paint_class(key - 1), overwrite=True)
-        self.mask_layer = layer
-        layer = self.session.replace_layer(
-            REVIEWED_LAYER, self.viewer.add_labels, data=self.edits.reviewed.view(np.uint8),
-            colormap=label_colormap({1: _REVIEWED_RGBA}), opacity=0.9, **tf,
-        )
-        layer.contour = 2
-        layer.editable = False
+        # CAM layers when shown (or made before: they get the new canvas too), the outline once
+        # anything is reviewed (or made before)
+        wanted = [("cam", i) for i in range(project.classes.num_classes)
+                  if self.show_cams.isChecked() or i in self.cam_layers]
+        wanted.append(("pseudo", 0))
+        if self.edits.reviewed.any() or self.session.layer(REVIEWED_LAYER) is not None:
+            wanted.append(("reviewed", 0))
+        self._pending_layers = [w for w in wanted if not self._put_layer(*w, create=False)]
+        if defer and self._pending_layers:
+            QTimer.singleShot(0, self._add_pending_layer)
+            self._update_stats()
+            return
+        while self._pending_layers:
+            self._put_layer(*self._pending_layers.pop(0), create=True)
+        self._on_layers_ready()
+
+    def _add_pending_layer(self) -> None:
+        """Add one missing layer of the shown canvas (one event-loop turn each)."""
+        if not self._pending_layers or self.canvas is None or self.edits is None:
+            return
+        self._put_layer(*self._pending_layers.pop(0), create=True)
+        if self._pending_layers:
+            QTimer.singleShot(0, self._add_pending_layer)
+        else:
+            self._on_layers_ready()
+
+    def _on_layers_ready(self) -> None:
         self._on_paint_class(self.paint_class.currentIndex())
         self.review_view()
         self._update_stats()
+
+    def _put_layer(self, kind: str, i: int, create: bool) -> bool:
+        """Put the canvas into the ``kind`` layer ("cam" of class ``i``, "pseudo" or "reviewed"):
+        in place when the layer exists (True), else add it if ``create`` (True) or not (False)."""
+        project = self.session.require_project()
+        tf = self.session.overlay_transform(self.canvas.downsample)
+        if kind == "cam":
+            cdef = project.classes.classes[i]
+            name, data = f"{CAM_PREFIX}{cdef.name}", self.canvas.cams[i]
+            props = dict(contrast_limits=(0.0, max(float(self.canvas.peaks()[i]), 1e-6)))
+        elif kind == "pseudo":
+            name, data, props = PSEUDO_LAYER, self.edits.data, {}
+        else:
+            name, data, props = REVIEWED_LAYER, self.edits.reviewed.view(np.uint8), {}
+        layer = self.session.layer(name)
+        if layer is not None:
+            layer.data = data
+            layer.scale, layer.translate = tf["scale"], tf["translate"]
+            for key, value in props.items():
+                setattr(layer, key, value)
+        elif not create:
+            return False
+        elif kind == "cam":
+            layer = self.viewer.add_image(
+                data, name=name, colormap=cam_colormap(cdef.color, cdef.name), blending="translucent",
+                opacity=CAM_OPACITY, visible=self.show_cams.isChecked(), **props, **tf)
+            layer.metadata["histo_wsss"] = "cam"
+        elif kind == "pseudo":
+            names = ["unlabelled"] + project.classes.names + ["background / exclude", "uncertain"]
+            layer = self.viewer.add_labels(
+                data, name=name, colormap=label_colormap(pseudo_colormap(project.classes)), opacity=PSEUDO_OPACITY,
+                features={"index": np.arange(len(names)), "class": names}, **tf)
+            layer.metadata["histo_wsss"] = "pseudo-mask"
+            layer.metadata["same_as"] = {uncertain_index(project.classes) + 1: project.classes.background_index + 1}
+            layer.events.paint.connect(self._on_paint)
+            layer.bind_key("Control-Z", lambda _l: self.undo(), overwrite=True)
+            for key in range(1, min(project.classes.num_classes + 1, 9) + 1):  # the classes, then background
+                layer.bind_key(str(key), self._key_paint_class(key - 1), overwrite=True)
+        else:
+            layer = self.viewer.add_labels(data, name=name, colormap=label_colormap({1: _REVIEWED_RGBA}), opacity=0.9, **tf)
+            layer.contour = 2
+            layer.editable = False
+        if kind == "cam":
+            self.cam_layers[i] = layer
+        elif kind == "pseudo":
+            self.mask_layer = layer
+        return True
+
+    def _order_layers(self) -> None:
+        """CAMs, then the pseudo-mask, then the reviewed outline on top of everything else."""
+        order = list(self.cam_layers.values())
+        for name in (PSEUDO_LAYER, REVIEWED_LAYER):
+            layer = self.session.layer(name)
+            if layer is not None:
+                order.append(layer)
+        n = len(self.viewer.layers)
+        if [lyr for lyr in self.viewer.layers][n - len(order):] == order:
+            return  # already so: moving layers is not free
+        for layer in order:  # each to the top in turn
+            self.viewer.layers.move(self.viewer.layers.index(layer), n)
 
     def review_view(self) -> None:
         """The one-click review view: the slide as it is, the CAM layers (if shown) above it, the
@@ -556,13 +628,7 @@ class ReviewWidget(Panel):
             layer = self.session.layer(name)
             if layer is not None:
                 layer.visible = False
-        order = list(self.cam_layers.values())
-        for name in (PSEUDO_LAYER, REVIEWED_LAYER):
-            layer = self.session.layer(name)
-            if layer is not None:
-                order.append(layer)
-        for layer in order:  # each to the top in turn: CAMs, pseudo-mask, reviewed outline
-            self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
+        self._order_layers()
         for layer in self.cam_layers.values():
             layer.visible = self.show_cams.isChecked()
             layer.opacity = CAM_OPACITY
@@ -597,6 +663,14 @@ class ReviewWidget(Panel):
         self.say("layers shown")
 
     def _on_show_cams(self, on: bool) -> None:
+        if on and self.canvas is not None and self.edits is not None and self.session.project is not None:
+            active = self.viewer.layers.selection.active  # a new layer becomes active: keep the user's
+            for i in range(self.session.project.classes.num_classes):
+                if i not in self.cam_layers:
+                    self._put_layer("cam", i, create=True)
+            self._order_layers()
+            if active is not None and active in self.viewer.layers:
+                self.viewer.layers.selection.active = active
         for layer in self.cam_layers.values():
             layer.visible = on
 
@@ -731,6 +805,12 @@ class ReviewWidget(Panel):
         layer = self.session.layer(REVIEWED_LAYER)
         if layer is not None:
             layer.refresh()
+        elif self.mask_layer is not None:  # the first mark: its outline layer goes on top
+            active = self.viewer.layers.selection.active
+            self._put_layer("reviewed", 0, create=True)
+            self._order_layers()
+            if active is not None and active in self.viewer.layers:
+                self.viewer.layers.selection.active = active
         self._mark_dirty()
         self._update_stats()
         return self.reviewed_fraction()
@@ -859,7 +939,7 @@ class ReviewWidget(Panel):
         self._show_saved(sid, canvas, edits, f"loaded the saved CAMs and corrections of {sid}")
 
     def _show_saved(self, sid: str, canvas: CamCanvas, edits: Corrections, message: str) -> None:
-        self._clear()
+        self._reset()
         self._slide_id = sid
         self.canvas = canvas
         self.edits = edits
