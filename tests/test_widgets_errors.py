@@ -148,6 +148,20 @@ def test_bad_input_gives_messages_not_tracebacks(make_napari_viewer, qtbot, tmp_
     assert "output folder" in ex.status.text()
 
 
+def _project_panel_with_grid(make_napari_viewer, qtbot, tmp_path, slide, patch_size: int, mpp: float):
+    """The Project panel of a real viewer: a new project with these patch settings, the slide
+    added through the plugin's reader and its grid laid."""
+    _viewer, w = open_panels(make_napari_viewer)
+    proj = w["Project"]
+    proj.patch_size.setValue(patch_size)
+    proj.target_mpp.setValue(mpp)
+    proj.create_project(tmp_path / "case.wsss")
+    proj.add_slide_file(slide)
+    proj.detect_grid()
+    qtbot.waitUntil(lambda: proj.session.grid is not None, timeout=WAIT_MS)
+    return proj
+
+
 def test_resolution_the_slide_cannot_honour_is_said(make_napari_viewer, qtbot, tmp_path, wsss4luad_dir):
     """A slide without a pixel size (a TIFF of a real H&E image, no resolution tags) in a project
     whose Resolution is 1 µm/px: the grid is laid at level 0 and the panel says that Resolution was
@@ -159,14 +173,20 @@ def test_resolution_the_slide_cannot_honour_is_said(make_napari_viewer, qtbot, t
     slide = tmp_path / "no-pixel-size.tif"
     tifffile.imwrite(slide, np.asarray(Image.open(wsss4luad_dir / "val" / "img" / "02.png").convert("RGB")),
                      photometric="rgb")
-    viewer, w = open_panels(make_napari_viewer)
-    proj = w["Project"]
-    proj.patch_size.setValue(64)
-    proj.target_mpp.setValue(1.0)
-    proj.create_project(tmp_path / "case.wsss")
-    proj.add_slide_file(slide)
-    proj.detect_grid()
-    qtbot.waitUntil(lambda: proj.session.grid is not None, timeout=WAIT_MS)
+    proj = _project_panel_with_grid(make_napari_viewer, qtbot, tmp_path, slide, 64, 1.0)
     text = proj.status.text()
     assert "does not state its pixel size" in text and "ignored" in text and "level 0" in text, text
     assert proj.session.grid.size0 == 64
+
+
+def test_a_grid_with_few_patches_says_so_and_offers_a_finer_one(make_napari_viewer, qtbot, tmp_path, cmu_svs):
+    """The panel's default grid (224-px patches at 1 um/px) gives the bundled slide 10 patches: the
+    panel warns and names a patch size that gives enough; applying it lays that many."""
+    proj = _project_panel_with_grid(make_napari_viewer, qtbot, tmp_path, cmu_svs, 224, 1.0)
+    text = proj.status.text()
+    assert f"{len(proj.session.grid)} tissue patches" in text and "-px patches would give" in text, text
+    size, n = text.split("; ")[-1].split("-px patches would give ")
+    proj.patch_size.setValue(int(size))
+    proj.apply_settings()
+    qtbot.waitUntil(lambda: proj.session.grid is not None, timeout=WAIT_MS)
+    assert len(proj.session.grid) == int(n.split(":")[0]) and "would give" not in proj.status.text()

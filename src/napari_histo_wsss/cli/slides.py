@@ -142,9 +142,15 @@ def run_info(args: argparse.Namespace) -> int:
     from napari_histo_wsss.core.slides.slide import open_slide
 
     _check_options(args)
+    from napari_histo_wsss.core.slides.grid import FEW_PATCHES, finer_patch_size
+
     with open_slide(args.slide) as slide:
         tissue, grid = _tissue_and_grid(slide, args)
         facts = slide_info(slide, tissue, grid)
+        finer = None
+        if 0 < len(grid) < FEW_PATCHES and args.level is None and args.stride is None:
+            finer = finer_patch_size(slide, tissue, args.patch_size, args.target_mpp, args.min_tissue)
+            facts["grid"]["finer"] = {"patch_size": finer[0], "patches": finer[1]} if finer else None
     if args.json:
         print(json.dumps(facts))
         return 0
@@ -161,6 +167,9 @@ def run_info(args: argparse.Namespace) -> int:
     g = facts["grid"]
     res = f" ~ {g['mpp']:.3f} um/px" if g["mpp"] else ""
     print(f"  patches: {g['patches']} of {g['patch_size']} px ({g['size0']} px at level 0{res}) with >= {100 * args.min_tissue:g}% tissue")
+    if 0 < g["patches"] < FEW_PATCHES:
+        print(f"  few patches to label several per class (from {FEW_PATCHES} on)"
+              + (f": --patch-size {finer[0]} gives {finer[1]}" if finer else ""))
     return 0
 
 

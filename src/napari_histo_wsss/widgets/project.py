@@ -434,9 +434,18 @@ class ProjectWidget(Panel):
             self.say("the patch grid is being laid; it shows when ready")
             return
 
+        slide = self.session.slide
+
         def job(should_stop: Any) -> Iterator[Any]:
+            from napari_histo_wsss.core.slides.grid import FEW_PATCHES, finer_patch_size
+
             grid = project.grid(sid)
-            yield ("grid", sid, grid, project.tissue(sid))
+            tissue = project.tissue(sid)
+            finer = None
+            if 0 < len(grid) < FEW_PATCHES and slide is not None:  # a small region: offer a finer grid
+                st = project.settings
+                finer = finer_patch_size(slide, tissue, grid.patch_size, st.get("target_mpp"), float(st["min_tissue"]))
+            yield ("grid", sid, grid, tissue, finer)
 
         self.grid_btn.setEnabled(False)
         self.say("detecting tissue and laying the patch grid...")
@@ -445,7 +454,9 @@ class ProjectWidget(Panel):
     def _on_grid_event(self, item: Any) -> None:
         if not (isinstance(item, tuple) and item and item[0] == "grid"):
             return
-        _, sid, grid, tissue = item
+        from napari_histo_wsss.core.slides.grid import FEW_PATCHES  # imported by the job already
+
+        _, sid, grid, tissue, finer = item
         if sid != self.session.slide_id:
             return  # the user switched slides meanwhile
         if tissue is not None:
@@ -466,6 +477,12 @@ class ProjectWidget(Panel):
                 # the Resolution setting cannot be honoured: say so instead of laying level-0 patches silently
                 self.warn(f"{done}: the slide does not state its pixel size, so Resolution {mpp:g} µm/px is "
                           "ignored and patches are read at level 0")
+            elif len(grid) < FEW_PATCHES:
+                # e.g. the bundled 1.1 x 1.5 mm region with the default 224-px patches: 10 patches
+                hint = (f"; {finer[0]}-px patches would give {finer[1]}: set Patch size and press 'Apply settings'"
+                        if finer else "; lower 'Patch size' or 'Resolution' and press 'Apply settings'")
+                self.warn(f"{done}: few to label several patches per class and keep some to check the model "
+                          f"(from {FEW_PATCHES} on){hint}")
             else:
                 self.say(done)
         self.session.set_grid(grid)

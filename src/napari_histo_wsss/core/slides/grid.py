@@ -180,6 +180,27 @@ def make_grid(
     return PatchGrid(gx, gy, size0, int(patch_size), fractions, stride0)
 
 
+#: A slide with fewer tissue patches than this cannot take several labelled patches per class
+#: plus unlabelled ones to check the model on; the panels and ``info`` then offer a finer grid.
+FEW_PATCHES = 40
+
+
+def finer_patch_size(slide: Slide, tissue: TissueMask | None, patch_size: int, target_mpp: float | None = 1.0,
+                     min_tissue: float = 0.5, want: int = FEW_PATCHES, step: int = 32,
+                     smallest: int = 32) -> tuple[int, int] | None:
+    """The largest patch size below ``patch_size`` (a multiple of ``step``, at least ``smallest``,
+    same working resolution and tissue share) whose grid holds at least ``want`` tissue patches,
+    as ``(patch size, number of patches)``; None when even ``smallest`` gives fewer (then the
+    smallest size's count is no help either) or ``patch_size`` is already the smallest."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a slide without pixel size: said where the grid is laid
+        for size in range((patch_size - 1) // step * step, smallest - 1, -step):
+            n = len(make_grid(slide, tissue, patch_size=size, target_mpp=target_mpp, min_tissue=min_tissue))
+            if n >= want:
+                return size, n
+    return None
+
+
 def working_downsample(slide: Slide, target_mpp: float | None = None, downsample: float | None = None,
                        level: int | None = None, strict: bool = False) -> float:
     """Level-0 pixels per working pixel, the one rule for every resolution setting: an explicit
