@@ -140,6 +140,7 @@ def _job_rows(args: argparse.Namespace, project, w) -> list[tuple[str, dict]]:
     tr = w["Training"]
     tr.method.setCurrentText("segmix")
     tr.epochs.setValue(args.epochs)
+    tr.steps.setValue(args.steps)
     tr.batch_size.setValue(8)
     tr.device.setCurrentText("cpu")
     tr.start()
@@ -157,7 +158,8 @@ def _job_rows(args: argparse.Namespace, project, w) -> list[tuple[str, dict]]:
     rv.tile.setValue(256)
     rows.append(("CAMs, Cancel", _timed_cams(args, rv, cancel=True)))
 
-    cfg = TrainConfig(method="segmix", epochs=args.epochs, batch_size=8, device="cpu", patch_size=args.patch)
+    cfg = TrainConfig(method="segmix", epochs=args.epochs, steps=args.steps, batch_size=8, device="cpu",
+                      patch_size=args.patch)
     gen = train_classifier(project.root, project.runs_dir / "cls-gui-thread", cfg)
     done = [False]
 
@@ -217,6 +219,7 @@ def _close_rows(args: argparse.Namespace, project) -> list[tuple[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps of each training row (all epochs)")
     ap.add_argument("--patch", type=int, default=64, help="patch size (px) of the project")
     ap.add_argument("--mpp", type=float, default=2.0, help="working resolution (um/px)")
     ap.add_argument("--per-class", type=int, default=24, help="labelled patches per class")
@@ -239,7 +242,7 @@ def main() -> None:
         project, sid = _labelled_project(Path(tmp) / "bench.wsss", slide, args.patch, args.mpp, args.per_class)
         # warm-up (first-use costs of torch/oneDNN kernels, slide caches) so that both training rows
         # below measure the same steady-state work
-        warm = TrainConfig(method="segmix", epochs=1, batch_size=8, device="cpu", patch_size=args.patch)
+        warm = TrainConfig(method="segmix", epochs=1, steps=20, batch_size=8, device="cpu", patch_size=args.patch)
         for _ev in train_classifier(project.root, project.runs_dir / "cls-warmup", warm) if not args.only_redraw else ():
             pass
         viewer = napari.Viewer(show=True)

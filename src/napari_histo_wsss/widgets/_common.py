@@ -47,6 +47,7 @@ class Panel(QWidget):
 
     def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
         super().showEvent(event)
+        self.session.watch_window(self.window())  # docked by now: the viewer's main window
         if not getattr(self, "_tabbed", False):
             self._tabbed = True
             from qtpy.QtCore import QTimer

@@ -21,7 +21,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QEvent, QObject, Signal
 
 from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.widgets._worker import BackgroundTask
@@ -203,14 +203,17 @@ class Session(QObject):
     def running_tasks(self) -> list[BackgroundTask]:
         return [t for t in self._tasks.values() if t.running]
 
-    def shutdown(self, timeout_s: float = 60.0) -> None:
-        """Cancel every job and wait for it to save and stop (the viewer is closing)."""
+    def shutdown(self, timeout_s: float = 60.0, window_alive: bool = True) -> None:
+        """Cancel every job and wait for it to save and stop (the viewer is closing). With
+        ``window_alive`` False (the window's widgets are being deleted) no widget is touched: the
+        jobs are only told to stop and waited for."""
         tasks = self.running_tasks()
         for t in tasks:
-            t.cancel()
+            t.cancel(quiet=not window_alive)
         for t in tasks:
             if not t.wait(timeout_s):
                 log.warning("%s did not stop within %.0f s", t.title, timeout_s)
+            t.detach(close_progress=window_alive)
         if self.slide is not None:
             try:
                 self.slide.close()
@@ -218,13 +221,40 @@ class Session(QObject):
                 log.debug("closing the slide failed", exc_info=True)
 
     def watch_close(self, widget: Any) -> None:
-        """Stop the jobs when ``widget`` (a docked panel) is destroyed with the viewer's window,
-        whatever closes it (public Qt: the panel's own ``destroyed`` signal)."""
+        """Stop the jobs when the viewer's window closes: on the window's Close event, before any
+        widget is deleted (:meth:`watch_window`, installed when a panel is first shown), and, as a
+        fallback, when ``widget`` (a docked panel) is destroyed (public Qt: the panel's own
+        ``destroyed`` signal; the widgets are then being deleted, so none is touched)."""
         ref = weakref.ref(self)
 
         def on_destroyed(*_: Any) -> None:
             s = ref()
             if s is not None:
-                s.shutdown()
+                s.shutdown(window_alive=False)
 
         widget.destroyed.connect(on_destroyed)
+
+    def watch_window(self, window: Any) -> None:
+        """Stop the jobs when ``window`` (the top-level window holding the panels) gets its Close
+        event: the jobs stop and save while every widget still exists (stopping them while Qt
+        deletes the docks crashed the viewer). Public Qt: an event filter on the window."""
+        if window is None or getattr(self, "_watched_window", None) is window:
+            return
+        self._watched_window = window
+        self._close_filter = _CloseFilter(self)
+        window.installEventFilter(self._close_filter)
+
+
+class _CloseFilter(QObject):
+    """Event filter of the viewer's main window: its Close event stops the session's jobs."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self._session = weakref.ref(session)
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt's name
+        if event.type() == QEvent.Type.Close:
+            s = self._session()
+            if s is not None and s.running_tasks():
+                s.shutdown()
+        return False  # the window goes on closing

@@ -159,13 +159,29 @@ class BackgroundTask(QObject):
             self._progress = _JobProgress(self.cancel, total=0, desc=description or self.title)
         worker.start()
 
-    def cancel(self) -> None:
-        """Ask the job to stop at its next step boundary; the core saves its checkpoint."""
+    def cancel(self, quiet: bool = False) -> None:
+        """Ask the job to stop at its next step boundary; the core saves its checkpoint. ``quiet``:
+        the progress bar is not touched (its widgets may be being deleted)."""
         if not self.running or self._stop.is_set():
             return
         self._stop.set()
-        if self._progress is not None:
+        if self._progress is not None and not quiet:
             self._progress.set_description(f"{self.title}: cancelling...")
+
+    def detach(self, close_progress: bool = True) -> None:
+        """Forget a job that has stopped while its window closes: its worker's queued signals are
+        no longer delivered here, and its progress bar is closed (``close_progress``, while the
+        window still exists) or dropped."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            for signal, slot in ((worker.yielded, self._on_yielded), (worker.finished, self._on_finished)):
+                try:
+                    signal.disconnect(slot)
+                except (TypeError, RuntimeError):  # already disconnected, or the worker is gone
+                    pass
+        progress, self._progress = self._progress, None
+        if progress is not None and close_progress:
+            progress.close()
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Block until the job's generator has finished (not its Qt signals); True if it did."""
