@@ -190,3 +190,29 @@ def test_a_grid_with_few_patches_says_so_and_offers_a_finer_one(make_napari_view
     proj.apply_settings()
     qtbot.waitUntil(lambda: proj.session.grid is not None, timeout=WAIT_MS)
     assert len(proj.session.grid) == int(n.split(":")[0]) and "would give" not in proj.status.text()
+
+
+def test_a_project_whose_slide_file_moved_says_so_in_one_line(make_napari_viewer, qtbot, tmp_path, wsss4luad_dir):
+    """Reopening a project whose slide file was moved away: the panel opens the project and says
+    which file is missing, in its status line, without a traceback; the project is untouched."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from napari_histo_wsss.core.data.project import Project
+
+    slide = tmp_path / "slide.tif"
+    tifffile.imwrite(slide, np.asarray(Image.open(wsss4luad_dir / "val" / "img" / "02.png").convert("RGB")),
+                     photometric="rgb")
+    project = Project.create(tmp_path / "case.wsss", "wsss4luad", patch_size=64, target_mpp=None)
+    sid = project.add_slide(slide)
+    manifest = project.manifest_path.read_bytes()
+    slide.rename(tmp_path / "moved.tif")
+    _viewer, w = open_panels(make_napari_viewer)
+    proj = w["Project"]
+    proj.open_project(project.root)
+    text = proj.status.text()
+    assert f"slide {sid} not shown" in text and str(slide) in text and "missing (moved or deleted?)" in text, text
+    assert "Traceback" not in text and "\n" not in text
+    assert proj.session.project is not None and proj.session.slide is None
+    assert project.manifest_path.read_bytes() == manifest

@@ -407,7 +407,7 @@ class ProjectWidget(Panel):
     def _show_slide_layer(self, slide_id: str) -> Any:
         """The viewer layer of a project slide: an open one with the same file, else read it."""
         project = self.session.require_project()
-        path = Path(str(project.slides[slide_id].path))
+        path = project.slide_path(slide_id)  # a moved or deleted file: one line naming it and the project
         for layer in self.viewer.layers:
             lp = slide_path_of_layer(layer)
             if lp and Path(lp).resolve() == path.resolve():
