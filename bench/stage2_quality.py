@@ -55,6 +55,12 @@ def train_and_score(work: Path, name: str, split: int, seed: int, epochs: int, m
                       f"loss {ev.metrics['train_loss']:.4f} val mIoU {ev.metrics.get('val_miou')} "
                       f"{time.perf_counter() - t0:.0f}s", flush=True)
         done.write_text(json.dumps({"train_s": time.perf_counter() - t0}))
+    return score_segmenter(out, run, ps, scorer) | {"train_s": json.loads(done.read_text())["train_s"]}
+
+
+def score_segmenter(out: Path, run: Path, ps: Path, scorer: Scorer) -> dict:
+    """The segmenter run ``out``'s ``best.pt`` on the test images of ``ps``: scores ungated, and
+    ``gated`` ones by the stage-one run ``run``'s classifier."""
     model, classes, _cfg, _meta = load_segmenter(out, "best")
     # ungated, and gated by the stage-one classifier (MLPS test-time gating, `predict --gate`) at the
     # probability threshold the stage-one run's validation chose
@@ -67,8 +73,7 @@ def train_and_score(work: Path, name: str, split: int, seed: int, epochs: int, m
         rgb, gt = s.image(), s.mask()
         for k, fn in fns.items():
             cms[k].update(np.argmax(predict_image(rgb, fn), axis=0).astype(np.uint8), gt)
-    return scorer.result(cms["none"]) | {"gated": scorer.result(cms["gate"]),
-                                         "train_s": json.loads(done.read_text())["train_s"]}
+    return scorer.result(cms["none"]) | {"gated": scorer.result(cms["gate"])}
 
 
 def main(argv: list[str] | None = None) -> int:
