@@ -92,6 +92,12 @@ CONFIGS: dict[str, tuple[int, int, dict]] = {
     "p128-synth-pix-pscl": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
                                           freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5,
                                           pscl=True)),
+    # issue 10: more synthesis on the default, chosen on validation: half of each batch synthetic,
+    # or the pixel loss on the synthetic images at full weight
+    "p128-synth50-pix": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                       freeze_stages=2, head="fused", synth_share=0.5, synth_pixel_weight=0.5)),
+    "p128-synth-pix1": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                      freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=1.0)),
     # SegMix on the step budget with the time-driven curriculum (climbs to the finest rung by the
     # last epoch), area-weighted targets or the union of the sources' labels
     "p128-segmix": (128, 64, dict(method="segmix", epochs=6, steps=300, crop_size=128, freeze_bn=True,
