@@ -182,3 +182,23 @@ def test_cli_options_and_empty_mask_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("histo-wsss export: error:") and "e.geojson" in err[0]
     assert "no labelled pixels" in err[0] and not (tmp_path / "e.geojson").exists()
+
+
+def test_cancel_between_classes_writes_nothing(tmp_path):
+    """``should_stop`` is asked before each class: a stop after the first class leaves no file."""
+    from napari_histo_wsss.core.data.classes import PRESETS
+
+    classes = PRESETS["wsss4luad"]
+    labels = np.zeros((40, 60), np.uint8)
+    labels[:, 20:40], labels[:, 40:] = 1, 2
+    asked = []
+
+    def stop_after_one() -> bool:
+        asked.append(1)
+        return len(asked) > 1
+
+    out = tmp_path / "m.geojson"
+    assert export_geojson(labels, out, classes, should_stop=stop_after_one) is None
+    assert len(asked) == 2 and not out.exists() and list(tmp_path.iterdir()) == []
+    assert export_geojson(labels, out, classes, should_stop=lambda: False) == out
+    assert len(read_geojson(out)) == 3

@@ -284,6 +284,7 @@ class ExportWidget(Panel):
             from napari_histo_wsss.core.io import export as ex
 
             out.mkdir(parents=True, exist_ok=True)
+            t0 = time.monotonic()
             for i, (key, path) in enumerate(paths.items(), start=1):
                 if should_stop():
                     return
@@ -296,11 +297,14 @@ class ExportWidget(Panel):
                     lds = ds * levels[0].shape[0] / levels[k].shape[0]
                     if key == "png":
                         ex.export_palette_png(arr, path, classes)
-                    else:
-                        ex.export_geojson(arr, path, classes, downsample=lds, origin=origin)
+                    elif ex.export_geojson(arr, path, classes, downsample=lds, origin=origin,
+                                           should_stop=should_stop) is None:
+                        return  # cancelled between classes: that file was not written
                 else:
                     ex.export_patch_labels_csv(table, path)
-                yield ExportDone(path=path, step=i, steps=len(paths), message=path.name)
+                spent = time.monotonic() - t0
+                yield ExportDone(path=path, step=i, steps=len(paths), message=path.name,
+                                 eta_s=spent / i * (len(paths) - i))
 
         self.written = []
         self.files_label.setText("")
@@ -316,6 +320,9 @@ class ExportWidget(Panel):
     def _on_finished(self, outcome: str) -> None:
         if outcome == "done":
             self.say(f"exported {len(self.written)} file(s) to {self.written[0].parent if self.written else ''}", notify=True)
+        elif outcome == "cancelled":
+            kept = ", ".join(p.name for p in self.written) or "none"
+            self.say(f"export cancelled; files written before: {kept} (no file was left half-written)")
 
     # -- metrics -------------------------------------------------------------------------------
     @guarded

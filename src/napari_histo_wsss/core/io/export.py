@@ -40,7 +40,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -830,7 +830,7 @@ def _geojson_coords(poly: Any, ds: float, ox: float, oy: float) -> list:
 def export_geojson(labels: np.ndarray, path: str | Path, classes: ClassTable, downsample: float = 1.0,
                    origin: tuple[float, float] = (0.0, 0.0), include_background: bool = False,
                    min_area: float = 0.0, split: bool = False, tolerance: float = GEOJSON_TOLERANCE,
-                   holes: bool = True) -> Path:
+                   holes: bool = True, should_stop: Callable[[], bool] | None = None) -> Path | None:
     """Write class indices as a QuPath-compatible GeoJSON FeatureCollection.
 
     Coordinates are level-0 pixels: ``x0 = origin[0] + x * downsample`` (likewise y), where
@@ -842,6 +842,8 @@ def export_geojson(labels: np.ndarray, path: str | Path, classes: ClassTable, do
     gives the same mask); ``holes=False`` fills holes; regions smaller than ``min_area`` label
     pixels are dropped. Background is exported only with ``include_background``; unlabelled
     pixels never. A mask with nothing to export is refused and nothing is written.
+    ``should_stop`` is asked before each class (a slide-sized class takes about a second): when it
+    says stop, nothing is written and None is returned.
     """
     arr = np.asarray(labels)
     if arr.ndim != 2:
@@ -862,6 +864,8 @@ def export_geojson(labels: np.ndarray, path: str | Path, classes: ClassTable, do
     for idx, name, color in entries:
         if idx not in masks:
             continue
+        if should_stop is not None and should_stop():
+            return None
         geom = mask_to_geometry(masks.pop(idx), tolerance=tolerance, holes=holes, min_area=min_area)
         if geom.is_empty:
             continue
