@@ -70,14 +70,15 @@ def drive(events: Iterator[Any], bar_desc: str, on_event: Callable[[Any, tqdm], 
                 done = max(ev.epoch - 1, 0) * ev.steps + ev.step if ev.epochs else ev.step
                 if ev.kind in ("epoch", "done"):
                     done = ev.epoch * ev.steps if ev.epochs else ev.steps
-                bar.total = total
+                if total != bar.total or done < bar.n:
+                    bar.reset(total=total)  # a new phase of the job: its own rate and time left
                 bar.n = min(done, total)
             post = {}
             if ev.epochs:
                 post["epoch"] = f"{ev.epoch}/{ev.epochs}"
             if ev.loss is not None:
                 post["loss"] = f"{ev.loss:.4f}"
-            if ev.eta_s is not None:  # the job's own estimate: the bar's restarts with each phase of a job
+            if ev.eta_s is not None:  # the job's own estimate
                 post["eta"] = f"{ev.eta_s:.0f}s"
             bar.set_postfix(post, refresh=False)
             bar.set_description(f"{bar_desc} · {ev.message}" if ev.kind == "step" and ev.message else bar_desc,
