@@ -207,26 +207,47 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(results: dict, base: dict, s2: dict, name: str, splits: list[int], seeds: list[int], budgets: list[float],
           epochs: int, max_steps: int | None) -> str:
-    lines = ["| row | n | patches corrected | their mean pseudo-mask IoU | mIoU | gated mIoU | train s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | n | patches corrected | their mean pseudo-mask IoU | mIoU | tumour/stroma mIoU | gated mIoU | train s |",
+             "|---|---|---|---|---|---|---|---|"]
     for k in sorted(budgets):
         rows = [results[key] for split in splits for seed in seeds
                 if (key := f"{name}-split{split}-seed{seed}-k{k:g}-e{epochs}-s{max_steps}") in results]
         if not rows:
             continue
-        lines.append(f"| K = {k:g}% | {len(rows)} runs | {summarise([r['n_corrected'] for r in rows])} | "
+        lines.append(f"| K = {k:g}% | {len(rows)} runs | {np.mean([r['n_corrected'] for r in rows]):.0f} | "
                      f"{summarise([r['corrected_patch_iou'] for r in rows])} | {summarise([r['miou'] for r in rows])} | "
-                     f"{summarise([r['gated']['miou'] for r in rows])} | {summarise([r['train_s'] for r in rows])} |")
+                     f"{summarise([r['ts_miou'] for r in rows])} | "
+                     f"{summarise([r['gated']['miou'] for r in rows])} | {seconds([r['train_s'] for r in rows])} |")
     ref = [s2[key] for split in splits for seed in seeds
            if (key := f"{name}-split{split}-seed{seed}-e{epochs}-s{max_steps}") in s2]
     if ref:
         lines.append(f"| reference: stage2_quality.py (three MLPS sets, label-gated; stage2.json) | {len(ref)} runs | | | "
-                     f"{summarise([r['miou'] for r in ref])} | {summarise([r['gated']['miou'] for r in ref])} | "
-                     f"{summarise([r['train_s'] for r in ref])} |")
+                     f"{summarise([r['miou'] for r in ref])} | {summarise([r['ts_miou'] for r in ref])} | "
+                     f"{summarise([r['gated']['miou'] for r in ref])} | "
+                     f"{seconds([r['train_s'] for r in ref])} |")
     for b in ("one class", "majority oracle"):
         rows = [base[s][b] for s in splits]
-        lines.append(f"| baseline: {b} | {len(rows)} splits | | | {summarise([r['miou'] for r in rows])} | | |")
+        lines.append(f"| baseline: {b} | {len(rows)} splits | | | {summarise([r['miou'] for r in rows])} | "
+                     f"{summarise([r['ts_miou'] for r in rows])} | | |")
+    # paired: each budget minus K = 0 of the same run (same stage-one classifier, same seed)
+    for k in sorted(budgets):
+        diffs = {m: [] for m in ("miou", "ts_miou", "gated")}
+        for split in splits:
+            for seed in seeds:
+                at, zero = (results.get(f"{name}-split{split}-seed{seed}-k{x:g}-e{epochs}-s{max_steps}") for x in (k, 0))
+                if k and at is not None and zero is not None:
+                    diffs["miou"].append(at["miou"] - zero["miou"])
+                    diffs["ts_miou"].append(at["ts_miou"] - zero["ts_miou"])
+                    diffs["gated"].append(at["gated"]["miou"] - zero["gated"]["miou"])
+        if diffs["miou"]:
+            lines.append(f"\nK = {k:g}% minus K = 0, run for run ({len(diffs['miou'])} runs): mIoU "
+                         f"{summarise(diffs['miou'])}, tumour/stroma mIoU {summarise(diffs['ts_miou'])}, "
+                         f"gated mIoU {summarise(diffs['gated'])}")
     return "\n".join(lines)
+
+
+def seconds(values: list) -> str:
+    return f"{np.mean(values):.0f} ± {np.std(values):.0f}" if len(values) > 1 else f"{values[0]:.0f}"
 
 
 if __name__ == "__main__":
