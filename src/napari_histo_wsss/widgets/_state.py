@@ -238,9 +238,10 @@ class Session(QObject):
         """Stop the jobs when ``window`` (the top-level window holding the panels) gets its Close
         event: the jobs stop and save while every widget still exists (stopping them while Qt
         deletes the docks crashed the viewer). Public Qt: an event filter on the window."""
-        if window is None or getattr(self, "_watched_window", None) is window:
+        watched = getattr(self, "_watched_window", None)
+        if window is None or (watched is not None and watched() is window):
             return
-        self._watched_window = window
+        self._watched_window = weakref.ref(window)  # never keep the window (and the viewer) alive
         self._close_filter = _CloseFilter(self)
         window.installEventFilter(self._close_filter)
 
