@@ -53,6 +53,7 @@ from napari_histo_wsss.core.stage1.cams import (
     pseudo_mask,
     raw_argmax_mask,
 )
+from napari_histo_wsss.core.stage1.refine import CRFParams, dense_crf_labels
 from napari_histo_wsss.core.stage1.train import (
     TrainConfig,
     calibrated_prob_threshold,
@@ -109,7 +110,11 @@ CONFIGS: dict[str, tuple[int, int, dict]] = {
     "default": (128, 64, dict()),  # TrainConfig's defaults as they are now (= p128-synth-pix), demo patches
 }
 # gating rules scored on every run: name -> CAM source
-GATINGS = ("prob", "raw", "raw-cal", "raw-cal-tta", "area", "raw-cal-slic", "prob-raw", "prob-raw-tta")
+GATINGS = ("prob", "raw", "raw-cal", "raw-cal-tta", "area", "raw-cal-slic", "prob-raw", "prob-raw-tta", "prob-raw-crf",
+           "prob-raw-tta-crf")
+# dense-CRF kernels tried by --crf-grid (bilateral compat, sxy, srgb); the product's default
+# (refine.CRFParams) was chosen from this grid on the validation images alone
+CRF_GRID = [(bw, sxy, 10) for bw in (3, 5, 10) for sxy in (20, 40, 80)]
 TTA = dict(scales=(0.75, 1.0, 1.25), flip=True)
 
 
@@ -200,7 +205,7 @@ class Scorer:
         return {"miou": s["miou"], "iou": iou, "ts_miou": float(np.mean(ts)) if ts else None}
 
 
-def score_run(run: Path, split_dir: Path, scorer: Scorer, slic_segments: int) -> dict:
+def score_run(run: Path, split_dir: Path, scorer: Scorer, slic_segments: int, crf_grid: bool = False) -> dict:
     spec = load_dataset(split_dir)
     classes = scorer.classes
     model, _, cfg = load_run(run, "best")
@@ -247,16 +252,31 @@ def score_run(run: Path, split_dir: Path, scorer: Scorer, slic_segments: int) ->
     # in-sample: offsets calibrated and scored on the same 6 images (what `pseudo-masks` would
     # pick from); leave-one-out: each image scored with offsets calibrated on the other 5
     val_scores = {}
-    for g, maps in (("prob-raw", v["raw"]), ("prob-raw-tta", v["tta"])):
+    for g in VAL_RULES:
+        maps = v["tta"] if "tta" in g else v["raw"]
+        refine = "crf" if g.endswith("-crf") else "none"
         items = [(lg, s.mask(), a) for lg, s, a in zip(maps, v["samples"], v_allowed)]
-        off_g = off_pr if g == "prob-raw" else off_pr_tta
+        off_g = off_pr_tta if "tta" in g else off_pr
         cm_in, cm_loo = scorer.new(), scorer.new()
         for i, (lg, s, a) in enumerate(zip(maps, v["samples"], v_allowed)):
             rgb, gt = s.image(), s.mask()
-            cm_in.update(raw_argmax_mask(lg, classes, off_g, rgb=rgb, labels=a.astype(np.uint8)), gt)
+            cm_in.update(raw_argmax_mask(lg, classes, off_g, rgb=rgb, labels=a.astype(np.uint8), refine=refine), gt)
             off_i, _ = calibrate_offsets(items[:i] + items[i + 1:], classes)
-            cm_loo.update(raw_argmax_mask(lg, classes, off_i, rgb=rgb, labels=a.astype(np.uint8)), gt)
+            cm_loo.update(raw_argmax_mask(lg, classes, off_i, rgb=rgb, labels=a.astype(np.uint8), refine=refine), gt)
         val_scores[g] = {"in_sample": scorer.result(cm_in), "loo": scorer.result(cm_loo)}
+    grid = {}
+    if crf_grid:  # each kernel setting on the validation images (offsets as calibrated) and the test images
+        for bw, sxy, srgb in CRF_GRID:
+            prm = CRFParams(bilateral_compat=bw, bilateral_sxy=sxy, bilateral_srgb=srgb)
+            out = {}
+            for part in ("val", "test"):
+                cm = scorer.new()
+                for lg, pr, s in zip(res[part]["raw"], res[part]["probs"], res[part]["samples"]):
+                    a = allowed_classes(classes, probs=pr, prob_threshold=t_prob).astype(np.uint8)
+                    cm.update(raw_argmax_mask(lg, classes, off_pr, rgb=s.image(), labels=a, refine="crf", crf=prm),
+                              s.mask())
+                out[part] = scorer.result(cm)["miou"]
+            grid[f"{bw},{sxy},{srgb}"] = out
     # -- test ------------------------------------------------------------------------------------
     t = res["test"]
     cms = {g: scorer.new() for g in GATINGS}
@@ -279,11 +299,15 @@ def score_run(run: Path, split_dir: Path, scorer: Scorer, slic_segments: int) ->
         lab["prob-raw"].update(raw_argmax_mask(lg, classes, off_pr, rgb=rgb, labels=labels), gt)
         cms["prob-raw-tta"].update(raw_argmax_mask(lt, classes, off_pr_tta, rgb=rgb, labels=allowed), gt)
         lab["prob-raw-tta"].update(raw_argmax_mask(lt, classes, off_pr_tta, rgb=rgb, labels=labels), gt)
+        cms["prob-raw-crf"].update(raw_argmax_mask(lg, classes, off_pr, rgb=rgb, labels=allowed, refine="crf"), gt)
+        lab["prob-raw-crf"].update(raw_argmax_mask(lg, classes, off_pr, rgb=rgb, labels=labels, refine="crf"), gt)
+        cms["prob-raw-tta-crf"].update(raw_argmax_mask(lt, classes, off_pr_tta, rgb=rgb, labels=allowed, refine="crf"), gt)
+        lab["prob-raw-tta-crf"].update(raw_argmax_mask(lt, classes, off_pr_tta, rgb=rgb, labels=labels, refine="crf"), gt)
         cms["raw-cal-slic"].update(slic_vote(m_cal, rgb, scorer.bg, slic_segments), gt)
         lab["raw-cal-slic"].update(slic_vote(raw_argmax_mask(lg, classes, off, rgb=rgb, labels=labels), rgb, scorer.bg,
                                              slic_segments), gt)
     return {g: {"prob": scorer.result(cms[g]), "label": scorer.result(lab[g])} for g in GATINGS} | {
-        "val": val_scores,
+        "val": val_scores, **({"crf_grid": grid} if grid else {}),
         "calibration": {"prob_threshold": t_prob, "offsets": off.tolist(), "offsets_tta": off_tta.tolist(), "area_tau": best_tau,
         "offsets_prob_raw": off_pr.tolist(), "offsets_prob_raw_tta": off_pr_tta.tolist()}}
 
@@ -339,7 +363,9 @@ def table(results: dict, classes) -> str:
     return "\n".join(lines)
 
 
-VAL_RULES = ("prob-raw", "prob-raw-tta")
+VAL_RULES = ("prob-raw", "prob-raw-tta", "prob-raw-crf", "prob-raw-tta-crf")
+# (rule, what it adds to) pairs compared run for run in the validation table
+VAL_PAIRS = (("prob-raw-tta", "prob-raw"), ("prob-raw-crf", "prob-raw"), ("prob-raw-tta-crf", "prob-raw-tta"))
 
 
 def val_table(results: dict, classes) -> str:
@@ -355,14 +381,33 @@ def val_table(results: dict, classes) -> str:
                 lines.append(f"| {cfg_name} / {g} | {len(rows)} runs | {summarise([x['in_sample']['miou'] for x in rows])} | "
                              f"{summarise([x['loo']['miou'] for x in rows])} | "
                              f"{summarise([x['loo']['iou'].get(t) for x in rows])} |")
-        pairs = [r for r in runs.values() if all(g in r.get("val", {}) for g in VAL_RULES)]
-        if pairs:  # run for run: what test-time augmentation adds on the validation and the test images
-            a, b = VAL_RULES
+        for b, a in VAL_PAIRS:  # run for run: what TTA or the CRF adds on the validation and the test images
+            pairs = [r for r in runs.values() if a in r.get("val", {}) and b in r.get("val", {}) and b in r]
+            if not pairs:
+                continue
             d_in = [r["val"][b]["in_sample"]["miou"] - r["val"][a]["in_sample"]["miou"] for r in pairs]
             d_loo = [r["val"][b]["loo"]["miou"] - r["val"][a]["loo"]["miou"] for r in pairs]
             d_test = [r[b]["prob"]["miou"] - r[a]["prob"]["miou"] for r in pairs]
             lines.append(f"| {cfg_name} / {b} minus {a}, run for run | {len(pairs)} runs | {summarise(d_in)} | "
                          f"{summarise(d_loo)} | test: {summarise(d_test)} |")
+    return "\n".join(lines)
+
+
+def crf_grid_table(results: dict) -> str:
+    """--crf-grid: each dense-CRF kernel setting minus the unrefined prob-raw mask, run for run, on
+    the validation images (what chooses) and the test images (reported, never used to choose)."""
+    default = CRFParams()
+    mark = f"{default.bilateral_compat:g},{default.bilateral_sxy:g},{default.bilateral_srgb:g}"
+    lines = ["| configuration | bilateral compat, sxy, srgb | n | val mIoU minus unrefined | test mIoU minus unrefined |",
+             "|---|---|---|---|---|"]
+    for cfg_name, runs in results["runs"].items():
+        rows = [r for r in runs.values() if "crf_grid" in r]
+        for key in (rows[0]["crf_grid"] if rows else {}):
+            dv = [r["crf_grid"][key]["val"] - r["val"]["prob-raw"]["in_sample"]["miou"] for r in rows]
+            dt = [r["crf_grid"][key]["test"] - r["prob-raw"]["prob"]["miou"] for r in rows]
+            name = key.replace(",", ", ")
+            bold = "**" if key == mark else ""
+            lines.append(f"| {cfg_name} | {bold}{name}{bold} | {len(rows)} runs | {summarise(dv)} | {summarise(dt)} |")
     return "\n".join(lines)
 
 
@@ -405,6 +450,14 @@ def time_inference(run: Path, split_dir: Path, repeats: int = 2) -> dict:
                 logit_maps(model, rgb, **kw)
             best = min(best, time.perf_counter() - t0)
         out[name] = best / len(images)
+    logits = [logit_maps(model, rgb) for rgb in images]
+    best = float("inf")
+    for _ in range(repeats):  # the dense CRF on top of the plain logits (all classes)
+        t0 = time.perf_counter()
+        for lg, rgb in zip(logits, images):
+            dense_crf_labels(lg, rgb)
+        best = min(best, time.perf_counter() - t0)
+    out["crf"] = best / len(images)
     out["pixels"] = float(np.mean([im.shape[0] * im.shape[1] for im in images]))
     return out
 
@@ -422,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the shared WSSS4LUAD images, or GlaS test A (use its own --work)")
     p.add_argument("--paired-against", default="", metavar="CONFIG",
                    help="also print every configuration minus this one, run for run (prob-raw and prob-raw-tta)")
+    p.add_argument("--crf-grid", action="store_true",
+                   help="also score every dense-CRF kernel setting of CRF_GRID on each run (validation and test)")
     p.add_argument("--time-tta", action="store_true",
                    help="also time the raw logits with and without test-time augmentation on the validation "
                         "images of each configuration's first run")
@@ -450,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.no_train and not (run / "bench_train.json").is_file():
                     continue
                 run, train_s = train(work, name, split, seed)
-                r = score_run(run, ps, scorer, args.slic_segments)
+                r = score_run(run, ps, scorer, args.slic_segments, crf_grid=args.crf_grid)
                 r["train_s"] = train_s
                 results["runs"][name][f"split{split}-seed{seed}"] = r
                 results_path.write_text(json.dumps(results, indent=1))
@@ -463,11 +518,15 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault("inference_s", {})[name] = tt
                 results_path.write_text(json.dumps(results, indent=1))
                 print(f"{name}: raw {tt['raw']:.3f} s/image, TTA {tt['tta']:.3f} s/image "
-                      f"({tt['tta'] / tt['raw']:.1f}x), {tt['pixels'] / 1e6:.2f} Mpx per image", flush=True)
+                      f"({tt['tta'] / tt['raw']:.1f}x), dense CRF {tt['crf']:.3f} s/image, "
+                      f"{tt['pixels'] / 1e6:.2f} Mpx per image", flush=True)
     print(f"\nmachine: {os.cpu_count()} CPU cores, torch threads {args.threads}, torch {torch.__version__}\n")
     print(table(results, classes))
     print("\nValidation images (prob-gated, calibrated on them):\n")
     print(val_table(results, classes))
+    if args.crf_grid:
+        print("\nDense-CRF kernels (prob-raw gating), run for run against the unrefined mask:\n")
+        print(crf_grid_table(results))
     if args.paired_against:
         for rule in VAL_RULES:
             print(f"\nRun for run against {args.paired_against} ({rule}):\n")

@@ -3,7 +3,7 @@
 #   - system libraries napari needs for a real OpenGL context, and Xvfb for headless runs
 #   - a virtual environment in .venv with the CPU build of PyTorch installed FIRST
 #     (a bare `torch` requirement would otherwise pull a multi-GB CUDA build)
-#   - this package, editable, with its test (pytest, pytest-qt, ruff), pretrained-weights and distributed extras
+#   - this package, editable, with its test (pytest, pytest-qt, ruff), pretrained-weights, distributed and crf extras
 # Set HISTO_WSSS_TORCH to pin another torch (e.g. a CUDA build on a GPU server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +41,11 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
 fi
 echo "[setup] installing napari-histo-wsss and its dependencies"
 "$VPY" -m pip install -q -e ".[testing,pretrained,distributed]" 2>&1 | grep -v "^WARNING: Location" || true
+# the dense CRF of pseudo-mask refinement compiles a C++ extension: without a compiler the rest
+# still works and `pseudo-masks` says that its masks are not refined
+"$VPY" -m pip install -q -e ".[crf]" 2>&1 | grep -v "^WARNING: Location" || true
+"$VPY" -c "import pydensecrf.densecrf" >/dev/null 2>&1 \
+  || echo "[setup] warning: the dense CRF (pydensecrf2) did not build (a C++ compiler is needed); pseudo-masks will not be refined"
 "$VPY" -c "import torch, napari, openslide, napari_histo_wsss" || { echo "[setup] install check failed" >&2; exit 1; }
 .venv/bin/ruff --version >/dev/null || { echo "[setup] ruff (the linter scripts/test.sh runs, from the testing extra) is missing" >&2; exit 1; }
 echo "$want" > "$stamp"

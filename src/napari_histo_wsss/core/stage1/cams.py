@@ -35,6 +35,7 @@ from napari_histo_wsss.core.progress import ProgressEvent
 from napari_histo_wsss.core.settings import Settings, setting
 from napari_histo_wsss.core.slides.grid import axis_starts, cosine_window
 from napari_histo_wsss.core.slides.tissue import white_background_mask
+from napari_histo_wsss.core.stage1.refine import CRF_MISSING, REFINEMENTS, CRFParams, crf_available, dense_crf_labels
 
 __all__ = [
     "WHOLE_IMAGE_MAX",
@@ -384,11 +385,15 @@ def raw_argmax_mask(
     rgb: np.ndarray | None = None,
     labels: np.ndarray | Sequence[int] | None = None,
     white_background: bool | None = None,
+    refine: str = "none",
+    crf: CRFParams | None = None,
 ) -> np.ndarray:
     """Class-index mask from raw CAM logits (:func:`logit_maps`): each pixel takes the class of
     the largest ``logit + offset`` (OEEM-style raw argmax), so an image's classes follow from its
     pixels, not from an image-level threshold; ``labels`` (when known) restrict the choice to the
-    labelled classes. Background on white glass as in :func:`pseudo_mask`."""
+    labelled classes. ``refine="crf"``: instead of the argmax, a dense CRF over ``rgb`` on the
+    softmax of ``logit + offset`` among those classes (:func:`~.refine.dense_crf_labels`, kernels
+    ``crf``). Background on white glass as in :func:`pseudo_mask`."""
     logits = np.asarray(logits, dtype=np.float32)
     c = classes.num_classes
     if logits.ndim != 3 or logits.shape[0] != c:
@@ -396,12 +401,20 @@ def raw_argmax_mask(
     off = np.zeros(c, dtype=np.float32) if offsets is None else np.asarray(offsets, dtype=np.float32)
     if off.shape != (c,):
         raise HistoWSSSError(f"{off.size} CAM offsets for {c} classes")
+    if refine not in REFINEMENTS:
+        raise HistoWSSSError(f"unknown pseudo-mask refinement {refine!r}; choose one of {', '.join(REFINEMENTS)}")
     scores = logits + off[:, None, None]
+    allowed = None
     if labels is not None:
         allowed = classes.check_labels(labels, where="pseudo-mask gating").astype(bool)
         if allowed.any():
             scores = np.where(allowed[:, None, None], scores, -np.inf)
-    mask = np.argmax(scores, axis=0).astype(np.uint8)
+    if refine == "crf":
+        if rgb is None:
+            raise HistoWSSSError("dense CRF refinement needs the image (rgb)")
+        mask = dense_crf_labels(logits + off[:, None, None], rgb, crf, allowed=allowed)
+    else:
+        mask = np.argmax(scores, axis=0).astype(np.uint8)
     if (classes.white_background if white_background is None else white_background) and rgb is not None:
         if rgb.shape[:2] != mask.shape:
             raise HistoWSSSError(f"image of {rgb.shape[1]}x{rgb.shape[0]} px does not match CAMs of {mask.shape[1]}x{mask.shape[0]} px")
@@ -485,6 +498,9 @@ class PseudoMaskSettings(Settings):
                           help="images without labels: prob (classes above the probability threshold, normalised "
                                "CAMs), prob-raw (those classes, raw CAM logits + the offsets validation calibrated) "
                                "or raw (raw logits + offsets over all classes)")
+    refine: str = setting("crf", choices=REFINEMENTS,
+                          help="raw gatings: refine the mask with a dense CRF over the image (crf; needs pydensecrf, "
+                               "else the masks stay unrefined and a message says so) or not (none)")
     offsets: tuple[float, ...] | None = setting(None, min_items=1, none="run's", cli=False,
                                                 help="per-class offsets of raw gating (None: zeros)")
     white_background: bool | None = setting(None, cli=False,
@@ -558,6 +574,10 @@ def generate_pseudo_masks(
     kept = f"the previous {out_dir} is kept" if out_dir.exists() else f"nothing written to {out_dir}"
     n = len(images)
     done = 0
+    refine = s.refine
+    if refine == "crf" and s.gating != "prob" and not crf_available():
+        refine = "none"
+        yield ProgressEvent("log", message=f"{CRF_MISSING}; writing unrefined pseudo-masks (--refine none)")
     try:
         with contextlib.ExitStack() as stack:
             tmp_out = stack.enter_context(replace_dir(out_dir))
@@ -580,7 +600,7 @@ def generate_pseudo_masks(
                     if s.gating == "prob-raw":
                         gate = allowed_classes(classes, probs=probs, prob_threshold=s.prob_threshold).astype(np.uint8)
                     mask = raw_argmax_mask(logits, classes, s.offsets, rgb=rgb, labels=gate,
-                                           white_background=s.white_background)
+                                           white_background=s.white_background, refine=refine)
                 else:
                     mask = pseudo_mask(cams, classes, rgb=rgb, labels=known, probs=probs,
                                        prob_threshold=s.prob_threshold, bg_threshold=s.bg_threshold,
