@@ -32,6 +32,7 @@ Results go to ``--work/results.json`` and a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -42,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_histo_wsss.core.data.datasets import load_dataset, make_patches
+from napari_histo_wsss.core.data.datasets import DatasetSpec, load_dataset, make_patches
 from napari_histo_wsss.core.metrics import ConfusionMatrix
 from napari_histo_wsss.core.slides.tissue import white_background_mask
 from napari_histo_wsss.core.stage1.cams import (
@@ -107,8 +108,19 @@ CONFIGS: dict[str, tuple[int, int, dict]] = {
     "p128-segmix-union": (128, 64, dict(method="segmix", epochs=6, steps=300, crop_size=128, freeze_bn=True,
                                         freeze_stages=2, head="fused", segmix_schedule="time",
                                         segmix_targets="union", synth_share=0.0)),
+    # issue 13: the default, with an oracle pathologist correcting a share of the training patches
+    # (CORRECTIONS): their ground-truth masks ride with them and the corrected-pixel loss learns from them
+    "p128-synth-pix-corr10": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                            freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5,
+                                            correction_pixel_weight=0.5)),
+    "p128-synth-pix-corr30": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                            freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5,
+                                            correction_pixel_weight=0.5)),
     "default": (128, 64, dict()),  # TrainConfig's defaults as they are now (= p128-synth-pix), demo patches
 }
+# configuration -> share of the training patches the oracle corrects (the same patches for every
+# seed of a split, drawn at random: which patches a pathologist settles is not chosen by the model)
+CORRECTIONS = {"p128-synth-pix-corr10": 0.1, "p128-synth-pix-corr30": 0.3}
 # gating rules scored on every run: name -> CAM source
 GATINGS = ("prob", "raw", "raw-cal", "raw-cal-tta", "area", "raw-cal-slic", "prob-raw", "prob-raw-tta", "prob-raw-crf",
            "prob-raw-tta-crf")
@@ -143,8 +155,11 @@ def train(work: Path, name: str, split: int, seed: int) -> tuple[Path, float]:
         return run, json.loads(done.read_text())["train_s"]
     shutil.rmtree(run, ignore_errors=True)
     cfg = TrainConfig(**fields, seed=seed, device="cpu")
+    data: Path | DatasetSpec = ps
+    if name in CORRECTIONS:
+        data = with_oracle_corrections(ps, CORRECTIONS[name], split)
     t0 = time.perf_counter()
-    for ev in train_classifier(ps, run, cfg):
+    for ev in train_classifier(data, run, cfg):
         if ev.kind == "epoch":
             m = ev.metrics
             print(f"  {name} split {split} seed {seed} epoch {ev.epoch}/{ev.epochs} loss {m['train_loss']:.4f} "
@@ -152,6 +167,19 @@ def train(work: Path, name: str, split: int, seed: int) -> tuple[Path, float]:
     train_s = time.perf_counter() - t0
     done.write_text(json.dumps({"train_s": train_s}))
     return run, train_s
+
+
+def with_oracle_corrections(split_dir: Path, share: float, split: int) -> DatasetSpec:
+    """The patch set with the ground-truth mask (make-patches' source crop) attached to a random
+    ``share`` of its training patches, as a pathologist's corrections would be in a project."""
+    from napari_histo_wsss.core.stage2.train import _source_masks
+
+    spec = load_dataset(split_dir)
+    loaders = _source_masks(spec)
+    n = int(round(share * len(spec.train)))
+    chosen = set(np.random.default_rng([split, 13]).choice(len(spec.train), size=n, replace=False).tolist())
+    train = [dataclasses.replace(s, mask=loaders[i]()) if i in chosen else s for i, s in enumerate(spec.train)]
+    return dataclasses.replace(spec, train=train)
 
 
 def cached_maps(run: Path, samples, key: str, fn) -> list:

@@ -243,6 +243,9 @@ class WeakSample:
     labels: np.ndarray
     path: Path | None = None
     reader: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    #: for a patch a pathologist corrected: its class-index mask (pixels not confirmed, and
+    #: background, hold the background index), which stage one can learn pixels from
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def image(self) -> np.ndarray:
         if self.reader is not None:
@@ -459,16 +462,19 @@ def _load_project(root: Path, table: ClassTable | None) -> DatasetSpec:
     rows: dict[tuple[str, int, int, int], np.ndarray] = {}
     for i in range(len(labels)):
         rows[(str(labels.slide_id[i]), int(labels.x[i]), int(labels.y[i]), int(labels.size0[i]))] = labels.labels[i].copy()
+    masks: dict[tuple[str, int, int, int], np.ndarray] = {}
     for sid in project.slides:  # exact labels where the pathologist corrected or reviewed the pseudo-mask
-        for (x, y, s0), lab in reviewed_patch_labels(project, sid).items():
+        for (x, y, s0), (lab, mask) in reviewed_patches(project, sid).items():
             rows[(sid, x, y, s0)] = lab
+            masks[(sid, x, y, s0)] = _resize(mask, patch_size, Image.NEAREST)
     paths: dict[str, str] = {}
     train = []
-    for (sid, x, y, s0), lab in rows.items():
+    for key, lab in rows.items():
+        sid, x, y, s0 = key
         if sid not in paths:
             paths[sid] = str(project.slide_path(sid))
         reader = SlidePatchReader(paths[sid], x, y, s0, patch_size)
-        train.append(WeakSample(f"{sid}_{x}_{y}_{s0}", lab, None, reader))
+        train.append(WeakSample(f"{sid}_{x}_{y}_{s0}", lab, None, reader, mask=masks.get(key)))
     return DatasetSpec(root, "project", project.classes, train, [], [])
 
 
@@ -485,6 +491,13 @@ def reviewed_patch_labels(project: Any, slide_id: str) -> dict[tuple[int, int, i
     pixels gets the classes of the corrected mask there (each covering at least
     :data:`REVIEWED_CLASS_SHARE` of the patch). These replace the patch's own label: they come from
     pixels a pathologist checked. ``{(x, y, size0): labels}``; empty without corrections."""
+    return {key: lab for key, (lab, _) in reviewed_patches(project, slide_id).items()}
+
+
+def reviewed_patches(project: Any, slide_id: str) -> dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]]:
+    """:func:`reviewed_patch_labels` with each patch's corrected mask at the review canvas's
+    resolution: ``{(x, y, size0): (labels, mask)}``, the mask a uint8 class-index crop in which
+    pixels neither corrected nor marked reviewed hold the background index (not learned from)."""
     from napari_histo_wsss.core.review import MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_REVIEWED
 
     corrected = project.read_mask(slide_id, MASK_CORRECTED)
@@ -500,7 +513,7 @@ def reviewed_patch_labels(project: Any, slide_id: str) -> dict[tuple[int, int, i
         return {}
     k = project.classes.num_classes
     grid = project.grid(slide_id)
-    out: dict[tuple[int, int, int], np.ndarray] = {}
+    out: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
     n = max(1, int(round(grid.size0 / ds)))
     for x, y in zip(grid.x.tolist(), grid.y.tolist()):
         r0, c0 = int(round(y / ds)), int(round(x / ds))
@@ -511,7 +524,10 @@ def reviewed_patch_labels(project: Any, slide_id: str) -> dict[tuple[int, int, i
         share = np.bincount(part.ravel(), minlength=k + 1)[:k] / float(n * n)
         lab = (share >= REVIEWED_CLASS_SHARE).astype(np.uint8)
         if lab.any():
-            out[(int(x), int(y), int(grid.size0))] = lab
+            mask = np.full((n, n), k, dtype=np.uint8)  # a patch at the slide's edge: the rest stays background
+            ph, pw = part.shape
+            mask[:ph, :pw] = np.where(conf, np.minimum(part, k), k)
+            out[(int(x), int(y), int(grid.size0))] = (lab, mask)
     return out
 
 
@@ -555,22 +571,38 @@ def _colour_jitter(rgb: np.ndarray, strength: float = 0.1) -> np.ndarray:
 class WeakLabelDataset(torch.utils.data.Dataset):
     """``(image (3, H, W) float normalised, labels (C,) float)`` from weak samples, read lazily.
     ``size`` resizes to ``size`` x ``size`` (needed to batch images of different sizes);
-    ``augment`` adds random flips, 90-degree rotations and mild colour jitter."""
+    ``augment`` adds random flips, 90-degree rotations and mild colour jitter. ``masks``: each
+    item also has a class-index mask ``(H, W)`` long with the same geometry, the sample's
+    corrected :attr:`WeakSample.mask` or, without one, ``background`` everywhere (nothing to learn)."""
 
-    def __init__(self, samples: Sequence[WeakSample], size: int | None = None, augment: bool = False):
+    def __init__(self, samples: Sequence[WeakSample], size: int | None = None, augment: bool = False,
+                 masks: bool = False, background: int = 0):
         self.samples = list(samples)
         self.size = size
         self.augment = augment
+        self.masks, self.background = masks, int(background)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         s = self.samples[i]
         img = _resize(s.image(), self.size, Image.BILINEAR)
+        mask = None
+        if self.masks:
+            mask = (np.full(img.shape[:2], self.background, dtype=np.uint8) if s.mask is None
+                    else np.asarray(s.mask, dtype=np.uint8))
+            if mask.shape != img.shape[:2]:  # to the (resized) image's size
+                mask = np.asarray(Image.fromarray(mask).resize((img.shape[1], img.shape[0]), Image.NEAREST))
         if self.augment:
-            img = _colour_jitter(_apply_geometry(img, _random_geometry()))
-        return to_tensor(img), torch.from_numpy(s.labels.astype(np.float32))
+            geom = _random_geometry()
+            img = _colour_jitter(_apply_geometry(img, geom))
+            if mask is not None:
+                mask = _apply_geometry(mask, geom)
+        labels = torch.from_numpy(s.labels.astype(np.float32))
+        if mask is None:
+            return to_tensor(img), labels
+        return to_tensor(img), labels, torch.from_numpy(mask.astype(np.int64))
 
 
 class MaskedDataset(torch.utils.data.Dataset):

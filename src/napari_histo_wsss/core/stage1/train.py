@@ -252,6 +252,10 @@ class TrainConfig(Settings):
     synth_pixel_weight: float = setting(0.5, range=(0, None), group=_SYNTH, label="Synthetic pixel-loss weight",
                                         help="weight of a cross-entropy of the CAM logits against the exact masks of "
                                              "the synthetic images, pooled to the CAM grid (0 = image labels only)")
+    correction_pixel_weight: float = setting(
+        0.5, range=(0, None), group=_DATA, label="Corrected-pixel loss weight",
+        help="projects: weight of a cross-entropy of the CAM logits against the corrected mask of each patch a "
+             "pathologist corrected or reviewed, pooled to the CAM grid (0 = their exact labels only)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,13 +302,14 @@ class _RandomCrops(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> Any:
-        x, y = self.base[i]
+        x, y, *mask = self.base[i]  # an item may carry a mask (H, W), cropped alike
         h, w = x.shape[-2:]
         if h <= self.size and w <= self.size:
-            return x, y
+            return (x, y, *mask)
         top = int(torch.randint(0, h - self.size + 1, (1,))) if h > self.size else 0
         left = int(torch.randint(0, w - self.size + 1, (1,))) if w > self.size else 0
-        return x[:, top:top + self.size, left:left + self.size], y
+        rows, cols = slice(top, top + self.size), slice(left, left + self.size)
+        return (x[:, rows, cols], y, *(m[rows, cols] for m in mask))
 
 
 _item_seed = item_seed  # the per-item seeds of augmentation, SegMix and PSCL sampling
@@ -675,7 +680,14 @@ class ClassifierTask(TrainingTask):
                                  f"share of {cfg.synth_share:g}; raise the batch size or the share")
                 self.synth = None
         self.real_bs = self.local_bs - self.n_synth  # real patches loaded per step
-        items: torch.utils.data.Dataset = WeakLabelDataset(self.train_samples, size=patch, augment=cfg.augment)
+        n_masked = sum(s.mask is not None for s in self.train_samples)
+        self.with_masks = cfg.correction_pixel_weight > 0 and n_masked > 0
+        if self.with_masks:
+            ctx.info.append(f"pixel loss on the corrected masks of {n_masked} patch{'es' if n_masked != 1 else ''}, "
+                            f"weight {cfg.correction_pixel_weight:g}"
+                            + (" (not in SegMix's shuffled epochs)" if cfg.method == "segmix" else ""))
+        items: torch.utils.data.Dataset = WeakLabelDataset(self.train_samples, size=patch, augment=cfg.augment,
+                                                           masks=self.with_masks, background=self.classes.num_classes)
         if side < patch:
             items = _RandomCrops(items, side)
         self.train_ds = _SeededItems(items, cfg.seed)
@@ -755,10 +767,12 @@ class ClassifierTask(TrainingTask):
 
     def loss(self, ctx: RunContext, net: torch.nn.Module, batch: Any, epoch: int, step: int) -> tuple[Tensor, int]:
         cfg, level, rank = self.cfg, self.level, ctx.rank
-        x, y = batch
+        x, y, *extra = batch
+        corrected = extra[0] if extra else None  # masks of corrected patches (background elsewhere)
         if level is not None:
             g_mix = torch.Generator().manual_seed(_item_seed(cfg.seed + rank, epoch, 1_000_000 + step))
             x, y, _ = segmix_batch(x, y, level.tile, level.share, generator=g_mix, target_mode=cfg.segmix_targets)
+            corrected = None  # the shuffled tiles no longer match the masks
         n_real, masks = x.shape[0], None
         if self.synth is not None:  # the batch's synthetic share, after the real patches
             sx, sy, masks = self.synth.batch(self.n_synth, _item_seed(cfg.seed + rank, epoch, 3_000_000 + step))
@@ -771,6 +785,8 @@ class ClassifierTask(TrainingTask):
             loss = F.multilabel_soft_margin_loss(out["logits"].float(), y)
             if masks is not None and cfg.synth_pixel_weight > 0:
                 loss = loss + cfg.synth_pixel_weight * pixel_loss(out["cam"][n_real:], masks.to(ctx.device))
+            if corrected is not None and bool((corrected < self.classes.num_classes).any()):
+                loss = loss + cfg.correction_pixel_weight * pixel_loss(out["cam"][:n_real], corrected.to(ctx.device))
             if cfg.pscl:
                 g_pix = torch.Generator().manual_seed(_item_seed(cfg.seed + rank, epoch, 2_000_000 + step))
                 cam = out["cam"]
