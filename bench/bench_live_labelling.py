@@ -10,8 +10,10 @@ Protocol (cannot fool itself):
 * The pool images are cut into patches (``--patch`` px, non-overlapping, tissue share >= 10 %).
   The oracle labels a patch with every class covering at least ``--min-share`` of it (a pathologist
   does not label a sliver), from the ground-truth mask.
-* Orders: ``random`` (a seeded shuffle) and ``suggested`` (``core.stage1.suggest``: cold start from
-  feature-space coverage, then batches chosen by uncertainty + diversity of the head fitted so far).
+* Orders: ``random`` (a seeded shuffle) and ``suggested`` (``core.stage1.suggest``: a random first
+  batch, then batches half targeted at typical patches the head fitted so far doubts, half random;
+  ``--explore`` sets the random share, several values give one curve each, named
+  ``suggested <share>``).
 * At each budget the live head (``core.stage1.live``) is refitted on the labelled patches' cached
   features, and each test image's pseudo-mask is the argmax of its raw CAM logits on tissue (image
   labels unknown: the probability-free, label-free setting), white glass background.
@@ -27,6 +29,8 @@ Usage::
     python bench/bench_live_labelling.py                  # table + docs/img/live_labelling.png
     python bench/bench_live_labelling.py --seeds 0 1 2 --budgets 5 10 20 40 80 160
     python bench/bench_live_labelling.py --dataset glas --no-speed --plot docs/img/live_labelling_glas.png
+    # how the random share was chosen: development splits, not the reported ones
+    python bench/bench_live_labelling.py --seeds 100 101 102 103 104 105 106 107 108 --explore 0 0.5 --no-speed
 
 Writes the table to stdout (markdown) and to ``--out-md`` when given.
 """
@@ -48,7 +52,7 @@ from napari_histo_wsss.core.metrics import ConfusionMatrix
 from napari_histo_wsss.core.slides.tissue import white_background_mask
 from napari_histo_wsss.core.stage1.features import FEATURE_STRIDE, FeatureExtractor, FeatureSpec, image_features
 from napari_histo_wsss.core.stage1.live import LiveHead, standardiser
-from napari_histo_wsss.core.stage1.suggest import embed, suggest
+from napari_histo_wsss.core.stage1.suggest import EXPLORE, embed, suggest, typicality
 
 DATA = Path(os.environ.get("HISTO_WSSS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 # the data set's classes, background index and whether white glass is background (set by use_dataset)
@@ -134,8 +138,9 @@ def score(preds_gts) -> dict:
     return {"miou": s["miou"], **{n: per.get(n) for n in NAMES}}
 
 
-def curve(order: str, budgets, X, Y, coords, mean, std, test, seed, l2) -> list[dict]:
+def curve(order: str, budgets, X, Y, coords, mean, std, test, seed, l2, explore: float = EXPLORE) -> list[dict]:
     rng = np.random.default_rng(seed)
+    typical = typicality(coords) if order != "random" else None
     n = len(X)
     labelled = np.zeros(n, bool)
     seq = list(rng.permutation(n)) if order == "random" else []
@@ -151,7 +156,8 @@ def curve(order: str, budgets, X, Y, coords, mean, std, test, seed, l2) -> list[
             if need > 0:
                 probs = head.probabilities(X) if head is not None else None
                 picks = suggest(coords, labelled, need, probs=probs,
-                                trainable=head.trainable if head is not None else None)
+                                trainable=head.trainable if head is not None else None,
+                                explore=explore, seed=seed, typical=typical)
                 labelled[[p.index for p in picks]] = True
         head = LiveHead(len(NAMES), mean, std, l2=l2).fit(X[labelled], Y[labelled])
         preds = [(pseudo(head, f, rgb), gt) for (rgb, gt, f) in test]
@@ -176,7 +182,10 @@ def plot(rows: list[dict], baselines: dict, path: Path) -> None:
         d.text((x_of(b) - 8, H - B + 6), str(b), fill="black")
     d.text((W // 2 - 80, H - 28), "labelled patches (log scale)", fill="black")
     d.text((8, 8), "held-out pseudo-mask mIoU (labels unknown), mean of seeds", fill="black")
-    colours = {"random": (200, 60, 40), "suggested": (30, 90, 200)}
+    palette = [(30, 90, 200), (40, 150, 60), (150, 60, 170), (200, 140, 0)]
+    orders = list(dict.fromkeys(r["order"] for r in rows))
+    colours = {"random": (200, 60, 40)}
+    colours.update({o: palette[i % len(palette)] for i, o in enumerate(o for o in orders if o != "random")})
     for order, col in colours.items():
         pts = []
         for b in budgets:
@@ -240,6 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patch", type=int, default=64)
     ap.add_argument("--min-share", type=float, default=0.05)
     ap.add_argument("--l2", type=float, default=1.0)
+    ap.add_argument("--explore", type=float, nargs="+", default=[EXPLORE],
+                    help="random share of each suggested batch; one curve per value")
     ap.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "img" / "live_labelling.png"))
     ap.add_argument("--out-md", default=None)
     ap.add_argument("--no-speed", action="store_true")
@@ -247,6 +258,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
     n_test = use_dataset(args.dataset)
+    suggested_orders = ({"suggested": args.explore[0]} if args.explore == [EXPLORE]
+                        else {f"suggested {e:g}": e for e in args.explore})
+    orders = ["random", *suggested_orders]
     images = load_images(args.dataset)
     ext = FeatureExtractor(FeatureSpec())
     t0 = time.perf_counter()
@@ -267,8 +281,9 @@ def main(argv=None) -> int:
         coords = embed(X, mean, std)
         test = [(images[i][0], images[i][1], feats[i]) for i in test_i]
         budgets = sorted({min(b, len(X)) for b in args.budgets})
-        for o in ("random", "suggested"):
-            rows += curve(o, budgets, X, Y, coords, mean, std, test, seed, args.l2)
+        rows += curve("random", budgets, X, Y, coords, mean, std, test, seed, args.l2)
+        for o, e in suggested_orders.items():
+            rows += curve(o, budgets, X, Y, coords, mean, std, test, seed, args.l2, explore=e)
         # baselines on the same test images
         top = int(np.argmax(Y.sum(axis=0)))
         one, oracle = [], []
@@ -291,7 +306,7 @@ def main(argv=None) -> int:
     lines = ["| order | labelled patches | mIoU | " + " | ".join(f"{n} IoU" for n in NAMES) + " |",
              "|---|---|---|" + "---|" * len(NAMES)]
     budgets = sorted({r["budget"] for r in rows})
-    for o in ("random", "suggested"):
+    for o in orders:
         for b in budgets:
             rr = [r for r in rows if r["order"] == o and r["budget"] == b]
             if len(rr) == len(args.seeds):
@@ -304,10 +319,13 @@ def main(argv=None) -> int:
     final_b = max(b for b in budgets if sum(r["budget"] == b and r["order"] == "random" for r in rows) == len(args.seeds))
     target = np.mean([r["miou"] for r in rows if r["order"] == "random" and r["budget"] == final_b])
     reach = {o: next((b for b in budgets if np.mean([r["miou"] for r in rows if r["order"] == o and r["budget"] == b]) >= target - 1e-9), None)
-             for o in ("random", "suggested")}
+             for o in orders}
     lines.append("")
-    lines.append(f"Random order's final mIoU {target:.3f} (at {final_b} labels) is reached with "
-                 f"{reach['suggested'] or 'no budget up to ' + str(final_b) + ' of'} suggested labels vs {reach['random']} random ones.")
+    for o in orders[1:]:
+        lines.append(f"Random order's final mIoU {target:.3f} (at {final_b} labels) is reached with "
+                     f"{reach[o] or 'no budget up to ' + str(final_b) + ' of'} {o} labels vs {reach['random']} random ones; "
+                     f"mean over budgets {np.mean([r['miou'] for r in rows if r['order'] == o]):.3f} vs random "
+                     f"{np.mean([r['miou'] for r in rows if r['order'] == 'random']):.3f}.")
     lines.append(f"Feature extraction of the {len(images)} images: {feat_s:.1f} s.")
     if not args.no_speed:
         sp = speed(args.l2)

@@ -20,7 +20,7 @@ from napari_histo_wsss.core.stage1.features import (
     image_features,
 )
 from napari_histo_wsss.core.stage1.live import UNCERTAIN, LiveHead, pseudo_from_logits, standardiser
-from napari_histo_wsss.core.stage1.suggest import embed, suggest
+from napari_histo_wsss.core.stage1.suggest import embed, suggest, typicality
 
 
 @pytest.fixture(autouse=True)
@@ -99,29 +99,60 @@ def test_live_head_learns_separable_classes_and_says_what_it_cannot_learn():
     assert pseudo_from_logits(z, floor=0.8)[1, 0] == UNCERTAIN
 
 
-def test_cold_start_covers_every_cluster_before_repeating_one():
+def test_cold_start_is_a_reproducible_random_sample_of_the_unlabelled_patches():
     rng = np.random.default_rng(1)
     x = _clusters(rng, 40, [np.eye(4)[i] * 5 for i in range(4)])
     coords = embed(x, x.mean(0), x.std(0) + 1e-3)
-    picks = suggest(coords, np.zeros(len(x), bool), 4)
-    assert len({p.index // 40 for p in picks}) == 4
-    # with labels on clusters 0 and 1, the next batch goes to the unlabelled clusters first
     labelled = np.zeros(len(x), bool)
-    labelled[[0, 1, 40, 41]] = True
-    picks = suggest(coords, labelled, 2)
-    assert {p.index // 40 for p in picks} == {2, 3}
-    assert not labelled[[p.index for p in picks]].any()
+    labelled[:10] = True
+    picks = suggest(coords, labelled, 20)
+    idx = [p.index for p in picks]
+    assert len(set(idx)) == 20 and not labelled[idx].any()
+    assert all(p.random and p.reason == "random sample" for p in picks)
+    assert idx == [p.index for p in suggest(coords, labelled, 20)]  # same labels, same batch (GUI = CLI)
+    assert idx != [p.index for p in suggest(coords, labelled, 20, seed=1)]
+    # a random sample, not the most typical patches: over many draws every cluster is drawn about
+    # as often as it holds unlabelled patches
+    counts = np.bincount([p.index // 40 for s in range(40) for p in suggest(coords, labelled, 20, seed=s)], minlength=4)
+    share = counts / counts.sum()
+    assert np.allclose(share, [30 / 150, 40 / 150, 40 / 150, 40 / 150], atol=0.05), share
 
 
-def test_uncertain_patches_come_first_once_the_space_is_covered():
+def test_typicality_ranks_isolated_patches_low():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(0, 1, (300, 8)), rng.normal(0, 1, (1, 8)) + 12]).astype(np.float32)
+    t = typicality(x)
+    assert t.shape == (301,) and t[-1] == t.min() and t[-1] < 0.25 and np.median(t[:300]) == pytest.approx(0.5, abs=0.05)
+    # with a reference subset (large slides) the ranking holds
+    t2 = typicality(x, reference=100)
+    assert t2[-1] == t2.min() and np.corrcoef(t[:300], t2[:300])[0, 1] > 0.7
+
+
+def test_half_the_batch_is_targeted_at_typical_uncertain_patches():
     rng = np.random.default_rng(2)
-    coords = rng.standard_normal((50, 4)).astype(np.float32)
-    labelled = np.ones(50, bool)
-    labelled[[3, 7, 9]] = False
-    probs = np.full((50, 2), 0.99, np.float32)
-    probs[7] = [0.5, 0.99]
-    picks = suggest(coords, labelled, 3, probs=probs, trainable=np.array([True, True]))
-    assert picks[0].index == 7 and picks[0].reason == "uncertain"
+    coords = np.concatenate([rng.standard_normal((60, 4)), rng.standard_normal((1, 4)) + 20]).astype(np.float32)
+    labelled = np.zeros(61, bool)
+    labelled[:20] = True
+    probs = np.full((61, 2), 0.99, np.float32)
+    probs[[30, 31, 60], 0] = 0.5  # two doubtful common patches, one doubtful outlier
+    # (pool_factor=1: the targeted part is the best-scoring patches themselves, not medoids of a wider pool)
+    picks = suggest(coords, labelled, 4, probs=probs, trainable=np.array([True, True]), pool_factor=1)
+    targeted = [p for p in picks if not p.random]
+    assert len(targeted) == 2 and len(picks) == 4
+    assert {p.index for p in targeted} == {30, 31} and all(p.reason == "uncertain" for p in targeted)
+    assert picks[:2] == targeted  # targeted first, then the random part
+    assert not labelled[[p.index for p in picks]].any() and len({p.index for p in picks}) == 4
+    # explore=0: all targeted; the doubtful outlier only comes after the typical doubtful patches
+    picks = suggest(coords, labelled, 3, probs=probs, trainable=np.array([True, True]), explore=0.0, pool_factor=1)
+    assert [p.index for p in picks][:2] in ([30, 31], [31, 30])
+    assert not any(p.random for p in picks)
+    # a trained classifier that disagrees makes a patch doubtful too
+    probs[[30, 31, 60], 0] = 0.99
+    other = probs.copy()
+    other[45, 1] = 0.01
+    picks = suggest(coords, labelled, 1, probs=probs, trainable=np.array([True, True]), other_probs=other, explore=0.0,
+                    pool_factor=1)
+    assert picks[0].index == 45 and picks[0].reason == "models disagree"
 
 
 def test_image_features_flag_white_glass(wsss4luad_dir, extractor):

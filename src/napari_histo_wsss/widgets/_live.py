@@ -231,7 +231,7 @@ class LiveLabelling(QObject):
             return  # a newer edit is on its way
         if result is None:
             self.head = self.probs = None
-            self.status.setText("no labelled patch yet: use 'Suggest patches' for a diverse first batch")
+            self.status.setText("no labelled patch yet: use 'Suggest patches' for a first batch (a random sample of the tissue patches)")
             return
         self.head, self.probs = result["head"], result["probs"]
         self.last_update_s = result["seconds"]
