@@ -12,7 +12,8 @@ threshold its validation chose (``predict --gate``), and is scored with the same
 checkpoint is ``best.pt`` by the segmenter's own validation images (the split's val set).
 
 Printed beside each run: the stage-one pseudo-mask mIoU of the same run under the default gating
-(``prob-raw``, from ``--work/results.json``), so the difference is what stage two adds.
+(``prob-raw``, and ``prob-raw-crf``, the default of ``pseudo-masks`` with the dense CRF, from
+``--work/results.json``), so the difference is what stage two adds.
 
     python bench/stage2_quality.py --config steps-fused-p128 --splits 0,1 --seeds 0,1 --threads 1
 
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             r = train_and_score(work, args.config, split, seed, args.epochs, args.max_steps, scorer)
             stage1 = s1["runs"].get(args.config, {}).get(f"split{split}-seed{seed}", {}).get("prob-raw", {})
             r["stage1_prob_raw"] = (stage1.get("prob") or {}).get("miou")
+            crf = s1["runs"].get(args.config, {}).get(f"split{split}-seed{seed}", {}).get("prob-raw-crf", {})
+            r["stage1_prob_raw_crf"] = (crf.get("prob") or {}).get("miou")
             results[key] = r
             path.write_text(json.dumps(results, indent=1))
             rows.append(r)
@@ -112,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * (5 + len(names)) + "|")
     print(f"| stage one ({args.config} / prob-raw) | {len(rows)} runs | "
           f"{summarise([r['stage1_prob_raw'] for r in rows])} |" + " |" * (len(names) + 2))
+    if any(r.get("stage1_prob_raw_crf") is not None for r in rows):
+        print(f"| stage one ({args.config} / prob-raw-crf) | {len(rows)} runs | "
+              f"{summarise([r.get('stage1_prob_raw_crf') for r in rows])} |" + " |" * (len(names) + 2))
     print(f"| stage two ({args.epochs} epochs x <= {args.max_steps} steps) | {len(rows)} runs | "
           f"{summarise([r['miou'] for r in rows])} | "
           + " | ".join(summarise([r['iou'].get(n) for r in rows]) for n in names)
@@ -124,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         gain = [(r[k]["miou"] if k == "gated" else r[k]) - r["stage1_prob_raw"] for r in rows
                 if r["stage1_prob_raw"] is not None]
         print(f"\nstage two ({label}) minus its stage-one pseudo-masks, per run: {summarise(gain)}")
+        gain = [(r[k]["miou"] if k == "gated" else r[k]) - r["stage1_prob_raw_crf"] for r in rows
+                if r.get("stage1_prob_raw_crf") is not None]
+        if gain:
+            print(f"stage two ({label}) minus its stage-one pseudo-masks with the dense CRF, per run: {summarise(gain)}")
     return 0
 
 

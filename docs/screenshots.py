@@ -126,6 +126,7 @@ def main() -> None:
         wait(app, lambda: live.ready and live.head is not None)
         live.n_spin.setValue(8)
         live.suggest()
+        viewer.reset_view()  # the whole slide: suggest() centred the view on the first suggestion
         viewer.layers.selection.active = viewer.layers["patch grid"]
         shot(viewer, app, lab, "live_labelling_gui.png")
         live.enable_box.setChecked(False)

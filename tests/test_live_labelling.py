@@ -20,7 +20,7 @@ from napari_histo_wsss.core.stage1.features import (
     image_features,
 )
 from napari_histo_wsss.core.stage1.live import UNCERTAIN, LiveHead, pseudo_from_logits, standardiser
-from napari_histo_wsss.core.stage1.suggest import embed, suggest, typicality
+from napari_histo_wsss.core.stage1.suggest import EXPLORE, embed, suggest, typicality
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +128,7 @@ def test_typicality_ranks_isolated_patches_low():
     assert t2[-1] == t2.min() and np.corrcoef(t[:300], t2[:300])[0, 1] > 0.7
 
 
-def test_half_the_batch_is_targeted_at_typical_uncertain_patches():
+def test_part_of_the_batch_is_targeted_at_typical_uncertain_patches():
     rng = np.random.default_rng(2)
     coords = np.concatenate([rng.standard_normal((60, 4)), rng.standard_normal((1, 4)) + 20]).astype(np.float32)
     labelled = np.zeros(61, bool)
@@ -136,12 +136,15 @@ def test_half_the_batch_is_targeted_at_typical_uncertain_patches():
     probs = np.full((61, 2), 0.99, np.float32)
     probs[[30, 31, 60], 0] = 0.5  # two doubtful common patches, one doubtful outlier
     # (pool_factor=1: the targeted part is the best-scoring patches themselves, not medoids of a wider pool)
-    picks = suggest(coords, labelled, 4, probs=probs, trainable=np.array([True, True]), pool_factor=1)
+    picks = suggest(coords, labelled, 4, probs=probs, trainable=np.array([True, True]), pool_factor=1, explore=0.5)
     targeted = [p for p in picks if not p.random]
     assert len(targeted) == 2 and len(picks) == 4
     assert {p.index for p in targeted} == {30, 31} and all(p.reason == "uncertain" for p in targeted)
     assert picks[:2] == targeted  # targeted first, then the random part
     assert not labelled[[p.index for p in picks]].any() and len({p.index for p in picks}) == 4
+    # the default share: a quarter targeted
+    picks = suggest(coords, labelled, 8, probs=probs, trainable=np.array([True, True]))
+    assert sum(not p.random for p in picks) == 8 - round(8 * EXPLORE) == 2
     # explore=0: all targeted; the doubtful outlier only comes after the typical doubtful patches
     picks = suggest(coords, labelled, 3, probs=probs, trainable=np.array([True, True]), explore=0.0, pool_factor=1)
     assert [p.index for p in picks][:2] in ([30, 31], [31, 30])

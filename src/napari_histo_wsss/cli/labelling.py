@@ -21,12 +21,12 @@ from napari_histo_wsss.cli._project import open_project_for_writing
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "suggest",
-        help="list the patches to label next (half where the live head is unsure, half a random sample)",
+        help="list the patches to label next (a quarter where the live head is unsure, the rest a random sample)",
         description=(
             "Rank the unlabelled patches of PROJECT for labelling: the live head (a linear classifier on "
-            "cached frozen-backbone features) is fitted on the project's patch labels; half of a batch is the "
-            "typical patches it is least sure about, spread over the slides' feature space, and half a random "
-            "sample of the other unlabelled patches (all of it before any label). Missing tissue masks, patch "
+            "cached frozen-backbone features) is fitted on the project's patch labels; a quarter of a batch is "
+            "the typical patches it is least sure about, spread over the slides' feature space, and the rest a "
+            "random sample of the other unlabelled patches (all of it before any label). Missing tissue masks, patch "
             "grids and feature caches are computed first (kept in the project). The list is printed and saved "
             "as PROJECT/suggestions.csv."
         ),
