@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", type=int, nargs="+", default=[5, 10, 20, 40, 80, 160, 320])
     ap.add_argument("--patch", type=int, default=64)
     ap.add_argument("--min-share", type=float, default=0.05)
-    ap.add_argument("--l2", type=float, default=1.0)
+    ap.add_argument("--l2", type=float, default=LiveHead.l2, help="the live head's L2 (default: the product's)")
     ap.add_argument("--explore", type=float, nargs="+", default=[EXPLORE],
                     help="random share of each suggested batch; one curve per value")
     ap.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "img" / "live_labelling.png"))
