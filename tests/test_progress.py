@@ -50,7 +50,7 @@ def test_no_function_level_progress_imports_and_no_duck_typed_events():
 
 def test_review_mask_names_are_written_in_one_place():
     """Stage two and the Review panel name the project masks through core.review's constants."""
-    names = {review.MASK_CAM, review.MASK_CAM_PROBS, review.MASK_PSEUDO, review.MASK_CORRECTED,
+    names = {review.MASK_CAM, review.MASK_CAM_PROBS, review.MASK_CAM_LOGITS, review.MASK_PSEUDO, review.MASK_CORRECTED,
              review.MASK_CORRECTED_FLAG, review.MASK_REVIEWED}
     assert set(review.COMPUTED_MASKS) | set(review.PATHOLOGIST_MASKS) == names
     offenders = []

@@ -18,6 +18,7 @@ from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.core.review import (
     COMPUTED_MASKS,
     MASK_CAM,
+    MASK_CAM_LOGITS,
     MASK_CAM_PROBS,
     MASK_CORRECTED,
     MASK_CORRECTED_FLAG,
@@ -30,7 +31,9 @@ from napari_histo_wsss.core.review import (
     ThresholdIndex,
     compute_slide_cams,
     corrections_for_plan,
+    load_canvas,
     load_corrections,
+    outside_canvas,
     plan_cams,
     plan_slide_cams,
     pseudo_from_canvas,
@@ -290,17 +293,42 @@ def test_cams_command_writes_the_layers_and_refuses_to_replace_them(case, capsys
     # what was saved is the canvas of the job's tiles and its automatic mask at the default
     # thresholds (CAM 0.2, gating 0.5: the tiny run has no validation masks to calibrate it)
     canvas = CamCanvas.empty(LUAD.num_classes, pseudo.shape, int(round(pds / ds)), ds,
-                             tissue=tissue_on_canvas(project, sid, pseudo.shape, ds))
+                             tissue=tissue_on_canvas(project, sid, pseudo.shape, ds), rule="raw")
     for ev in compute_slide_cams(project, sid, Path(project.runs_dir) / RUN,
                                  ReviewSettings(mode="last", tile=128, device="cpu"), save=False):
         if isinstance(ev, CamTile):
-            canvas.put(ev.ty, ev.tx, ev.cams, ev.probs, ev.rgb, ev.box)
+            canvas.put(ev.ty, ev.tx, ev.cams, ev.probs, ev.rgb, ev.box, logits=ev.logits)
     assert ev.kind == "done" and ev.metrics["written"] == [] and ev.metrics["gating"] == 0.5
+    assert ev.metrics["rule"] == "raw" and ev.metrics["offsets"] == [0.0] * LUAD.num_classes  # no validation masks
     # saved normalised once per slide: each class's strongest pixel is 1
     np.testing.assert_allclose(cam, canvas.cams / canvas.peaks()[:, None, None], atol=1e-3)
     assert np.nanmax(cam.reshape(cam.shape[0], -1), axis=1) == pytest.approx(1.0, abs=1e-3)
     np.testing.assert_array_equal(probs, canvas.probs.astype(np.float16))
     np.testing.assert_array_equal(pseudo, pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, 200))
+    # the default rule is pseudo-masks' raw argmax: on tissue, each pixel is the gated class with
+    # the largest logit (the softmax of the winner is at least 1/k, so the CAM threshold 0.2 marks
+    # nothing uncertain), and the logits are saved with the mask
+    logits, lds = got[MASK_CAM_LOGITS]
+    assert lds == ds and logits.dtype == np.float16
+    np.testing.assert_allclose(logits, canvas.logits, atol=2e-2, rtol=2e-3)
+    allowed = slide_probs(canvas) >= 0.5
+    allowed[int(np.argmax(slide_probs(canvas)))] = True
+    z = np.where(allowed[:, None, None], canvas.logits, -np.inf)
+    tissue = ~outside_canvas(canvas, 200)
+    np.testing.assert_array_equal(pseudo[tissue], np.argmax(z, axis=0)[tissue])
+    assert (pseudo[~tissue] == LUAD.background_index).all()
+    # reopened, the canvas keeps the rule and gives the same mask (up to the white-glass rule on
+    # the slide read again at canvas resolution, and float16 storage)
+    again = load_canvas(Project.open(project.root), sid)
+    assert again.rule == "raw"
+    assert (pseudo_from_canvas(again, LUAD, 0.2, 0.5, 200) == pseudo).mean() > 0.98
+    # the earlier rule stays a switch; it writes no logits, and removes stale ones
+    assert main(["cams", str(project.root), *_CLI, "--rule", "normalised", "--overwrite"]) == 0
+    assert MASK_CAM_LOGITS not in Project.open(project.root).mask_names(sid)
+    old = load_canvas(Project.open(project.root), sid)
+    assert old.rule == "normalised"
+    assert (Project.open(project.root).read_mask(sid, MASK_PSEUDO)[0] == pseudo_from_canvas(old, LUAD, 0.2, 0.5, 200)).mean() > 0.98
+    assert main(["cams", str(project.root), *_CLI, "--overwrite"]) == 0
     capsys.readouterr()
     # again without --overwrite: a one-line error, nothing replaced
     before = {n: Path(project.root, "masks", sid, n, "zarr.json").stat().st_mtime_ns for n in COMPUTED_MASKS}

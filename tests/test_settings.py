@@ -160,7 +160,7 @@ def test_panel_forms_show_the_core_defaults(make_napari_viewer):
     _dock, review = viewer.window.add_plugin_dock_widget("napari-histo-wsss", "Review and correct")
     d = ReviewSettings()
     form = review.settings_form.values()
-    assert set(form) == {"which", "mode", "tile", "max_side", "device"}
+    assert set(form) == {"which", "mode", "rule", "tile", "max_side", "device"} and form["rule"] == "raw"
     assert ReviewSettings(**form) == d and form["mode"] is None
     assert review.mode.currentText() == "as trained"
     review.mode.setCurrentText("last")

@@ -11,7 +11,14 @@ Neighbouring tiles overlap by twice the margin and are blended with the package'
 window (:meth:`CamCanvas.put`); CAMs are zero outside the project's tissue mask.
 
 The automatic pseudo-mask is decided per slide, never per tile, so no tile edge can show:
-gating from the slide-level probabilities (each class's highest tile probability), one
+gating from the slide-level probabilities (each class's highest tile probability), then, by
+default (``ReviewSettings.rule = "raw"``), the argmax of the raw CAM logits plus the per-class
+offsets the run's validation calibrated - the rule of ``histo-wsss pseudo-masks`` before its
+dense CRF (:func:`~.cams.raw_argmax_mask`), which scores 0.570 on the stage-one benchmark's test
+images against 0.499 for per-class normalised CAMs (``docs/benchmarks/stage1.md``, rows
+*prob-raw* and *prob*); a pixel's score for the CAM threshold is then the softmax of its class
+among the gated ones (at least 1/k, so the default threshold marks no tissue uncertain and the
+mask is the command line's). With ``rule = "normalised"`` (the earlier rule): one
 normalisation per class over the whole slide (:func:`canvas_scores`: :func:`~.cams.allowed_classes`
 and :func:`~.cams.class_scores`, cached; they do not depend on the CAM threshold), then
 :func:`~.cams.threshold_scores` - the steps that :func:`~.cams.pseudo_mask` chains for image
@@ -25,6 +32,8 @@ panel runs it in the background and ``histo-wsss cams`` from the command line. T
 below; stage two (:mod:`.train_seg`) reads the same names:
 
 * ``cam`` (C, h, w) float16 (each class normalised over the slide) and ``cam_probs`` (C, th, tw) float16, NaN on tiles not computed;
+* ``cam_logits`` (C, h, w) float16: the raw CAM logits plus the run's offsets (the ``raw`` rule's scores; absent when
+  the mask was made by the ``normalised`` rule or before this layer existed);
 * ``pseudo`` (h, w) uint8 class indices, the automatic mask (background = C);
 * ``corrected``, ``corrected_flag`` and ``reviewed``: the pathologist's work. A pixel is
   *corrected* when the user changed it (painted, filled or erased) and its value now differs
@@ -55,6 +64,8 @@ from napari_histo_wsss.core.slides.tissue import white_background_mask
 __all__ = [
     "MASK_CAM",
     "MASK_CAM_PROBS",
+    "MASK_CAM_LOGITS",
+    "MASK_RULES",
     "MASK_PSEUDO",
     "MASK_CORRECTED",
     "MASK_CORRECTED_FLAG",
@@ -98,8 +109,12 @@ MASK_PSEUDO = "pseudo"
 MASK_CORRECTED = "corrected"
 MASK_CORRECTED_FLAG = "corrected_flag"
 MASK_REVIEWED = "reviewed"
+#: The raw CAM logits plus the run's calibrated offsets (the ``raw`` rule's scores).
+MASK_CAM_LOGITS = "cam_logits"
+#: How the automatic mask compares classes (:class:`ReviewSettings`).
+MASK_RULES = ("raw", "normalised")
 #: What :func:`compute_slide_cams` writes (recomputing replaces them).
-COMPUTED_MASKS = (MASK_CAM, MASK_CAM_PROBS, MASK_PSEUDO)
+COMPUTED_MASKS = (MASK_CAM, MASK_CAM_PROBS, MASK_PSEUDO, MASK_CAM_LOGITS)
 #: The pathologist's work: written only from the Review panel's edits, never recomputed.
 PATHOLOGIST_MASKS = (MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_REVIEWED)
 
@@ -130,6 +145,10 @@ class ReviewSettings(Settings):
     mode: str | None = setting(None, choices=("multi", "last"), none="as trained", label="CAM mode", basic=True,
                                help="CAM type: multi (fused with two earlier stages, finer) or last (default: the "
                                     "run's cam_mode, the CAMs its validation scored)")
+    rule: str = setting("raw", choices=MASK_RULES, label="Mask rule", basic=True,
+                        help="raw: argmax of raw CAM logits plus the offsets the run's validation calibrated "
+                             "(the rule of pseudo-masks, better on the benchmark); normalised: CAMs normalised "
+                             "per class over the slide, tissue below the CAM threshold uncertain")
     tile: int = setting(768, range=(32, None), step=64, basic=True,
                         label="Tile (px)", help="tile side in model pixels; tiles are blended with their neighbours")
     max_side: int = setting(4096, range=(64, None), step=256, label="Max. mask side (px)", basic=True,
@@ -169,6 +188,9 @@ class CamCanvas:
     rgb: np.ndarray
     weight: np.ndarray | None = None
     tissue: np.ndarray | None = None
+    #: (C, h, w) float32 raw CAM logits plus the run's offsets, blended like ``cams`` (the ``raw``
+    #: rule); None: the mask compares per-class normalised CAMs
+    logits: np.ndarray | None = field(default=None, repr=False)
     #: bumped by every :meth:`put`; the caches of :meth:`peaks`, :func:`canvas_scores` and :func:`outside_canvas` carry it
     version: int = field(default=0, compare=False)
     cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -181,7 +203,9 @@ class CamCanvas:
 
     @classmethod
     def empty(cls, num_classes: int, shape: tuple[int, int], tile: int, downsample: float,
-              tissue: np.ndarray | None = None) -> CamCanvas:
+              tissue: np.ndarray | None = None, rule: str = "normalised") -> CamCanvas:
+        if rule not in MASK_RULES:
+            raise HistoWSSSError(f"unknown mask rule {rule!r}; choose one of {', '.join(MASK_RULES)}")
         h, w = shape
         th, tw = math.ceil(h / tile), math.ceil(w / tile)
         return cls(
@@ -190,7 +214,13 @@ class CamCanvas:
             tile=int(tile), downsample=float(downsample),
             rgb=np.full((h, w, 3), 255, dtype=np.uint8),
             weight=np.zeros((h, w), dtype=np.float32), tissue=tissue,
+            logits=np.zeros((num_classes, h, w), dtype=np.float32) if rule == "raw" else None,
         )
+
+    @property
+    def rule(self) -> str:
+        """``raw`` when the canvas holds logits, else ``normalised``."""
+        return "raw" if self.logits is not None else "normalised"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -221,8 +251,9 @@ class CamCanvas:
         return self.cache[key]
 
     def put(self, ty: int, tx: int, cams: np.ndarray, probs: np.ndarray, rgb: np.ndarray,
-            box: tuple[slice, slice] | None = None) -> tuple[slice, slice]:
-        """Blend one computed tile in. ``cams`` (C, bh, bw) and ``rgb`` (bh, bw, 3) cover ``box``
+            box: tuple[slice, slice] | None = None, logits: np.ndarray | None = None) -> tuple[slice, slice]:
+        """Blend one computed tile in. ``cams`` (C, bh, bw), ``logits`` (the same, raw logits plus
+        offsets; needed when the canvas holds logits) and ``rgb`` (bh, bw, 3) cover ``box``
         (default the tile itself): the tile widened by the plan's margin, clipped to the canvas.
         Tiles overlap by twice the margin and are blended with the cosine window of
         :func:`~.grid.cosine_window` (a partition of unity), so no tile edge shows. Returns ``box``."""
@@ -241,6 +272,12 @@ class CamCanvas:
         part += np.asarray(cams, dtype=np.float32) * (fw / new_w)
         if self.tissue is not None:
             part *= self.tissue[sy, sx]
+        if self.logits is not None:
+            if logits is None:
+                raise HistoWSSSError("this canvas compares raw CAM logits: a tile needs its logits")
+            lpart = self.logits[:, sy, sx]
+            lpart *= old_w / new_w
+            lpart += np.asarray(logits, dtype=np.float32) * (fw / new_w)
         self.weight[sy, sx] = new_w
         self.rgb[core_y, core_x] = rgb[core_y.start - sy.start:core_y.stop - sy.start,
                                        core_x.start - sx.start:core_x.stop - sx.start]
@@ -263,6 +300,8 @@ class CamTile(ProgressEvent):
     cams: np.ndarray | None = field(default=None, repr=False)
     probs: np.ndarray | None = field(default=None, repr=False)
     rgb: np.ndarray | None = field(default=None, repr=False)
+    #: raw CAM logits plus the run's offsets (C, bh, bw); None when not asked for
+    logits: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(eq=False)
@@ -362,14 +401,15 @@ def _resize_stack(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def slide_cam_tiles(model: Any, slide: Any, plan: CamPlan, mode: str, window: int, device: Any,
-                    should_stop: Callable[[], bool]) -> Iterator[CamTile]:
+                    should_stop: Callable[[], bool], offsets: np.ndarray | None = None) -> Iterator[CamTile]:
     """The CAMs of each planned tile of an open slide, in plan order, at canvas resolution and
     raw strength (:func:`~.cams.cams_for_image` without its per-image normalisation, on the
     tile's widened box read at the working resolution, then resized); returns early when
-    ``should_stop()``."""
+    ``should_stop()``. With ``offsets`` ((C,), the run's calibrated raw-logit offsets) each tile
+    also carries its raw CAM logits (:func:`~.cams.logit_maps`) plus the offsets."""
     from PIL import Image
 
-    from napari_histo_wsss.core.stage1.cams import cams_for_image
+    from napari_histo_wsss.core.stage1.cams import cams_for_image, logit_maps
 
     t0 = time.monotonic()
     n = len(plan.tiles)
@@ -383,8 +423,12 @@ def slide_cam_tiles(model: Any, slide: Any, plan: CamPlan, mode: str, window: in
         rgb = slide.read_scaled((sx.start * ds, sy.start * ds), (bw * ds, bh * ds), size)
         cams, probs = cams_for_image(model, rgb, device=device, mode=mode, window=window, normalize=False)
         cams = _resize_stack(cams, (bh, bw))
+        logits = None
+        if offsets is not None:
+            logits = _resize_stack(logit_maps(model, rgb, device=device), (bh, bw))
+            logits += np.asarray(offsets, dtype=np.float32)[:, None, None]
         small = np.asarray(Image.fromarray(rgb).resize((bw, bh), Image.Resampling.BOX))
-        yield CamTile(ty=ty, tx=tx, box=(sy, sx), cams=cams, probs=probs, rgb=small, step=i, steps=n,
+        yield CamTile(ty=ty, tx=tx, box=(sy, sx), cams=cams, probs=probs, rgb=small, logits=logits, step=i, steps=n,
                       eta_s=(time.monotonic() - t0) / i * (n - i), message=f"tile {i}/{n}")
 
 
@@ -420,13 +464,29 @@ def canvas_scores(canvas: CamCanvas, classes: ClassTable, gating: float,
     key = ("scores", canvas.version, allowed.tobytes())
     if box is None and key in canvas.cache:
         return canvas.cache[key]
-    scale = (1.0 / np.maximum(canvas.peaks(), _EPS)).astype(np.float32)[:, None, None]
-    cams = canvas.cams if box is None else canvas.cams[:, box[0], box[1]]
-    scores = class_scores(cams * scale, classes, allowed, norm="none")
+    if canvas.logits is not None:
+        scores = _raw_scores(canvas.logits if box is None else canvas.logits[:, box[0], box[1]], allowed)
+    else:
+        scale = (1.0 / np.maximum(canvas.peaks(), _EPS)).astype(np.float32)[:, None, None]
+        cams = canvas.cams if box is None else canvas.cams[:, box[0], box[1]]
+        scores = class_scores(cams * scale, classes, allowed, norm="none")
     if box is None:
         canvas.cache = {k: v for k, v in canvas.cache.items() if k[0] != "scores"}
         canvas.cache[key] = scores
     return scores
+
+
+def _raw_scores(logits: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``raw`` rule: over the ``allowed`` classes, the class of the largest logit (offsets
+    included) and its softmax among them (the score the CAM threshold compares)."""
+    idx = np.flatnonzero(np.asarray(allowed, dtype=bool))
+    if idx.size == 0:
+        return np.zeros(logits.shape[1:], dtype=np.uint8), np.full(logits.shape[1:], -1.0, dtype=np.float32)
+    z = logits[idx]
+    pick = np.argmax(z, axis=0)
+    top = np.take_along_axis(z, pick[None], axis=0)
+    best = (1.0 / np.exp(z - top).sum(axis=0)).astype(np.float32)
+    return idx.astype(np.uint8)[pick], best
 
 
 def outside_canvas(canvas: CamCanvas, white_level: int | None, box: tuple[slice, slice] | None = None) -> np.ndarray:
@@ -712,9 +772,13 @@ def load_canvas(project: Any, slide_id: str) -> CamCanvas | None:
     arr, ds = cams
     parr, pds = probs
     tile = max(1, int(round(pds / ds)))
+    logits = project.read_mask(slide_id, MASK_CAM_LOGITS) if MASK_CAM_LOGITS in project.mask_names(slide_id) else None
+    if logits is not None and logits[0].shape != arr.shape:
+        logits = None  # a stale layer from another computation: the saved mask's rule cannot be redone
     canvas = CamCanvas(arr.astype(np.float32), parr.astype(np.float32), tile, ds,
                        np.full(arr.shape[1:] + (3,), 255, dtype=np.uint8),
-                       tissue=tissue_on_canvas(project, slide_id, arr.shape[1:], ds))
+                       tissue=tissue_on_canvas(project, slide_id, arr.shape[1:], ds),
+                       logits=None if logits is None else logits[0].astype(np.float32))
     with project.open_slide(slide_id) as slide:
         h, w = canvas.shape
         canvas.rgb[:] = slide.read_scaled((0, 0), (w * ds, h * ds), (w, h))
@@ -760,13 +824,30 @@ def calibrated_gating(run_dir: str | Path, which: str = "best") -> float | None:
     return None if chosen is None else int(round(chosen * 100)) / 100
 
 
+def run_offsets(run_dir: str | Path, which: str, num_classes: int) -> np.ndarray:
+    """(C,) the ``prob-raw`` offsets the run's validation calibrated (zeros when it recorded none:
+    the plain raw argmax)."""
+    from napari_histo_wsss.core.stage1.train import calibrated_offsets
+
+    off = calibrated_offsets(run_dir, which, "prob-raw")
+    if off is None or len(off) != num_classes:
+        return np.zeros(num_classes, dtype=np.float32)
+    return np.asarray(off, dtype=np.float32)
+
+
 def _write_computed(project: Any, slide_id: str, canvas: CamCanvas, pseudo: np.ndarray) -> list[str]:
     # saved normalised once per slide (each class's peak = 1), as the pseudo-mask saw them
     scale = (1.0 / np.maximum(canvas.peaks(), _EPS)).astype(np.float32)
     project.write_mask(slide_id, MASK_CAM, (canvas.cams * scale[:, None, None]).astype(np.float16), canvas.downsample)
     project.write_mask(slide_id, MASK_CAM_PROBS, canvas.probs.astype(np.float16), canvas.downsample * canvas.tile)
     project.write_mask(slide_id, MASK_PSEUDO, pseudo, canvas.downsample)
-    return list(COMPUTED_MASKS)
+    written = [MASK_CAM, MASK_CAM_PROBS, MASK_PSEUDO]
+    if canvas.logits is not None:
+        project.write_mask(slide_id, MASK_CAM_LOGITS, canvas.logits.astype(np.float16), canvas.downsample)
+        written.append(MASK_CAM_LOGITS)
+    else:
+        project.delete_mask(slide_id, MASK_CAM_LOGITS)
+    return written
 
 
 def existing_computed(project: Any, slide_id: str) -> list[str]:
@@ -823,9 +904,10 @@ def compute_slide_cams(
         plan = plan_slide_cams(project, slide_id, s.tile, s.max_side)
     gating = s.gating if s.gating is not None else calibrated_gating(run_dir, s.which)
     gating = 0.5 if gating is None else float(gating)
+    offsets = run_offsets(run_dir, s.which, classes.num_classes) if s.rule == "raw" else None
     white = int(s.white_level) if classes.white_background else None
     canvas = CamCanvas.empty(classes.num_classes, plan.shape, plan.tile, plan.downsample,
-                             tissue=tissue_on_canvas(project, slide_id, plan.shape, plan.downsample))
+                             tissue=tissue_on_canvas(project, slide_id, plan.shape, plan.downsample), rule=s.rule)
     n = len(plan.tiles)
     yield ProgressEvent("start", steps=n, metrics={"gating": gating}, message=f"{slide_id}: {n} tiles with {run_dir.name} ({s.which}, {mode} CAMs, "
                         f"{device}); mask {plan.shape[1]}x{plan.shape[0]} px at {plan.downsample:.2f}x")
@@ -837,8 +919,8 @@ def compute_slide_cams(
     window = int(project.settings["patch_size"])
     try:
         with project.open_slide(slide_id) as slide:
-            for tile in slide_cam_tiles(model, slide, plan, mode, window, device, stop):
-                canvas.put(tile.ty, tile.tx, tile.cams, tile.probs, tile.rgb, tile.box)
+            for tile in slide_cam_tiles(model, slide, plan, mode, window, device, stop, offsets=offsets):
+                canvas.put(tile.ty, tile.tx, tile.cams, tile.probs, tile.rgb, tile.box, logits=tile.logits)
                 yield tile
     except GeneratorExit:  # closed early (the GUI worker closes a job that ignores a stop): keep the tiles
         if save and keep_partial and canvas.computed_tiles():
@@ -848,6 +930,7 @@ def compute_slide_cams(
     cancelled = done < n
     written = write() if save and done and (keep_partial or not cancelled) else []
     metrics = {"tiles": done, "tiles_planned": n, "shape": list(plan.shape), "downsample": plan.downsample,
+               "rule": s.rule, "offsets": None if offsets is None else [float(v) for v in offsets],
                "cam_threshold": s.cam_threshold, "gating": gating, "white_level": white, "written": written}
     if cancelled:
         kept = f"the {done} computed tiles were saved" if written else "nothing was written"

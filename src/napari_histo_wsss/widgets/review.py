@@ -450,7 +450,7 @@ class ReviewWidget(Panel):
         settings = ReviewSettings(**form,
                                   cam_threshold=self.cam_threshold, gating=self.gating_threshold,
                                   white_level=int(self.white.value()))
-        self._start_canvas(project, plan)
+        self._start_canvas(project, plan, settings.rule)
 
         def job(should_stop: Callable[[], bool]) -> Iterator[Any]:
             # in the worker: reading the run's calibration imports torch (seconds, never on the GUI
@@ -468,12 +468,12 @@ class ReviewWidget(Panel):
                  + (f"; {kept} corrected pixels kept" if kept else ""))
         return plan
 
-    def _start_canvas(self, project: Any, plan: CamPlan) -> None:
+    def _start_canvas(self, project: Any, plan: CamPlan, rule: str = _DEFAULTS.rule) -> None:
         self._reset()
         self._slide_id = sid = self.session.slide_id
         c = project.classes.num_classes
         self.canvas = CamCanvas.empty(c, plan.shape, plan.tile, plan.downsample,
-                                      tissue=tissue_on_canvas(project, sid, plan.shape, plan.downsample))
+                                      tissue=tissue_on_canvas(project, sid, plan.shape, plan.downsample), rule=rule)
         try:  # recomputing keeps the saved corrections: new tiles replace only automatic values
             self.edits = corrections_for_plan(project, sid, plan)
         except HistoWSSSError as e:
@@ -490,7 +490,7 @@ class ReviewWidget(Panel):
             return
         if not isinstance(ev, CamTile) or self.canvas is None or self.edits is None:
             return
-        region = self.canvas.put(ev.ty, ev.tx, ev.cams, ev.probs, ev.rgb, ev.box)
+        region = self.canvas.put(ev.ty, ev.tx, ev.cams, ev.probs, ev.rgb, ev.box, logits=ev.logits)
         project = self.session.require_project()
         # the live view: the new tile's box with the slide's gating and normalisation so far
         # (the whole mask is redone once the last tile is in)

@@ -651,6 +651,24 @@ class Project:
                 raise ProjectError(f"{final}: cannot write mask: {e.strerror or e}") from e
             shutil.rmtree(old, ignore_errors=True)
 
+    def delete_mask(self, slide_id: str, name: str) -> bool:
+        """Remove a stored mask (a layer a recomputation no longer makes); False when there was
+        none. The folder is renamed away under the exclusive lock first, so a reader never sees
+        half of it."""
+        final = self._mask_path(slide_id, name)
+        if not final.exists():
+            return False
+        self._check_writable(final)
+        gone = final.parent / f".{name}.old-{uuid.uuid4().hex[:8]}"
+        with self._disk(exclusive=True):
+            try:
+                os.rename(final, gone)
+                fsync_dir(final.parent)
+            except OSError as e:
+                raise ProjectError(f"{final}: cannot remove mask: {e.strerror or e}") from e
+            shutil.rmtree(gone, ignore_errors=True)
+        return True
+
     def read_mask(self, slide_id: str, name: str) -> tuple[np.ndarray, float] | None:
         """``(array, downsample)`` of a stored mask, or ``None`` if there is none. A mask written
         for a different class table or left incomplete raises ProjectError naming it."""
