@@ -11,9 +11,9 @@ Protocol (cannot fool itself):
   The oracle labels a patch with every class covering at least ``--min-share`` of it (a pathologist
   does not label a sliver), from the ground-truth mask.
 * Orders: ``random`` (a seeded shuffle) and ``suggested`` (``core.stage1.suggest``: a random first
-  batch, then batches half targeted at typical patches the head fitted so far doubts, half random;
-  ``--explore`` sets the random share, several values give one curve each, named
-  ``suggested <share>``).
+  batch, then batches a quarter targeted at typical patches the head fitted so far doubts, the rest
+  random; ``--explore`` sets the random share, default ``suggest.EXPLORE``; several values give one
+  curve each, named ``suggested <share>``).
 * At each budget the live head (``core.stage1.live``) is refitted on the labelled patches' cached
   features, and each test image's pseudo-mask is the argmax of its raw CAM logits on tissue (image
   labels unknown: the probability-free, label-free setting), white glass background.
@@ -30,7 +30,7 @@ Usage::
     python bench/bench_live_labelling.py --seeds 0 1 2 --budgets 5 10 20 40 80 160
     python bench/bench_live_labelling.py --dataset glas --no-speed --plot docs/img/live_labelling_glas.png
     # how the random share was chosen: development splits, not the reported ones
-    python bench/bench_live_labelling.py --seeds 100 101 102 103 104 105 106 107 108 --explore 0 0.5 --no-speed
+    python bench/bench_live_labelling.py --seeds 100 101 102 103 104 105 106 107 108 --explore 0 0.25 0.5 0.75 1 --no-speed
 
 Writes the table to stdout (markdown) and to ``--out-md`` when given.
 """

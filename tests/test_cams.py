@@ -18,6 +18,7 @@ from napari_histo_wsss.core.stage1.cams import (
     PseudoMaskSettings,
     cams_for_image,
     generate_pseudo_masks,
+    logit_maps,
     pseudo_mask,
     save_pseudo_mask,
 )
@@ -64,6 +65,26 @@ def test_cams_any_size_whole_and_tiled(model, mode):
     assert np.all(np.isclose(peaks, 1.0, atol=1e-5) | (peaks == 0)) and peaks.max() == pytest.approx(1.0)
     with pytest.raises(HistoWSSSError, match="overlap"):
         cams_for_image(model, rgb, tile=64, overlap=64)
+
+
+@pytest.mark.parametrize("mode", ["last", "multi"])
+def test_cams_for_image_gives_the_raw_logits_of_the_same_pass(model, mode):
+    # the Review canvas takes its raw logits from the CAM pass instead of a second forward
+    rgb = _rgb(60, 100)
+    cams, probs = cams_for_image(model, rgb, mode=mode, window=48, normalize=False)
+    cams2, probs2, raw = cams_for_image(model, rgb, mode=mode, window=48, normalize=False, return_logits=True)
+    np.testing.assert_array_equal(cams2, cams)
+    np.testing.assert_array_equal(probs2, probs)
+    assert raw.shape == (3, 60, 100) and raw.dtype == np.float32 and raw.min() < 0 < raw.max()
+    np.testing.assert_allclose(raw, logit_maps(model, rgb), rtol=1e-4, atol=1e-4 * float(np.abs(raw).max()))
+    # tiled: one tile over the whole image is the whole-image pass; overlapping tiles blend the
+    # logits like the maps (every pixel covered, values within the range the tiles produce)
+    _, _, raw_1 = cams_for_image(model, rgb, mode=mode, tile=128, window=48, normalize=False, return_logits=True)
+    np.testing.assert_allclose(raw_1, raw, rtol=1e-5, atol=1e-6 * float(np.abs(raw).max()))
+    cams_t, _, raw_t = cams_for_image(model, rgb, mode=mode, tile=48, overlap=12, window=48, normalize=False,
+                                      return_logits=True)
+    assert raw_t.shape == raw.shape and cams_t.shape == cams.shape and np.isfinite(raw_t).all()
+    assert not np.allclose(raw_t, raw)  # tiles see less context: a different field, not a copy
 
 
 def test_pseudo_mask_gating_and_white_background():

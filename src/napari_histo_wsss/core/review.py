@@ -406,10 +406,10 @@ def slide_cam_tiles(model: Any, slide: Any, plan: CamPlan, mode: str, window: in
     raw strength (:func:`~.cams.cams_for_image` without its per-image normalisation, on the
     tile's widened box read at the working resolution, then resized); returns early when
     ``should_stop()``. With ``offsets`` ((C,), the run's calibrated raw-logit offsets) each tile
-    also carries its raw CAM logits (:func:`~.cams.logit_maps`) plus the offsets."""
+    also carries its raw CAM logits (from the same forward pass) plus the offsets."""
     from PIL import Image
 
-    from napari_histo_wsss.core.stage1.cams import cams_for_image, logit_maps
+    from napari_histo_wsss.core.stage1.cams import cams_for_image
 
     t0 = time.monotonic()
     n = len(plan.tiles)
@@ -421,11 +421,12 @@ def slide_cam_tiles(model: Any, slide: Any, plan: CamPlan, mode: str, window: in
         bh, bw = sy.stop - sy.start, sx.stop - sx.start
         size = (max(1, int(round(bw * scale))), max(1, int(round(bh * scale))))
         rgb = slide.read_scaled((sx.start * ds, sy.start * ds), (bw * ds, bh * ds), size)
-        cams, probs = cams_for_image(model, rgb, device=device, mode=mode, window=window, normalize=False)
+        cams, probs, *raw = cams_for_image(model, rgb, device=device, mode=mode, window=window, normalize=False,
+                                           return_logits=offsets is not None)
         cams = _resize_stack(cams, (bh, bw))
         logits = None
         if offsets is not None:
-            logits = _resize_stack(logit_maps(model, rgb, device=device), (bh, bw))
+            logits = _resize_stack(raw[0], (bh, bw))
             logits += np.asarray(offsets, dtype=np.float32)[:, None, None]
         small = np.asarray(Image.fromarray(rgb).resize((bw, bh), Image.Resampling.BOX))
         yield CamTile(ty=ty, tx=tx, box=(sy, sx), cams=cams, probs=probs, rgb=small, logits=logits, step=i, steps=n,
@@ -465,7 +466,7 @@ def canvas_scores(canvas: CamCanvas, classes: ClassTable, gating: float,
     if box is None and key in canvas.cache:
         return canvas.cache[key]
     if canvas.logits is not None:
-        scores = _raw_scores(canvas.logits if box is None else canvas.logits[:, box[0], box[1]], allowed)
+        scores = _raw_scores(canvas.logits if box is None else canvas.logits[:, box[0], box[1]], classes, allowed)
     else:
         scale = (1.0 / np.maximum(canvas.peaks(), _EPS)).astype(np.float32)[:, None, None]
         cams = canvas.cams if box is None else canvas.cams[:, box[0], box[1]]
@@ -476,17 +477,17 @@ def canvas_scores(canvas: CamCanvas, classes: ClassTable, gating: float,
     return scores
 
 
-def _raw_scores(logits: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _raw_scores(logits: np.ndarray, classes: ClassTable, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The ``raw`` rule: over the ``allowed`` classes, the class of the largest logit (offsets
-    included) and its softmax among them (the score the CAM threshold compares)."""
+    included; :func:`~.cams.class_scores` without normalisation) and its softmax among them (the
+    score the CAM threshold compares)."""
+    from napari_histo_wsss.core.stage1.cams import class_scores
+
+    argmax, top = class_scores(logits, classes, allowed, norm="none")
     idx = np.flatnonzero(np.asarray(allowed, dtype=bool))
     if idx.size == 0:
-        return np.zeros(logits.shape[1:], dtype=np.uint8), np.full(logits.shape[1:], -1.0, dtype=np.float32)
-    z = logits[idx]
-    pick = np.argmax(z, axis=0)
-    top = np.take_along_axis(z, pick[None], axis=0)
-    best = (1.0 / np.exp(z - top).sum(axis=0)).astype(np.float32)
-    return idx.astype(np.uint8)[pick], best
+        return argmax, top
+    return argmax, (1.0 / np.exp(logits[idx] - top[None]).sum(axis=0)).astype(np.float32)
 
 
 def outside_canvas(canvas: CamCanvas, white_level: int | None, box: tuple[slice, slice] | None = None) -> np.ndarray:
@@ -772,7 +773,7 @@ def load_canvas(project: Any, slide_id: str) -> CamCanvas | None:
     arr, ds = cams
     parr, pds = probs
     tile = max(1, int(round(pds / ds)))
-    logits = project.read_mask(slide_id, MASK_CAM_LOGITS) if MASK_CAM_LOGITS in project.mask_names(slide_id) else None
+    logits = project.read_mask(slide_id, MASK_CAM_LOGITS)
     if logits is not None and logits[0].shape != arr.shape:
         logits = None  # a stale layer from another computation: the saved mask's rule cannot be redone
     canvas = CamCanvas(arr.astype(np.float32), parr.astype(np.float32), tile, ds,

@@ -43,14 +43,18 @@ def live_style(classes: Any) -> tuple[dict, float]:
 
 
 def _prepare(feats: Any, grid: Any) -> dict:
-    """The dense map, its standardisation, every grid patch's pooled features and their embedding."""
+    """The dense map, its standardisation, every grid patch's pooled features, their embedding and
+    its typicality (computed here, in the worker, once per cache: not on the GUI thread at every
+    'Suggest patches')."""
     from napari_histo_wsss.core.stage1.live import standardiser
-    from napari_histo_wsss.core.stage1.suggest import embed
+    from napari_histo_wsss.core.stage1.suggest import embed, typicality
 
     dense = feats.dense()
     mean, std = standardiser(dense, feats.tissue)
     pooled = feats.patch_features(grid.x, grid.y, grid.size0, dense=dense)
-    return {"dense": dense, "mean": mean, "std": std, "pooled": pooled, "coords": embed(pooled, mean, std)}
+    coords = embed(pooled, mean, std)
+    return {"dense": dense, "mean": mean, "std": std, "pooled": pooled, "coords": coords,
+            "typical": typicality(coords)}
 
 
 class LiveLabelling(QObject):
@@ -66,6 +70,7 @@ class LiveLabelling(QObject):
         self._dense: np.ndarray | None = None
         self._pooled: np.ndarray | None = None
         self._coords: np.ndarray | None = None
+        self._typical: np.ndarray | None = None
         self._mean = self._std = None
         self.head = None
         self.probs: np.ndarray | None = None
@@ -111,7 +116,7 @@ class LiveLabelling(QObject):
         return self.features is not None and self._pooled is not None
 
     def _reset(self) -> None:
-        self.features = self._dense = self._pooled = self._coords = None
+        self.features = self._dense = self._pooled = self._coords = self._typical = None
         self.head = self.probs = None
         self.queue, self.current = [], None
         self.list.clear()
@@ -187,7 +192,7 @@ class LiveLabelling(QObject):
     def _features_ready(self, feats: Any, prepared: dict) -> None:
         self.features = feats
         self._dense, self._mean, self._std = prepared["dense"], prepared["mean"], prepared["std"]
-        self._pooled, self._coords = prepared["pooled"], prepared["coords"]
+        self._pooled, self._coords, self._typical = prepared["pooled"], prepared["coords"], prepared["typical"]
         self.status.setText(f"features ready ({feats.shape[0]} x {feats.shape[1]} cells); label patches to see live CAMs")
         self.labels_changed()
 
@@ -285,7 +290,7 @@ class LiveLabelling(QObject):
         head = self.head
         picks = suggest(self._coords, labelled, int(self.n_spin.value()),
                         probs=self.probs if head is not None else None,
-                        trainable=head.trainable if head is not None else None)
+                        trainable=head.trainable if head is not None else None, typical=self._typical)
         self.queue = [p.index for p in picks]
         self._rank = {p.index: r + 1 for r, p in enumerate(picks)}
         self.list.clear()

@@ -166,7 +166,8 @@ def cams_for_image(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     normalize: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
+    return_logits: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Class activation maps and image-level probabilities of one RGB image.
 
     Args:
@@ -186,18 +187,30 @@ def cams_for_image(
         normalize: False keeps each class's raw strength (maps scaled by the last-stage CAM
             peak, not by the image's own maximum), so that the maps of several tiles of one
             slide can be normalised together (:mod:`.review`: one normalisation per slide).
+        return_logits: also return the raw CAM logits of the plain (unscaled, unflipped) pass,
+            upsampled to the image and blended like the maps - what :func:`logit_maps` gives
+            without test-time augmentation, from the same forward pass.
 
     Returns:
         ``(cams, probs)``: float32 ``(C, H, W)`` in [0, 1], each class max-normalised over the
-        whole image (a class whose map is zero everywhere stays zero), and float32 ``(C,)``.
+        whole image (a class whose map is zero everywhere stays zero), and float32 ``(C,)``;
+        with ``return_logits``, ``(cams, probs, logits)``, the logits float32 ``(C, H, W)``.
     """
     if mode not in CAM_MODES:
         raise HistoWSSSError(f"unknown CAM mode {mode!r}; choose one of {', '.join(CAM_MODES)}")
     dev, x = _prepare(model, rgb, scales, device, "cams_for_image")
     h, w = rgb.shape[:2]
+    def with_raw(m: torch.Tensor, logit_map: torch.Tensor) -> torch.Tensor:
+        # the raw logits ride as extra channels, so tiles blend them exactly like the maps
+        if not return_logits:
+            return m
+        up = F.interpolate(logit_map[None], size=tuple(m.shape[-2:]), mode="bilinear", align_corners=False)[0]
+        return torch.cat([m, up])
+
     if tile is None and max(h, w) <= WHOLE_IMAGE_MAX:
         with torch.no_grad():
             maps, logit_map = _tile_maps(model, x, mode, scales, flip)
+            maps = with_raw(maps, logit_map)
         logits = _window_logits(logit_map, (h, w), window)
     else:
         tile = int(tile or 512)
@@ -206,13 +219,18 @@ def cams_for_image(
             raise HistoWSSSError(f"tile must be >= 32 px and overlap within [0, tile/2], got tile={tile}, overlap={ov}")
         def per_tile(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             m, lm = _tile_maps(model, xt, mode, scales, flip)
-            return m, _window_logits(lm, tuple(xt.shape[-2:]), window)
+            return with_raw(m, lm), _window_logits(lm, tuple(xt.shape[-2:]), window)
 
         with torch.no_grad():
             maps, window_logits = _blend_tiles(x, tile, ov, per_tile)
         logits = torch.stack(window_logits).amax(dim=0)
+    raw = None
+    if return_logits:
+        c = maps.shape[0] // 2
+        maps, raw = maps[:c], maps[c:]
     cams = normalize_cams(maps[None])[0] if normalize else maps
-    return cams.cpu().numpy().astype(np.float32), torch.sigmoid(logits).cpu().numpy().astype(np.float32)
+    out = (cams.cpu().numpy().astype(np.float32), torch.sigmoid(logits).cpu().numpy().astype(np.float32))
+    return out + (raw.cpu().numpy().astype(np.float32),) if return_logits else out
 
 
 def pseudo_mask(
