@@ -73,10 +73,11 @@ def run_one(script: str, args: list[str]) -> tuple[int, str, float]:
 
 
 def _method_reports() -> str:
-    """The reports of longer runs with their own commands (method quality; the GPU check, run on a
-    GPU machine with ``bench/gpu_check.sh``; the fault-injection bench), appended verbatim."""
+    """The reports of longer runs with their own commands (method quality; the simulated annotator
+    and the GUI stall bench; the GPU check, run on a GPU machine with ``bench/gpu_check.sh``; the
+    fault-injection bench), appended verbatim."""
     parts = []
-    for name in ("stage1.md", "stage2.md", "gpu.md", "faults.md"):
+    for name in ("stage1.md", "stage2.md", "live_labelling.md", "gui.md", "gpu.md", "faults.md"):
         path = ROOT / "docs" / "benchmarks" / name
         if path.exists():
             body = path.read_text().strip()
