@@ -213,3 +213,46 @@ def test_balanced_head_does_not_drown_a_rare_class():
     # the common class is still found on its own patches
     test_common = rng.normal(0, 1, (100, c)).astype(np.float32)
     assert float((balanced.logits(test_common).argmax(axis=1) == 0).mean()) > 0.9
+
+
+def test_suggest_compares_the_live_head_with_the_projects_trained_run(cmu_svs, tmp_path, capsys):
+    from _review_project import RUN, labelled_project_with_classifier
+
+    from napari_histo_wsss.core.data.datasets import to_tensor
+    from napari_histo_wsss.core.stage1.suggest import trained_patch_probs
+    from napari_histo_wsss.core.stage1.train import load_run
+
+    project, sid = labelled_project_with_classifier(tmp_path / "p.wsss", cmu_svs)
+    grid = project.grid(sid)
+    assert main(["suggest", str(project.root), "--n", "6", "--device", "cpu"]) == 0
+    rows = list(csv.DictReader((project.root / "suggestions.csv").read_text().splitlines()))
+    assert len(rows) == 6 and all(r["trained"] for r in rows)  # the run's view of every suggested patch
+    dis = np.array([float(r["disagreement"]) for r in rows])
+    assert (dis >= 0).all() and (dis <= 1).all() and dis.max() > 0
+    # the probabilities are the run's own: a patch read as training reads it, through the classifier
+    done = [ev for ev in trained_patch_probs(project, sid, grid, project.runs_dir / RUN) if ev.kind == "done"][-1]
+    assert "reused" in done.message  # kept in the project by the command, tied to the checkpoint
+    model = load_run(project.runs_dir / RUN)[0]
+    patch = int(project.settings["patch_size"])
+    with project.open_slide(sid) as slide:
+        for i in (0, len(grid) // 2, len(grid) - 1):
+            rgb = slide.read_scaled((int(grid.x[i]), int(grid.y[i])), (grid.size0, grid.size0), (patch, patch))
+            with torch.no_grad():
+                expected = torch.sigmoid(model(to_tensor(rgb)[None]))[0].numpy()
+            np.testing.assert_allclose(done.probs[i], expected, atol=1e-5)
+    # a retrained checkpoint is not mixed with the old predictions
+    ckpt = project.runs_dir / RUN / "checkpoints" / "best.pt"
+    st = ckpt.stat()
+    import os
+
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = [ev for ev in trained_patch_probs(project, sid, grid, project.runs_dir / RUN) if ev.kind == "done"][-1]
+    assert "reused" not in again.message and np.allclose(again.probs, done.probs, atol=1e-5)
+    capsys.readouterr()
+    # no comparison when asked, and a clear line for a run that does not exist
+    assert main(["suggest", str(project.root), "--n", "3", "--run", "none", "--device", "cpu"]) == 0
+    rows = list(csv.DictReader((project.root / "suggestions.csv").read_text().splitlines()))
+    assert not any(r["trained"] for r in rows) and all(float(r["disagreement"]) == 0 for r in rows)
+    assert main(["suggest", str(project.root), "--run", "cls-nope", "--device", "cpu"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cls-nope" in err

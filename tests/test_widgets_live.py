@@ -73,6 +73,26 @@ def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewe
     # labels were saved to the project as usual
     assert len(project.patch_labels()) >= 20
 
+    # once the project holds a trained stage-one run, Suggest first computes that classifier's view of
+    # every patch in the background and then ranks with the disagreement; the headless twin agrees
+    from napari_histo_wsss.core.stage1.train import TrainConfig, train_classifier
+
+    cfg = TrainConfig(method="cam", epochs=1, batch_size=4, weights="imagenet", device="cpu", patch_size=32,
+                      synth_share=0.0)
+    for _ev in train_classifier(project.root, project.runs_dir / "cls-live", cfg):
+        pass
+    qtbot.waitUntil(lambda: live.head is not None and live.head.n_labels == len(project.patch_labels()), timeout=WAIT_MS)
+    live.n_spin.setValue(5)
+    live.suggest_btn.click()
+    qtbot.waitUntil(lambda: live._trained is not None and live.list.count() == 5, timeout=WAIT_MS)
+    assert live._trained[2].shape == (len(ov.grid.x), project.classes.num_classes)
+    assert all("trained:" in live.list.item(i).text() for i in range(live.list.count()))
+    shown = list(live.queue)
+    assert main(["suggest", str(project.root), "--n", "5", "--slide", sid, "--device", "cpu"]) == 0
+    rows = list(csv.DictReader((project.root / "suggestions.csv").read_text().splitlines()))
+    assert [(int(r["x"]), int(r["y"])) for r in rows] == [(int(ov.grid.x[i]), int(ov.grid.y[i])) for i in shown]
+    assert all(r["trained"] for r in rows)
+
 
 def project_slide(project) -> str:
     return next(iter(project.slides))

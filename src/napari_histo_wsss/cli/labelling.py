@@ -3,7 +3,8 @@
 The same core job as the panel (:func:`~napari_histo_wsss.core.stage1.suggest.project_suggestions`):
 on the way it computes whatever the project lacks (tissue mask, patch grid, each slide's feature
 cache, kept in the project and resumed after Ctrl-C), fits the live head on the project's patch
-labels and prints a ranked batch, saved as ``PROJECT/suggestions.csv``. With no labels yet the
+labels, compares it with the project's newest stage-one run where there is one (``--run``; patches
+where the two disagree rank higher) and prints a ranked batch, saved as ``PROJECT/suggestions.csv``. With no labels yet the
 batch covers the slides' tissue types (cold start).
 """
 
@@ -26,15 +27,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Rank the unlabelled patches of PROJECT for labelling: the live head (a linear classifier on "
             "cached frozen-backbone features) is fitted on the project's patch labels; a quarter of a batch is "
             "the typical patches it is least sure about, spread over the slides' feature space, and the rest a "
-            "random sample of the other unlabelled patches (all of it before any label). Missing tissue masks, patch "
-            "grids and feature caches are computed first (kept in the project). The list is printed and saved "
-            "as PROJECT/suggestions.csv."
+            "random sample of the other unlabelled patches (all of it before any label). When the project holds a "
+            "trained stage-one run, patches where that classifier and the live head disagree rank as doubtful too. "
+            "Missing tissue masks, patch grids, feature caches and the run's patch predictions are computed first "
+            "(kept in the project). The list is printed and saved as PROJECT/suggestions.csv."
         ),
     )
     p.add_argument("project", help="project folder (or its project.json)")
     p.add_argument("--n", type=int, default=20, help="number of patches to suggest (default 20)")
     p.add_argument("--slide", action="append", default=None, metavar="S",
                    help="slide id (repeatable; default: every slide of the project)")
+    p.add_argument("--run", default=None, metavar="RUN",
+                   help="stage-one run to compare with the live head (patches where they disagree rank higher): a run "
+                        "folder or its name under PROJECT/runs; default the project's newest classifier run, "
+                        "'none' for no comparison")
+    p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint of that run (default best)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.set_defaults(func=run_suggest)
 
@@ -59,16 +66,19 @@ def run_suggest(args: argparse.Namespace) -> int:
             tqdm.write(ev.message)
 
     with StopOnSigint() as stop:
-        last = drive(project_suggestions(project, n=args.n, slide_ids=args.slide, device=device, should_stop=stop),
-                     "suggest", show)
+        run = False if args.run is not None and args.run.lower() == "none" else args.run
+        last = drive(project_suggestions(project, n=args.n, slide_ids=args.slide, device=device, should_stop=stop,
+                                         run=run, which=args.which), "suggest", show)
     if last is None or last.kind != "done":
         return 130
     for w in last.warnings or []:
         print(f"note: {w}")
     print(last.message)
-    print(f"{'rank':>4}  {'slide':<16} {'x':>7} {'y':>7}  {'reason':<16} live head")
+    with_run = any(r.trained for r in last.rows)
+    print(f"{'rank':>4}  {'slide':<16} {'x':>7} {'y':>7}  {'reason':<16} {'live head':<28}" + (" trained run" if with_run else ""))
     for r in last.rows:
-        print(f"{r.rank:>4}  {r.slide_id:<16} {r.x:>7} {r.y:>7}  {r.reason:<16} {r.predicted}")
+        print(f"{r.rank:>4}  {r.slide_id:<16} {r.x:>7} {r.y:>7}  {r.reason:<16} {r.predicted:<28}"
+              + (f" {r.trained}" if with_run else ""))
     if not project.read_only:
         print(f"saved {project.root / SUGGESTIONS_NAME}")
     return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from qtpy.QtCore import QObject, Signal
@@ -72,6 +72,9 @@ class LiveLabelling(QObject):
         self._coords: np.ndarray | None = None
         self._typical: np.ndarray | None = None
         self._mean = self._std = None
+        # the project's stage-one run and its probabilities for every grid patch (disagreement):
+        # (run folder, checkpoint stamp, (N, K) probs), computed off the GUI thread
+        self._trained: tuple | None = None
         self.head = None
         self.probs: np.ndarray | None = None
         self.queue: list[int] = []  # grid indices still to label, in suggestion order
@@ -117,7 +120,7 @@ class LiveLabelling(QObject):
 
     def _reset(self) -> None:
         self.features = self._dense = self._pooled = self._coords = self._typical = None
-        self.head = self.probs = None
+        self.head = self.probs = self._trained = None
         self.queue, self.current = [], None
         self.list.clear()
         self._show_suggestions()
@@ -182,12 +185,17 @@ class LiveLabelling(QObject):
             elif ev.message:
                 self.status.setText(ev.message)
 
+        self._start(task, job, on_event, f"feature cache of {sid}")
+
+    @staticmethod
+    def _start(task: Any, job: Callable, on_event: Callable, what: str) -> None:
+        """Run ``job`` in ``task``'s slot with ``on_event`` as its only listener."""
         try:
             task.event.disconnect()
         except (RuntimeError, TypeError):
             pass
         task.event.connect(on_event)
-        task.start(job, f"feature cache of {sid}")
+        task.start(job, what)
 
     def _features_ready(self, feats: Any, prepared: dict) -> None:
         self.features = feats
@@ -274,9 +282,61 @@ class LiveLabelling(QObject):
     # -- suggestions ---------------------------------------------------------------------------
     def _on_suggest(self, *_: Any) -> None:
         try:
-            self.suggest()
+            if not self.refresh_trained(then=self._on_suggest):
+                self.suggest()
         except HistoWSSSError as e:
             self.panel.fail(str(e))
+
+    def _run_stamp(self) -> tuple[Any, Any, str | None]:
+        """The project's newest stage-one run, its best checkpoint's (size, mtime) and a note."""
+        from napari_histo_wsss.core.runs import checkpoint_file
+        from napari_histo_wsss.core.stage1.suggest import project_run
+
+        run, note = project_run(self.session.require_project())
+        if run is None:
+            return None, None, note
+        try:
+            st = checkpoint_file(run, "best").stat()
+        except OSError:
+            return None, None, None  # a run still before its first checkpoint
+        return run, (st.st_size, st.st_mtime_ns), None
+
+    def refresh_trained(self, then: Callable[[], Any] | None = None) -> bool:
+        """Compute, in the background, the project's newest stage-one run's probabilities for
+        every patch of the grid when they are missing or the run changed (the suggestions rank
+        patches where it and the live head disagree higher). Returns True when a job started
+        (``then`` runs when it is done), False when nothing needs computing."""
+        from napari_histo_wsss.core.stage1.suggest import trained_patch_probs
+
+        if not self.ready:
+            return False
+        run, stamp, _ = self._run_stamp()
+        if run is None or (self._trained is not None and self._trained[:2] == (run, stamp)):
+            return False
+        task = self.session.task("live-trained", "Trained-run predictions")
+        if task.running:
+            return True
+        project = self.session.require_project()
+        sid, _ = self.session.require_slide()
+        grid = self.session.require_grid()
+
+        def job(should_stop):
+            from napari_histo_wsss.core.device import pick_device
+
+            yield from trained_patch_probs(project, sid, grid, run, "best", device=pick_device("auto"),
+                                           should_stop=should_stop)
+
+        def on_event(ev: Any) -> None:
+            if ev.kind == "done" and self.session.grid is grid and ev.probs is not None:
+                self._trained = (run, stamp, ev.probs)
+                self.status.setText(f"suggestions compare the live head with {run.name}")
+                if then is not None:
+                    then()
+            elif ev.message:
+                self.status.setText(ev.message)
+
+        self._start(task, job, on_event, f"{run.name} on the patches of {sid}")
+        return True
 
     def suggest(self) -> list[int]:
         """A new batch of suggestions (grid indices), shown in the list; the first one is selected."""
@@ -288,9 +348,11 @@ class LiveLabelling(QObject):
             raise GuiError("tick 'Live CAMs' and wait for the slide's features first")
         labelled = np.asarray(ov.labels).any(axis=1)
         head = self.head
+        other = self._trained[2] if self._trained is not None and len(self._trained[2]) == len(labelled) else None
         picks = suggest(self._coords, labelled, int(self.n_spin.value()),
                         probs=self.probs if head is not None else None,
-                        trainable=head.trainable if head is not None else None, typical=self._typical)
+                        trainable=head.trainable if head is not None else None, typical=self._typical,
+                        other_probs=other)
         self.queue = [p.index for p in picks]
         self._rank = {p.index: r + 1 for r, p in enumerate(picks)}
         self.list.clear()
@@ -301,6 +363,8 @@ class LiveLabelling(QObject):
                 top = [c for c in np.argsort(-self.probs[p.index])[:2] if np.isfinite(head.bias[c])]
                 guess = ", ".join(f"{names[c]} {self.probs[p.index, c]:.2f}" for c in top)
             why = "first batch" if head is None else p.reason
+            if other is not None and head is not None:
+                guess += f"; trained: {names[int(np.argmax(other[p.index]))]} {float(other[p.index].max()):.2f}"
             self.list.addItem(f"({int(ov.grid.x[p.index])}, {int(ov.grid.y[p.index])})  {why}  {guess}".rstrip())
             self.list.item(self.list.count() - 1).setData(256, p.index)
         if not self.queue:

@@ -5,7 +5,8 @@ A batch of ``n`` suggestions has two parts:
 * **targeted** (``n - round(EXPLORE n)`` patches, a quarter): every unlabelled patch scores its **uncertainty** (the
   live head's doubt, the largest binary entropy over the classes it can learn; a patch it calls
   50/50 tumour scores 1) plus its **disagreement** (the largest difference between the live head's
-  and a trained classifier's class probabilities, when a stage-one run's predictions are given),
+  and the project's trained stage-one classifier's class probabilities, over the classes the head
+  can learn; :func:`trained_patch_probs`, when the project has a run),
   times its **typicality** (how densely other patches surround it in feature space: 1 / (1 + its
   mean distance to its 20 nearest patches over the median of that distance), so an odd corner,
   a fold or a blur does not outrank common tissue the head gets wrong). The ``pool_factor * k``
@@ -30,7 +31,9 @@ unsure. ``docs/benchmarks/live_labelling.md`` has the tables.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -46,7 +49,7 @@ from napari_histo_wsss.core.stage1.features import (
 from napari_histo_wsss.core.stage1.live import LiveHead, standardiser
 
 __all__ = ["Suggestion", "suggest", "embed", "typicality", "SuggestedPatch", "project_suggestions",
-           "SUGGESTIONS_NAME", "EXPLORE"]
+           "SUGGESTIONS_NAME", "EXPLORE", "trained_patch_probs", "TrainedProbs"]
 
 #: Share of each batch drawn at random (the rest is targeted); chosen on the development splits.
 EXPLORE = 0.75
@@ -176,11 +179,11 @@ def suggest(
     unc, dis = zeros, zeros
     if probs is not None:
         h = _entropy(np.asarray(probs, np.float32))
-        if trainable is not None:
-            h = h[:, np.asarray(trainable, bool)] if np.any(trainable) else np.zeros((len(h), 0), np.float32)
-        unc = h.max(axis=1) if h.shape[1] else zeros
-        if other_probs is not None:
-            dis = np.abs(np.asarray(probs, np.float32) - np.asarray(other_probs, np.float32)).max(axis=1)
+        keep = np.ones(h.shape[1], bool) if trainable is None else np.asarray(trainable, bool)
+        unc = h[:, keep].max(axis=1) if keep.any() else zeros
+        if other_probs is not None and keep.any():  # only where the live head has an opinion
+            diff = np.abs(np.asarray(probs, np.float32) - np.asarray(other_probs, np.float32))
+            dis = diff[:, keep].max(axis=1)
     doubt = unc + dis
     informed = bool(np.any(doubt[cand] > 0))
     typ = typicality(coords) if typical is None else np.asarray(typical, np.float32)
@@ -198,6 +201,80 @@ def suggest(
         for i in rng.choice(rest, min(n_random, len(rest)), replace=False).tolist():
             chosen.append(Suggestion(int(i), float(score[i]), float(unc[i]), float(typ[i]), float(dis[i]), random=True))
     return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# the trained classifier's view of every grid patch, for disagreement
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainedProbs(ProgressEvent):
+    """An event of :func:`trained_patch_probs`; the ``done`` one carries ``probs`` ``(N, K)``."""
+
+    probs: np.ndarray | None = None
+
+
+def _trained_cache_path(project: Any, slide_id: str, run: Path, which: str) -> Path:
+    return project.features_dir(slide_id) / f"trained-{run.name}-{which}.npz"
+
+
+def trained_patch_probs(project: Any, slide_id: str, grid: Any, run_dir: Any, which: str = "best",
+                        device: Any = "cpu", batch: int = 32, model: Any = None,
+                        should_stop: Callable[[], bool] = lambda: False) -> Iterator[TrainedProbs]:
+    """The class probabilities a trained stage-one classifier gives every patch of a slide's grid.
+
+    Each patch is read as training reads a labelled one (its level-0 box resampled to the
+    project's patch size) and classified by the run's ``which`` checkpoint. The result is kept in
+    the project's feature folder, tied to the checkpoint (size and modification time), the grid
+    and the patch size, and reused while they hold; a project on a read-only disk recomputes.
+    Yields ``step`` events, then ``done`` (``probs``) or ``cancelled``. ``model``: an already
+    loaded classifier of that run (skips loading it)."""
+    import torch
+
+    from napari_histo_wsss.core.data.datasets import to_tensor
+    from napari_histo_wsss.core.runs import checkpoint_file
+    from napari_histo_wsss.core.stage1.train import load_run
+
+    run = Path(run_dir)
+    ckpt = checkpoint_file(run, which)
+    patch = int(project.settings["patch_size"])
+    xs, ys = np.asarray(grid.x, np.int64), np.asarray(grid.y, np.int64)
+    try:
+        st = ckpt.stat()
+        stamp = np.array([st.st_size, st.st_mtime_ns, int(grid.size0), patch], np.int64)
+    except OSError:
+        stamp = None
+    cache = None if project.read_only else _trained_cache_path(project, slide_id, run, which)
+    if cache is not None and stamp is not None and cache.is_file():
+        try:
+            with np.load(cache) as z:
+                if (np.array_equal(z["stamp"], stamp) and np.array_equal(z["x"], xs) and np.array_equal(z["y"], ys)):
+                    yield TrainedProbs("done", step=len(xs), steps=len(xs), probs=z["probs"].astype(np.float32),
+                                       message=f"slide {slide_id}: {run.name}'s predictions reused")
+                    return
+        except (OSError, ValueError, KeyError):
+            pass  # damaged or from an older layout: recomputed below and rewritten
+    if model is None:
+        model = load_run(run, which=which, map_location=device)[0]
+    model.eval()
+    n = len(xs)
+    out = np.zeros((n, project.classes.num_classes), np.float32)
+    with project.open_slide(slide_id) as slide, torch.no_grad():
+        for start in range(0, n, batch):
+            if should_stop():
+                yield TrainedProbs("cancelled", step=start, steps=n, message=f"slide {slide_id}: stopped")
+                return
+            stop = min(n, start + batch)
+            x = torch.stack([to_tensor(slide.read_scaled((int(xs[i]), int(ys[i])), (grid.size0, grid.size0),
+                                                          (patch, patch))) for i in range(start, stop)])
+            out[start:stop] = torch.sigmoid(model(x.to(device))).float().cpu().numpy()
+            yield TrainedProbs("step", step=stop, steps=n,
+                               message=f"slide {slide_id}: {run.name} on patch {stop} of {n}")
+    if cache is not None and stamp is not None:
+        from napari_histo_wsss.core.io.atomic import write_with
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_with(cache, lambda f: np.savez(f, stamp=stamp, x=xs, y=ys, probs=out))
+    yield TrainedProbs("done", step=n, steps=n, probs=out, message=f"slide {slide_id}: {run.name} on {n} patches")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +297,8 @@ class SuggestedPatch:
     uncertainty: float
     typicality: float
     predicted: str
+    disagreement: float = 0.0
+    trained: str = ""  # what the stage-one run predicts (empty without a run)
 
 
 @dataclass
@@ -231,21 +310,56 @@ class SuggestEvent(ProgressEvent):
     warnings: list | None = None
 
 
+def project_run(project: Any, run: Any = None) -> tuple[Path | None, str | None]:
+    """The stage-one run whose predictions suggestions compare with the live head: ``run`` (a
+    folder or a name under the project's ``runs/``), or by default the project's newest
+    classifier run; ``run=False`` for none. Returns ``(run folder or None, a note for the user or None)``;
+    a project without a run, or a run trained on other classes, gives None and says why."""
+    from napari_histo_wsss.core.errors import TrainingError
+    from napari_histo_wsss.core.review import resolve_run
+
+    if run is False:
+        return None, None
+    try:
+        path = resolve_run(project, run)
+    except TrainingError:
+        if run is not None:
+            raise
+        return None, "no trained classifier in the project yet: suggestions rank by the live head alone (no disagreement)"
+    try:
+        names = json.loads((path / "classes.json").read_text(encoding="utf-8"))["names"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = None
+    if names is not None and list(names) != list(project.classes.names):
+        msg = (f"{path}: the run was trained on classes {', '.join(names)}, the project has "
+               f"{', '.join(project.classes.names)}; no disagreement is computed")
+        if run is not None:
+            raise HistoWSSSError(msg)
+        return None, msg
+    return path, None
+
+
 def project_suggestions(project: Any, n: int = 20, slide_ids: list[str] | None = None,
                         spec: FeatureSpec | None = None, device: Any = "cpu",
-                        should_stop: Callable[[], bool] = lambda: False, save: bool = True) -> Iterator[SuggestEvent]:
+                        should_stop: Callable[[], bool] = lambda: False, save: bool = True,
+                        run: Any = None, which: str = "best") -> Iterator[SuggestEvent]:
     """Rank a project's unlabelled patches for labelling (see the module docstring).
 
     Whatever is missing is computed on the way: each slide's tissue mask and patch grid (the
-    project's settings) and its feature cache (kept in the project, resumed if interrupted). The
-    live head is fitted on the project's patch labels; with none yet, the batch is a random
-    sample of the tissue patches. ``save`` writes the list to ``<project>/suggestions.csv``."""
+    project's settings), its feature cache (kept in the project, resumed if interrupted) and,
+    when the project has a stage-one run (``run``, default its newest; ``False`` for none), that
+    classifier's probabilities for every patch (:func:`trained_patch_probs`, cached), so that
+    patches where it and the live head disagree rank higher. The live head is fitted on the
+    project's patch labels; with none yet, the batch is a random sample of the tissue patches.
+    ``save`` writes the list to ``<project>/suggestions.csv``."""
     spec = spec or FeatureSpec()
     if n < 1:
         raise HistoWSSSError(f"the number of suggestions must be at least 1, got {n}")
     slide_ids = list(slide_ids or project.slides)
     if not slide_ids:
         raise HistoWSSSError(f"{project.root}: the project has no slides; add one first")
+    run_dir, run_note = project_run(project, run)
+    trained_model = None
     extractor = None
     per_slide = []
     for si, sid in enumerate(slide_ids, start=1):
@@ -267,17 +381,33 @@ def project_suggestions(project: Any, n: int = 20, slide_ids: list[str] | None =
                 else:
                     yield SuggestEvent("step", epoch=si, epochs=len(slide_ids), step=ev.step, steps=ev.steps,
                                        eta_s=ev.eta_s, message=f"slide {sid}: {ev.message}")
-        per_slide.append((sid, grid, result))
+        other = None
+        if run_dir is not None:
+            if trained_model is None:
+                from napari_histo_wsss.core.stage1.train import load_run
+
+                trained_model = load_run(run_dir, which=which, map_location=device)[0]
+            for ev in trained_patch_probs(project, sid, grid, run_dir, which, device=device, model=trained_model,
+                                          should_stop=should_stop):
+                if ev.kind == "cancelled":
+                    yield SuggestEvent("cancelled", message=ev.message)
+                    return
+                if ev.kind == "done":
+                    other = ev.probs
+                else:
+                    yield SuggestEvent("step", epoch=si, epochs=len(slide_ids), step=ev.step, steps=ev.steps,
+                                       message=ev.message)
+        per_slide.append((sid, grid, result, other))
     if not per_slide:
         raise HistoWSSSError(f"{project.root}: no patch grid holds tissue; lower 'Min. tissue' or check the slides")
-    dense = {sid: feats.dense() for sid, _, feats in per_slide}
-    mean, std = standardiser(np.concatenate([dense[sid][feats.tissue] for sid, _, feats in per_slide]))
+    dense = {sid: feats.dense() for sid, _, feats, _ in per_slide}
+    mean, std = standardiser(np.concatenate([dense[sid][feats.tissue] for sid, _, feats, _ in per_slide]))
     pooled, where, labels, labelled = [], [], [], []
     table = project.patch_labels()
     known = {(s, int(x), int(y), int(z)): lab for s, x, y, z, lab in
              zip(table.slide_id, table.x, table.y, table.size0, table.labels)}
     k = project.classes.num_classes
-    for sid, grid, feats in per_slide:
+    for sid, grid, feats, _ in per_slide:
         pooled.append(feats.patch_features(grid.x, grid.y, grid.size0, dense=dense[sid]))
         for x, y in zip(grid.x.tolist(), grid.y.tolist()):
             lab = known.get((sid, x, y, grid.size0))
@@ -294,8 +424,11 @@ def project_suggestions(project: Any, n: int = 20, slide_ids: list[str] | None =
         warnings = head.warnings(names)
     else:
         warnings = ["no patch is labelled yet: these suggestions are a random sample of the slides' tissue patches, a fair first batch"]
+    other = np.concatenate([o for *_, o in per_slide]) if run_dir is not None else None
+    if run_note:
+        warnings.append(run_note)
     picks = suggest(embed(pooled, mean, std), labelled, n, probs=probs,
-                    trainable=head.trainable if head is not None else None)
+                    trainable=head.trainable if head is not None else None, other_probs=other)
     rows = []
     for r, p in enumerate(picks, start=1):
         sid, x, y, size0 = where[p.index]
@@ -304,14 +437,17 @@ def project_suggestions(project: Any, n: int = 20, slide_ids: list[str] | None =
                              if np.isfinite(head.bias[c]))
         else:
             pred = ""
+        trained = "" if other is None else ", ".join(f"{names[c]} {other[p.index, c]:.2f}"
+                                                     for c in np.argsort(-other[p.index])[:2])
         rows.append(SuggestedPatch(r, sid, x, y, size0, round(p.score, 4), "first batch" if head is None else p.reason,
-                                   round(p.uncertainty, 4), round(p.typicality, 4), pred))
+                                   round(p.uncertainty, 4), round(p.typicality, 4), pred,
+                                   round(p.disagreement, 4), trained))
     if save and not project.read_only:
         from napari_histo_wsss.core.io.atomic import write_text
 
-        header = "rank,slide_id,x,y,size0,score,reason,uncertainty,typicality,predicted\n"
+        header = "rank,slide_id,x,y,size0,score,reason,uncertainty,typicality,predicted,disagreement,trained\n"
         body = "".join(f'{r.rank},{r.slide_id},{r.x},{r.y},{r.size0},{r.score},{r.reason},{r.uncertainty},'
-                       f'{r.typicality},"{r.predicted}"\n' for r in rows)
+                       f'{r.typicality},"{r.predicted}",{r.disagreement},"{r.trained}"\n' for r in rows)
         write_text(project.root / SUGGESTIONS_NAME, header + body)
     yield SuggestEvent("done", message=f"{len(rows)} suggestions from {int((~labelled).sum())} unlabelled patches "
                                        f"({int(labelled.sum())} labelled)", rows=rows, warnings=warnings)
