@@ -39,24 +39,29 @@ from napari_histo_wsss.core.stage2.train import SegConfig, load_segmenter, train
 
 
 def train_and_score(work: Path, name: str, split: int, seed: int, epochs: int, max_steps: int | None,
-                    scorer: Scorer) -> dict:
+                    scorer: Scorer, pseudo_sets: tuple[str, ...] | None = None) -> dict:
     patch, stride, _ = CONFIGS[name]
     ps = patch_set(work, patch, stride, split)
     run = work / "runs" / f"{name}-split{split}-seed{seed}"
     if not (run / "bench_train.json").is_file():
         raise SystemExit(f"{run}: no stage-one run; train it with bench/stage1_quality.py first")
-    out = work / "seg" / f"{name}-split{split}-seed{seed}-e{epochs}-s{max_steps}"
+    tag = "" if pseudo_sets is None else "-" + "+".join(pseudo_sets)
+    out = work / "seg" / f"{name}-split{split}-seed{seed}-e{epochs}-s{max_steps}{tag}"
     done = out / "bench_train.json"
     t0 = time.perf_counter()
     if not done.is_file():
-        cfg = SegConfig(epochs=epochs, max_steps_per_epoch=max_steps, seed=seed, device="cpu")
+        sets = {} if pseudo_sets is None else {"pseudo_sets": pseudo_sets}
+        cfg = SegConfig(epochs=epochs, max_steps_per_epoch=max_steps, seed=seed, device="cpu", **sets)
         for ev in train_segmenter(run, None, cfg, dataset=ps, out_dir=out, resume=(out / "checkpoints").is_dir()):
             if ev.kind == "epoch":
                 print(f"  seg {name} split {split} seed {seed} epoch {ev.epoch}/{ev.epochs} "
                       f"loss {ev.metrics['train_loss']:.4f} val mIoU {ev.metrics.get('val_miou')} "
                       f"{time.perf_counter() - t0:.0f}s", flush=True)
         done.write_text(json.dumps({"train_s": time.perf_counter() - t0}))
-    return score_segmenter(out, run, ps, scorer) | {"train_s": json.loads(done.read_text())["train_s"]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    best = max(rows, key=lambda r: r.get("val_miou") or -1.0)  # best.pt: the highest validation mIoU
+    return score_segmenter(out, run, ps, scorer) | {"train_s": json.loads(done.read_text())["train_s"],
+                                                    "val_miou": best.get("val_miou")}
 
 
 def score_segmenter(out: Path, run: Path, ps: Path, scorer: Scorer) -> dict:
@@ -86,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=30, help="steps per epoch at most (CPU budget)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="/tmp/s1q")
+    p.add_argument("--pseudo-sets", default=None, metavar="SETS",
+                   help="SegConfig.pseudo_sets, comma-separated (default: SegConfig's); named in the run folders")
     args = p.parse_args(argv)
+    pseudo_sets = tuple(args.pseudo_sets.split(",")) if args.pseudo_sets else None
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     s1 = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {"runs": {}}
@@ -99,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             if scorer is None:
                 patch, stride, _ = CONFIGS[args.config]
                 scorer = Scorer(load_dataset(patch_set(work, patch, stride, split)).classes)
-            key = f"{args.config}-split{split}-seed{seed}-e{args.epochs}-s{args.max_steps}"
-            r = train_and_score(work, args.config, split, seed, args.epochs, args.max_steps, scorer)
+            key = f"{args.config}-split{split}-seed{seed}-e{args.epochs}-s{args.max_steps}" + (
+                "" if pseudo_sets is None else "-" + "+".join(pseudo_sets))
+            r = train_and_score(work, args.config, split, seed, args.epochs, args.max_steps, scorer, pseudo_sets)
             stage1 = s1["runs"].get(args.config, {}).get(f"split{split}-seed{seed}", {}).get("prob-raw", {})
             r["stage1_prob_raw"] = (stage1.get("prob") or {}).get("miou")
             crf = s1["runs"].get(args.config, {}).get(f"split{split}-seed{seed}", {}).get("prob-raw-crf", {})
@@ -108,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             results[key] = r
             path.write_text(json.dumps(results, indent=1))
             rows.append(r)
-            print(f"{key}: stage two {r['miou']:.3f}, its stage-one pseudo-masks (prob-raw) {r['stage1_prob_raw']}",
-                  flush=True)
+            print(f"{key}: stage two {r['miou']:.3f} (val {r['val_miou']}), its stage-one pseudo-masks (prob-raw) "
+                  f"{r['stage1_prob_raw']}", flush=True)
     names = scorer.classes.names
     print(f"\n| row | n | mIoU | {' | '.join(f'{n} IoU' for n in names)} | tumour/stroma mIoU | train s |")
     print("|---" * (5 + len(names)) + "|")

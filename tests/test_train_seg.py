@@ -298,3 +298,38 @@ def test_stop_during_synthesis_ends_within_seconds(stage_one, tmp_path, phase, b
     small = tiny(supervision="full", synthesis=("mosaic", "bezier"), batch_size=4, synthesis_count=4, filter_steps=2)
     events = list(train_segmenter(stage_one / "run", None, small, dataset=stage_one / "patches", out_dir=out))
     assert events[-1].kind == "done"
+
+
+def test_raw_pseudo_mask_set_is_stage_ones_own_rule(stage_one):
+    """The ``raw`` set: stage one's raw logits + the run's calibrated offsets, gated by each patch's
+    labels, dense-CRF refined when pydensecrf is there - what `histo-wsss pseudo-masks` writes."""
+    from napari_histo_wsss.core.data.datasets import list_images, parse_label_name, read_rgb
+    from napari_histo_wsss.core.stage1.cams import logit_maps, raw_argmax_mask
+    from napari_histo_wsss.core.stage1.refine import crf_available
+    from napari_histo_wsss.core.stage1.train import calibrated_offsets, load_run
+
+    run = stage_one / "run"
+    out = stage_one / "seg-raw"
+    events = list(train_segmenter(run, config=tiny(pseudo_sets=("raw", "last"), set_weights=(0.8, 0.2)),
+                                  dataset=stage_one / "patches", out_dir=out))
+    assert events[-1].kind == "done"
+    assert "2 mask set(s) weighted [0.8, 0.2]" in next(e for e in events if e.kind == "start").message
+    assert sorted(p.name for p in (out / "pseudo").iterdir() if p.is_dir()) == ["last", "raw"]
+    model = load_run(run)[0]
+    off = calibrated_offsets(run, "best", "prob-raw")
+    refine = "crf" if crf_available() else "none"
+    images = list_images(stage_one / "patches" / "train")
+    assert len(list_images(out / "pseudo" / "raw")) == len(images)
+    differs = 0
+    for stem, path in list(images.items())[:6]:
+        rgb, labels = read_rgb(path), parse_label_name(path)[1]
+        expected = raw_argmax_mask(logit_maps(model, rgb), CLASSES, off, rgb=rgb, labels=labels, refine=refine)
+        got = read_index_mask(out / "pseudo" / "raw" / f"{stem}.png", CLASSES)
+        assert np.mean(got == expected) > 0.99  # batched forward vs one image: float noise at most
+        assert set(np.unique(got)) <= set(np.flatnonzero(labels)) | {BG}  # only the patch's classes
+    for stem in images:  # a different rule from the CAM sets (on the patches with two classes or more)
+        differs += int(not np.array_equal(read_index_mask(out / "pseudo" / "raw" / f"{stem}.png", CLASSES),
+                                          read_index_mask(out / "pseudo" / "last" / f"{stem}.png", CLASSES)))
+    assert differs > 0
+    with pytest.raises(Exception, match="pseudo"):
+        SegConfig(pseudo_sets=("nope",)).validate()

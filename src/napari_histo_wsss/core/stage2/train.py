@@ -117,10 +117,14 @@ __all__ = ["SegConfig", "SegSample", "SegDataset", "SegmenterTask", "train_segme
 
 #: The pseudo-mask sets made from a stage-one classifier: name -> (CAM mode, weights of the
 #: last-stage CAM and the stride-16 and stride-8 LayerCAMs; None = the classifier's own).
+#: ``raw`` is stage one's own pixel rule instead (what ``histo-wsss pseudo-masks`` writes): the
+#: raw CAM logits plus the per-class offsets the run's validation calibrated, argmax among the
+#: patch's labelled classes, refined by the dense CRF when pydensecrf is installed.
 PSEUDO_SETS: dict[str, tuple[str, tuple[float, float, float] | None]] = {
     "fused": ("multi", None),               # the classifier's own fusion of the three depths
     "last": ("last", None),                 # last-stage CAM: coarse, reliable class evidence
     "shallow": ("multi", (0.0, 0.0, 1.0)),  # stride-8 LayerCAM: sharp, noisier boundaries
+    "raw": ("raw", None),                   # raw logits + calibrated offsets (+ dense CRF)
 }
 
 # Sections of `histo-wsss train-seg --help` and of the Segmenter panel's "Advanced" form.
@@ -164,6 +168,12 @@ class SegConfig(Settings):
                                      help="training image side (default: stage one's)")
     augment: bool = setting(True, group=_SUP, label="Augment (flips, turns, colour jitter)",
                             help="flips, 90-degree turns and mild colour jitter of the training images")
+    pseudo_sets: tuple[str, ...] = setting(("fused", "last", "shallow"), choices=tuple(PSEUDO_SETS), min_items=1,
+                                           group=_SUP, gui=False, label="Pseudo-mask sets",
+                                           help="the MLPS pseudo-mask sets made from the stage-one run, in the order of "
+                                                "the set weights: fused, last and shallow (CAM depths, per-class "
+                                                "normalised) or raw (stage one's raw-logit rule with its calibrated "
+                                                "offsets and the dense CRF, as pseudo-masks writes)")
     set_weights: tuple[float, ...] = setting((0.6, 0.2, 0.2), range=(0, None), min_items=1, check=positive_sum,
                                              group=_SUP, label="Mask set weights",
                                              help="loss weights of the pseudo-mask sets (MLPS), e.g. 0.6,0.2,0.2")
@@ -352,31 +362,41 @@ def _stage_one_dataset(run_dir: Path) -> Path:
 
 
 def make_pseudo_mask_sets(model: torch.nn.Module, classes: ClassTable, images_dir: Path, out_dir: Path,
-                          sets: Sequence[str] = tuple(PSEUDO_SETS), batch_size: int = 16,
+                          sets: Sequence[str] = ("fused", "last", "shallow"), batch_size: int = 16,
                           device: torch.device | str | None = None,
-                          should_stop: Callable[[], bool] | None = None) -> Iterator[Any]:
+                          should_stop: Callable[[], bool] | None = None,
+                          offsets: Sequence[float] | None = None) -> Iterator[Any]:
     """Write the MLPS pseudo-mask sets of a folder of weakly labelled patches (labels in the
     names) to ``out_dir/<set>/<stem>.png``; a complete earlier result is reused.
 
     One pass per batch of same-sized patches: :meth:`CAMClassifier.layer_cams` gives the last-stage
-    CAM and the two LayerCAMs once, and every set is a weighting of them (:data:`PSEUDO_SETS`),
+    CAM and the two LayerCAMs once, and every CAM set is a weighting of them (:data:`PSEUDO_SETS`),
     turned into a mask by :func:`~.cams.pseudo_mask` (gated by the image labels, white glass =
-    background). Yields ``log`` events with the progress, or ``cancelled``."""
+    background). The ``raw`` set takes the raw CAM logits of the same batch plus ``offsets`` (the
+    run's calibrated ``prob-raw`` offsets; None = zeros) through :func:`~.cams.raw_argmax_mask`,
+    gated by the labels and refined by the dense CRF when pydensecrf is installed (a ``log`` event
+    says when it is not). Yields ``log`` events with the progress, or ``cancelled``."""
     from napari_histo_wsss.core.data.datasets import parse_label_name, read_rgb
     from napari_histo_wsss.core.models.classifier import normalize_cams
-    from napari_histo_wsss.core.stage1.cams import pseudo_mask, save_pseudo_mask
+    from napari_histo_wsss.core.stage1.cams import pseudo_mask, raw_argmax_mask, save_pseudo_mask
+    from napari_histo_wsss.core.stage1.refine import CRF_MISSING, crf_available
 
     for name in sets:
         if name not in PSEUDO_SETS:
             raise TrainingError(f"unknown pseudo-mask set {name!r}; choose from {', '.join(PSEUDO_SETS)}")
     images = list_images(images_dir)
     marker = out_dir / ".complete"
-    if marker.is_file() and all(len(list_images(out_dir / n)) == len(images) for n in sets if (out_dir / n).is_dir()):
+    if marker.is_file() and all((out_dir / n).is_dir() and len(list_images(out_dir / n)) == len(images) for n in sets):
         return
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(dev).eval()
     fused_w = list(model.arch.get("cam_weights", (0.5, 0.25, 0.25)))
-    weights = {n: ([1.0, 0.0, 0.0] if PSEUDO_SETS[n][0] == "last" else list(PSEUDO_SETS[n][1] or fused_w)) for n in sets}
+    cam_sets = [n for n in sets if PSEUDO_SETS[n][0] != "raw"]
+    weights = {n: ([1.0, 0.0, 0.0] if PSEUDO_SETS[n][0] == "last" else list(PSEUDO_SETS[n][1] or fused_w)) for n in cam_sets}
+    raw_sets = [n for n in sets if PSEUDO_SETS[n][0] == "raw"]
+    refine = "crf" if crf_available() else "none"
+    if raw_sets and refine == "none":
+        yield ProgressEvent("log", message=f"pseudo-mask set raw: {CRF_MISSING}")
     by_size: dict[tuple[int, int], list[Path]] = {}
     for p in images.values():
         by_size.setdefault(image_size(p), []).append(p)
@@ -388,12 +408,22 @@ def make_pseudo_mask_sets(model: torch.nn.Module, classes: ClassTable, images_di
                 return
             chunk = paths[i:i + batch_size]
             rgbs = [read_rgb(p) for p in chunk]
-            maps = model.layer_cams(torch.stack([to_tensor(r) for r in rgbs]).to(dev))
-            for name in sets:
+            x = torch.stack([to_tensor(r) for r in rgbs]).to(dev)
+            labels = [classes.check_labels(parse_label_name(p)[1], where=str(p)) for p in chunk]
+            if cam_sets:
+                maps = model.layer_cams(x)
+            for name in cam_sets:
                 fused = normalize_cams(sum(w * m for w, m in zip(weights[name], maps) if w > 0)).cpu().numpy()
-                for p, rgb, cam in zip(chunk, rgbs, fused):
-                    labels = classes.check_labels(parse_label_name(p)[1], where=str(p))
-                    save_pseudo_mask(out_dir / name / f"{p.stem}.png", pseudo_mask(cam, classes, rgb=rgb, labels=labels), classes)
+                for p, rgb, cam, lab in zip(chunk, rgbs, fused, labels):
+                    save_pseudo_mask(out_dir / name / f"{p.stem}.png", pseudo_mask(cam, classes, rgb=rgb, labels=lab), classes)
+            if raw_sets:
+                with torch.no_grad():
+                    logits = model.forward_features(x)["cam"].float()
+                    logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False).cpu().numpy()
+                for name in raw_sets:
+                    for p, rgb, lg, lab in zip(chunk, rgbs, logits, labels):
+                        m = raw_argmax_mask(lg, classes, offsets, rgb=rgb, labels=lab, refine=refine)
+                        save_pseudo_mask(out_dir / name / f"{p.stem}.png", m, classes)
             done += len(chunk)
             yield ProgressEvent("log", step=done, steps=n, message=f"pseudo-masks {done}/{n}")
     write_text(marker, "")
@@ -679,14 +709,17 @@ class SegmenterTask(TrainingTask):
                     folder = ctx.run / "pseudo"
                     images_dir = spec.train[0].path.parent
                     if ctx.main:
-                        yield ProgressEvent("log", message=f"making pseudo-mask sets {', '.join(PSEUDO_SETS)} under {folder}")
-                        for ev in make_pseudo_mask_sets(self.classifier, classes, images_dir, folder, device=ctx.device,
-                                                        should_stop=ctx.validation_stop):
+                        from napari_histo_wsss.core.stage1.train import calibrated_offsets
+
+                        yield ProgressEvent("log", message=f"making pseudo-mask sets {', '.join(cfg.pseudo_sets)} under {folder}")
+                        for ev in make_pseudo_mask_sets(self.classifier, classes, images_dir, folder, sets=cfg.pseudo_sets,
+                                                        device=ctx.device, should_stop=ctx.validation_stop,
+                                                        offsets=calibrated_offsets(self.stage_one, "best", "prob-raw")):
                             yield ev
                             if ev.kind == "cancelled":
                                 return
                     ctx.dctx.barrier()  # the other ranks read what rank 0 wrote
-                    folders = [folder / name for name in PSEUDO_SETS]
+                    folders = [folder / name for name in cfg.pseudo_sets]
                 else:
                     folders = ([Path(pseudo_masks)] if isinstance(pseudo_masks, (str, Path))
                                else [Path(p) for p in pseudo_masks])
