@@ -93,18 +93,30 @@ def test_bad_slides_raise_slide_error_naming_the_file(cmu_svs, tmp_path, kind):
         reader(str(bad))
 
 
-def test_patch_folder_is_a_lazy_stack(tmp_path):
+def test_patch_folder_opens_as_one_contact_sheet(tmp_path):
+    """A folder of patches (any sizes) is one lazy 2-D layer: its images side by side on white."""
     rng = np.random.default_rng(4)
-    patches = [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(3)]
+    patches = [rng.integers(0, 200, (32 + 16 * i, 48, 3), dtype=np.uint8) for i in range(3)]
     for i, p in enumerate(patches):
         Image.fromarray(p).save(tmp_path / f"p{i}-[1, 0, 1].png")
     (tmp_path / ".p9.png.tmp").write_bytes(b"partial")  # temp files are skipped
-    [(data, kwargs, _)] = _read(tmp_path)
-    assert isinstance(data, da.Array) and data.shape == (3, 32, 48, 3)
-    assert kwargs["metadata"]["files"] == [f"p{i}-[1, 0, 1].png" for i in range(3)]
-    np.testing.assert_array_equal(np.asarray(data[1]), patches[1])
-    Image.fromarray(patches[0][:16]).save(tmp_path / "z-odd.png")
-    with pytest.raises(SlideError, match="z-odd.png.*same-size"):
+    [(data, kwargs, kind)] = _read(tmp_path)
+    assert kind == "image" and kwargs["rgb"]
+    sheet = np.asarray(data[0] if isinstance(data, list) else data)
+    assert sheet.ndim == 3 and sheet.shape[2] == 3
+    md = kwargs["metadata"]
+    assert md["files"] == [f"p{i}-[1, 0, 1].png" for i in range(3)] and md["format"] == "patch folder"
+    from napari_histo_wsss.core.slides.slide import open_slide
+
+    with open_slide(tmp_path) as slide:
+        for r, p in zip(slide.regions, patches):
+            np.testing.assert_array_equal(sheet[r.y:r.y + r.height, r.x:r.x + r.width], p)
+        inside = np.zeros(sheet.shape[:2], bool)
+        for r in slide.regions:
+            inside[r.y:r.y + r.height, r.x:r.x + r.width] = True
+    assert (sheet[~inside] == 255).all()  # white between the images
+    (tmp_path / "z-bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(SlideError, match="z-bad.png"):
         _read(tmp_path)
 
 

@@ -1,8 +1,10 @@
 """npe2 reader: whole-slide images (and plain RGB images) as lazy multiscale napari layers.
 
 ``get_reader(path)`` claims files with a slide or image extension (:data:`SLIDE_SUFFIXES`) and
-folders of same-size RGB image patches; it returns ``None`` for anything else and for single-channel
-TIFF/PNG files (label masks, fluorescence), which it leaves to other readers.
+folders of RGB image patches; it returns ``None`` for anything else and for single-channel
+TIFF/PNG files (label masks, fluorescence), which it leaves to other readers. A patch folder opens
+as one contact sheet of its images (``core/slides/mosaic.py``), so that it can be labelled and
+reviewed like a slide.
 
 A slide becomes one RGB image layer whose data is the list of pyramid levels from
 :meth:`~napari_histo_wsss.core.slides.slide.Slide.pyramid` (dask arrays that read tiles on demand;
@@ -18,15 +20,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import dask.array as da
-import numpy as np
-from PIL import Image
-
 from napari_histo_wsss.core.errors import SlideError
+from napari_histo_wsss.core.slides.mosaic import patch_files
 from napari_histo_wsss.core.slides.slide import SLIDE_SUFFIXES, Slide, open_slide
-
-#: Suffixes of patch files taken from a folder.
-PATCH_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -43,7 +39,7 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
 def read_slides(path: str | list[str]) -> list[LayerData]:
     """One lazy multiscale RGB layer per slide file or patch folder in ``path``."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    return [_read_folder(Path(p)) if Path(p).is_dir() else slide_layer_data(open_slide(p)) for p in paths]
+    return [slide_layer_data(open_slide(p)) for p in paths]
 
 
 def slide_layer_data(slide: Slide) -> LayerData:
@@ -76,13 +72,14 @@ def slide_metadata(slide: Slide) -> dict[str, Any]:
         "level_downsamples": list(slide.level_downsamples),
         "mpp": slide.mpp,
         "objective_power": slide.objective_power,
+        **({"files": [r.name for r in slide.regions]} if slide.regions else {}),
     }
 
 
 # -- claiming files ---------------------------------------------------------------------------------
 def _handles(p: Path) -> bool:
     if p.is_dir():
-        return len(_patch_files(p)) > 0
+        return len(patch_files(p)) > 0
     name = p.name.lower()
     if not p.is_file() or name.startswith(".") or not name.endswith(SLIDE_SUFFIXES):
         return False
@@ -101,53 +98,3 @@ def _is_single_channel(p: Path) -> bool:
         return False
 
 
-def _patch_files(folder: Path) -> list[Path]:
-    """Image files of a folder (not recursive), sorted by name, dot-files skipped."""
-    try:
-        entries = sorted(folder.iterdir())
-    except OSError:
-        return []
-    return [e for e in entries if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(PATCH_SUFFIXES)]
-
-
-# -- patch folders ----------------------------------------------------------------------------------
-def _read_folder(folder: Path) -> LayerData:
-    """A folder of same-size RGB patches as one lazy ``(N, H, W, 3)`` stack, a patch per slice.
-
-    Each patch is decoded only when napari shows its slice. Patches of different sizes cannot be
-    stacked: that is a :class:`SlideError` naming the first odd file.
-    """
-    files = _patch_files(folder)
-    if not files:
-        raise SlideError(f"{folder}: the folder holds no PNG, JPEG or TIFF patches")
-    with open_slide(files[0]) as first:
-        width, height = first.dimensions
-        mpp = first.mpp
-    for f in files[1:]:  # header-only size check: a folder may hold thousands of patches
-        try:
-            with Image.open(f) as im:
-                size = im.size
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise SlideError(f"{f}: cannot read the image header: {e}") from e
-        if size != (width, height):
-            raise SlideError(f"{f}: patch is {size[0]}x{size[1]} px, but {files[0].name} is {width}x{height}; a patch folder needs same-size images")
-    slices = [da.from_delayed(_delayed_read(f), shape=(height, width, 3), dtype=np.uint8) for f in files]
-    kwargs: dict[str, Any] = {
-        "name": folder.name,
-        "rgb": True,
-        "contrast_limits": (0, 255),
-        "scale": (1.0, mpp, mpp) if mpp else (1.0, 1.0, 1.0),
-        "metadata": {"path": str(folder), "files": [f.name for f in files], "mpp": mpp},
-    }
-    return (da.stack(slices), kwargs, "image")
-
-
-def _delayed_read(path: Path) -> Any:
-    import dask
-
-    def read() -> np.ndarray:
-        with open_slide(path) as s:
-            w, h = s.dimensions
-            return s.read_region((0, 0), 0, (w, h))
-
-    return dask.delayed(read, pure=True)()

@@ -66,6 +66,7 @@ except ImportError:  # pragma: no cover - Windows: saves are not coordinated bet
 from napari_histo_wsss.core.data.classes import ClassTable, get_preset
 from napari_histo_wsss.core.errors import ClassTableError, HistoWSSSError, ProjectError
 from napari_histo_wsss.core.io.atomic import atomic_path, fsync_dir, fsync_tree, remove_temporaries, write_text
+from napari_histo_wsss.core.slides.mosaic import LAYOUT_KEY
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_histo_wsss.core.slides.grid import PatchGrid
@@ -103,6 +104,8 @@ class SlideRecord:
     objective_power: float | None = None
     relpath: str | None = None
     added: str = ""
+    #: a patch folder's layout fingerprint (``core/slides/mosaic.py``): its images must not change
+    layout: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,6 +117,7 @@ class SlideRecord:
             mpp=None if d.get("mpp") is None else float(d["mpp"]), format=str(d.get("format", "")),
             objective_power=None if d.get("objective_power") is None else float(d["objective_power"]),
             relpath=d.get("relpath"), added=str(d.get("added", "")),
+            layout=None if d.get("layout") is None else str(d["layout"]),
         )
 
 
@@ -425,6 +429,7 @@ class Project:
             rec = SlideRecord(
                 path=str(p), width=int(w), height=int(h), mpp=slide.mpp, format=slide.format,
                 objective_power=slide.objective_power, relpath=os.path.relpath(p, self.root), added=_now(),
+                layout=slide.properties.get(LAYOUT_KEY),
             )
         self._check_writable(self.manifest_path)
         with self._disk(exclusive=True):
@@ -469,10 +474,20 @@ class Project:
         raise ProjectError(f"{p}: slide {slide_id!r} of project {self.root} is missing (moved or deleted?)")
 
     def open_slide(self, slide_id: str) -> Slide:
-        """Open a project slide (the caller closes it, e.g. ``with project.open_slide(i) as s``)."""
+        """Open a project slide (the caller closes it, e.g. ``with project.open_slide(i) as s``).
+        A patch folder whose images changed since it was added (its labels and masks would
+        point at other images) raises one ProjectError line naming it."""
         from napari_histo_wsss.core.slides.slide import open_slide
 
-        return open_slide(self.slide_path(slide_id))
+        rec = self._record(slide_id)
+        slide = open_slide(self.slide_path(slide_id))
+        if rec.layout is not None and slide.properties.get(LAYOUT_KEY) != rec.layout:
+            now = slide.properties.get("patch-folder.images", "?")
+            slide.close()
+            raise ProjectError(f"{slide.path}: the images of patch folder {slide_id!r} changed since it was added to "
+                               f"{self.root} (added, removed, renamed or resized; {now} images now), so its labels and "
+                               "masks would point at other images; restore the folder, or add it again as a new slide")
+        return slide
 
     # -- settings and grid -------------------------------------------------------------------------
     def update_settings(self, **changes: Any) -> None:

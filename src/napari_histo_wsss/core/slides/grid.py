@@ -152,7 +152,8 @@ def make_grid(
     micrometres per pixel (needs the slide's mpp; without it the grid falls back to level 0 with a
     warning), else level 0. ``stride`` is in working pixels (default ``patch_size``: no overlap).
     With a ``tissue`` mask, patches whose tissue share is below ``min_tissue`` are dropped;
-    without one every patch of the lattice is kept with tissue fraction 1.
+    without one every patch of the lattice is kept with tissue fraction 1. A patch folder
+    (``slide.regions``) gets one lattice per image, from the image's own top-left corner.
     """
     if patch_size < 1:
         raise SlideError(f"{slide.path}: patch size must be positive, got {patch_size}")
@@ -164,13 +165,22 @@ def make_grid(
     size0 = max(1, int(round(patch_size * downsample)))
     stride0 = size0 if stride is None else max(1, int(round(stride * downsample)))
     w0, h0 = slide.dimensions
-    xs = np.arange(0, w0, stride0, dtype=np.int64)
-    ys = np.arange(0, h0, stride0, dtype=np.int64)
-    # Edge patches reach past the slide; keep those with at least half their side on it.
-    xs = xs[(xs == 0) | (w0 - xs >= size0 / 2)]
-    ys = ys[(ys == 0) | (h0 - ys >= size0 / 2)]
-    gy, gx = np.meshgrid(ys, xs, indexing="ij")
-    gx, gy = gx.ravel(), gy.ravel()
+    # a patch folder's sheet: each image tiled from its own corner; a slide: one box
+    boxes = [(r.x, r.y, r.width, r.height) for r in slide.regions] if getattr(slide, "regions", None) else [(0, 0, w0, h0)]
+    gx, gy = [], []
+    for bx, by, bw, bh in boxes:
+        xs = np.arange(0, bw, stride0, dtype=np.int64)
+        ys = np.arange(0, bh, stride0, dtype=np.int64)
+        # Edge patches reach past the box; keep those with at least half their side on it.
+        xs = xs[(xs == 0) | (bw - xs >= size0 / 2)]
+        ys = ys[(ys == 0) | (bh - ys >= size0 / 2)]
+        yy, xx = np.meshgrid(ys + by, xs + bx, indexing="ij")
+        gx.append(xx.ravel())
+        gy.append(yy.ravel())
+    gx, gy = np.concatenate(gx), np.concatenate(gy)
+    if len(boxes) > 1:  # row-major order over the whole sheet
+        order = np.lexsort((gx, gy))
+        gx, gy = gx[order], gy[order]
     if tissue is None:
         fractions = np.ones(gx.shape, dtype=np.float32)
     else:

@@ -10,6 +10,7 @@ One :class:`Slide` API over three back ends, chosen per file by :func:`open_slid
   or SubIFDs). A generic tiled TIFF whose reduced levels tifffile does not see as one series but
   OpenSlide does (no NewSubfileType flags) goes to OpenSlide instead.
 * **Pillow** for plain PNG/JPEG/BMP images (decoded once, on first read, then cached).
+* A **folder of patches** becomes one contact sheet of its images (``core/slides/mosaic.py``).
 
 Every level is exposed as a lazy ``dask`` array ``(H, W, 3) uint8`` whose chunks call back into
 the file, so opening costs the same for a 2k and a 100k pixel slide. Slides whose coarsest level
@@ -309,7 +310,8 @@ class Slide:
     Attributes follow the project contract (``docs/architecture.md``): ``path``, ``format``,
     ``dimensions`` (w, h), ``level_dimensions``, ``level_downsamples`` (including built levels),
     ``mpp`` (microns per level-0 pixel or ``None``), ``objective_power``, ``properties``.
-    Extra: ``backend`` (``"openslide"``, ``"tifffile"``, ``"pillow"``), ``native_levels`` (levels
+    Extra: ``backend`` (``"openslide"``, ``"tifffile"``, ``"pillow"``, ``"patch-folder"``), ``regions``
+    (a patch folder's image boxes, else None), ``native_levels`` (levels
     stored in the file; the rest are built) and ``samples_per_pixel`` of the file (1 = grey or
     palette, 3 = RGB, 4 = RGBA), which lets the napari reader leave label images to other readers;
     ``closed`` turns True after :meth:`close`.
@@ -340,6 +342,9 @@ class Slide:
         self.samples_per_pixel = samples_per_pixel
         self._closer = closer
         self.closed = False
+        #: the images of a patch folder (``core/slides/mosaic.py``), each a box of level 0 that
+        #: the patch grid tiles on its own; None for a slide
+        self.regions: list | None = None
         self._levels = list(levels)
         last = self._levels[-1]
         factor = 2
@@ -476,7 +481,8 @@ SLIDE_SUFFIXES = (
 
 
 def open_slide(path: str | os.PathLike) -> Slide:
-    """Open a whole-slide image or plain image lazily.
+    """Open a whole-slide image, a plain image or a folder of patches (as one contact sheet,
+    ``core/slides/mosaic.py``) lazily.
 
     Raises :class:`SlideError` naming the file and the problem for a missing, empty, truncated,
     damaged or unsupported file. A corner of level 0 and of the coarsest stored level is decoded
@@ -486,7 +492,9 @@ def open_slide(path: str | os.PathLike) -> Slide:
     if not p.exists():
         raise SlideError(f"{p}: no such file")
     if p.is_dir():
-        raise SlideError(f"{p}: is a folder, not a slide file")
+        from napari_histo_wsss.core.slides.mosaic import open_patch_folder
+
+        return open_patch_folder(p)  # a folder of patches: one contact sheet of its images
     try:
         with open(p, "rb") as f:
             head = f.read(16)
