@@ -16,6 +16,7 @@ models train for a few epochs only, so the maps show the mechanics, not a finish
 
     xvfb-run -a -s "-screen 0 1920x1200x24" python docs/screenshots.py     (about 3-5 minutes on 2 cores)
     ... python docs/screenshots.py --no-training      (the shots before training only: about a minute)
+    ... python docs/screenshots.py --patch-folder     (live_labelling_folder.png: the WSSS4LUAD patch folder)
 """
 
 from __future__ import annotations
@@ -75,7 +76,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--no-training", action="store_true",
                     help="only the shots before training: project, labelling and live labelling")
+    ap.add_argument("--patch-folder", action="store_true",
+                    help="only live_labelling_folder.png: live labelling on the WSSS4LUAD patch folder")
     args = ap.parse_args()
+    if args.patch_folder:
+        patch_folder_shot()
+        return
 
     import napari
     from qtpy.QtWidgets import QApplication
@@ -191,6 +197,57 @@ def main() -> None:
         ex.gt.setCurrentText("pseudo-mask")
         ex.score()
         shot(viewer, app, ex, "export.png")
+        viewer.close()
+
+
+def patch_folder_shot() -> None:
+    """live_labelling_folder.png: the shared WSSS4LUAD validation images (all sizes) added as one
+    patch folder, twelve suggested patches labelled by a stand-in pathologist (every class covering
+    at least 5 % of the patch in the image's ground-truth mask), the live pseudo-mask and the next
+    suggestions."""
+    import os
+
+    import napari
+    from PIL import Image
+    from qtpy.QtWidgets import QApplication
+
+    from napari_histo_wsss.cli.gui import open_gui
+
+    data = Path(os.environ.get("HISTO_WSSS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    folder = data / "wsss4luad-subset" / "val" / "img"
+    with tempfile.TemporaryDirectory() as tmp:
+        viewer = napari.Viewer(title="napari-histo-wsss", show=True)
+        app = QApplication.instance()
+        viewer, w = open_gui(viewer=viewer)
+        dock_of(w["Project"]).window().resize(1700, 1050)
+        proj, lab = w["Project"], w["Patch labelling"]
+        proj.classes.preset.setCurrentText("wsss4luad")
+        proj.patch_size.setValue(128)
+        proj.target_mpp.setValue(0)  # the PNGs state no pixel size
+        proj.create_project(Path(tmp) / "wsss4luad.wsss")
+        sid = proj.add_slide_file(folder)
+        proj.detect_grid()
+        wait(app, lambda: lab.overlay is not None)
+        ov, live = lab.overlay, lab.live
+        live.enable_box.setChecked(True)
+        wait(app, lambda: live.ready)
+        with proj.session.project.open_slide(sid) as sheet:
+            regions = list(sheet.regions)
+        live.n_spin.setValue(12)
+        for i in live.suggest():
+            x, y, s = int(ov.grid.x[i]), int(ov.grid.y[i]), ov.grid.size0
+            r = next(r for r in regions if r.x <= x < r.x + r.width and r.y <= y < r.y + r.height)
+            m = np.asarray(Image.open(folder.parent / "mask" / r.name))[y - r.y:y - r.y + s, x - r.x:x - r.x + s]
+            ov.select(np.array([i]))
+            for c in range(3):
+                if (m == c).mean() >= 0.05:
+                    ov.toggle_class(c)
+        wait(app, lambda: live.head is not None and live.head.n_labels == 12)
+        live.n_spin.setValue(8)
+        live.suggest()
+        viewer.reset_view()
+        viewer.layers.selection.active = viewer.layers["patch grid"]
+        shot(viewer, app, lab, "live_labelling_folder.png")
         viewer.close()
 
 

@@ -96,3 +96,58 @@ def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewe
 
 def project_slide(project) -> str:
     return next(iter(project.slides))
+
+
+def test_live_labelling_on_a_wsss4luad_patch_folder(make_napari_viewer, qtbot, tmp_path, wsss4luad_dir):
+    """A pathologist's patch folder (the WSSS4LUAD images, all sizes): added with 'Add patch folder',
+    shown as one contact sheet, labelled from the keyboard along the suggestions, the live pseudo-mask
+    following the labels; the headless suggest gives the panel's batch."""
+    viewer, w = open_panels(make_napari_viewer)
+    proj = w["Project"]
+    proj.patch_size.setValue(128)
+    proj.target_mpp.setValue(0)  # the PNGs state no pixel size: level 0
+    folder = tmp_path / "wsss4luad-val"  # a link: the shared images are read in place
+    folder.symlink_to(wsss4luad_dir / "val" / "img", target_is_directory=True)
+    project = proj.create_project(tmp_path / "p")
+    sid = proj.add_slide_file(folder)
+    layer = viewer.layers[-1]
+    assert layer.metadata["format"] == "patch folder" and len(layer.metadata["files"]) == 31
+    assert layer.ndim == 2 and layer.rgb  # one sheet, not a stack
+    proj.detect_grid()
+    qtbot.waitUntil(lambda: w["Patch labelling"].overlay is not None, timeout=WAIT_MS)
+    lab = w["Patch labelling"]
+    live, ov = lab.live, lab.overlay
+    assert len(ov.grid) > 100
+    live.enable_box.setChecked(True)
+    qtbot.waitUntil(lambda: live.ready, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: "no labelled patch yet" in live.status.text(), timeout=WAIT_MS)
+
+    live.n_spin.setValue(4)
+    batch = live.suggest()
+    assert len(batch) == 4
+    assert main(["suggest", str(project.root), "--n", "4", "--slide", sid, "--device", "cpu"]) == 0
+    rows = list(csv.DictReader((project.root / "suggestions.csv").read_text().splitlines()))
+    assert [(int(r["x"]), int(r["y"])) for r in rows] == [(int(ov.grid.x[i]), int(ov.grid.y[i])) for i in batch]
+
+    # follow three suggestions with keys only: a class key, then Enter
+    viewer.layers.selection.active = ov.layer
+    for step, key in enumerate((Qt.Key.Key_1, Qt.Key.Key_2, Qt.Key.Key_1)):
+        assert ov.selection().tolist() == [batch[step]]
+        press(qtbot, viewer, key)
+        press(qtbot, viewer, Qt.Key.Key_Return)
+    assert ov.selection().tolist() == [batch[3]]
+    assert ov.labels[batch[0], 0] == 1 and ov.labels[batch[1], 1] == 1 and ov.labels[batch[2], 0] == 1
+    qtbot.waitUntil(lambda: live.head is not None and live.head.n_labels == 3 and LIVE_LAYER in viewer.layers,
+                    timeout=WAIT_MS)
+    mask = viewer.layers[LIVE_LAYER]
+    assert mask.data.shape == live.features.shape
+    before = mask.data.copy()
+    press(qtbot, viewer, Qt.Key.Key_2)  # a fourth label: the live pseudo-mask changes
+    qtbot.waitUntil(lambda: live.head.n_labels == 4, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not np.array_equal(viewer.layers[LIVE_LAYER].data, before), timeout=WAIT_MS)
+    # labels went to the project, tied to the sheet's images
+    table = project.patch_labels(sid)
+    assert len(table) == 4
+    with project.open_slide(sid) as sheet:
+        boxes = [(r.x, r.y, r.x + r.width, r.y + r.height) for r in sheet.regions]
+    assert all(any(a <= x < c and b <= y < d for a, b, c, d in boxes) for x, y in zip(table.x, table.y))

@@ -211,9 +211,13 @@ class ProjectWidget(Panel):
         srow = QHBoxLayout()
         open_file = QPushButton("Add slide file...")
         open_file.clicked.connect(self._on_add_file)
+        open_folder = QPushButton("Add patch folder...")
+        open_folder.setToolTip("A folder of patch images (any sizes): shown and labelled as one contact sheet")
+        open_folder.clicked.connect(self._on_add_folder)
         show = QPushButton("Show selected")
         show.clicked.connect(self._on_show_slide)
         srow.addWidget(open_file)
+        srow.addWidget(open_folder)
         srow.addWidget(show)
         form.addRow(srow)
         self.grid_btn = QPushButton("Detect tissue and patch grid")
@@ -379,8 +383,16 @@ class ProjectWidget(Panel):
         if path:
             self.add_slide_file(path)
 
+    @guarded
+    def _on_add_folder(self, *_: Any) -> None:
+        self.session.require_project()
+        path = QFileDialog.getExistingDirectory(self, "Patch folder")
+        if path:
+            self.add_slide_file(path)
+
     def add_slide_file(self, path: str | Path) -> str:
-        """Open a slide file in the viewer (through the plugin's reader) and add it to the project."""
+        """Open a slide file, or a folder of patches (one contact sheet of its images), in the viewer
+        (through the plugin's reader) and add it to the project."""
         project = self.session.require_project()
         sid = project.add_slide(str(path))
         layer = self._show_slide_layer(sid)
