@@ -127,3 +127,43 @@ def test_suggestions_on_a_wsss4luad_patch_folder(tmp_path, wsss4luad_dir):
     assert not ({(r.x, r.y) for r in again.rows} & {(r.x, r.y) for r in done.rows})
     assert all(r.predicted for r in again.rows)  # the live head's view of each suggestion
     shutil.rmtree(project.root)
+
+
+def test_a_patch_folder_mask_exports_one_png_per_image(tmp_path, wsss4luad_dir, capsys):
+    """A mask over the sheet comes back as the folder's own masks: one palette PNG per image, at the
+    image's size and name. Round trip: the WSSS4LUAD ground truth pasted onto the sheet, exported,
+    then scored against the ground-truth folder by `histo-wsss evaluate`."""
+    import json
+
+    from napari_histo_wsss.cli import main
+
+    folder = wsss4luad_dir / "val" / "img"
+    gt = wsss4luad_dir / "val" / "mask"
+    project = Project.create(tmp_path / "p", "wsss4luad", patch_size=128, target_mpp=None)
+    sid = project.add_slide(folder)
+    with project.open_slide(sid) as slide:
+        regions = slide.regions
+        w0, h0 = slide.dimensions
+    sheet = np.full((h0, w0), 3, np.uint8)  # background between the images
+    for r in regions:
+        sheet[r.y:r.y + r.height, r.x:r.x + r.width] = np.asarray(Image.open(gt / r.name))
+    project.write_mask(sid, "corrected", sheet, 1.0)
+    out = tmp_path / "masks"
+    assert main(["export", str(project.root), str(out), "--slide", sid, "--mask", "corrected", "--per-image"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in gt.iterdir())
+    for r in regions:  # exact at full resolution
+        np.testing.assert_array_equal(np.asarray(Image.open(out / r.name)), np.asarray(Image.open(gt / r.name)))
+    # a coarser mask (2 sheet pixels per mask pixel, as the CAM masks are) still lands on each image
+    project.write_mask(sid, "pseudo", sheet[1::2, 1::2], 2.0)
+    out2 = tmp_path / "masks2"
+    assert main(["export", str(project.root), str(out2), "--slide", sid, "--mask", "pseudo", "--per-image"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out2), str(gt), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["miou"] > 0.95, scores
+    # nothing is overwritten, and nothing is written into the patch folder
+    assert main(["export", str(project.root), str(out2), "--slide", sid, "--mask", "pseudo", "--per-image"]) == 2
+    assert "exists" in capsys.readouterr().err
+    inside = folder / "masks"
+    assert main(["export", str(project.root), str(inside), "--slide", sid, "--mask", "pseudo", "--per-image"]) == 2
+    assert not inside.exists() and len(patch_files(folder)) == 31

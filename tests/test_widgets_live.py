@@ -151,3 +151,15 @@ def test_live_labelling_on_a_wsss4luad_patch_folder(make_napari_viewer, qtbot, t
     with project.open_slide(sid) as sheet:
         boxes = [(r.x, r.y, r.x + r.width, r.y + r.height) for r in sheet.regions]
     assert all(any(a <= x < c and b <= y < d for a, b, c, d in boxes) for x, y in zip(table.x, table.y))
+    # the live pseudo-mask of the folder exported as the folder's own masks: one PNG per image
+    from PIL import Image
+
+    ex = w["Export and metrics"]
+    ex.source.setCurrentText(LIVE_LAYER)
+    [out] = ex.export(["png-images"], tmp_path / "export")
+    qtbot.waitUntil(lambda: not ex.task.running, timeout=WAIT_MS)
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == sorted(layer.metadata["files"])
+    for f in files[::10]:
+        assert Image.open(f).size == Image.open(wsss4luad_dir / "val" / "img" / f.name).size
+    assert set(np.unique(np.asarray(Image.open(files[0])))) <= {0, 1, 2, 3, 4}

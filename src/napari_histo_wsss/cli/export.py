@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"in level-0 pixels); 0 keeps the exact pixel edges (default {GEOJSON_TOLERANCE:g})")
     p.add_argument("--no-holes", dest="holes", action="store_false",
                    help="GeoJSON: fill holes (outer outlines only; default: holes are inner rings)")
+    p.add_argument("--per-image", action="store_true",
+                   help="a project mask of a patch folder (--slide, --mask) as one palette PNG per image, named after "
+                        "the images, in the folder OUT")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT (any format) once the new output is complete; never INPUT")
     p.set_defaults(func=run)
@@ -118,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     from napari_histo_wsss.core.io import export
 
     out = Path(args.out)
+    if args.per_image:
+        return _per_image(args, out)
     fmt = _format(out, args.format)
     _check_out(args, out, fmt)
     if fmt == "csv":
@@ -143,4 +148,31 @@ def run(args: argparse.Namespace) -> int:
         if k:
             print(f"used pyramid level {k} ({arr.shape[1]}x{arr.shape[0]} px, downsample {downsamples[k]:g})")
     print(f"wrote {out}")
+    return 0
+
+
+def _per_image(args: argparse.Namespace, out: Path) -> int:
+    """``--per-image``: a patch folder's project mask as one palette PNG per image in OUT."""
+    from napari_histo_wsss.core.data.project import Project
+    from napari_histo_wsss.core.errors import HistoWSSSError
+    from napari_histo_wsss.core.io.atomic import check_output
+    from napari_histo_wsss.core.io.export import export_patch_folder_pngs
+
+    src = Path(args.input)
+    if args.format not in (None, "png") or not (src.is_dir() or src.name == "project.json"):
+        raise HistoWSSSError(f"{src}: --per-image writes palette PNGs from a project mask (a project, --slide, --mask)")
+    project = Project.open(src)
+    if not (args.slide and args.mask):
+        raise HistoWSSSError(f"{src}: --per-image needs --slide and --mask")
+    with project.open_slide(args.slide) as slide:
+        regions = slide.regions
+    if not regions:
+        raise HistoWSSSError(f"{project.slide_path(args.slide)}: slide {args.slide} is not a patch folder; "
+                             "--per-image cuts a patch folder's mask into its images")
+    # never into the patch folder itself: new PNGs there would change the folder the project holds
+    check_output(out, inputs=[project.slide_path(args.slide)], protect=[project.root], overwrite=args.overwrite,
+                 what="output folder", folder=True)
+    levels, downsamples, classes, _ = _source(args)
+    files = export_patch_folder_pngs(levels[0], regions, out, classes, downsample=downsamples[0])
+    print(f"wrote {len(files)} masks to {out}")
     return 0

@@ -47,6 +47,7 @@ FORMATS = {
     "ome-zarr": ("OME-Zarr labels", ".ome.zarr"),
     "tiff": ("pyramidal TIFF", ".tif"),
     "png": ("palette PNG", ".png"),
+    "png-images": ("palette PNG per image of a patch folder", "/"),
     "geojson": ("QuPath GeoJSON", ".geojson"),
     "csv": ("patch labels CSV", "-patch-labels.csv"),
 }
@@ -278,7 +279,14 @@ class ExportWidget(Panel):
             levels = [np.asarray(to_class_index(np.array(layer.data, copy=True), True,  # a snapshot: painting may go on
                                                 layer.metadata.get("same_as")))]
         table = project.patch_labels() if "csv" in formats else None
-        paths = {k: out / f"{stem}{FORMATS[k][1]}" for k in formats}
+        regions = getattr(self.session.slide, "regions", None)
+        if "png-images" in formats and not regions:
+            raise GuiError("'palette PNG per image' needs a patch folder as the current slide")
+        if "png-images" in formats:  # never into the patch folder: new PNGs there would change it
+            from napari_histo_wsss.core.io.atomic import check_apart
+
+            check_apart(out, inputs=[self.session.slide.path], what="output folder")
+        paths = {k: out / (stem if k == "png-images" else f"{stem}{FORMATS[k][1]}") for k in formats}
 
         def job(should_stop: Callable[[], bool]) -> Iterator[ExportDone]:
             from napari_histo_wsss.core.io import export as ex
@@ -292,6 +300,10 @@ class ExportWidget(Panel):
                     ex.export_ome_zarr(levels[0], path, classes, downsample=ds, mpp=mpp, overwrite=True)
                 elif key == "tiff":
                     ex.export_tiff(levels, path, classes, downsample=ds, mpp=mpp)
+                elif key == "png-images":
+                    if ex.export_patch_folder_pngs(levels[0], regions, path, classes, downsample=ds, origin=origin,
+                                                   should_stop=should_stop) is None:
+                        return
                 elif key in ("png", "geojson"):
                     k, arr = raster_level(levels)
                     lds = ds * levels[0].shape[0] / levels[k].shape[0]

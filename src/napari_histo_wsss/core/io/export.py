@@ -59,6 +59,7 @@ __all__ = [
     "export_ome_zarr",
     "export_tiff",
     "export_palette_png",
+    "export_patch_folder_pngs",
     "export_geojson",
     "mask_to_polygons",
     "mask_to_geometry",
@@ -570,6 +571,48 @@ def export_palette_png(labels: np.ndarray, path: str | Path, classes: ClassTable
     _check_indices(arr, classes, str(path))
     save_pseudo_mask(path, arr.astype(np.uint8), classes)
     return Path(path)
+
+
+def export_patch_folder_pngs(labels: Any, regions: list, folder: str | Path, classes: ClassTable,
+                             downsample: float = 1.0, origin: tuple[float, float] = (0.0, 0.0),
+                             should_stop: Callable[[], bool] = lambda: False) -> list[Path] | None:
+    """A patch folder's label image cut back into one palette PNG per image.
+
+    ``labels``: class indices over the folder's sheet (``core/slides/mosaic.py``), ``downsample``
+    level-0 pixels per label pixel, ``origin`` the level-0 position of label pixel (0, 0);
+    ``regions``: the sheet's images (``slide.regions``). Each image gets ``<stem>.png`` at its own
+    size (nearest label pixel at each image pixel's centre), named after the image, as the
+    WSSS4LUAD / LUAD-HistoSeg masks are, so that ``histo-wsss evaluate`` can score the folder
+    against ground-truth masks. The folder is written whole or not at all (a failure or a stop
+    leaves no partial folder, and an existing ``folder`` as it was); returns the files, or None
+    when stopped."""
+    from napari_histo_wsss.core.io.atomic import replace_dir
+
+    stems = [Path(r.name).stem for r in regions]
+    if len(set(stems)) != len(stems):
+        dup = sorted({s for s in stems if stems.count(s) > 1})
+        raise ExportError(f"{folder}: images {', '.join(dup)} differ only in their extension; one PNG each would collide")
+    shape = labels.shape
+    written = []
+    try:
+        with replace_dir(folder) as tmp:
+            for r, stem in zip(regions, stems):
+                if should_stop():
+                    raise _Stopped
+                rows = np.floor(((r.y + np.arange(r.height) + 0.5) - origin[1]) / downsample).astype(np.int64)
+                cols = np.floor(((r.x + np.arange(r.width) + 0.5) - origin[0]) / downsample).astype(np.int64)
+                rows, cols = np.clip(rows, 0, shape[0] - 1), np.clip(cols, 0, shape[1] - 1)
+                block = np.asarray(labels[int(rows[0]):int(rows[-1]) + 1, int(cols[0]):int(cols[-1]) + 1])
+                export_palette_png(block[(rows - rows[0])[:, None], (cols - cols[0])[None, :]], tmp / f"{stem}.png",
+                                   classes)
+                written.append(Path(folder) / f"{stem}.png")
+    except _Stopped:
+        return None
+    return written
+
+
+class _Stopped(Exception):
+    """A stop inside :func:`export_patch_folder_pngs` (caught there: no folder is left behind)."""
 
 
 # ---------------------------------------------------------------------------------------------
