@@ -92,6 +92,14 @@ def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewe
     rows = list(csv.DictReader((project.root / "suggestions.csv").read_text().splitlines()))
     assert [(int(r["x"]), int(r["y"])) for r in rows] == [(int(ov.grid.x[i]), int(ov.grid.y[i])) for i in shown]
     assert all(r["trained"] for r in rows)
+    # a newer run: when the batch runs out, N computes that classifier's view first, then the batch
+    for _ev in train_classifier(project.root, project.runs_dir / "cls-live2", cfg):
+        pass
+    live.queue.clear()
+    viewer.layers.selection.active = grid_layer
+    press(qtbot, viewer, Qt.Key.Key_N)
+    qtbot.waitUntil(lambda: live._trained[0].name == "cls-live2" and len(live.queue) == 5, timeout=WAIT_MS)
+    assert ov.selection().tolist() == [live.queue[0]]
 
 
 def project_slide(project) -> str:

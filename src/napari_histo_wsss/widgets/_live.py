@@ -416,6 +416,10 @@ class LiveLabelling(QObject):
         self._show_suggestions()
         if not self.queue:
             try:
+                # a new or retrained stage-one run: its view of the patches first, then the batch
+                if self.refresh_trained(then=self._on_suggest):
+                    self.status.setText("the trained run's view of the patches is being computed; the next batch follows")
+                    return None
                 if not self.suggest():
                     return None
             except HistoWSSSError as e:

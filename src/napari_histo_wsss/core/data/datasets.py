@@ -437,8 +437,9 @@ class SlidePatchReader:
     patch_size: int
 
     def __call__(self) -> np.ndarray:
-        slide = _cached_slide(self.slide_path)
-        return slide.read_scaled((self.x, self.y), (self.size0, self.size0), (self.patch_size, self.patch_size))
+        from napari_histo_wsss.core.slides.grid import read_patch
+
+        return read_patch(_cached_slide(self.slide_path), self.x, self.y, self.size0, self.patch_size)
 
 
 @lru_cache(maxsize=8)

@@ -70,7 +70,7 @@ class PatchGrid:
     def read_patch(self, slide: Slide, i: int) -> np.ndarray:
         """Patch ``i`` as ``(patch_size, patch_size, 3)`` uint8 RGB, resampled from the best level."""
         i = self._check_index(i)
-        return slide.read_scaled((int(self.x[i]), int(self.y[i])), (self.size0, self.size0), (self.patch_size, self.patch_size))
+        return read_patch(slide, int(self.x[i]), int(self.y[i]), self.size0, self.patch_size)
 
     def index_at(self, x0: float, y0: float) -> int:
         """Index of the patch containing the level-0 point ``(x0, y0)``, or -1. Where overlapping
@@ -135,6 +135,13 @@ def cosine_window(tile: int, overlap: int) -> np.ndarray:
         w[:overlap] = rise
         w[tile - overlap:] = rise[::-1]
     return w.astype(np.float32)
+
+
+def read_patch(slide: Slide, x: int, y: int, size0: int, patch_size: int) -> np.ndarray:
+    """A grid patch as the models see it: the level-0 box ``(x, y, size0, size0)`` resampled to
+    ``patch_size`` pixels from the best level; the one read of training (``SlidePatchReader``),
+    of the trained run's patch predictions (``core/stage1/suggest.py``) and of the panels."""
+    return slide.read_scaled((x, y), (size0, size0), (patch_size, patch_size))
 
 
 def make_grid(

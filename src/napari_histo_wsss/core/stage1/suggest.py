@@ -31,7 +31,6 @@ unsure. ``docs/benchmarks/live_labelling.md`` has the tables.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -232,6 +231,7 @@ def trained_patch_probs(project: Any, slide_id: str, grid: Any, run_dir: Any, wh
 
     from napari_histo_wsss.core.data.datasets import to_tensor
     from napari_histo_wsss.core.runs import checkpoint_file
+    from napari_histo_wsss.core.slides.grid import read_patch
     from napari_histo_wsss.core.stage1.train import load_run
 
     run = Path(run_dir)
@@ -264,8 +264,8 @@ def trained_patch_probs(project: Any, slide_id: str, grid: Any, run_dir: Any, wh
                 yield TrainedProbs("cancelled", step=start, steps=n, message=f"slide {slide_id}: stopped")
                 return
             stop = min(n, start + batch)
-            x = torch.stack([to_tensor(slide.read_scaled((int(xs[i]), int(ys[i])), (grid.size0, grid.size0),
-                                                          (patch, patch))) for i in range(start, stop)])
+            x = torch.stack([to_tensor(read_patch(slide, int(xs[i]), int(ys[i]), grid.size0, patch))
+                             for i in range(start, stop)])
             out[start:stop] = torch.sigmoid(model(x.to(device))).float().cpu().numpy()
             yield TrainedProbs("step", step=stop, steps=n,
                                message=f"slide {slide_id}: {run.name} on patch {stop} of {n}")
@@ -317,6 +317,7 @@ def project_run(project: Any, run: Any = None) -> tuple[Path | None, str | None]
     a project without a run, or a run trained on other classes, gives None and says why."""
     from napari_histo_wsss.core.errors import TrainingError
     from napari_histo_wsss.core.review import resolve_run
+    from napari_histo_wsss.core.stage1.train import run_classes
 
     if run is False:
         return None, None
@@ -327,10 +328,12 @@ def project_run(project: Any, run: Any = None) -> tuple[Path | None, str | None]
             raise
         return None, "no trained classifier in the project yet: suggestions rank by the live head alone (no disagreement)"
     try:
-        names = json.loads((path / "classes.json").read_text(encoding="utf-8"))["names"]
-    except (OSError, ValueError, KeyError, TypeError):
-        names = None
-    if names is not None and list(names) != list(project.classes.names):
+        names = run_classes(path).names
+    except TrainingError as e:
+        if run is not None:
+            raise
+        return None, f"{e}; no disagreement is computed"
+    if list(names) != list(project.classes.names):
         msg = (f"{path}: the run was trained on classes {', '.join(names)}, the project has "
                f"{', '.join(project.classes.names)}; no disagreement is computed")
         if run is not None:

@@ -847,6 +847,18 @@ class ClassifierTask(TrainingTask):
         return {"feedback": self.feedback}
 
 
+def run_classes(run_dir: str | Path) -> ClassTable:
+    """The class table a run was trained on (its ``classes.json``); TrainingError naming the file
+    when it is missing or damaged."""
+    path = Path(run_dir) / "classes.json"
+    try:
+        return ClassTable.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise TrainingError(f"{path}: unreadable class table: {e}") from e
+    except HistoWSSSError as e:
+        raise TrainingError(f"{path}: {e}") from e
+
+
 def load_run(run_dir: str | Path, which: str = "best", map_location: str | torch.device = "cpu"
              ) -> tuple[CAMClassifier, ClassTable, TrainConfig]:
     """The trained classifier of a run folder (eval mode), its class table and its config.
@@ -862,12 +874,7 @@ def load_run(run_dir: str | Path, which: str = "best", map_location: str | torch
     if which in ("best", "last") and not path.is_file():
         raise TrainingError(f"{run}: no checkpoint yet (training stopped before its first step?); resume or retrain it")
     cfg = TrainConfig.saved(run)
-    try:
-        classes = ClassTable.from_dict(json.loads((run / "classes.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as e:
-        raise TrainingError(f"{run / 'classes.json'}: unreadable class table: {e}") from e
-    except HistoWSSSError as e:
-        raise TrainingError(f"{run / 'classes.json'}: {e}") from e
+    classes = run_classes(run)
     model, meta = load_model(path, map_location=map_location)
     if not isinstance(model, CAMClassifier):
         raise TrainingError(f"{path}: holds a {meta.get('kind')} model, not a CAM classifier")
