@@ -167,3 +167,51 @@ def test_a_patch_folder_mask_exports_one_png_per_image(tmp_path, wsss4luad_dir, 
     inside = folder / "masks"
     assert main(["export", str(project.root), str(inside), "--slide", sid, "--mask", "pseudo", "--per-image"]) == 2
     assert not inside.exists() and len(patch_files(folder)) == 31
+
+
+def test_cams_on_a_patch_folder_gate_each_image_as_pseudo_masks_does(tmp_path, wsss4luad_dir, capsys):
+    """`histo-wsss cams` on a patch folder classifies every image as `pseudo-masks` classifies an
+    image and gates it on its own: no class reaches an image whose probability stays below the
+    gating, whatever the other images hold."""
+    from napari_histo_wsss.cli import main
+    from napari_histo_wsss.core.review import MASK_REGION_PROBS, calibrated_gating, load_canvas
+    from napari_histo_wsss.core.stage1.cams import allowed_classes, cams_for_image
+    from napari_histo_wsss.core.stage1.train import TrainConfig, load_run, train_classifier
+
+    folder = tmp_path / "four"  # links: the shared images are read in place
+    folder.mkdir()
+    for name in ("00.png", "02.png", "05.png", "10.png"):
+        (folder / name).symlink_to(wsss4luad_dir / "val" / "img" / name)
+    project = Project.create(tmp_path / "p", "wsss4luad", patch_size=64, target_mpp=None)
+    sid = project.add_slide(folder)
+    grid = project.grid(sid)
+    with project.open_slide(sid) as slide:
+        regions = list(slide.regions)
+    xs, ys, labels = [], [], []
+    for x, y in zip(grid.x.tolist(), grid.y.tolist()):
+        r = next(r for r in regions if r.x <= x < r.x + r.width and r.y <= y < r.y + r.height)
+        m = np.asarray(Image.open(wsss4luad_dir / "val" / "mask" / r.name))[y - r.y:y - r.y + 64, x - r.x:x - r.x + 64]
+        lab = np.array([(m == c).mean() >= 0.05 for c in range(3)], np.uint8)
+        if lab.any():
+            xs.append(x), ys.append(y), labels.append(lab)
+    project.set_patch_labels(sid, xs, ys, 64, np.stack(labels))
+    cfg = TrainConfig(method="cam", epochs=1, steps=10, batch_size=8, weights="imagenet", device="cpu", patch_size=64,
+                      synth_share=0.0)
+    for _ev in train_classifier(project.root, project.runs_dir / "cls-four", cfg):
+        pass
+    assert main(["cams", str(project.root), "--device", "cpu"]) == 0
+    assert "4 images classified" in capsys.readouterr().out
+    probs = project.read_mask(sid, MASK_REGION_PROBS)[0].astype(np.float32)
+    model, _, run_cfg = load_run(project.runs_dir / "cls-four")
+    gating = calibrated_gating(project.runs_dir / "cls-four") or 0.5
+    pseudo, ds = project.read_mask(sid, "pseudo")
+    for i, r in enumerate(regions):
+        rgb = np.asarray(Image.open(folder / r.name).convert("RGB"))
+        expected = cams_for_image(model, rgb, device="cpu", mode=run_cfg.cam_mode, window=64, normalize=False)[1]
+        np.testing.assert_allclose(probs[:, i], expected, atol=2e-3)
+        allowed = allowed_classes(project.classes, probs=probs[:, i], prob_threshold=gating)
+        box = pseudo[int(r.y / ds):int((r.y + r.height) / ds), int(r.x / ds):int((r.x + r.width) / ds)]
+        present = set(np.unique(box).tolist()) - {project.classes.background_index}
+        assert present <= set(np.flatnonzero(allowed).tolist()), (r.name, present, allowed)
+    canvas = load_canvas(project, sid)  # read back: the same per-image gating
+    np.testing.assert_allclose(canvas.region_probs(), probs)

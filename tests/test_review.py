@@ -501,3 +501,37 @@ def test_no_class_boundary_along_tile_edges_on_the_bundled_slide(case):
                                        probs=canvas.probs[:, ty, tx], bg_threshold=0.2)
     old_edges, old_typical = _edge_boundary_rates(per_tile, valid, plan.tile)
     assert old_edges.max() > max(3 * old_typical, 0.1), (old_edges.max(), old_typical)
+
+
+def test_each_image_of_a_patch_folder_is_gated_on_its_own():
+    """On a patch folder's sheet a class present in one image is not allowed in the others: each
+    image is gated on its own probabilities, also in the index a threshold move uses and after the
+    canvas is read back; before they are known, the tiles an image touches stand in."""
+    from napari_histo_wsss.core.review import ThresholdIndex
+
+    h, w = 64, 160
+    canvas = CamCanvas.empty(LUAD.num_classes, (h, w), 32, 1.0, rule="raw")
+    canvas.regions = [(0, 64, 0, 64), (0, 64, 96, 160)]
+    canvas.tissue = canvas.region_raster() >= 0
+    logits = np.full((LUAD.num_classes, h, w), -6.0, np.float32)
+    logits[0, :, :64] = 2.0            # image 0: tumour
+    logits[1, 20:28, 20:28] = 4.0      # ... with a small spot where stroma's logit is higher
+    logits[1, :, 96:] = 3.0            # image 1: stroma
+    rgb = np.full((h, w, 3), 150, np.uint8)
+    for ty in range(2):
+        for tx in range(5):
+            sy, sx = canvas.tile_slices(ty, tx)
+            tile_probs = np.array([0.9 if tx < 2 else 0.1, 0.9 if tx >= 3 else 0.1, 0.0], np.float32)
+            canvas.put(ty, tx, np.zeros((3, 32, 32), np.float32), tile_probs, rgb[sy, sx], logits=logits[:, sy, sx])
+    # before the images are classified: the tiles each image touches
+    np.testing.assert_allclose(canvas.region_probs(), [[0.9, 0.1], [0.1, 0.9], [0.0, 0.0]])
+    canvas.set_region_probs(np.array([[0.95, 0.05], [0.2, 0.97], [0.01, 0.02]]))
+    mask = pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, None)
+    assert (mask[:, :64] == 0).all() and (mask[:, 96:] == 1).all()  # the spot stays tumour
+    assert (mask[:, 64:96] == LUAD.background_index).all()
+    index = ThresholdIndex(canvas, LUAD, 0.5, None)  # what a threshold move uses: the same classes
+    np.testing.assert_array_equal(index.classes, mask.ravel()[index.pixels])
+    # the sheet-wide gating would have let stroma into image 0's spot
+    canvas.regions = None
+    canvas.cache = {}
+    assert (pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, None)[20:28, 20:28] == 1).all()

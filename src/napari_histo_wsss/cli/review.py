@@ -74,7 +74,7 @@ def run_cams(args: argparse.Namespace) -> int:
     print(f"classifier run {run_dir}")
 
     def show(ev: Any, bar: tqdm) -> None:
-        if ev.kind in ("start", "cancelled", "done") and ev.message:
+        if ev.kind in ("start", "log", "cancelled", "done") and ev.message:
             tqdm.write(ev.message)
 
     with StopOnSigint() as stop:

@@ -65,6 +65,7 @@ __all__ = [
     "MASK_CAM",
     "MASK_CAM_PROBS",
     "MASK_CAM_LOGITS",
+    "MASK_REGION_PROBS",
     "MASK_RULES",
     "MASK_PSEUDO",
     "MASK_CORRECTED",
@@ -89,6 +90,9 @@ __all__ = [
     "ThresholdIndex",
     "PseudoTile",
     "tissue_on_canvas",
+    "new_canvas",
+    "classify_images",
+    "canvas_regions",
     "Corrections",
     "calibrated_gating",
     "list_runs",
@@ -111,6 +115,9 @@ MASK_CORRECTED_FLAG = "corrected_flag"
 MASK_REVIEWED = "reviewed"
 #: The raw CAM logits plus the run's calibrated offsets (the ``raw`` rule's scores).
 MASK_CAM_LOGITS = "cam_logits"
+#: A patch folder's per-image class probabilities (C, images): each image is gated on its own.
+#: Written beside :data:`COMPUTED_MASKS` for patch folders only (removed otherwise).
+MASK_REGION_PROBS = "cam_region_probs"
 #: How the automatic mask compares classes (:class:`ReviewSettings`).
 MASK_RULES = ("raw", "normalised")
 #: What :func:`compute_slide_cams` writes (recomputing replaces them).
@@ -194,6 +201,12 @@ class CamCanvas:
     #: bumped by every :meth:`put`; the caches of :meth:`peaks`, :func:`canvas_scores` and :func:`outside_canvas` carry it
     version: int = field(default=0, compare=False)
     cache: dict = field(default_factory=dict, repr=False, compare=False)
+    #: a patch folder's images as canvas boxes ``(y0, y1, x0, x1)`` (:func:`canvas_regions`):
+    #: each image is gated on its own probabilities (:meth:`region_probs`), not the sheet's
+    regions: list | None = field(default=None, repr=False, compare=False)
+    #: (C, R) each image's class probabilities (:func:`classify_images`, or read back from the
+    #: project's :data:`MASK_REGION_PROBS`); set with :meth:`set_region_probs`
+    image_probs: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.weight is None:  # a canvas read back from the project: the computed tiles are whole
@@ -250,6 +263,40 @@ class CamCanvas:
             self.cache[key] = self.cams.reshape(self.cams.shape[0], -1).max(axis=1)
         return self.cache[key]
 
+    def set_region_probs(self, probs: np.ndarray | None) -> None:
+        """Give the canvas its images' class probabilities (C, R); the scores go stale."""
+        self.image_probs = None if probs is None else np.asarray(probs, dtype=np.float32)
+        self.cache = {k: v for k, v in self.cache.items() if k == "region_raster"}
+
+    def region_probs(self) -> np.ndarray | None:
+        """(C, R) each patch-folder image's class probabilities, None for a slide: those given by
+        :meth:`set_region_probs` (the probabilities ``pseudo-masks`` gates the image with), else
+        - before they are known - the largest probability of the tiles an image touches (NaN
+        while none of them is computed)."""
+        if not self.regions:
+            return None
+        c = self.probs.shape[0]
+        if self.image_probs is not None and self.image_probs.shape == (c, len(self.regions)):
+            return self.image_probs
+        out = np.full((c, len(self.regions)), np.nan, dtype=np.float32)
+        t = self.tile
+        for r, (y0, y1, x0, x1) in enumerate(self.regions):
+            block = self.probs[:, y0 // t:max(y0 // t + 1, -(-y1 // t)), x0 // t:max(x0 // t + 1, -(-x1 // t))]
+            block = block.reshape(c, -1)
+            if (~np.isnan(block)).any(axis=1).all():
+                out[:, r] = np.nanmax(block, axis=1)
+        return out
+
+    def region_raster(self) -> np.ndarray:
+        """(h, w) int32: the index of the patch-folder image under each canvas pixel, -1 between
+        images (all -1 for a slide)."""
+        if "region_raster" not in self.cache:
+            raster = np.full(self.shape, -1, dtype=np.int32)
+            for r, (y0, y1, x0, x1) in enumerate(self.regions or []):
+                raster[y0:y1, x0:x1] = r
+            self.cache["region_raster"] = raster
+        return self.cache["region_raster"]
+
     def put(self, ty: int, tx: int, cams: np.ndarray, probs: np.ndarray, rgb: np.ndarray,
             box: tuple[slice, slice] | None = None, logits: np.ndarray | None = None) -> tuple[slice, slice]:
         """Blend one computed tile in. ``cams`` (C, bh, bw), ``logits`` (the same, raw logits plus
@@ -283,8 +330,10 @@ class CamCanvas:
                                        core_x.start - sx.start:core_x.stop - sx.start]
         self.probs[:, ty, tx] = probs
         self.version += 1
-        self.cache = {}  # scores, peaks and glass go stale
+        raster = self.cache.get("region_raster")
+        self.cache = {} if raster is None else {"region_raster": raster}  # scores, peaks and glass go stale
         return sy, sx
+
 
 
 @dataclass(eq=False)
@@ -381,8 +430,64 @@ def plan_slide_cams(project: Any, slide_id: str, tile: int, max_side: int) -> Ca
     return plan
 
 
-def tissue_on_canvas(project: Any, slide_id: str, shape: tuple[int, int], downsample: float) -> np.ndarray:
-    """The project's tissue mask of a slide resampled (nearest) onto a canvas raster."""
+def canvas_regions(project: Any, slide_id: str, shape: tuple[int, int], downsample: float) -> list | None:
+    """A patch folder's images as boxes ``(y0, y1, x0, x1)`` of a canvas of ``shape`` at
+    ``downsample`` level-0 px per pixel (``core/slides/mosaic.py``); None for a slide."""
+    with project.open_slide(slide_id) as slide:
+        regions = slide.regions
+    if not regions:
+        return None
+    h, w = shape
+    ds = float(downsample)
+    return [(min(h, int(r.y // ds)), min(h, max(int(r.y // ds) + 1, math.ceil((r.y + r.height) / ds))),
+             min(w, int(r.x // ds)), min(w, max(int(r.x // ds) + 1, math.ceil((r.x + r.width) / ds)))) for r in regions]
+
+
+def new_canvas(project: Any, slide_id: str, plan: CamPlan, rule: str) -> CamCanvas:
+    """The empty canvas a slide's CAMs are blended into (the compute job's and the Review
+    panel's): the project's tissue mask on it and, for a patch folder, its images, so that each
+    image is gated on its own (:meth:`CamCanvas.region_probs`)."""
+    regions = canvas_regions(project, slide_id, plan.shape, plan.downsample)
+    canvas = CamCanvas.empty(project.classes.num_classes, plan.shape, plan.tile, plan.downsample,
+                             tissue=tissue_on_canvas(project, slide_id, plan.shape, plan.downsample, regions), rule=rule)
+    canvas.regions = regions
+    return canvas
+
+
+def classify_images(model: Any, slide: Any, work_downsample: float, mode: str, window: int, device: Any,
+                should_stop: Callable[[], bool] = lambda: False) -> Iterator[ProgressEvent]:
+    """A patch folder's images classified one by one, as ``pseudo-masks`` classifies an image
+    (:func:`~.cams.cams_for_image` at the working resolution, the largest ``window``-px window):
+    ``step`` events, then ``done`` whose ``metrics["region_probs"]`` is the (C, R) list (nothing
+    more when stopped)."""
+    from napari_histo_wsss.core.stage1.cams import cams_for_image
+
+    regions = slide.regions or []
+    out = []
+    for i, r in enumerate(regions, start=1):
+        if should_stop():
+            return
+        size = (max(1, int(round(r.width / work_downsample))), max(1, int(round(r.height / work_downsample))))
+        rgb = slide.read_scaled((r.x, r.y), (r.width, r.height), size)
+        out.append(cams_for_image(model, rgb, device=device, mode=mode, window=window, normalize=False)[1])
+        yield ProgressEvent("step", step=i, steps=len(regions), message=f"image {i}/{len(regions)} classified")
+    yield ProgressEvent("done", step=len(regions), steps=len(regions),
+                        metrics={"region_probs": np.stack(out, axis=1).astype(np.float32).tolist()})
+
+
+def tissue_on_canvas(project: Any, slide_id: str, shape: tuple[int, int], downsample: float,
+                     regions: list | None = None) -> np.ndarray:
+    """The project's tissue mask of a slide resampled (nearest) onto a canvas raster. A patch
+    folder's images (``regions``, :func:`canvas_regions`) are tissue wherever they are, as
+    ``pseudo-masks`` takes an image: white glass inside them is background by the white rule
+    (``ReviewSettings.white_level``), not by the coarse tissue mask (which drops pale tissue such
+    as alveolar walls: on the stage-one benchmark's test images the slide path then scored 0.03
+    below the image path, ``bench/stage1_slide_path.py``)."""
+    if regions:
+        tissue = np.zeros(shape, dtype=bool)
+        for y0, y1, x0, x1 in regions:
+            tissue[y0:y1, x0:x1] = True
+        return tissue
     t = project.tissue(slide_id)
     return _onto(np.asarray(t.mask, dtype=bool), t.downsample, shape, downsample)
 
@@ -462,15 +567,33 @@ def canvas_scores(canvas: CamCanvas, classes: ClassTable, gating: float,
     from napari_histo_wsss.core.stage1.cams import allowed_classes, class_scores
 
     allowed = allowed_classes(classes, probs=slide_probs(canvas), prob_threshold=gating)
-    key = ("scores", canvas.version, allowed.tobytes())
+    per_image = canvas.region_probs()
+    if per_image is not None:  # a patch folder: each image its own gating (not computed yet: none)
+        gates = np.stack([allowed_classes(classes, probs=np.nan_to_num(per_image[:, r], nan=0.0),
+                                          prob_threshold=gating) for r in range(per_image.shape[1])])
+        allowed_key = allowed.tobytes() + gates.tobytes()
+    else:
+        allowed_key = allowed.tobytes()
+    key = ("scores", canvas.version, allowed_key)
     if box is None and key in canvas.cache:
         return canvas.cache[key]
-    if canvas.logits is not None:
-        scores = _raw_scores(canvas.logits if box is None else canvas.logits[:, box[0], box[1]], classes, allowed)
-    else:
+    sl = box if box is not None else (slice(None), slice(None))
+
+    def scores_for(allowed_c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if canvas.logits is not None:
+            return _raw_scores(canvas.logits[:, sl[0], sl[1]], classes, allowed_c)
         scale = (1.0 / np.maximum(canvas.peaks(), _EPS)).astype(np.float32)[:, None, None]
-        cams = canvas.cams if box is None else canvas.cams[:, box[0], box[1]]
-        scores = class_scores(cams * scale, classes, allowed, norm="none")
+        return class_scores(canvas.cams[:, sl[0], sl[1]] * scale, classes, allowed_c, norm="none")
+
+    scores = scores_for(allowed)
+    if per_image is not None:
+        raster = canvas.region_raster()[sl]
+        for combo in np.unique(gates, axis=0):
+            images = np.flatnonzero((gates == combo).all(axis=1))
+            where = np.isin(raster, images)
+            if where.any() and not np.array_equal(combo, allowed):
+                argmax, top = scores_for(combo)
+                scores[0][where], scores[1][where] = argmax[where], top[where]
     if box is None:
         canvas.cache = {k: v for k, v in canvas.cache.items() if k[0] != "scores"}
         canvas.cache[key] = scores
@@ -776,10 +899,15 @@ def load_canvas(project: Any, slide_id: str) -> CamCanvas | None:
     logits = project.read_mask(slide_id, MASK_CAM_LOGITS)
     if logits is not None and logits[0].shape != arr.shape:
         logits = None  # a stale layer from another computation: the saved mask's rule cannot be redone
+    regions = canvas_regions(project, slide_id, arr.shape[1:], ds)
     canvas = CamCanvas(arr.astype(np.float32), parr.astype(np.float32), tile, ds,
                        np.full(arr.shape[1:] + (3,), 255, dtype=np.uint8),
-                       tissue=tissue_on_canvas(project, slide_id, arr.shape[1:], ds),
+                       tissue=tissue_on_canvas(project, slide_id, arr.shape[1:], ds, regions),
                        logits=None if logits is None else logits[0].astype(np.float32))
+    canvas.regions = regions
+    saved = project.read_mask(slide_id, MASK_REGION_PROBS) if canvas.regions else None
+    if saved is not None:
+        canvas.set_region_probs(saved[0])
     with project.open_slide(slide_id) as slide:
         h, w = canvas.shape
         canvas.rgb[:] = slide.read_scaled((0, 0), (w * ds, h * ds), (w, h))
@@ -848,6 +976,12 @@ def _write_computed(project: Any, slide_id: str, canvas: CamCanvas, pseudo: np.n
         written.append(MASK_CAM_LOGITS)
     else:
         project.delete_mask(slide_id, MASK_CAM_LOGITS)
+    region_probs = canvas.region_probs()
+    if region_probs is not None:
+        project.write_mask(slide_id, MASK_REGION_PROBS, region_probs.astype(np.float16), 1.0)
+        written.append(MASK_REGION_PROBS)
+    else:
+        project.delete_mask(slide_id, MASK_REGION_PROBS)
     return written
 
 
@@ -907,8 +1041,7 @@ def compute_slide_cams(
     gating = 0.5 if gating is None else float(gating)
     offsets = run_offsets(run_dir, s.which, classes.num_classes) if s.rule == "raw" else None
     white = int(s.white_level) if classes.white_background else None
-    canvas = CamCanvas.empty(classes.num_classes, plan.shape, plan.tile, plan.downsample,
-                             tissue=tissue_on_canvas(project, slide_id, plan.shape, plan.downsample), rule=s.rule)
+    canvas = new_canvas(project, slide_id, plan, s.rule)
     n = len(plan.tiles)
     yield ProgressEvent("start", steps=n, metrics={"gating": gating}, message=f"{slide_id}: {n} tiles with {run_dir.name} ({s.which}, {mode} CAMs, "
                         f"{device}); mask {plan.shape[1]}x{plan.shape[0]} px at {plan.downsample:.2f}x")
@@ -920,6 +1053,13 @@ def compute_slide_cams(
     window = int(project.settings["patch_size"])
     try:
         with project.open_slide(slide_id) as slide:
+            if canvas.regions:  # a patch folder: each image classified as pseudo-masks does, for its gating
+                for ev in classify_images(model, slide, plan.work_downsample, mode, window, device, stop):
+                    if ev.kind == "done":
+                        canvas.set_region_probs(np.asarray(ev.metrics["region_probs"]))
+                        yield ProgressEvent("log", metrics=ev.metrics, message=f"{slide_id}: {len(canvas.regions)} images classified")
+                    elif ev.step % max(1, ev.steps // 10) == 0:  # a line per tenth, not per image
+                        yield ProgressEvent("log", message=f"{slide_id}: {ev.message}")
             for tile in slide_cam_tiles(model, slide, plan, mode, window, device, stop, offsets=offsets):
                 canvas.put(tile.ty, tile.tx, tile.cams, tile.probs, tile.rgb, tile.box, logits=tile.logits)
                 yield tile

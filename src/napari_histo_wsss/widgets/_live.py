@@ -272,6 +272,9 @@ class LiveLabelling(QObject):
                                            colormap=label_colormap(colors), **tf)
         layer.editable = False
         layer.metadata["histo_wsss"] = "live-pseudo"
+        # exported as the Review's mask is: value = class + 1; uncertain and off-tissue cells are background
+        bg = classes.background_index + 1
+        layer.metadata["same_as"] = {0: bg, uncertain_index(classes) + 1: bg}
         grid_layer = self.panel.overlay.layer if self.panel.overlay is not None else None
         if grid_layer is not None:  # below the grid, so clicks and keys still reach it
             layers = viewer.layers

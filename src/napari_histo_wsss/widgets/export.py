@@ -58,7 +58,8 @@ _FILE_GT = "mask file..."
 
 def is_plugin_layer(layer: Any) -> bool:
     """True for Labels layers written by this plugin (values = class index + 1)."""
-    return (getattr(layer, "metadata", None) or {}).get("histo_wsss") in ("pseudo-mask", "prediction", "corrected")
+    return (getattr(layer, "metadata", None) or {}).get("histo_wsss") in ("pseudo-mask", "prediction", "corrected",
+                                                                         "live-pseudo")
 
 
 def layer_levels(layer: Any) -> list[Any]:

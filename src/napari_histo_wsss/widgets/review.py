@@ -71,10 +71,10 @@ from napari_histo_wsss.core.review import (
     corrections_for_plan,
     list_runs,
     load_canvas,
+    new_canvas,
     plan_slide_cams,
     pseudo_from_canvas,
     pseudo_updates,
-    tissue_on_canvas,
     uncertain_index,
 )
 from napari_histo_wsss.widgets._common import (
@@ -472,8 +472,7 @@ class ReviewWidget(Panel):
         self._reset()
         self._slide_id = sid = self.session.slide_id
         c = project.classes.num_classes
-        self.canvas = CamCanvas.empty(c, plan.shape, plan.tile, plan.downsample,
-                                      tissue=tissue_on_canvas(project, sid, plan.shape, plan.downsample), rule=rule)
+        self.canvas = new_canvas(project, sid, plan, rule)
         try:  # recomputing keeps the saved corrections: new tiles replace only automatic values
             self.edits = corrections_for_plan(project, sid, plan)
         except HistoWSSSError as e:
@@ -487,6 +486,9 @@ class ReviewWidget(Panel):
             self.gating.setValue(int(round(float(ev.metrics["gating"]) * 100)))
             self.gating.blockSignals(False)
             self._update_slider_labels()
+            return
+        if self.canvas is not None and "region_probs" in (getattr(ev, "metrics", None) or {}):
+            self.canvas.set_region_probs(np.asarray(ev.metrics["region_probs"]))  # a patch folder: gated per image
             return
         if not isinstance(ev, CamTile) or self.canvas is None or self.edits is None:
             return

@@ -170,8 +170,23 @@ def detect_tissue(slide: Slide, downsample: float | None = None) -> TissueMask:
         ds = float(downsample)
         lw, lh = max(1, round(w0 / ds)), max(1, round(h0 / ds))
         rgb = slide.read_scaled((0, 0), (lw * ds, lh * ds), (lw, lh))
-    mask, threshold = tissue_from_rgb(rgb, (slide.mpp or ASSUMED_MPP) * ds)
-    return TissueMask(mask, ds, threshold)
+    um = (slide.mpp or ASSUMED_MPP) * ds
+    regions = getattr(slide, "regions", None)
+    if not regions:
+        mask, threshold = tissue_from_rgb(rgb, um)
+        return TissueMask(mask, ds, threshold)
+    # a patch folder's sheet: each image on its own (most are crops from inside the tissue, with
+    # no glass in view), white gutters between them never tissue
+    mask = np.zeros(rgb.shape[:2], dtype=bool)
+    thresholds = []
+    for r in regions:
+        y0, x0 = int(r.y / ds), int(r.x / ds)
+        y1, x1 = max(y0 + 1, math.ceil((r.y + r.height) / ds)), max(x0 + 1, math.ceil((r.x + r.width) / ds))
+        y1, x1 = min(y1, rgb.shape[0]), min(x1, rgb.shape[1])
+        if y1 > y0 and x1 > x0:
+            mask[y0:y1, x0:x1], t = tissue_from_rgb(rgb[y0:y1, x0:x1], um)
+            thresholds.append(t)
+    return TissueMask(mask, ds, float(np.median(thresholds)) if thresholds else 0.0)
 
 
 def tissue_from_rgb(rgb: np.ndarray, um_per_px: float) -> tuple[np.ndarray, float]:

@@ -1,0 +1,112 @@
+"""Stage one through the slide path: does the Review panel / ``histo-wsss cams`` show what the
+benchmark measures?
+
+``bench/stage1_quality.py`` scores ``pseudo-masks``' rule image by image. A pathologist sees the
+slide path instead: the Review panel (and ``histo-wsss cams``) computes a slide's CAMs in blended
+tiles on one canvas and makes the automatic pseudo-mask there (``core/review.py``). Here each
+run's 9 test images become one patch folder (a contact sheet, ``core/slides/mosaic.py``) in a
+project; ``compute_slide_cams`` with the Review defaults makes the sheet's pseudo-mask, which is
+cut back into one mask per image (``export_patch_folder_pngs``) and scored like the benchmark
+(MLPS convention: background ground truth ignored). Beside it, the same run's figures from
+``results.json`` (rules *prob-raw*: the Review's rule, and *prob-raw-crf*: ``pseudo-masks``' default).
+
+Nothing is tuned here: the runs, their calibration (gating threshold, offsets) and the Review
+defaults are used as they are.
+
+    python bench/stage1_slide_path.py --work /tmp/s1qall --config p128-synth-pix --splits 0,1 --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from napari_histo_wsss.core.data.classes import get_preset
+from napari_histo_wsss.core.data.project import Project
+from napari_histo_wsss.core.io.export import export_patch_folder_pngs
+from napari_histo_wsss.core.metrics import ConfusionMatrix
+from napari_histo_wsss.core.review import ReviewSettings, compute_slide_cams
+
+
+def score_folder(pred: Path, gt: Path, classes) -> dict:
+    names = classes.names + ["background"]
+    cm = ConfusionMatrix(classes.num_classes + 1, classes.background_index)
+    for f in sorted(gt.iterdir()):
+        cm.update(np.asarray(Image.open(pred / f.name)), np.asarray(Image.open(f)))
+    s = cm.scores(names)
+    return {"miou": s["miou"], "iou": s["per_class_iou"]}
+
+
+def slide_path(run: Path, split_dir: Path, classes) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        project = Project.create(root / "p", classes, patch_size=128, target_mpp=None)
+        sid = project.add_slide(split_dir / "test" / "img")
+        last = None
+        for ev in compute_slide_cams(project, sid, run, ReviewSettings(device="cpu")):
+            last = ev
+        assert last is not None and last.kind == "done", last
+        mask, ds = project.read_mask(sid, "pseudo")
+        with project.open_slide(sid) as slide:
+            regions = slide.regions
+        export_patch_folder_pngs(mask, regions, root / "out", classes, downsample=ds)
+        out = score_folder(root / "out", split_dir / "test" / "mask", classes)
+        out["gating"] = last.metrics["gating"]
+        shutil.rmtree(root / "p")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="/tmp/s1q")
+    ap.add_argument("--config", default="p128-synth-pix")
+    ap.add_argument("--splits", default="0,1")
+    ap.add_argument("--seeds", default="0,1,2")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    classes = get_preset("wsss4luad")
+    results = json.loads((work / "results.json").read_text())["runs"] if (work / "results.json").is_file() else {}
+    rows = []
+    for split in (int(s) for s in args.splits.split(",")):
+        split_dir = work / f"patches-p128-s64-split{split}"
+        for seed in (int(s) for s in args.seeds.split(",")):
+            name = f"{args.config}-split{split}-seed{seed}"
+            run = work / "runs" / name
+            if not (run / "checkpoints").is_dir():
+                print(f"{name}: no run, skipped", file=sys.stderr)
+                continue
+            r = slide_path(run, split_dir, classes)
+            bench = results.get(args.config, {}).get(f"split{split}-seed{seed}", {})
+            r["prob-raw"] = bench.get("prob-raw", {}).get("prob", {}).get("miou")
+            r["prob-raw-crf"] = bench.get("prob-raw-crf", {}).get("prob", {}).get("miou")
+            rows.append(r)
+            print(f"{name}: slide path {r['miou']:.3f} (gating {r['gating']:.2f}); image path prob-raw "
+                  f"{r['prob-raw'] if r['prob-raw'] is None else round(r['prob-raw'], 3)}", file=sys.stderr)
+
+    def ms(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "n/a"
+        return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
+
+    print("| path | n | prob-gated mIoU | tumor IoU | stroma IoU | normal IoU |\n|---|---|---|---|---|---|")
+    print(f"| slide path (Review / cams defaults, sheet of the test images) | {len(rows)} | {ms([r['miou'] for r in rows])} | "
+          + " | ".join(ms([r['iou'].get(c) or 0.0 for r in rows]) for c in classes.names) + " |")
+    print(f"| image path prob-raw (results.json) | {len(rows)} | {ms([r['prob-raw'] for r in rows])} | | | |")
+    print(f"| image path prob-raw-crf (results.json) | {len(rows)} | {ms([r['prob-raw-crf'] for r in rows])} | | | |")
+    d = [r["miou"] - r["prob-raw"] for r in rows if r["prob-raw"] is not None]
+    if d:
+        print(f"\nslide path minus image path prob-raw, run for run: {ms(d)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
