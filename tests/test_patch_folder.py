@@ -215,3 +215,13 @@ def test_cams_on_a_patch_folder_gate_each_image_as_pseudo_masks_does(tmp_path, w
         assert present <= set(np.flatnonzero(allowed).tolist()), (r.name, present, allowed)
     canvas = load_canvas(project, sid)  # read back: the same per-image gating
     np.testing.assert_allclose(canvas.region_probs(), probs)
+
+
+def test_info_on_a_patch_folder(wsss4luad_dir, capsys):
+    import json
+
+    from napari_histo_wsss.cli import main
+
+    assert main(["info", str(wsss4luad_dir / "val" / "img"), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["format"] == "patch folder" and facts["images"] == 31 and facts["grid"]["patches"] > 0

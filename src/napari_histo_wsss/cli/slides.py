@@ -124,6 +124,7 @@ def slide_info(slide: Slide, tissue: TissueMask, grid: PatchGrid) -> dict[str, A
         "dimensions": list(slide.dimensions),
         "mpp": slide.mpp,
         "objective_power": slide.objective_power,
+        **({"images": len(slide.regions)} if slide.regions else {}),
         "levels": [
             {"dimensions": list(d), "downsample": ds, "stored": not slide.is_built_level(i)}
             for i, (d, ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples))
@@ -159,6 +160,8 @@ def run_info(args: argparse.Namespace) -> int:
     obj = f"{facts['objective_power']:g}x" if facts["objective_power"] else "unknown"
     print(f"{facts['path']}")
     print(f"  format: {facts['format']}   size: {w} x {h} px   mpp: {mpp}   objective: {obj}")
+    if "images" in facts:
+        print(f"  images: {facts['images']}, side by side on one sheet (each tiled by the grid from its own corner)")
     print(f"  levels: {len(facts['levels'])}")
     for i, lv in enumerate(facts["levels"]):
         kind = "stored" if lv["stored"] else "built on demand"
