@@ -30,6 +30,8 @@ ROOT = HERE.parent
 # (key, script, arguments, what it measures) in report order.
 SUITE: list[tuple[str, str, list[str], str]] = [
     ("open", "bench_open.py", [], "slide open + first thumbnail: 2k real SVS vs generated 50k x 50k pyramidal TIFF"),
+    ("patch folder", "bench_patch_folder.py", ["--n", "100", "1000", "--no-features"],
+     "patch folders of 100 and 1,000 patches: open, thumbnail, tissue, grid (feature cache: docs/benchmarks/open.md)"),
     ("models", "bench_models.py", ["--models", "efficientnet-lite0", "resnet18", "--sizes", "224", "--repeats", "3"],
      "classifier forward/backward and CAM throughput per backbone"),
     ("train", "stage1_throughput.py", ["--sizes", "128,224", "--strides", "32", "--steps", "3"],
