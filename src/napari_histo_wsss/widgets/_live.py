@@ -75,6 +75,7 @@ class LiveLabelling(QObject):
         # the project's stage-one run and its probabilities for every grid patch (disagreement):
         # (run folder, checkpoint stamp, (N, K) probs), computed off the GUI thread
         self._trained: tuple | None = None
+        self._pending_trained: Callable[[], Any] | None = None  # asked for while the job was running
         self.head = None
         self.probs: np.ndarray | None = None
         self.queue: list[int] = []  # grid indices still to label, in suggestion order
@@ -317,7 +318,11 @@ class LiveLabelling(QObject):
         if run is None or (self._trained is not None and self._trained[:2] == (run, stamp)):
             return False
         task = self.session.task("live-trained", "Trained-run predictions")
-        if task.running:
+        if task.running:  # the job of an older run is still winding down: ask again when it has ended
+            if not getattr(task, "_live_retry", False):
+                task.finished.connect(self._trained_task_ended)
+                task._live_retry = True
+            self._pending_trained = then
             return True
         project = self.session.require_project()
         sid, _ = self.session.require_slide()
@@ -340,6 +345,16 @@ class LiveLabelling(QObject):
 
         self._start(task, job, on_event, f"{run.name} on the patches of {sid}")
         return True
+
+    def _trained_task_ended(self, _outcome: str) -> None:
+        """A request that came while the trained-run job was running: made again now."""
+        then, self._pending_trained = self._pending_trained, None
+        if then is not None:
+            try:
+                if not self.refresh_trained(then=then):
+                    then()
+            except HistoWSSSError as e:
+                self.panel.fail(str(e))
 
     def suggest(self) -> list[int]:
         """A new batch of suggestions (grid indices), shown in the list; the first one is selected."""
