@@ -207,6 +207,7 @@ class CamCanvas:
     #: (C, R) each image's class probabilities (:func:`classify_images`, or read back from the
     #: project's :data:`MASK_REGION_PROBS`); set with :meth:`set_region_probs`
     image_probs: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _raster: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.weight is None:  # a canvas read back from the project: the computed tiles are whole
@@ -266,7 +267,7 @@ class CamCanvas:
     def set_region_probs(self, probs: np.ndarray | None) -> None:
         """Give the canvas its images' class probabilities (C, R); the scores go stale."""
         self.image_probs = None if probs is None else np.asarray(probs, dtype=np.float32)
-        self.cache = {k: v for k, v in self.cache.items() if k == "region_raster"}
+        self.cache = {}
 
     def region_probs(self) -> np.ndarray | None:
         """(C, R) each patch-folder image's class probabilities, None for a slide: those given by
@@ -290,12 +291,11 @@ class CamCanvas:
     def region_raster(self) -> np.ndarray:
         """(h, w) int32: the index of the patch-folder image under each canvas pixel, -1 between
         images (all -1 for a slide)."""
-        if "region_raster" not in self.cache:
-            raster = np.full(self.shape, -1, dtype=np.int32)
-            for r, (y0, y1, x0, x1) in enumerate(self.regions or []):
-                raster[y0:y1, x0:x1] = r
-            self.cache["region_raster"] = raster
-        return self.cache["region_raster"]
+        from napari_histo_wsss.core.slides.mosaic import boxes_raster
+
+        if self._raster is None or self._raster[0] != self.regions:  # the regions do not change with put()
+            self._raster = (self.regions, boxes_raster(self.shape, self.regions or []))
+        return self._raster[1]
 
     def put(self, ty: int, tx: int, cams: np.ndarray, probs: np.ndarray, rgb: np.ndarray,
             box: tuple[slice, slice] | None = None, logits: np.ndarray | None = None) -> tuple[slice, slice]:
@@ -330,10 +330,8 @@ class CamCanvas:
                                        core_x.start - sx.start:core_x.stop - sx.start]
         self.probs[:, ty, tx] = probs
         self.version += 1
-        raster = self.cache.get("region_raster")
-        self.cache = {} if raster is None else {"region_raster": raster}  # scores, peaks and glass go stale
+        self.cache = {}  # scores, peaks and glass go stale
         return sy, sx
-
 
 
 @dataclass(eq=False)
@@ -432,15 +430,15 @@ def plan_slide_cams(project: Any, slide_id: str, tile: int, max_side: int) -> Ca
 
 def canvas_regions(project: Any, slide_id: str, shape: tuple[int, int], downsample: float) -> list | None:
     """A patch folder's images as boxes ``(y0, y1, x0, x1)`` of a canvas of ``shape`` at
-    ``downsample`` level-0 px per pixel (``core/slides/mosaic.py``); None for a slide."""
+    ``downsample`` level-0 px per pixel (``core/slides/mosaic.py``); None for a slide (known from
+    the project's record, without opening it)."""
+    from napari_histo_wsss.core.slides.mosaic import boxes_at
+
+    if project.slides[slide_id].layout is None:  # only patch folders record a layout
+        return None
     with project.open_slide(slide_id) as slide:
         regions = slide.regions
-    if not regions:
-        return None
-    h, w = shape
-    ds = float(downsample)
-    return [(min(h, int(r.y // ds)), min(h, max(int(r.y // ds) + 1, math.ceil((r.y + r.height) / ds))),
-             min(w, int(r.x // ds)), min(w, max(int(r.x // ds) + 1, math.ceil((r.x + r.width) / ds)))) for r in regions]
+    return boxes_at(regions, shape, downsample) if regions else None
 
 
 def new_canvas(project: Any, slide_id: str, plan: CamPlan, rule: str) -> CamCanvas:
@@ -484,10 +482,9 @@ def tissue_on_canvas(project: Any, slide_id: str, shape: tuple[int, int], downsa
     as alveolar walls: on the stage-one benchmark's test images the slide path then scored 0.03
     below the image path, ``bench/stage1_slide_path.py``)."""
     if regions:
-        tissue = np.zeros(shape, dtype=bool)
-        for y0, y1, x0, x1 in regions:
-            tissue[y0:y1, x0:x1] = True
-        return tissue
+        from napari_histo_wsss.core.slides.mosaic import boxes_raster
+
+        return boxes_raster(shape, regions) >= 0
     t = project.tissue(slide_id)
     return _onto(np.asarray(t.mask, dtype=bool), t.downsample, shape, downsample)
 

@@ -112,6 +112,7 @@ class LiveLabelling(QObject):
         form.addRow(self.status)
         self.box = box
         self.refitted.connect(self._on_refitted)
+        self.session.task("live-trained", "Trained-run predictions").finished.connect(self._trained_task_ended)
         self.session.grid_changed.connect(self._reset)
 
     # -- state ---------------------------------------------------------------------------------
@@ -319,9 +320,6 @@ class LiveLabelling(QObject):
             return False
         task = self.session.task("live-trained", "Trained-run predictions")
         if task.running:  # the job of an older run is still winding down: ask again when it has ended
-            if not getattr(task, "_live_retry", False):
-                task.finished.connect(self._trained_task_ended)
-                task._live_retry = True
             self._pending_trained = then
             return True
         project = self.session.require_project()

@@ -39,7 +39,7 @@ from PIL import Image
 from napari_histo_wsss.core.errors import SlideError
 
 __all__ = ["PATCH_SUFFIXES", "GUTTER", "ALIGN", "LAYOUT_KEY", "FolderImage", "patch_files", "folder_layout",
-           "open_patch_folder"]
+           "open_patch_folder", "boxes_at", "boxes_raster"]
 
 #: Suffixes of the patch files taken from a folder (not recursive, dot-files skipped).
 PATCH_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -71,6 +71,23 @@ def patch_files(folder: Path) -> list[Path]:
     except OSError:
         return []
     return [e for e in entries if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(PATCH_SUFFIXES)]
+
+
+def boxes_at(regions: list[FolderImage], shape: tuple[int, int], downsample: float) -> list[tuple[int, int, int, int]]:
+    """The images' boxes ``(y0, y1, x0, x1)`` on a raster of ``shape`` at ``downsample`` level-0
+    pixels per pixel (at least one pixel each, clipped to the raster)."""
+    h, w = shape
+    ds = float(downsample)
+    return [(min(h, int(r.y // ds)), min(h, max(int(r.y // ds) + 1, math.ceil((r.y + r.height) / ds))),
+             min(w, int(r.x // ds)), min(w, max(int(r.x // ds) + 1, math.ceil((r.x + r.width) / ds)))) for r in regions]
+
+
+def boxes_raster(shape: tuple[int, int], boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """(h, w) int32: the index of the box under each pixel, -1 outside every box."""
+    raster = np.full(shape, -1, dtype=np.int32)
+    for i, (y0, y1, x0, x1) in enumerate(boxes):
+        raster[y0:y1, x0:x1] = i
+    return raster
 
 
 def _up(v: float) -> int:

@@ -177,12 +177,11 @@ def detect_tissue(slide: Slide, downsample: float | None = None) -> TissueMask:
         return TissueMask(mask, ds, threshold)
     # a patch folder's sheet: each image on its own (most are crops from inside the tissue, with
     # no glass in view), white gutters between them never tissue
+    from napari_histo_wsss.core.slides.mosaic import boxes_at
+
     mask = np.zeros(rgb.shape[:2], dtype=bool)
     thresholds = []
-    for r in regions:
-        y0, x0 = int(r.y / ds), int(r.x / ds)
-        y1, x1 = max(y0 + 1, math.ceil((r.y + r.height) / ds)), max(x0 + 1, math.ceil((r.x + r.width) / ds))
-        y1, x1 = min(y1, rgb.shape[0]), min(x1, rgb.shape[1])
+    for y0, y1, x0, x1 in boxes_at(regions, rgb.shape[:2], ds):
         if y1 > y0 and x1 > x0:
             mask[y0:y1, x0:x1], t = tissue_from_rgb(rgb[y0:y1, x0:x1], um)
             thresholds.append(t)
