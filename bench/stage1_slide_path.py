@@ -7,13 +7,15 @@ tiles on one canvas and makes the automatic pseudo-mask there (``core/review.py`
 run's 9 test images become one patch folder (a contact sheet, ``core/slides/mosaic.py``) in a
 project; ``compute_slide_cams`` with the Review defaults makes the sheet's pseudo-mask, which is
 cut back into one mask per image (``export_patch_folder_pngs``) and scored like the benchmark
-(MLPS convention: background ground truth ignored). Beside it, the same run's figures from
-``results.json`` (rules *prob-raw*: the Review's rule, and *prob-raw-crf*: ``pseudo-masks``' default).
+(MLPS convention: background ground truth ignored), once per ``--refine`` choice (the Review
+default ``crf``: a dense CRF over the canvas, and ``none``). Beside it, the same run's figures from
+``results.json`` (rules *prob-raw*: the Review's rule unrefined, and *prob-raw-crf*:
+``pseudo-masks``' default).
 
 Nothing is tuned here: the runs, their calibration (gating threshold, offsets) and the Review
 defaults are used as they are.
 
-    python bench/stage1_slide_path.py --work /tmp/s1qall --config p128-synth-pix --splits 0,1 --seeds 0,1,2
+    python bench/stage1_slide_path.py --work /tmp/s1qall --config p128-synth-pix --splits 0,1 --seeds 0,1,2 --refine none,crf
 """
 
 from __future__ import annotations
@@ -45,13 +47,13 @@ def score_folder(pred: Path, gt: Path, classes) -> dict:
     return {"miou": s["miou"], "iou": s["per_class_iou"]}
 
 
-def slide_path(run: Path, split_dir: Path, classes) -> dict:
+def slide_path(run: Path, split_dir: Path, classes, refine: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         project = Project.create(root / "p", classes, patch_size=128, target_mpp=None)
         sid = project.add_slide(split_dir / "test" / "img")
         last = None
-        for ev in compute_slide_cams(project, sid, run, ReviewSettings(device="cpu")):
+        for ev in compute_slide_cams(project, sid, run, ReviewSettings(device="cpu", refine=refine)):
             last = ev
         assert last is not None and last.kind == "done", last
         mask, ds = project.read_mask(sid, "pseudo")
@@ -70,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="p128-synth-pix")
     ap.add_argument("--splits", default="0,1")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--refine", default="none,crf", help="the Review's refinements to score, comma-separated")
     args = ap.parse_args(argv)
     work = Path(args.work)
     classes = get_preset("wsss4luad")
     results = json.loads((work / "results.json").read_text())["runs"] if (work / "results.json").is_file() else {}
     rows = []
+    refines = [x for x in args.refine.split(",") if x]
     for split in (int(s) for s in args.splits.split(",")):
         split_dir = work / f"patches-p128-s64-split{split}"
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -83,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             if not (run / "checkpoints").is_dir():
                 print(f"{name}: no run, skipped", file=sys.stderr)
                 continue
-            r = slide_path(run, split_dir, classes)
             bench = results.get(args.config, {}).get(f"split{split}-seed{seed}", {})
-            r["prob-raw"] = bench.get("prob-raw", {}).get("prob", {}).get("miou")
-            r["prob-raw-crf"] = bench.get("prob-raw-crf", {}).get("prob", {}).get("miou")
+            r = {"name": name}
+            for g in ("prob-raw", "prob-raw-crf"):
+                r[g] = bench.get(g, {}).get("prob", {}).get("miou")
+            for refine in refines:
+                r[refine] = slide_path(run, split_dir, classes, refine)
+                print(f"{name}: slide path, refine {refine}: {r[refine]['miou']:.3f} (gating {r[refine]['gating']:.2f}); "
+                      f"image path prob-raw {r['prob-raw']}, prob-raw-crf {r['prob-raw-crf']}", file=sys.stderr)
             rows.append(r)
-            print(f"{name}: slide path {r['miou']:.3f} (gating {r['gating']:.2f}); image path prob-raw "
-                  f"{r['prob-raw'] if r['prob-raw'] is None else round(r['prob-raw'], 3)}", file=sys.stderr)
 
     def ms(vals):
         vals = [v for v in vals if v is not None]
@@ -97,14 +103,21 @@ def main(argv: list[str] | None = None) -> int:
             return "n/a"
         return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
 
-    print("| path | n | prob-gated mIoU | tumor IoU | stroma IoU | normal IoU |\n|---|---|---|---|---|---|")
-    print(f"| slide path (Review / cams defaults, sheet of the test images) | {len(rows)} | {ms([r['miou'] for r in rows])} | "
-          + " | ".join(ms([r['iou'].get(c) or 0.0 for r in rows]) for c in classes.names) + " |")
-    print(f"| image path prob-raw (results.json) | {len(rows)} | {ms([r['prob-raw'] for r in rows])} | | | |")
-    print(f"| image path prob-raw-crf (results.json) | {len(rows)} | {ms([r['prob-raw-crf'] for r in rows])} | | | |")
-    d = [r["miou"] - r["prob-raw"] for r in rows if r["prob-raw"] is not None]
-    if d:
-        print(f"\nslide path minus image path prob-raw, run for run: {ms(d)}")
+    def diff(a, b):
+        return ms([None if r.get(b) is None else r[a]["miou"] - r[b] for r in rows]) if a in refines else "n/a"
+
+    print("| path | n | prob-gated mIoU | minus image path, run for run | tumor IoU | stroma IoU | normal IoU |\n"
+          "|---|---|---|---|---|---|---|")
+    for refine in refines:
+        twin = "prob-raw-crf" if refine == "crf" else "prob-raw"
+        print(f"| slide path, refine {refine} (Review / cams, sheet of the test images) | {len(rows)} | "
+              f"{ms([r[refine]['miou'] for r in rows])} | {diff(refine, twin)} (vs {twin}) | "
+              + " | ".join(ms([r[refine]['iou'].get(c) or 0.0 for r in rows]) for c in classes.names) + " |")
+    for g in ("prob-raw", "prob-raw-crf"):
+        print(f"| image path {g} (results.json) | {len(rows)} | {ms([r[g] for r in rows])} | | | | |")
+    if {"none", "crf"} <= set(refines):
+        print("\nslide path, crf minus none, run for run: "
+              + ms([r["crf"]["miou"] - r["none"]["miou"] for r in rows]))
     return 0
 
 

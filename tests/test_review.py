@@ -43,6 +43,7 @@ from napari_histo_wsss.core.review import (
     with_uncertain,
 )
 from napari_histo_wsss.core.stage1.cams import pseudo_mask
+from napari_histo_wsss.core.stage1.refine import crf_available
 
 LUAD = get_preset("wsss4luad")
 
@@ -292,13 +293,17 @@ def test_cams_command_writes_the_layers_and_refuses_to_replace_them(case, capsys
     assert set(np.unique(pseudo)) <= set(range(LUAD.background_index + 1)) and len(np.unique(pseudo)) >= 2
     # what was saved is the canvas of the job's tiles and its automatic mask at the default
     # thresholds (CAM 0.2, gating 0.5: the tiny run has no validation masks to calibrate it)
+    # (and, by default, refined by the dense CRF of pseudo-masks when pydensecrf is there)
+    refine = "crf" if crf_available() else "none"
     canvas = CamCanvas.empty(LUAD.num_classes, pseudo.shape, int(round(pds / ds)), ds,
                              tissue=tissue_on_canvas(project, sid, pseudo.shape, ds), rule="raw")
+    canvas.refine, canvas.work_downsample = refine, project.grid(sid).downsample
     for ev in compute_slide_cams(project, sid, Path(project.runs_dir) / RUN,
                                  ReviewSettings(mode="last", tile=128, device="cpu"), save=False):
         if isinstance(ev, CamTile):
             canvas.put(ev.ty, ev.tx, ev.cams, ev.probs, ev.rgb, ev.box, logits=ev.logits)
     assert ev.kind == "done" and ev.metrics["written"] == [] and ev.metrics["gating"] == 0.5
+    assert ev.metrics["refine"] == refine
     assert ev.metrics["rule"] == "raw" and ev.metrics["offsets"] == [0.0] * LUAD.num_classes  # no validation masks
     # saved normalised once per slide: each class's strongest pixel is 1
     np.testing.assert_allclose(cam, canvas.cams / canvas.peaks()[:, None, None], atol=1e-3)
@@ -307,7 +312,8 @@ def test_cams_command_writes_the_layers_and_refuses_to_replace_them(case, capsys
     np.testing.assert_array_equal(pseudo, pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, 200))
     # the default rule is pseudo-masks' raw argmax: on tissue, each pixel is the gated class with
     # the largest logit (the softmax of the winner is at least 1/k, so the CAM threshold 0.2 marks
-    # nothing uncertain), and the logits are saved with the mask
+    # nothing uncertain), and the logits are saved with the mask; the dense CRF then moves
+    # borders (most pixels keep the argmax) and never brings back a class the gating removed
     logits, lds = got[MASK_CAM_LOGITS]
     assert lds == ds and logits.dtype == np.float16
     np.testing.assert_allclose(logits, canvas.logits, atol=2e-2, rtol=2e-3)
@@ -315,12 +321,16 @@ def test_cams_command_writes_the_layers_and_refuses_to_replace_them(case, capsys
     allowed[int(np.argmax(slide_probs(canvas)))] = True
     z = np.where(allowed[:, None, None], canvas.logits, -np.inf)
     tissue = ~outside_canvas(canvas, 200)
-    np.testing.assert_array_equal(pseudo[tissue], np.argmax(z, axis=0)[tissue])
+    plain = pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, 200, refined=False)
+    np.testing.assert_array_equal(plain[tissue], np.argmax(z, axis=0)[tissue])
+    assert set(np.unique(pseudo[tissue])) <= set(np.flatnonzero(allowed).tolist())
+    agree = (pseudo[tissue] == plain[tissue]).mean()
+    assert agree == 1.0 if refine == "none" else 0.7 < agree < 1.0, agree
     assert (pseudo[~tissue] == LUAD.background_index).all()
     # reopened, the canvas keeps the rule and gives the same mask (up to the white-glass rule on
     # the slide read again at canvas resolution, and float16 storage)
-    again = load_canvas(Project.open(project.root), sid)
-    assert again.rule == "raw"
+    again = load_canvas(Project.open(project.root), sid, refine)
+    assert again.rule == "raw" and again.refine == refine
     assert (pseudo_from_canvas(again, LUAD, 0.2, 0.5, 200) == pseudo).mean() > 0.98
     # the earlier rule stays a switch; it writes no logits, and removes stale ones
     assert main(["cams", str(project.root), *_CLI, "--rule", "normalised", "--overwrite"]) == 0
@@ -535,3 +545,102 @@ def test_each_image_of_a_patch_folder_is_gated_on_its_own():
     canvas.regions = None
     canvas.cache = {}
     assert (pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, None)[20:28, 20:28] == 1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the dense CRF on the canvas (pseudo-masks' default refinement, also the Review's)
+# ---------------------------------------------------------------------------------------------
+def _blurry_border_canvas(refine: str = "crf") -> tuple[CamCanvas, int, int]:
+    """A 64 x 128 raw-rule canvas whose logits switch from tumour to stroma at x = 48 with a soft
+    ramp, over an image whose stain edge is at x = 64 (purple tumour left of it, pink stroma right)."""
+    h, w, stain_edge, logit_edge = 64, 128, 64, 48
+    canvas = CamCanvas.empty(LUAD.num_classes, (h, w), 64, 2.0, rule="raw")
+    canvas.refine, canvas.work_downsample = refine, 2.0
+    x = np.arange(w, dtype=np.float32)
+    ramp = np.clip((x - logit_edge) / 40.0, -1, 1)  # soft: the logits cannot place the border
+    logits = np.zeros((LUAD.num_classes, h, w), np.float32)
+    logits[0] = -1.5 * ramp
+    logits[1] = 1.5 * ramp
+    logits[2] = -8.0
+    rgb = np.zeros((h, w, 3), np.uint8)
+    rgb[:, :stain_edge] = (90, 40, 140)     # tumour: dense haematoxylin
+    rgb[:, stain_edge:] = (230, 140, 180)   # stroma: eosin
+    for tx in range(2):
+        sy, sx = canvas.tile_slices(0, tx)
+        canvas.put(0, tx, np.zeros((3, h, 64), np.float32), np.array([0.9, 0.9, 0.01], np.float32), rgb[sy, sx],
+                   logits=logits[:, sy, sx])
+    return canvas, logit_edge, stain_edge
+
+
+def _border(mask: np.ndarray) -> float:
+    """Mean x of the first stroma pixel per row."""
+    return float(np.mean([np.argmax(row == 1) for row in mask]))
+
+
+@pytest.mark.skipif(not crf_available(), reason="pydensecrf not installed")
+def test_refined_canvas_moves_the_class_border_to_the_stain_edge():
+    """With ``refine="crf"`` (the Review default) the canvas's mask comes from a dense CRF over the
+    canvas's RGB: the border the upsampled logits put at x = 48 moves to the stain edge at x = 64;
+    unrefined it stays at the logits' border. The threshold index and the whole mask agree."""
+    canvas, logit_edge, stain_edge = _blurry_border_canvas("crf")
+    refined = pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, None)
+    plain = pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, None, refined=False)
+    assert abs(_border(plain) - logit_edge) <= 1
+    assert abs(_border(refined) - stain_edge) <= 2, _border(refined)
+    assert set(np.unique(refined)) == {0, 1}  # normal, gated off, never comes back
+    index = ThresholdIndex(canvas, LUAD, 0.5, None)
+    np.testing.assert_array_equal(index.classes, refined.ravel()[index.pixels])
+    # the same canvas unrefined: the logits' border, and an index that no longer fits
+    canvas.refine = "none"
+    assert not index.fits(canvas, 0.5, None)
+    np.testing.assert_array_equal(pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, None), plain)
+
+
+@pytest.mark.skipif(not crf_available(), reason="pydensecrf not installed")
+def test_pseudo_updates_show_the_unrefined_mask_first_and_can_stop_in_the_crf():
+    from napari_histo_wsss.core.review import pseudo_updates, refined_labels
+
+    canvas, _, stain_edge = _blurry_border_canvas("crf")
+    events = list(pseudo_updates(canvas, LUAD, 0.2, 0.5, None, lambda: False))
+    assert [e.step for e in events] == [1, 2, 3] and events[-1].index is not None
+    np.testing.assert_array_equal(events[0].mask, pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, None, uncertain=True,
+                                                                     refined=False))
+    np.testing.assert_array_equal(events[1].mask, pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, None, uncertain=True))
+    assert abs(_border(events[1].mask) - stain_edge) <= 2
+    # refined labels are cached: the next gating move back costs no CRF (one whole mask, then the index)
+    assert [e.step for e in pseudo_updates(canvas, LUAD, 0.2, 0.5, None, lambda: False)] == [1, 2]
+    # a stop asked during the CRF: nothing refined is cached, nothing more is shown
+    fresh, _, _ = _blurry_border_canvas("crf")
+    asked = []
+
+    def stop_in_crf() -> bool:
+        asked.append(1)
+        return len(asked) > 1  # let the job start, stop at the CRF
+    shown = list(pseudo_updates(fresh, LUAD, 0.2, 0.5, None, stop_in_crf))
+    assert [e.step for e in shown] == [1]
+    assert not any(k[0] == "refined" for k in fresh.cache)
+    assert refined_labels(fresh, LUAD, 0.5, lambda: True) is None
+
+
+@pytest.mark.skipif(not crf_available(), reason="pydensecrf not installed")
+def test_refining_a_patch_folder_keeps_each_images_own_gating():
+    """On a sheet the CRF runs image by image with each image's own classes, as pseudo-masks runs
+    it: a class gated off in one image never comes back there, whatever its neighbours hold."""
+    canvas, _, _ = _blurry_border_canvas("crf")
+    canvas.regions = [(0, 64, 0, 60), (0, 64, 68, 128)]
+    canvas.tissue = canvas.region_raster() >= 0
+    canvas.set_region_probs(np.array([[0.95, 0.05], [0.9, 0.97], [0.01, 0.02]]))  # image 0: tumour only
+    mask = pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, None)
+    assert (mask[:, :60] == 0).all()
+    assert set(np.unique(mask[:, 68:])) <= {0, 1} and (mask[:, 68:] == 1).mean() > 0.9
+    assert (mask[:, 60:68] == LUAD.background_index).all()
+
+
+def test_crf_kernels_follow_the_canvas_resolution():
+    from napari_histo_wsss.core.stage1.refine import CRFParams
+
+    p = CRFParams()
+    half = p.scaled(0.5)  # a canvas twice as coarse as the model's input
+    assert half.bilateral_sxy == p.bilateral_sxy / 2 and half.gaussian_sxy == p.gaussian_sxy / 2
+    assert half.bilateral_srgb == p.bilateral_srgb and half.bilateral_compat == p.bilateral_compat
+    assert p.scaled(0.01).gaussian_sxy == 1.0  # never below a pixel

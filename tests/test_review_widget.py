@@ -117,3 +117,22 @@ def _cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_path, c
     assert "restored the saved CAMs" in rv2.status.text(), rv2.status.text()
     assert viewer2.layers["pseudo-mask"].data[r, c] == k + 1 and rv2.edits.flag()[r, c]
     np.testing.assert_array_equal(rv2.edits.reviewed, rv.edits.reviewed)
+
+    # "Refine borders": the mask is made again without the dense CRF (no new CAMs), the
+    # correction kept; back on crf it is the saved refined mask again
+    from napari_histo_wsss.core.review import pseudo_from_canvas
+    from napari_histo_wsss.core.stage1.refine import crf_available
+
+    if not crf_available():
+        return
+    assert rv.refine.currentText() == "crf" and rv.canvas.refine == "crf"
+    refined = np.minimum(rv.edits.auto, bg).copy()
+    rv.refine.setCurrentText("none")
+    qtbot.waitUntil(lambda: not rv.pseudo_task.running and rv.canvas.refine == "none", timeout=WAIT_MS)
+    plain = pseudo_from_canvas(rv.canvas, project.classes, rv.cam_threshold, rv.gating_threshold, rv.white_level,
+                               refined=False)
+    np.testing.assert_array_equal(np.minimum(rv.edits.auto, bg), plain)
+    assert (plain != refined).any() and viewer.layers["pseudo-mask"].data[r, c] == k + 1
+    rv.refine.setCurrentText("crf")
+    qtbot.waitUntil(lambda: not rv.pseudo_task.running and rv.canvas.refine == "crf", timeout=WAIT_MS)
+    np.testing.assert_array_equal(np.minimum(rv.edits.auto, bg), refined)

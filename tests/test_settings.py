@@ -160,7 +160,8 @@ def test_panel_forms_show_the_core_defaults(make_napari_viewer):
     _dock, review = viewer.window.add_plugin_dock_widget("napari-histo-wsss", "Review and correct")
     d = ReviewSettings()
     form = review.settings_form.values()
-    assert set(form) == {"which", "mode", "rule", "tile", "max_side", "device"} and form["rule"] == "raw"
+    assert set(form) == {"which", "mode", "rule", "refine", "tile", "max_side", "device"} and form["rule"] == "raw"
+    assert form["refine"] == "crf"
     assert ReviewSettings(**form) == d and form["mode"] is None
     assert review.mode.currentText() == "as trained"
     review.mode.setCurrentText("last")

@@ -26,6 +26,13 @@ folders and stage two's MLPS sets - with glass (outside the tissue mask, or whit
 :func:`~.tissue.white_background_mask`) as background. Tissue that no class reaches is
 *uncertain* in the review (:func:`uncertain_index`, its own style) and saved as background.
 
+With the ``raw`` rule the mask's classes are then refined, by default, by the dense CRF of
+``pseudo-masks`` (``ReviewSettings.refine = "crf"``, :func:`refined_labels`): over the canvas's
+RGB, on the softmax of the gated logits, with the kernels chosen on validation images scaled to
+the canvas; a patch folder's images one by one with their own classes. On the stage-one
+benchmark's test images the slide path then scores 0.610 against 0.584 unrefined
+(``bench/stage1_slide_path.py``, docs/benchmarks/stage1.md, "The slide path").
+
 :func:`compute_slide_cams` is the one job that computes and stores a slide's layers; the Review
 panel runs it in the background and ``histo-wsss cams`` from the command line. The project masks
 (``masks/<slide>/<name>``, :meth:`~.project.Project.write_mask`) are named by the constants
@@ -60,6 +67,7 @@ from napari_histo_wsss.core.progress import ProgressEvent
 from napari_histo_wsss.core.settings import Settings, setting
 from napari_histo_wsss.core.slides.grid import axis_starts, cosine_window
 from napari_histo_wsss.core.slides.tissue import white_background_mask
+from napari_histo_wsss.core.stage1.refine import CRF_MISSING, REFINEMENTS, CRFParams, crf_available, dense_crf_labels
 
 __all__ = [
     "MASK_CAM",
@@ -84,6 +92,7 @@ __all__ = [
     "uncertain_index",
     "slide_probs",
     "canvas_scores",
+    "refined_labels",
     "outside_canvas",
     "pseudo_from_canvas",
     "pseudo_updates",
@@ -128,6 +137,10 @@ PATHOLOGIST_MASKS = (MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_REVIEWED)
 #: Smallest class peak the per-slide normalisation divides by (a class never seen stays zero).
 _EPS = 1e-6
 
+#: A slide canvas's dense CRF runs in tiles of this side (px) widened by this overlap; tiles whose
+#: tissue holds a single class are skipped (:func:`~.refine.dense_crf_labels`' ``where``)
+_CRF_TILE, _CRF_OVERLAP = 2048, 256
+
 #: Prefix of classifier run folders under a project's ``runs/``.
 CLASSIFIER_RUN_PREFIX = "cls-"
 
@@ -156,6 +169,10 @@ class ReviewSettings(Settings):
                         help="raw: argmax of raw CAM logits plus the offsets the run's validation calibrated "
                              "(the rule of pseudo-masks, better on the benchmark); normalised: CAMs normalised "
                              "per class over the slide, tissue below the CAM threshold uncertain")
+    refine: str = setting("crf", choices=REFINEMENTS, label="Refine borders", basic=True,
+                          help="raw rule: move the mask's class borders to the stain edges with a dense CRF "
+                               "(crf, the default of pseudo-masks; needs pydensecrf, else the mask stays unrefined "
+                               "and a message says so) or not (none)")
     tile: int = setting(768, range=(32, None), step=64, basic=True,
                         label="Tile (px)", help="tile side in model pixels; tiles are blended with their neighbours")
     max_side: int = setting(4096, range=(64, None), step=256, label="Max. mask side (px)", basic=True,
@@ -207,6 +224,10 @@ class CamCanvas:
     #: (C, R) each image's class probabilities (:func:`classify_images`, or read back from the
     #: project's :data:`MASK_REGION_PROBS`); set with :meth:`set_region_probs`
     image_probs: np.ndarray | None = field(default=None, repr=False, compare=False)
+    #: ``crf``: the ``raw`` rule's classes come from a dense CRF over the canvas (:func:`refined_labels`)
+    refine: str = field(default="none", compare=False)
+    #: level-0 px per model input px (the CRF's kernels are in model pixels); None: the canvas's own
+    work_downsample: float | None = field(default=None, compare=False)
     _raster: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -441,14 +462,16 @@ def canvas_regions(project: Any, slide_id: str, shape: tuple[int, int], downsamp
     return boxes_at(regions, shape, downsample) if regions else None
 
 
-def new_canvas(project: Any, slide_id: str, plan: CamPlan, rule: str) -> CamCanvas:
+def new_canvas(project: Any, slide_id: str, plan: CamPlan, rule: str, refine: str = "none") -> CamCanvas:
     """The empty canvas a slide's CAMs are blended into (the compute job's and the Review
     panel's): the project's tissue mask on it and, for a patch folder, its images, so that each
-    image is gated on its own (:meth:`CamCanvas.region_probs`)."""
+    image is gated on its own (:meth:`CamCanvas.region_probs`); ``refine`` as
+    :attr:`ReviewSettings.refine`."""
     regions = canvas_regions(project, slide_id, plan.shape, plan.downsample)
     canvas = CamCanvas.empty(project.classes.num_classes, plan.shape, plan.tile, plan.downsample,
                              tissue=tissue_on_canvas(project, slide_id, plan.shape, plan.downsample, regions), rule=rule)
     canvas.regions = regions
+    canvas.refine, canvas.work_downsample = refine, plan.work_downsample
     return canvas
 
 
@@ -553,25 +576,39 @@ def slide_probs(canvas: CamCanvas) -> np.ndarray:
     return np.nanmax(p, axis=1).astype(np.float32)
 
 
+def _gates(canvas: CamCanvas, classes: ClassTable, gating: float) -> tuple[np.ndarray, np.ndarray | None, bytes]:
+    """The slide's allowed classes (C,) from :func:`slide_probs`, a patch folder's per image
+    (R, C) (None for a slide; no class of an image not computed yet), and a cache key of both."""
+    from napari_histo_wsss.core.stage1.cams import allowed_classes
+
+    allowed = allowed_classes(classes, probs=slide_probs(canvas), prob_threshold=gating)
+    per_image = canvas.region_probs()
+    if per_image is None:
+        return allowed, None, allowed.tobytes()
+    gates = np.stack([allowed_classes(classes, probs=np.nan_to_num(per_image[:, r], nan=0.0), prob_threshold=gating)
+                      for r in range(per_image.shape[1])])
+    return allowed, gates, allowed.tobytes() + gates.tobytes()
+
+
 def canvas_scores(canvas: CamCanvas, classes: ClassTable, gating: float,
-                  box: tuple[slice, slice] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  box: tuple[slice, slice] | None = None, refined: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The threshold-independent part of the slide's pseudo-mask: :func:`~.cams.allowed_classes`
     from the slide-level probabilities (:func:`slide_probs`) and :func:`~.cams.class_scores` of
     the CAMs normalised per class over the whole slide (:meth:`CamCanvas.peaks`). One gating and
     one normalisation per slide, so no tile edge can show. ``box``: only that part of the
     canvas (the live view while tiles arrive); the whole canvas is cached until the next
-    :meth:`CamCanvas.put`, so a CAM-threshold move costs one comparison per pixel."""
-    from napari_histo_wsss.core.stage1.cams import allowed_classes, class_scores
+    :meth:`CamCanvas.put`, so a CAM-threshold move costs one comparison per pixel. On a canvas
+    refined by a dense CRF (:attr:`CamCanvas.refine`), ``refined`` takes each pixel's class from
+    :func:`refined_labels` (computed here for the whole canvas, used from its cache for a
+    ``box``); the score stays the pixel's softmax."""
+    from napari_histo_wsss.core.stage1.cams import class_scores
 
-    allowed = allowed_classes(classes, probs=slide_probs(canvas), prob_threshold=gating)
-    per_image = canvas.region_probs()
-    if per_image is not None:  # a patch folder: each image its own gating (not computed yet: none)
-        gates = np.stack([allowed_classes(classes, probs=np.nan_to_num(per_image[:, r], nan=0.0),
-                                          prob_threshold=gating) for r in range(per_image.shape[1])])
-        allowed_key = allowed.tobytes() + gates.tobytes()
-    else:
-        allowed_key = allowed.tobytes()
-    key = ("scores", canvas.version, allowed_key)
+    allowed, gates, allowed_key = _gates(canvas, classes, gating)
+    labels = None
+    if refined and _refines(canvas):
+        rkey = ("refined", canvas.version, allowed_key)
+        labels = refined_labels(canvas, classes, gating) if box is None else canvas.cache.get(rkey)
+    key = ("scores", canvas.version, allowed_key, labels is not None)
     if box is None and key in canvas.cache:
         return canvas.cache[key]
     sl = box if box is not None else (slice(None), slice(None))
@@ -583,7 +620,7 @@ def canvas_scores(canvas: CamCanvas, classes: ClassTable, gating: float,
         return class_scores(canvas.cams[:, sl[0], sl[1]] * scale, classes, allowed_c, norm="none")
 
     scores = scores_for(allowed)
-    if per_image is not None:
+    if gates is not None:
         raster = canvas.region_raster()[sl]
         for combo in np.unique(gates, axis=0):
             images = np.flatnonzero((gates == combo).all(axis=1))
@@ -591,10 +628,63 @@ def canvas_scores(canvas: CamCanvas, classes: ClassTable, gating: float,
             if where.any() and not np.array_equal(combo, allowed):
                 argmax, top = scores_for(combo)
                 scores[0][where], scores[1][where] = argmax[where], top[where]
+    if labels is not None:
+        scores = (labels[sl].copy(), scores[1])
     if box is None:
         canvas.cache = {k: v for k, v in canvas.cache.items() if k[0] != "scores"}
         canvas.cache[key] = scores
     return scores
+
+
+def _refines(canvas: CamCanvas) -> bool:
+    return canvas.refine == "crf" and canvas.logits is not None and crf_available()
+
+
+def refined_labels(canvas: CamCanvas, classes: ClassTable, gating: float,
+                   should_stop: Callable[[], bool] | None = None) -> np.ndarray | None:
+    """(h, w) uint8: each canvas pixel's class after a dense CRF (:func:`~.refine.dense_crf_labels`,
+    ``pseudo-masks``' default refinement) over the canvas's RGB on the softmax of its raw logits
+    plus offsets, among the classes the gating allows - the slide's, or each patch-folder image's
+    own (the CRF then runs image by image, as ``pseudo-masks`` runs it). The kernels, chosen on
+    validation images at the model's input resolution, are scaled to the canvas
+    (:meth:`~.refine.CRFParams.scaled`). Cached per canvas version and gating (a few, so moving
+    the gating back is free). None when the canvas is not refined (rule ``normalised``,
+    ``refine="none"``, or no pydensecrf) or ``should_stop()`` said stop (asked between CRF
+    tiles or images)."""
+    if not _refines(canvas):
+        return None
+    allowed, gates, allowed_key = _gates(canvas, classes, gating)
+    key = ("refined", canvas.version, allowed_key)
+    if key in canvas.cache:
+        return canvas.cache[key]
+    params = CRFParams().scaled((canvas.work_downsample or canvas.downsample) / canvas.downsample)
+    logits = canvas.logits
+    assert logits is not None
+    out = _raw_scores(logits, classes, allowed)[0] if gates is None else np.zeros(canvas.shape, dtype=np.uint8)
+    computed = canvas.weight > 0
+    if gates is None:
+        rows, cols = np.flatnonzero(computed.any(axis=1)), np.flatnonzero(computed.any(axis=0))
+        if rows.size:
+            sy, sx = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+            where = ~outside_canvas(canvas, None)[sy, sx]
+            lab = dense_crf_labels(logits[:, sy, sx], canvas.rgb[sy, sx], params, allowed=allowed, should_stop=should_stop,
+                                   tile=_CRF_TILE, overlap=_CRF_OVERLAP, where=where)
+            if lab is None:
+                return None
+            out[sy, sx] = lab
+    else:
+        for r, (y0, y1, x0, x1) in enumerate(canvas.regions or []):
+            if should_stop is not None and should_stop():
+                return None
+            if y1 <= y0 or x1 <= x0 or not computed[y0:y1, x0:x1].any():
+                continue
+            out[y0:y1, x0:x1] = dense_crf_labels(logits[:, y0:y1, x0:x1], canvas.rgb[y0:y1, x0:x1], params,
+                                                 allowed=gates[r])
+    old = [k for k in canvas.cache if k[0] == "refined"]
+    for k in old[:-3]:  # keep the last few gatings
+        del canvas.cache[k]
+    canvas.cache[key] = out
+    return out
 
 
 def _raw_scores(logits: np.ndarray, classes: ClassTable, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -631,16 +721,16 @@ def outside_canvas(canvas: CamCanvas, white_level: int | None, box: tuple[slice,
 
 def pseudo_from_canvas(canvas: CamCanvas, classes: ClassTable, cam_threshold: float, gating: float,
                        white_level: int | None, uncertain: bool = False,
-                       box: tuple[slice, slice] | None = None) -> np.ndarray:
+                       box: tuple[slice, slice] | None = None, refined: bool = True) -> np.ndarray:
     """The automatic pseudo-mask of the canvas (or of ``box``), uint8 class index:
     :func:`canvas_scores` then :func:`~.cams.threshold_scores` with ``cam_threshold`` as the
     background threshold and :func:`outside_canvas` as background. With ``uncertain``, tissue
     whose best score stays below the threshold gets :func:`uncertain_index` instead of the
     background (the review's display); without, it is background (what is saved and what stage
-    two reads)."""
+    two reads). ``refined``: as :func:`canvas_scores`."""
     from napari_histo_wsss.core.stage1.cams import threshold_scores
 
-    argmax, best = canvas_scores(canvas, classes, gating, box)
+    argmax, best = canvas_scores(canvas, classes, gating, box, refined=refined)
     outside = outside_canvas(canvas, white_level, box)
     mask = threshold_scores(argmax, best, classes, bg_threshold=cam_threshold, white=outside)
     if uncertain:
@@ -653,7 +743,7 @@ class ThresholdIndex:
     CAM-threshold move touches only the pixels whose score lies between the old and the new
     threshold (a binary search, then work in proportion to the pixels that change) - the same
     result as :func:`pseudo_from_canvas` at the new threshold (``tests/test_review.py``). Valid
-    for one canvas version, gating and white level (:meth:`fits`)."""
+    for one canvas version, gating, white level and refinement (:meth:`fits`)."""
 
     def __init__(self, canvas: CamCanvas, classes: ClassTable, gating: float, white_level: int | None) -> None:
         argmax, best = canvas_scores(canvas, classes, gating)
@@ -664,10 +754,10 @@ class ThresholdIndex:
         self.scores = scores[order]
         self.classes = argmax.ravel()[self.pixels]
         self.uncertain = np.uint8(uncertain_index(classes))
-        self.key = (canvas.version, float(gating), white_level)
+        self.key = (canvas.version, float(gating), white_level, _refines(canvas))
 
     def fits(self, canvas: CamCanvas, gating: float, white_level: int | None) -> bool:
-        return self.key == (canvas.version, float(gating), white_level)
+        return self.key == (canvas.version, float(gating), white_level, _refines(canvas))
 
     def changed(self, old: float, new: float) -> tuple[np.ndarray, np.ndarray]:
         """(flat canvas indices, new values) of the tissue pixels whose value differs between
@@ -685,16 +775,27 @@ def pseudo_updates(canvas: CamCanvas, classes: ClassTable, cam_threshold: float,
     """The review display's automatic mask (uncertain tissue shown): the job the Review panel
     runs off the GUI thread when a slider moves. With an ``index`` that fits and the threshold
     ``shown`` now, one :class:`PseudoTile` with only the pixels that change; else the whole mask
-    (:func:`pseudo_from_canvas`), then the :class:`ThresholdIndex` for the next moves."""
+    (:func:`pseudo_from_canvas`), then the :class:`ThresholdIndex` for the next moves. On a
+    canvas refined by a dense CRF whose labels for this gating are not cached yet, the unrefined
+    mask comes first (shown at once), then the refined one once the CRF is done (seconds on a
+    large canvas; stopped between its tiles)."""
     if should_stop():
         return
     if index is not None and shown is not None and index.fits(canvas, gating, white_level):
         yield PseudoTile(changed=index.changed(shown, cam_threshold), threshold=cam_threshold, step=1, steps=1)
         return
+    steps = 2
+    if _refines(canvas) and ("refined", canvas.version, _gates(canvas, classes, gating)[2]) not in canvas.cache:
+        steps = 3
+        yield PseudoTile(mask=pseudo_from_canvas(canvas, classes, cam_threshold, gating, white_level, uncertain=True,
+                                                 refined=False), threshold=cam_threshold, step=1, steps=steps,
+                         message="refining the borders (dense CRF)")
+        if refined_labels(canvas, classes, gating, should_stop) is None:
+            return
     yield PseudoTile(mask=pseudo_from_canvas(canvas, classes, cam_threshold, gating, white_level, uncertain=True),
-                     threshold=cam_threshold, step=1, steps=2)
+                     threshold=cam_threshold, step=steps - 1, steps=steps)
     if not should_stop():
-        yield PseudoTile(index=ThresholdIndex(canvas, classes, gating, white_level), step=2, steps=2)
+        yield PseudoTile(index=ThresholdIndex(canvas, classes, gating, white_level), step=steps, steps=steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -883,9 +984,10 @@ def corrections_for_canvas(project: Any, slide_id: str, canvas: CamCanvas, cam_t
     return load_corrections(project, slide_id, auto, canvas.downsample)
 
 
-def load_canvas(project: Any, slide_id: str) -> CamCanvas | None:
+def load_canvas(project: Any, slide_id: str, refine: str = "none") -> CamCanvas | None:
     """The saved CAM canvas of a slide (``cam`` + ``cam_probs``, RGB read from the slide), or
-    None when the slide has no saved CAMs."""
+    None when the slide has no saved CAMs; ``refine`` as :attr:`ReviewSettings.refine` (for
+    masks made again from it, e.g. at another gating)."""
     cams = project.read_mask(slide_id, MASK_CAM)
     probs = project.read_mask(slide_id, MASK_CAM_PROBS)
     if cams is None or probs is None:
@@ -902,6 +1004,7 @@ def load_canvas(project: Any, slide_id: str) -> CamCanvas | None:
                        tissue=tissue_on_canvas(project, slide_id, arr.shape[1:], ds, regions),
                        logits=None if logits is None else logits[0].astype(np.float32))
     canvas.regions = regions
+    canvas.refine, canvas.work_downsample = refine, project.grid(slide_id).downsample
     saved = project.read_mask(slide_id, MASK_REGION_PROBS) if canvas.regions else None
     if saved is not None:
         canvas.set_region_probs(saved[0])
@@ -1038,10 +1141,16 @@ def compute_slide_cams(
     gating = 0.5 if gating is None else float(gating)
     offsets = run_offsets(run_dir, s.which, classes.num_classes) if s.rule == "raw" else None
     white = int(s.white_level) if classes.white_background else None
-    canvas = new_canvas(project, slide_id, plan, s.rule)
+    refine = s.refine if s.rule == "raw" else "none"
+    unrefined = refine == "crf" and not crf_available()
+    if unrefined:
+        refine = "none"
+    canvas = new_canvas(project, slide_id, plan, s.rule, refine)
     n = len(plan.tiles)
     yield ProgressEvent("start", steps=n, metrics={"gating": gating}, message=f"{slide_id}: {n} tiles with {run_dir.name} ({s.which}, {mode} CAMs, "
                         f"{device}); mask {plan.shape[1]}x{plan.shape[0]} px at {plan.downsample:.2f}x")
+    if unrefined:
+        yield ProgressEvent("log", message=f"{CRF_MISSING}; the pseudo-mask stays unrefined (refine none)")
 
     def write() -> list[str]:
         pseudo = pseudo_from_canvas(canvas, classes, s.cam_threshold, gating, white)
@@ -1066,9 +1175,11 @@ def compute_slide_cams(
         raise
     done = len(canvas.computed_tiles())
     cancelled = done < n
+    if save and done and refine == "crf":
+        yield ProgressEvent("log", message=f"{slide_id}: refining the pseudo-mask's borders (dense CRF)")
     written = write() if save and done and (keep_partial or not cancelled) else []
     metrics = {"tiles": done, "tiles_planned": n, "shape": list(plan.shape), "downsample": plan.downsample,
-               "rule": s.rule, "offsets": None if offsets is None else [float(v) for v in offsets],
+               "rule": s.rule, "refine": refine, "offsets": None if offsets is None else [float(v) for v in offsets],
                "cam_threshold": s.cam_threshold, "gating": gating, "white_level": white, "written": written}
     if cancelled:
         kept = f"the {done} computed tiles were saved" if written else "nothing was written"

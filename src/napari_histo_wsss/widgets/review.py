@@ -29,7 +29,10 @@ made at all.
 
 Sliders (CAM threshold, gating probability, white-background grey level) recompute the slide's
 automatic mask off the GUI thread (:func:`core.review.pseudo_updates`, per-slide scores cached) and
-redraw it; pixels the user corrected are kept. Painting or filling records the stroke (napari's
+redraw it; pixels the user corrected are kept. With "Refine borders" on crf (the default, as
+``pseudo-masks``) the mask's class borders then move to the stain edges by a dense CRF over the
+canvas (:func:`core.review.refined_labels`): the unrefined mask shows at once, the refined one
+seconds later (cached per gating); switching it redoes the mask without recomputing the CAMs. Painting or filling records the stroke (napari's
 ``paint`` event: pixels touched, old values kept for Undo); undo restores the old values so the
 corrected flag clears by itself. Corrections autosave (debounced) and on "Save" as ``pseudo``,
 ``corrected``, ``corrected_flag`` and ``reviewed``.
@@ -37,6 +40,7 @@ corrected flag clears by itself. Corrections autosave (debounced) and on "Save" 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -77,6 +81,7 @@ from napari_histo_wsss.core.review import (
     pseudo_updates,
     uncertain_index,
 )
+from napari_histo_wsss.core.stage1.refine import CRF_MISSING, crf_available
 from napari_histo_wsss.widgets._common import (
     Panel,
     SettingsForm,
@@ -177,6 +182,8 @@ class ReviewWidget(Panel):
         w = self.settings_form.widgets
         self.which, self.mode, self.tile, self.max_side, self.device = (
             w["which"], w["mode"], w["tile"], w["max_side"], w["device"])
+        self.refine = w["refine"]
+        self.refine.currentIndexChanged.connect(self._on_refine)
         row = QHBoxLayout()
         self.compute_btn = QPushButton("Compute CAMs")
         self.compute_btn.clicked.connect(self._on_compute)
@@ -374,9 +381,10 @@ class ReviewWidget(Panel):
         if project is None or sid is None or self.restore_task.running or MASK_CAM not in project.mask_names(sid):
             return
         thresholds = (self.cam_threshold, self.gating_threshold, self.white_level)
+        refine = self.settings_form.values()["refine"]
 
         def job(should_stop: Callable[[], bool]) -> Iterator[Any]:
-            canvas = load_canvas(project, sid)
+            canvas = load_canvas(project, sid, refine)
             if canvas is not None and not should_stop():
                 yield ("restored", sid, canvas, corrections_for_canvas(project, sid, canvas, *thresholds))
 
@@ -450,7 +458,7 @@ class ReviewWidget(Panel):
         settings = ReviewSettings(**form,
                                   cam_threshold=self.cam_threshold, gating=self.gating_threshold,
                                   white_level=int(self.white.value()))
-        self._start_canvas(project, plan, settings.rule)
+        self._start_canvas(project, plan, settings.rule, settings.refine)
 
         def job(should_stop: Callable[[], bool]) -> Iterator[Any]:
             # in the worker: reading the run's calibration imports torch (seconds, never on the GUI
@@ -458,7 +466,10 @@ class ReviewWidget(Panel):
             chosen = calibrated_gating(run_dir, which)
             if chosen is not None:
                 settings.gating = chosen
-            return compute_slide_cams(project, sid, run_dir, settings, should_stop, overwrite=True,
+            # the panel refines its own canvas once the tiles are in (the unrefined mask shows
+            # first, recompute_pseudo) and saves that mask: the job's copy would be the same CRF twice
+            job_settings = dataclasses.replace(settings, refine="none")
+            return compute_slide_cams(project, sid, run_dir, job_settings, should_stop, overwrite=True,
                                       save=not project.read_only, keep_partial=True, plan=plan)
 
         self.task.start(job, f"CAMs of {sid}")
@@ -468,11 +479,14 @@ class ReviewWidget(Panel):
                  + (f"; {kept} corrected pixels kept" if kept else ""))
         return plan
 
-    def _start_canvas(self, project: Any, plan: CamPlan, rule: str = _DEFAULTS.rule) -> None:
+    def _start_canvas(self, project: Any, plan: CamPlan, rule: str = _DEFAULTS.rule,
+                      refine: str = _DEFAULTS.refine) -> None:
         self._reset()
         self._slide_id = sid = self.session.slide_id
         c = project.classes.num_classes
-        self.canvas = new_canvas(project, sid, plan, rule)
+        self.canvas = new_canvas(project, sid, plan, rule, refine)
+        if refine == "crf" and rule == "raw" and not crf_available():
+            self.say(f"{CRF_MISSING}; the pseudo-mask stays unrefined")
         try:  # recomputing keeps the saved corrections: new tiles replace only automatic values
             self.edits = corrections_for_plan(project, sid, plan)
         except HistoWSSSError as e:
@@ -701,6 +715,15 @@ class ReviewWidget(Panel):
             self.mask_layer.selected_label = index + 1
 
     # -- sliders -------------------------------------------------------------------------------
+    def _on_refine(self, *_: Any) -> None:
+        """"Refine borders" changed: the shown mask is made again with or without the dense CRF
+        (corrected pixels are kept), off the GUI thread."""
+        if self.canvas is None:
+            return
+        self.canvas.refine = self.settings_form.values()["refine"]
+        self._index = None  # its classes were the other refinement's
+        self.recompute_pseudo()
+
     def _on_slider(self, *_: Any) -> None:
         self._update_slider_labels()
         self._redraw_timer.start()
@@ -934,7 +957,7 @@ class ReviewWidget(Panel):
         """Show the CAMs, pseudo-mask, corrections and review marks saved for the current slide."""
         project = self.session.require_project()
         sid, _slide = self.session.require_slide()
-        canvas = load_canvas(project, sid)
+        canvas = load_canvas(project, sid, self.settings_form.values()["refine"])
         if canvas is None:
             raise GuiError(f"no saved CAMs for slide {sid}: press 'Compute CAMs'")
         edits = corrections_for_canvas(project, sid, canvas, self.cam_threshold, self.gating_threshold, self.white_level)

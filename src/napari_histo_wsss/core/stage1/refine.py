@@ -21,7 +21,8 @@ so once and writes unrefined masks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -53,6 +54,13 @@ class CRFParams:
     gaussian_compat: float = 3.0
     iterations: int = 5
     temperature: float = 1.0
+
+    def scaled(self, factor: float) -> CRFParams:
+        """The same kernels on an image ``factor`` times finer (``factor`` < 1: coarser), e.g. a
+        review canvas coarser than the model's input: the spatial widths follow the tissue,
+        never below one pixel."""
+        f = float(factor)
+        return replace(self, bilateral_sxy=max(1.0, self.bilateral_sxy * f), gaussian_sxy=max(1.0, self.gaussian_sxy * f))
 
 
 def crf_available() -> bool:
@@ -89,12 +97,20 @@ def _crf_tile(scores: np.ndarray, rgb: np.ndarray, p: CRFParams) -> np.ndarray:
 
 
 def dense_crf_labels(scores: np.ndarray, rgb: np.ndarray, params: CRFParams | None = None,
-                     allowed: np.ndarray | None = None, tile: int = 2048, overlap: int = 256) -> np.ndarray:
+                     allowed: np.ndarray | None = None, tile: int = 2048, overlap: int = 256,
+                     should_stop: Callable[[], bool] | None = None, where: np.ndarray | None = None) -> np.ndarray | None:
     """Class index per pixel, ``(H, W)`` uint8, after dense-CRF inference on ``scores``
     (``(C, H, W)`` class log-scores, e.g. raw CAM logits plus calibrated offsets) over the RGB
     image ``rgb`` (``(H, W, 3)`` uint8, same size). ``allowed`` (bool ``(C,)``): the classes that
     may be chosen; the others are left out of the CRF. Images with a side above ``tile`` px are
-    done in overlapping tiles (each keeps its centre), so memory stays bounded on slide regions.
+    done in overlapping tiles (each keeps its centre), so memory stays bounded on slide regions;
+    ``should_stop`` is asked before each tile, and None is returned when it says stop.
+
+    ``where`` (bool ``(H, W)``): the pixels whose class matters (e.g. tissue on a slide canvas).
+    A tile whose ``where`` pixels all have the same best score class keeps that argmax without a
+    CRF - exact for the CRF's energy (every unary term is smallest there and a Potts pairwise
+    term is zero), and what keeps a slide canvas, mostly far from any class border, fast; the
+    other pixels of such a tile keep their argmax too.
     """
     scores = np.asarray(scores, dtype=np.float32)
     if scores.ndim != 3:
@@ -114,15 +130,36 @@ def dense_crf_labels(scores: np.ndarray, rgb: np.ndarray, params: CRFParams | No
     if idx.size == 1:
         return np.full((h, w), idx[0], dtype=np.uint8)
     sub = scores[idx]
+    if should_stop is not None and should_stop():
+        return None
+    plain = None
+    if where is not None:
+        if where.shape != (h, w):
+            raise HistoWSSSError(f"dense CRF: a pixel mask of {where.shape[1]}x{where.shape[0]} px for scores of {w}x{h} px")
+        plain = np.argmax(sub, axis=0).astype(np.uint8)
+
+    def uniform(sy: slice, sx: slice) -> bool:
+        if plain is None:
+            return False
+        vals = plain[sy, sx][where[sy, sx]]
+        return vals.size == 0 or bool((vals == vals[0]).all())
+
     if max(h, w) <= tile:
+        if uniform(slice(None), slice(None)):
+            return idx[plain].astype(np.uint8)
         return idx[_crf_tile(sub, rgb, p)].astype(np.uint8)
     out = np.zeros((h, w), dtype=np.uint8)
     step = tile - 2 * overlap
     for y0 in range(0, h, step):
         for x0 in range(0, w, step):
+            if should_stop is not None and should_stop():
+                return None
             ya, xa = max(0, y0 - overlap), max(0, x0 - overlap)
             yb, xb = min(h, y0 + step + overlap), min(w, x0 + step + overlap)
-            lab = _crf_tile(sub[:, ya:yb, xa:xb], rgb[ya:yb, xa:xb], p)
+            if uniform(slice(ya, yb), slice(xa, xb)):
+                lab = plain[ya:yb, xa:xb]
+            else:
+                lab = _crf_tile(sub[:, ya:yb, xa:xb], rgb[ya:yb, xa:xb], p)
             ye, xe = min(h, y0 + step), min(w, x0 + step)
             out[y0:ye, x0:xe] = idx[lab[y0 - ya:ye - ya, x0 - xa:xe - xa]]
     return out
