@@ -32,8 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     from napari_histo_wsss.core.data.classes import get_preset
     from napari_histo_wsss.core.data.project import Project
     from napari_histo_wsss.core.review import (
-        _CRF_OVERLAP,
-        _CRF_TILE,
         CamTile,
         CRFParams,
         ReviewSettings,
@@ -82,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         refined = pseudo_from_canvas(canvas, classes, 0.2, gating, None)
         allowed = _gates(canvas, classes, gating)[0]
         changed = (refined != plain)[tissue].mean()
-        print(f"CRF as the Review runs it ({_CRF_TILE}-px tiles, {_CRF_OVERLAP}-px overlap, single-class tiles "
+        print(f"CRF as the Review runs it (2048-px tiles, 256-px overlap, single-class tiles "
               f"skipped): {crf_s:.1f} s; classes allowed {int(allowed.sum())}; it changes {changed:.1%} of the tissue pixels")
         if args.full:
             params = CRFParams().scaled(canvas.work_downsample / canvas.downsample)
             t0 = time.perf_counter()
-            full = dense_crf_labels(canvas.logits, canvas.rgb, params, allowed=allowed, tile=_CRF_TILE, overlap=_CRF_OVERLAP)
+            full = dense_crf_labels(canvas.logits, canvas.rgb, params, allowed=allowed)
             full_s = time.perf_counter() - t0
             print(f"CRF over every tile: {full_s:.1f} s ({full_s / max(crf_s, 1e-9):.1f}x); "
                   f"disagrees with the skipping CRF on {(full != labels)[tissue].mean():.2%} of the tissue pixels")

@@ -137,10 +137,6 @@ PATHOLOGIST_MASKS = (MASK_CORRECTED, MASK_CORRECTED_FLAG, MASK_REVIEWED)
 #: Smallest class peak the per-slide normalisation divides by (a class never seen stays zero).
 _EPS = 1e-6
 
-#: A slide canvas's dense CRF runs in tiles of this side (px) widened by this overlap; tiles whose
-#: tissue holds a single class are skipped (:func:`~.refine.dense_crf_labels`' ``where``)
-_CRF_TILE, _CRF_OVERLAP = 2048, 256
-
 #: Prefix of classifier run folders under a project's ``runs/``.
 CLASSIFIER_RUN_PREFIX = "cls-"
 
@@ -667,8 +663,9 @@ def refined_labels(canvas: CamCanvas, classes: ClassTable, gating: float,
         if rows.size:
             sy, sx = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
             where = ~outside_canvas(canvas, None)[sy, sx]
+            # dense_crf_labels' own tiles (2048 px, 256-px overlaps); tiles whose tissue holds one class are skipped
             lab = dense_crf_labels(logits[:, sy, sx], canvas.rgb[sy, sx], params, allowed=allowed, should_stop=should_stop,
-                                   tile=_CRF_TILE, overlap=_CRF_OVERLAP, where=where)
+                                   where=where)
             if lab is None:
                 return None
             out[sy, sx] = lab
