@@ -50,6 +50,7 @@ from napari_histo_wsss.core.stage1.cams import (
     allowed_classes,
     calibrate_offsets,
     cams_for_image,
+    class_shares,
     logit_maps,
     pseudo_mask,
     raw_argmax_mask,
@@ -57,6 +58,8 @@ from napari_histo_wsss.core.stage1.cams import (
 from napari_histo_wsss.core.stage1.refine import CRFParams, dense_crf_labels
 from napari_histo_wsss.core.stage1.train import (
     TrainConfig,
+    calibrated_min_area,
+    calibrated_offsets,
     calibrated_prob_threshold,
     load_run,
     train_classifier,
@@ -123,7 +126,7 @@ CONFIGS: dict[str, tuple[int, int, dict]] = {
 CORRECTIONS = {"p128-synth-pix-corr10": 0.1, "p128-synth-pix-corr30": 0.3}
 # gating rules scored on every run: name -> CAM source
 GATINGS = ("prob", "raw", "raw-cal", "raw-cal-tta", "area", "raw-cal-slic", "prob-raw", "prob-raw-tta", "prob-raw-crf",
-           "prob-raw-tta-crf")
+           "prob-raw-tta-crf", "prob-area", "prob-area-crf")
 # dense-CRF kernels tried by --crf-grid (bilateral compat, sxy, srgb); the product's default
 # (refine.CRFParams) was chosen from this grid on the validation images alone
 CRF_GRID = [(bw, sxy, 10) for bw in (3, 5, 10) for sxy in (20, 40, 80)]
@@ -258,6 +261,18 @@ def score_run(run: Path, split_dir: Path, scorer: Scorer, slic_segments: int, cr
     off_pr, _ = calibrate_offsets([(lg, s.mask(), a) for lg, s, a in zip(v["raw"], v["samples"], v_allowed)], classes)
     off_pr_tta, _ = calibrate_offsets([(lg, s.mask(), a) for lg, s, a in zip(v["tta"], v["samples"], v_allowed)], classes)
 
+    # prob-area (pseudo-masks' default): the floor, its offsets and the raw offsets that measure the
+    # shares, as the run's validation recorded them (runs trained before it existed lack them)
+    floor = calibrated_min_area(run, "best")
+    off_pa, off_raw = calibrated_offsets(run, "best", "prob-area"), calibrated_offsets(run, "best", "raw")
+    has_area = floor is not None and off_pa is not None and off_raw is not None
+
+    def area_gate(lg, pr, rgb):
+        shares = class_shares(raw_argmax_mask(lg, classes, off_raw, rgb=rgb), classes)
+        return allowed_classes(classes, probs=pr, prob_threshold=t_prob, shares=shares, min_area=floor)
+
+    v_area = [area_gate(lg, pr, s.image()) for lg, pr, s in zip(v["raw"], v["probs"], v["samples"])] if has_area else None
+
     def area_mask(lg, cam, rgb, tau):
         m = raw_argmax_mask(lg, classes, off, rgb=rgb)
         tissue = m != scorer.bg
@@ -281,12 +296,15 @@ def score_run(run: Path, split_dir: Path, scorer: Scorer, slic_segments: int, cr
     # pick from); leave-one-out: each image scored with offsets calibrated on the other 5
     val_scores = {}
     for g in VAL_RULES:
+        if g.startswith("prob-area") and not has_area:
+            continue
         maps = v["tta"] if "tta" in g else v["raw"]
         refine = "crf" if g.endswith("-crf") else "none"
-        items = [(lg, s.mask(), a) for lg, s, a in zip(maps, v["samples"], v_allowed)]
-        off_g = off_pr_tta if "tta" in g else off_pr
+        gates = v_area if g.startswith("prob-area") else v_allowed
+        items = [(lg, s.mask(), a) for lg, s, a in zip(maps, v["samples"], gates)]
+        off_g = off_pa if g.startswith("prob-area") else off_pr_tta if "tta" in g else off_pr
         cm_in, cm_loo = scorer.new(), scorer.new()
-        for i, (lg, s, a) in enumerate(zip(maps, v["samples"], v_allowed)):
+        for i, (lg, s, a) in enumerate(zip(maps, v["samples"], gates)):
             rgb, gt = s.image(), s.mask()
             cm_in.update(raw_argmax_mask(lg, classes, off_g, rgb=rgb, labels=a.astype(np.uint8), refine=refine), gt)
             off_i, _ = calibrate_offsets(items[:i] + items[i + 1:], classes)
@@ -307,8 +325,9 @@ def score_run(run: Path, split_dir: Path, scorer: Scorer, slic_segments: int, cr
             grid[f"{bw},{sxy},{srgb}"] = out
     # -- test ------------------------------------------------------------------------------------
     t = res["test"]
-    cms = {g: scorer.new() for g in GATINGS}
-    lab = {g: scorer.new() for g in GATINGS}
+    gatings = [g for g in GATINGS if has_area or not g.startswith("prob-area")]
+    cms = {g: scorer.new() for g in gatings}
+    lab = {g: scorer.new() for g in gatings}
     for cam, pr, lg, lt, s in zip(t["cams"], t["probs"], t["raw"], t["tta"], t["samples"]):
         rgb, gt, labels = s.image(), s.mask(), s.labels
         cms["prob"].update(pseudo_mask(cam, classes, rgb=rgb, probs=pr, prob_threshold=t_prob), gt)
@@ -331,13 +350,19 @@ def score_run(run: Path, split_dir: Path, scorer: Scorer, slic_segments: int, cr
         lab["prob-raw-crf"].update(raw_argmax_mask(lg, classes, off_pr, rgb=rgb, labels=labels, refine="crf"), gt)
         cms["prob-raw-tta-crf"].update(raw_argmax_mask(lt, classes, off_pr_tta, rgb=rgb, labels=allowed, refine="crf"), gt)
         lab["prob-raw-tta-crf"].update(raw_argmax_mask(lt, classes, off_pr_tta, rgb=rgb, labels=labels, refine="crf"), gt)
+        if has_area:
+            a_area = area_gate(lg, pr, rgb).astype(np.uint8)
+            for g, refine in (("prob-area", "none"), ("prob-area-crf", "crf")):
+                cms[g].update(raw_argmax_mask(lg, classes, off_pa, rgb=rgb, labels=a_area, refine=refine), gt)
+                lab[g].update(raw_argmax_mask(lg, classes, off_pa, rgb=rgb, labels=labels, refine=refine), gt)
         cms["raw-cal-slic"].update(slic_vote(m_cal, rgb, scorer.bg, slic_segments), gt)
         lab["raw-cal-slic"].update(slic_vote(raw_argmax_mask(lg, classes, off, rgb=rgb, labels=labels), rgb, scorer.bg,
                                              slic_segments), gt)
-    return {g: {"prob": scorer.result(cms[g]), "label": scorer.result(lab[g])} for g in GATINGS} | {
+    return {g: {"prob": scorer.result(cms[g]), "label": scorer.result(lab[g])} for g in gatings} | {
         "val": val_scores, **({"crf_grid": grid} if grid else {}),
         "calibration": {"prob_threshold": t_prob, "offsets": off.tolist(), "offsets_tta": off_tta.tolist(), "area_tau": best_tau,
-        "offsets_prob_raw": off_pr.tolist(), "offsets_prob_raw_tta": off_pr_tta.tolist()}}
+        "offsets_prob_raw": off_pr.tolist(), "offsets_prob_raw_tta": off_pr_tta.tolist(),
+        **({"min_area": floor, "offsets_prob_area": off_pa} if has_area else {})}}
 
 
 def baselines(split_dir: Path, scorer: Scorer) -> dict:
@@ -391,9 +416,10 @@ def table(results: dict, classes) -> str:
     return "\n".join(lines)
 
 
-VAL_RULES = ("prob-raw", "prob-raw-tta", "prob-raw-crf", "prob-raw-tta-crf")
+VAL_RULES = ("prob-raw", "prob-raw-tta", "prob-raw-crf", "prob-raw-tta-crf", "prob-area", "prob-area-crf")
 # (rule, what it adds to) pairs compared run for run in the validation table
-VAL_PAIRS = (("prob-raw-tta", "prob-raw"), ("prob-raw-crf", "prob-raw"), ("prob-raw-tta-crf", "prob-raw-tta"))
+VAL_PAIRS = (("prob-raw-tta", "prob-raw"), ("prob-raw-crf", "prob-raw"), ("prob-raw-tta-crf", "prob-raw-tta"),
+             ("prob-area", "prob-raw"), ("prob-area-crf", "prob-raw-crf"))
 
 
 def val_table(results: dict, classes) -> str:
@@ -538,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["runs"][name][f"split{split}-seed{seed}"] = r
                 results_path.write_text(json.dumps(results, indent=1))
                 print(f"{name} split {split} seed {seed}: " + ", ".join(
-                    f"{g} {r[g]['prob']['miou']:.3f}" for g in GATINGS), flush=True)
+                    f"{g} {r[g]['prob']['miou']:.3f}" for g in GATINGS if g in r), flush=True)
         if args.time_tta:
             first = work / "runs" / f"{name}-split{splits[0]}-seed{seeds[0]}"
             if (first / "bench_train.json").is_file():

@@ -69,7 +69,12 @@ def test_train_resume_and_pseudo_masks(data, tmp_path, capsys):
     assert row["val_miou_prob"] == max(by_t.values())
     capsys.readouterr()
     assert main(["pseudo-masks", str(run), str(images), str(tmp_path / "pm-prob"), "--device", "cpu"]) == 0
-    assert f"at {row['prob_threshold']:g} (chosen on the run's validation images)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"at {row['prob_threshold']:g} (chosen on the run's validation images)" in out
+    # the default gating, prob-area: the area floor and its offsets come from the same validation
+    from napari_histo_wsss.core.stage1.cams import AREA_FLOORS
+    assert row["min_area"] in AREA_FLOORS and len(row["raw_offsets"]["prob-area"]) == 3
+    assert f"area floor {row['min_area']:g}: a probable class" in out
     assert main(["pseudo-masks", str(run), str(images), str(tmp_path / "pm-09"), "--device", "cpu",
                  "--prob-threshold", "0.9"]) == 0
     assert "chosen on the run's validation" not in capsys.readouterr().out

@@ -644,3 +644,88 @@ def test_crf_kernels_follow_the_canvas_resolution():
     assert half.bilateral_sxy == p.bilateral_sxy / 2 and half.gaussian_sxy == p.gaussian_sxy / 2
     assert half.bilateral_srgb == p.bilateral_srgb and half.bilateral_compat == p.bilateral_compat
     assert p.scaled(0.01).gaussian_sxy == 1.0  # never below a pixel
+
+
+# ---------------------------------------------------------------------------------------------
+# the prob-area floor of pseudo-masks, on the canvas
+# ---------------------------------------------------------------------------------------------
+def test_the_area_floor_drops_a_probable_class_that_covers_little_of_the_slide_or_image():
+    """A class whose probability passes the gating but that wins under 5 % of the tissue in the
+    ungated argmax (logits + the run's raw offsets) is dropped, per slide and per patch-folder image."""
+    from napari_histo_wsss.core.review import ThresholdIndex
+
+    h, w = 64, 160
+    logits = np.full((LUAD.num_classes, h, w), -6.0, np.float32)
+    logits[0, :, :64] = 2.0            # tumour
+    logits[1, 20:28, 20:28] = 4.0      # a stroma spot: 64 px, 1.6 % of the tissue left of x = 64
+    logits[1, :, 96:] = 3.0            # stroma on the right
+    rgb = np.full((h, w, 3), 150, np.uint8)
+
+    def canvas_of(regions, tissue_right: bool) -> CamCanvas:
+        canvas = CamCanvas.empty(LUAD.num_classes, (h, w), 32, 1.0, rule="raw")
+        canvas.regions = regions
+        canvas.tissue = np.zeros((h, w), bool)
+        canvas.tissue[:, :64] = True
+        canvas.tissue[:, 96:] = tissue_right
+        for ty in range(2):
+            for tx in range(5):
+                sy, sx = canvas.tile_slices(ty, tx)
+                canvas.put(ty, tx, np.zeros((3, 32, 32), np.float32), np.array([0.9, 0.9, 0.0], np.float32),
+                           rgb[sy, sx], logits=logits[:, sy, sx])
+        return canvas
+
+    slide = canvas_of(None, tissue_right=False)  # a slide of tumour with a stroma spot
+    assert (pseudo_from_canvas(slide, LUAD, 0.2, 0.5, None)[20:28, 20:28] == 1).all()  # no floor: stroma
+    slide.presence = np.array([0.05, 0.0, 0.0, 0.0], np.float32)
+    shares, per_image = slide.class_shares(LUAD)
+    assert per_image is None and shares == pytest.approx([1 - 64 / 4096, 64 / 4096, 0.0])
+    mask = pseudo_from_canvas(slide, LUAD, 0.2, 0.5, None)
+    assert (mask[:, :64] == 0).all()  # the spot is tumour: stroma covers under the floor
+    np.testing.assert_array_equal(ThresholdIndex(slide, LUAD, 0.5, None).classes,
+                                  mask.ravel()[ThresholdIndex(slide, LUAD, 0.5, None).pixels])
+    # the offsets move the ungated argmax the floor measures: raw offsets that favour stroma by 9
+    # give it the whole left image, so it passes the floor there and tumour does not
+    slide.presence = np.array([0.05, 0.0, 9.0, 0.0], np.float32)
+    assert (pseudo_from_canvas(slide, LUAD, 0.2, 0.5, None)[:, :64] == 1).all()
+    # a patch folder: each image measured on its own (the stroma image does not lift the spot)
+    sheet = canvas_of([(0, 64, 0, 64), (0, 64, 96, 160)], tissue_right=True)
+    sheet.set_region_probs(np.array([[0.95, 0.9], [0.9, 0.97], [0.01, 0.02]]))
+    assert (pseudo_from_canvas(sheet, LUAD, 0.2, 0.5, None)[20:28, 20:28] == 1).all()
+    sheet.presence = np.array([0.05, 0.0, 0.0, 0.0], np.float32)
+    shares, per_image = sheet.class_shares(LUAD)
+    assert per_image.shape == (2, 3) and per_image[0, 1] == pytest.approx(64 / 4096) and per_image[1, 1] == 1.0
+    mask = pseudo_from_canvas(sheet, LUAD, 0.2, 0.5, None)
+    assert (mask[:, :64] == 0).all() and (mask[:, 96:] == 1).all()
+
+
+def test_the_runs_area_floor_is_used_by_cams_and_saved_with_the_canvas(case):
+    """A run that calibrated the prob-area gating: ``histo-wsss cams`` applies its floor and
+    offsets, saves them beside the CAMs, and a canvas read back makes the same mask."""
+    import json
+
+    from napari_histo_wsss.core.review import MASK_CAM_PRESENCE
+
+    project, sid = case
+    run = Path(project.runs_dir) / RUN
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:  # as a run with validation masks records it (the tiny run has none)
+        r["min_area"] = 1.0
+        r["raw_offsets"] = {"raw": [0.0, 0.5, 0.0], "prob-raw": [0.0, 0.0, 0.0], "prob-area": [0.0, -0.5, 0.0]}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["cams", str(project.root), *_CLI, "--refine", "none"]) == 0
+    reopened = Project.open(project.root)
+    saved = reopened.read_mask(sid, MASK_CAM_PRESENCE)[0]
+    np.testing.assert_allclose(saved, [[1.0, 0.0, 1.0, 0.0]])
+    pseudo = reopened.read_mask(sid, MASK_PSEUDO)[0]
+    tissue_classes = set(np.unique(pseudo)) - {LUAD.background_index}
+    assert len(tissue_classes) == 1  # a floor of 1: only the class with the largest share is left
+    again = load_canvas(reopened, sid)
+    np.testing.assert_allclose(again.presence, [1.0, 0.0, 1.0, 0.0])
+    assert (pseudo_from_canvas(again, LUAD, 0.2, 0.5, 200) == pseudo).mean() > 0.98
+    # the offsets are the prob-area ones (the canvas's logits carry them)
+    logits = reopened.read_mask(sid, MASK_CAM_LOGITS)[0].astype(np.float32)
+    assert logits.shape[1:] == pseudo.shape
+    # without the floor the slide holds both labelled classes: the floor did the gating
+    again.presence = None
+    again.cache = {}
+    assert len(set(np.unique(pseudo_from_canvas(again, LUAD, 0.2, 0.5, 200))) - {LUAD.background_index}) > 1

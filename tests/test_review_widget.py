@@ -6,6 +6,8 @@ Run: xvfb-run -a -s "-screen 0 1600x1200x24" python -m pytest tests/test_review_
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from napari_histo_wsss.cli import main  # noqa: E402
 from napari_histo_wsss.core.data.project import Project  # noqa: E402
 from napari_histo_wsss.core.review import (  # noqa: E402
     COMPUTED_MASKS,
+    MASK_CAM_PRESENCE,
     MASK_CORRECTED,
     MASK_CORRECTED_FLAG,
     MASK_PSEUDO,
@@ -44,6 +47,14 @@ def test_cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_pat
 
 def _cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_path, cmu_svs, capsys):
     project, sid = labelled_project_with_classifier(tmp_path / "case.wsss", cmu_svs)
+    # the run as one with validation masks records it: pseudo-masks' prob-area floor and offsets
+    # (the tiny run has none), which the panel takes from the job and the command uses
+    run = project.runs_dir / RUN
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["min_area"] = 0.05
+        row["raw_offsets"] = {"raw": [0.0, 0.5, 0.0], "prob-raw": [0.0, 0.0, 0.0], "prob-area": [0.0, 0.0, 0.0]}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     viewer, w = open_panels(make_napari_viewer)
     w["Project"].open_project(project.root)
     w["Project"].show_slide(sid)
@@ -60,6 +71,8 @@ def _cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_path, c
                     timeout=WAIT_MS)
     assert "ready" in rv.status.text(), rv.status.text()
     assert len(plan.tiles) > 1
+    np.testing.assert_allclose(rv.canvas.presence, [0.05, 0.0, 0.5, 0.0])
+    np.testing.assert_allclose(Project.open(project.root).read_mask(sid, MASK_CAM_PRESENCE)[0], [[0.05, 0.0, 0.5, 0.0]])
     panel = _read(project.root, sid, COMPUTED_MASKS)
     pm = viewer.layers["pseudo-mask"]
     bg = project.classes.background_index
@@ -115,6 +128,7 @@ def _cams_command_equals_the_review_panel(make_napari_viewer, qtbot, tmp_path, c
     rv2 = w2["Review and correct"]
     qtbot.waitUntil(lambda: rv2.edits is not None and "pseudo-mask" in viewer2.layers, timeout=WAIT_MS)
     assert "restored the saved CAMs" in rv2.status.text(), rv2.status.text()
+    np.testing.assert_allclose(rv2.canvas.presence, [0.05, 0.0, 0.5, 0.0])
     assert viewer2.layers["pseudo-mask"].data[r, c] == k + 1 and rv2.edits.flag()[r, c]
     np.testing.assert_array_equal(rv2.edits.reviewed, rv.edits.reviewed)
 

@@ -7,6 +7,7 @@ Generated 48-px data and random initialisation keep every run to a few steps.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from test_train import make_dataset, run_all, tiny
 
 from napari_histo_wsss.core.data.classes import get_preset
 from napari_histo_wsss.core.data.datasets import WeakSample
-from napari_histo_wsss.core.errors import TrainingError
+from napari_histo_wsss.core.errors import HistoWSSSError, TrainingError
 from napari_histo_wsss.core.models.classifier import CAMClassifier
 from napari_histo_wsss.core.stage1.cams import calibrate_offsets, logit_maps, raw_argmax_mask
 from napari_histo_wsss.core.stage1.train import budget_indices, load_run, single_label_warning
@@ -143,6 +144,35 @@ def test_raw_argmax_gating_and_calibrated_offsets_on_a_constructed_case():
     assert (with_glass[:15, :15] == classes.background_index).all()
 
 
+def test_area_floor_drops_a_probable_class_that_covers_little_tissue():
+    from napari_histo_wsss.core.stage1.cams import allowed_classes, class_shares
+
+    classes = get_preset("wsss4luad")
+    # an image whose raw argmax is tumour on 71 % of the tissue, stroma on 26 %, normal on 2 %,
+    # with a white glass corner; the image probabilities call all three present
+    logits = np.zeros((3, 20, 20), np.float32)
+    logits[0, :12] = 5.0
+    logits[1, 12:] = 5.0
+    logits[2, 12:14, :4] = 9.0
+    rgb = np.full((20, 20, 3), 120, np.uint8)
+    rgb[12:, 12:] = 255
+    shares = class_shares(raw_argmax_mask(logits, classes, rgb=rgb), classes)
+    tissue = 400 - 64
+    assert shares == pytest.approx([240 / tissue, (160 - 64 - 8) / tissue, 8 / tissue])
+    probs = np.array([0.99, 0.95, 0.9], np.float32)
+    assert allowed_classes(classes, probs=probs, prob_threshold=0.8).tolist() == [True, True, True]
+    # the floor drops normal; 0 keeps every class that holds a pixel; the probabilities still gate
+    assert allowed_classes(classes, probs=probs, prob_threshold=0.8, shares=shares, min_area=0.05).tolist() == [True, True, False]
+    assert allowed_classes(classes, probs=probs, prob_threshold=0.8, shares=shares, min_area=0.0).tolist() == [True, True, True]
+    assert allowed_classes(classes, probs=np.array([0.99, 0.5, 0.9], np.float32), prob_threshold=0.8, shares=shares,
+                           min_area=0.05).tolist() == [True, False, False]
+    # a floor above every share keeps the largest; no tissue at all leaves the decision to the probabilities
+    assert allowed_classes(classes, probs=probs, prob_threshold=0.8, shares=shares, min_area=0.9).tolist() == [True, False, False]
+    assert allowed_classes(classes, probs=probs, prob_threshold=0.8, shares=np.zeros(3), min_area=0.1).all()
+    with pytest.raises(HistoWSSSError, match="2 class shares for 3 classes"):
+        allowed_classes(classes, probs=probs, shares=np.zeros(2))
+
+
 def test_warning_when_a_class_never_occurs_alone(data, tmp_path):
     classes = get_preset("wsss4luad")
     both = [WeakSample(f"p{i}", np.array([1, 1, 0], np.uint8)) for i in range(4)]
@@ -161,7 +191,7 @@ def test_validation_calibrates_raw_offsets_and_pseudo_masks_use_them(data, tmp_p
 
     run = tmp_path / "r"
     run_all(data, run, tiny(method="cam", epochs=1))
-    for gating in ("raw", "prob-raw"):
+    for gating in ("raw", "prob-raw", "prob-area"):
         off = calibrated_offsets(run, "best", gating)
         assert off is not None and len(off) == 3 and off[0] == 0.0
     model, classes, _ = load_run(run)
@@ -175,3 +205,41 @@ def test_validation_calibrates_raw_offsets_and_pseudo_masks_use_them(data, tmp_p
     m = np.array(Image.open(masks[0]))
     assert m.shape == (64, 64) and set(np.unique(m)) <= {0, 1, 2, 3}
     assert (m[:8, :8] == 3).all()  # white glass stays background
+    # prob-area (the default): the run's floor and offsets; a floor of 1 leaves each image one class
+    from napari_histo_wsss.core.stage1.cams import AREA_FLOORS
+    from napari_histo_wsss.core.stage1.train import apply_area_calibration, calibrated_min_area
+
+    assert calibrated_min_area(run) in AREA_FLOORS
+    s = PseudoMaskSettings(mode="last", prob_threshold=0.0)
+    assert s.gating == "prob-area" and apply_area_calibration(s, run) is None
+    assert s.min_area == calibrated_min_area(run) and s.offsets == tuple(calibrated_offsets(run, "best", "prob-area"))
+    assert list(generate_pseudo_masks(model, classes, data / "val" / "img", tmp_path / "pa", s))[-1].kind == "done"
+    # the masks written are the rule's: the floor met by the shares of the ungated raw argmax
+    from napari_histo_wsss.core.data.datasets import read_rgb
+    from napari_histo_wsss.core.stage1.cams import allowed_classes, cams_for_image, class_shares
+
+    for floor in (None, 1.0):
+        st = PseudoMaskSettings(mode="last", window=16, prob_threshold=0.0, min_area=floor, refine="none")
+        apply_area_calibration(st, run)
+        assert st.min_area == (calibrated_min_area(run) if floor is None else floor)  # a floor given is kept
+        out = tmp_path / f"pa-{floor}"
+        list(generate_pseudo_masks(model, classes, data / "val" / "img", out, st))
+        for img in sorted((data / "val" / "img").glob("*.png")):
+            rgb = read_rgb(img)
+            lg = logit_maps(model, rgb)
+            shares = class_shares(raw_argmax_mask(lg, classes, st.area_offsets, rgb=rgb), classes)
+            probs = cams_for_image(model, rgb, mode="last", window=16)[1]
+            gate = allowed_classes(classes, probs=probs, prob_threshold=0.0, shares=shares, min_area=st.min_area)
+            want = raw_argmax_mask(lg, classes, st.offsets, rgb=rgb, labels=gate.astype(np.uint8))
+            got = np.array(Image.open(out / f"{img.stem}.png"))
+            assert np.array_equal(got, want)
+            if floor == 1.0:
+                assert gate.sum() == 1 and len(set(np.unique(got)) - {classes.background_index}) <= 1
+    # a run from before the floor: prob-raw, said in one line
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("min_area", None)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    old = PseudoMaskSettings(mode="last")
+    assert "gating as prob-raw" in apply_area_calibration(old, run)
+    assert old.min_area is None and old.offsets == tuple(calibrated_offsets(run, "best", "prob-raw"))

@@ -131,7 +131,12 @@ def run_pseudo_masks(args: argparse.Namespace) -> int:
     from napari_histo_wsss.core.device import apply_thread_policy, pick_device
     from napari_histo_wsss.core.io.atomic import check_output
     from napari_histo_wsss.core.stage1.cams import PseudoMaskSettings, generate_pseudo_masks
-    from napari_histo_wsss.core.stage1.train import calibrated_offsets, calibrated_prob_threshold, load_run
+    from napari_histo_wsss.core.stage1.train import (
+        apply_area_calibration,
+        calibrated_offsets,
+        calibrated_prob_threshold,
+        load_run,
+    )
 
     # the destination before the model is loaded (generate_pseudo_masks checks it again, with --cams)
     labels_dir = args.labels if args.labels not in (None, "names") else None
@@ -154,8 +159,16 @@ def run_pseudo_masks(args: argparse.Namespace) -> int:
     run_own = PseudoMaskSettings(mode=args.mode or cfg.cam_mode, window=cfg.patch_size,
                                  prob_threshold=0.5 if threshold is None else threshold)
     settings = settings_from_args(PseudoMaskSettings, args, run_own)
+    which = args.checkpoint if args.checkpoint == "last" else "best"
+    if settings.gating == "prob-area":  # the area floor and its offsets, chosen on the run's validation images
+        note = apply_area_calibration(settings, args.run_dir, which)
+        if note:
+            print(note)
+        elif args.labels is None and getattr(args, "min_area", None) is None:
+            print(f"area floor {settings.min_area:g}: a probable class covering less of an image's tissue is dropped "
+                  f"(the floor the run's validation set)")
     if settings.gating != "prob" and settings.offsets is None:  # offsets chosen on the run's validation images
-        found = calibrated_offsets(args.run_dir, args.checkpoint if args.checkpoint == "last" else "best", settings.gating)
+        found = calibrated_offsets(args.run_dir, which, settings.gating)
         settings.offsets = tuple(found) if found is not None else None
     settings.validate()
     with StopOnSigint() as stop:

@@ -74,6 +74,7 @@ __all__ = [
     "MASK_CAM_PROBS",
     "MASK_CAM_LOGITS",
     "MASK_REGION_PROBS",
+    "MASK_CAM_PRESENCE",
     "MASK_RULES",
     "MASK_PSEUDO",
     "MASK_CORRECTED",
@@ -127,6 +128,9 @@ MASK_CAM_LOGITS = "cam_logits"
 #: A patch folder's per-image class probabilities (C, images): each image is gated on its own.
 #: Written beside :data:`COMPUTED_MASKS` for patch folders only (removed otherwise).
 MASK_REGION_PROBS = "cam_region_probs"
+#: Written beside :data:`COMPUTED_MASKS` when the run calibrated the ``prob-area`` gating: one row
+#: ``[area floor, offsets of the ungated raw argmax minus the canvas's offsets]`` (:attr:`CamCanvas.presence`).
+MASK_CAM_PRESENCE = "cam_presence"
 #: How the automatic mask compares classes (:class:`ReviewSettings`).
 MASK_RULES = ("raw", "normalised")
 #: What :func:`compute_slide_cams` writes (recomputing replaces them).
@@ -224,6 +228,10 @@ class CamCanvas:
     refine: str = field(default="none", compare=False)
     #: level-0 px per model input px (the CRF's kernels are in model pixels); None: the canvas's own
     work_downsample: float | None = field(default=None, compare=False)
+    #: the ``prob-area`` gating of ``pseudo-masks`` (:func:`run_presence`): ``[area floor, d_1..d_C]``,
+    #: a probable class is dropped where it covers less than the floor of the tissue in the ungated
+    #: argmax of ``logits + d`` (the run's ``raw`` offsets); None: the probabilities alone decide
+    presence: np.ndarray | None = field(default=None, repr=False, compare=False)
     _raster: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -304,6 +312,32 @@ class CamCanvas:
             if (~np.isnan(block)).any(axis=1).all():
                 out[:, r] = np.nanmax(block, axis=1)
         return out
+
+    def class_shares(self, classes: ClassTable) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Each class's share of the computed tissue in the ungated raw argmax that the area floor
+        of :attr:`presence` meets: (C,) for the slide and (R, C) per patch-folder image (None for a
+        slide), cached per version; None without a floor or logits. White glass is left out by
+        :func:`~.tissue.white_background_mask` at its default level, as ``pseudo-masks`` does."""
+        from napari_histo_wsss.core.stage1.cams import class_shares
+
+        if self.presence is None or self.logits is None:
+            return None
+        key = ("shares", self.version, self.presence.tobytes())
+        if key not in self.cache:
+            bg = classes.background_index
+            mask = np.argmax(self.logits + self.presence[1:, None, None].astype(np.float32), axis=0).astype(np.uint8)
+            inside = self.weight > 0
+            if self.tissue is not None:
+                inside &= self.tissue
+            if classes.white_background:
+                inside &= ~white_background_mask(self.rgb)
+            mask[~inside] = bg
+            per_image = None
+            if self.regions:
+                raster = self.region_raster()
+                per_image = np.stack([class_shares(mask[raster == r], classes) for r in range(len(self.regions))])
+            self.cache[key] = (class_shares(mask, classes), per_image)
+        return self.cache[key]
 
     def region_raster(self) -> np.ndarray:
         """(h, w) int32: the index of the patch-folder image under each canvas pixel, -1 between
@@ -577,11 +611,15 @@ def _gates(canvas: CamCanvas, classes: ClassTable, gating: float) -> tuple[np.nd
     (R, C) (None for a slide; no class of an image not computed yet), and a cache key of both."""
     from napari_histo_wsss.core.stage1.cams import allowed_classes
 
-    allowed = allowed_classes(classes, probs=slide_probs(canvas), prob_threshold=gating)
+    shares = canvas.class_shares(classes)  # the prob-area floor, when the run calibrated one
+    floor = float(canvas.presence[0]) if shares is not None else 0.0
+    allowed = allowed_classes(classes, probs=slide_probs(canvas), prob_threshold=gating,
+                              shares=None if shares is None else shares[0], min_area=floor)
     per_image = canvas.region_probs()
     if per_image is None:
         return allowed, None, allowed.tobytes()
-    gates = np.stack([allowed_classes(classes, probs=np.nan_to_num(per_image[:, r], nan=0.0), prob_threshold=gating)
+    gates = np.stack([allowed_classes(classes, probs=np.nan_to_num(per_image[:, r], nan=0.0), prob_threshold=gating,
+                                      shares=None if shares is None else shares[1][r], min_area=floor)
                       for r in range(per_image.shape[1])])
     return allowed, gates, allowed.tobytes() + gates.tobytes()
 
@@ -1005,6 +1043,9 @@ def load_canvas(project: Any, slide_id: str, refine: str = "none") -> CamCanvas 
     saved = project.read_mask(slide_id, MASK_REGION_PROBS) if canvas.regions else None
     if saved is not None:
         canvas.set_region_probs(saved[0])
+    presence = project.read_mask(slide_id, MASK_CAM_PRESENCE) if canvas.logits is not None else None
+    if presence is not None and presence[0].shape == (1, arr.shape[0] + 1):
+        canvas.presence = presence[0][0].astype(np.float32)
     with project.open_slide(slide_id) as slide:
         h, w = canvas.shape
         canvas.rgb[:] = slide.read_scaled((0, 0), (w * ds, h * ds), (w, h))
@@ -1050,15 +1091,22 @@ def calibrated_gating(run_dir: str | Path, which: str = "best") -> float | None:
     return None if chosen is None else int(round(chosen * 100)) / 100
 
 
-def run_offsets(run_dir: str | Path, which: str, num_classes: int) -> np.ndarray:
-    """(C,) the ``prob-raw`` offsets the run's validation calibrated (zeros when it recorded none:
-    the plain raw argmax)."""
-    from napari_histo_wsss.core.stage1.train import calibrated_offsets
+def run_presence(run_dir: str | Path, which: str, num_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The gating of ``pseudo-masks`` that the run's validation calibrated: ``(offsets (C,),
+    presence)``. With a ``prob-area`` calibration: its offsets, and ``presence`` = ``[area floor,
+    raw offsets minus those]`` (:attr:`CamCanvas.presence`); otherwise (a run trained before it)
+    the ``prob-raw`` offsets and None; zeros when the run recorded no offsets (the plain raw argmax)."""
+    from napari_histo_wsss.core.stage1.train import calibrated_min_area, calibrated_offsets
 
-    off = calibrated_offsets(run_dir, which, "prob-raw")
-    if off is None or len(off) != num_classes:
-        return np.zeros(num_classes, dtype=np.float32)
-    return np.asarray(off, dtype=np.float32)
+    def vec(gating: str) -> np.ndarray | None:
+        off = calibrated_offsets(run_dir, which, gating)
+        return np.asarray(off, dtype=np.float32) if off is not None and len(off) == num_classes else None
+
+    floor, area, raw = calibrated_min_area(run_dir, which), vec("prob-area"), vec("raw")
+    if floor is not None and area is not None and raw is not None:
+        return area, np.concatenate([[floor], raw - area]).astype(np.float32)
+    off = vec("prob-raw")
+    return (np.zeros(num_classes, dtype=np.float32) if off is None else off), None
 
 
 def _write_computed(project: Any, slide_id: str, canvas: CamCanvas, pseudo: np.ndarray) -> list[str]:
@@ -1079,6 +1127,11 @@ def _write_computed(project: Any, slide_id: str, canvas: CamCanvas, pseudo: np.n
         written.append(MASK_REGION_PROBS)
     else:
         project.delete_mask(slide_id, MASK_REGION_PROBS)
+    if canvas.presence is not None and canvas.logits is not None:
+        project.write_mask(slide_id, MASK_CAM_PRESENCE, canvas.presence[None].astype(np.float32), 1.0)
+        written.append(MASK_CAM_PRESENCE)
+    else:
+        project.delete_mask(slide_id, MASK_CAM_PRESENCE)
     return written
 
 
@@ -1136,15 +1189,17 @@ def compute_slide_cams(
         plan = plan_slide_cams(project, slide_id, s.tile, s.max_side)
     gating = s.gating if s.gating is not None else calibrated_gating(run_dir, s.which)
     gating = 0.5 if gating is None else float(gating)
-    offsets = run_offsets(run_dir, s.which, classes.num_classes) if s.rule == "raw" else None
+    offsets, presence = run_presence(run_dir, s.which, classes.num_classes) if s.rule == "raw" else (None, None)
     white = int(s.white_level) if classes.white_background else None
     refine = s.refine if s.rule == "raw" else "none"
     unrefined = refine == "crf" and not crf_available()
     if unrefined:
         refine = "none"
     canvas = new_canvas(project, slide_id, plan, s.rule, refine)
+    canvas.presence = presence
     n = len(plan.tiles)
-    yield ProgressEvent("start", steps=n, metrics={"gating": gating}, message=f"{slide_id}: {n} tiles with {run_dir.name} ({s.which}, {mode} CAMs, "
+    start = {"gating": gating} | ({"presence": presence.tolist()} if presence is not None else {})
+    yield ProgressEvent("start", steps=n, metrics=start, message=f"{slide_id}: {n} tiles with {run_dir.name} ({s.which}, {mode} CAMs, "
                         f"{device}); mask {plan.shape[1]}x{plan.shape[0]} px at {plan.downsample:.2f}x")
     if unrefined:
         yield ProgressEvent("log", message=f"{CRF_MISSING}; the pseudo-mask stays unrefined (refine none)")

@@ -496,6 +496,8 @@ class ReviewWidget(Panel):
 
     def _on_tile(self, ev: Any) -> None:
         if getattr(ev, "kind", "") == "start" and "gating" in (ev.metrics or {}):
+            if self.canvas is not None and ev.metrics.get("presence") is not None:  # the run's prob-area floor
+                self.canvas.presence = np.asarray(ev.metrics["presence"], dtype=np.float32)
             self.gating.blockSignals(True)  # the tiles to come are drawn with it; no redraw needed
             self.gating.setValue(int(round(float(ev.metrics["gating"]) * 100)))
             self.gating.blockSignals(False)

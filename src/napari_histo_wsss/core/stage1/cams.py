@@ -51,14 +51,22 @@ __all__ = [
     "logit_maps",
     "raw_argmax_mask",
     "calibrate_offsets",
+    "class_shares",
     "GATINGS",
+    "AREA_FLOORS",
 ]
 
 #: How unlabelled images are gated: ``"prob"`` (classes whose image probability reaches a
 #: threshold, then argmax of per-class normalised CAMs), ``"prob-raw"`` (the same classes, then
-#: argmax of the raw CAM logits plus per-class offsets calibrated on validation images) or
-#: ``"raw"`` (argmax of the offset raw logits over all classes; no image-level decision).
-GATINGS = ("prob", "prob-raw", "raw")
+#: argmax of the raw CAM logits plus per-class offsets calibrated on validation images),
+#: ``"prob-area"`` (``prob-raw`` without the probable classes that cover less than an area floor
+#: of the image's tissue in the ungated raw argmax; floor and offsets calibrated on validation
+#: images, :func:`class_shares`) or ``"raw"`` (argmax of the offset raw logits over all classes;
+#: no image-level decision).
+GATINGS = ("prob", "prob-raw", "prob-area", "raw")
+
+#: Area floors tried when validation calibrates ``prob-area`` (a share of the image's tissue).
+AREA_FLOORS: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
 
 # Images whose sides are both at most this many pixels are processed in one pass (exact CAMs);
 # larger ones are tiled. 1024 px keeps the autograd graph of multi-layer CAMs within ~2 GB.
@@ -273,9 +281,15 @@ def allowed_classes(
     labels: np.ndarray | Sequence[int] | None = None,
     probs: np.ndarray | None = None,
     prob_threshold: float = 0.5,
+    shares: np.ndarray | None = None,
+    min_area: float = 0.0,
 ) -> np.ndarray:
     """Gating of :func:`pseudo_mask`: bool ``(C,)``, the image's labels when known, else the
-    classes whose probability reaches ``prob_threshold`` (the most probable always kept), else all."""
+    classes whose probability reaches ``prob_threshold`` (the most probable always kept), else all.
+    With ``shares`` (each class's share of the image's tissue in the ungated raw argmax,
+    :func:`class_shares`; the ``prob-area`` gating) a probable class is also dropped when its share
+    is below ``min_area`` (with ``min_area`` 0: when it holds no pixel); when that drops every
+    class, the class with the largest share is kept."""
     if labels is not None:
         return classes.check_labels(labels, where="pseudo-mask gating").astype(bool)
     if probs is not None:
@@ -284,8 +298,26 @@ def allowed_classes(
             raise HistoWSSSError(f"{probs.shape[0] if probs.ndim else 0} probabilities for {classes.num_classes} classes")
         allowed = probs >= prob_threshold
         allowed[int(np.argmax(probs))] = True
+        if shares is not None:
+            shares = np.asarray(shares, dtype=np.float64)
+            if shares.shape != (classes.num_classes,):
+                raise HistoWSSSError(f"{shares.size} class shares for {classes.num_classes} classes")
+            if shares.sum() > 0:  # no tissue at all: nothing to measure, the probabilities decide
+                allowed &= shares >= min_area if min_area > 0 else shares > 0
+                if not allowed.any():
+                    allowed[int(np.argmax(shares))] = True
         return allowed
     return np.ones(classes.num_classes, dtype=bool)
+
+
+def class_shares(mask: np.ndarray, classes: ClassTable) -> np.ndarray:
+    """(C,) each class's share of the tissue (non-background) pixels of a class-index mask,
+    e.g. the ungated :func:`raw_argmax_mask` of an image; zeros when it holds no tissue."""
+    tissue = np.asarray(mask)[np.asarray(mask) != classes.background_index]
+    c = classes.num_classes
+    if tissue.size == 0:
+        return np.zeros(c)
+    return np.bincount(tissue.ravel(), minlength=c)[:c] / tissue.size
 
 
 def class_scores(cams: np.ndarray, classes: ClassTable, allowed: np.ndarray, norm: str = "class") -> tuple[np.ndarray, np.ndarray]:
@@ -512,10 +544,17 @@ class PseudoMaskSettings(Settings):
     bg_alpha: float | None = setting(None, range=(0, None), open="lo", cli=False,
                                      help="exponent of TPRO's background score (1 - max score)**bg_alpha")
     norm: str = setting("class", choices=("class", "global", "none"), cli=False, help="CAM normalisation")
-    gating: str = setting("prob-raw", choices=GATINGS,
+    gating: str = setting("prob-area", choices=GATINGS,
                           help="images without labels: prob (classes above the probability threshold, normalised "
-                               "CAMs), prob-raw (those classes, raw CAM logits + the offsets validation calibrated) "
+                               "CAMs), prob-raw (those classes, raw CAM logits + the offsets validation calibrated), "
+                               "prob-area (prob-raw without the classes under the area floor validation chose) "
                                "or raw (raw logits + offsets over all classes)")
+    min_area: float | None = setting(None, range=(0, 1), none="run's",
+                                     help="prob-area: share of an image's tissue below which a probable class is "
+                                          "dropped (default: the floor the run's validation chose; none: prob-raw)")
+    area_offsets: tuple[float, ...] | None = setting(None, min_items=1, none="run's", cli=False,
+                                                     help="prob-area: offsets of the ungated raw argmax whose class "
+                                                          "shares meet the floor (None: zeros)")
     refine: str = setting("crf", choices=REFINEMENTS,
                           help="raw gatings: refine the mask with a dense CRF over the image (crf; needs pydensecrf, "
                                "else the masks stay unrefined and a message says so) or not (none)")
@@ -615,8 +654,13 @@ def generate_pseudo_masks(
                 if known is None and s.gating != "prob":
                     logits = logit_maps(model, rgb, device=device, scales=s.scales, flip=s.flip, tile=s.tile or 512)
                     gate = None
-                    if s.gating == "prob-raw":
-                        gate = allowed_classes(classes, probs=probs, prob_threshold=s.prob_threshold).astype(np.uint8)
+                    if s.gating in ("prob-raw", "prob-area"):
+                        shares = None
+                        if s.gating == "prob-area" and s.min_area is not None:
+                            shares = class_shares(raw_argmax_mask(logits, classes, s.area_offsets, rgb=rgb,
+                                                                  white_background=s.white_background), classes)
+                        gate = allowed_classes(classes, probs=probs, prob_threshold=s.prob_threshold, shares=shares,
+                                               min_area=s.min_area if shares is not None else 0.0).astype(np.uint8)
                     mask = raw_argmax_mask(logits, classes, s.offsets, rgb=rgb, labels=gate,
                                            white_background=s.white_background, refine=refine)
                 else:

@@ -428,15 +428,30 @@ def evaluate_pseudo_masks(model: CAMClassifier, samples: Sequence[MaskedSample],
     # image-level decision) and "prob-raw" (classes gated by probability at best_t first)
     allowed = [C.allowed_classes(classes, probs=pr, prob_threshold=best_t) for _, _, _, pr in raw]
     offsets, raw_miou = {}, {}
-    for gating, gate in (("raw", [None] * len(raw)), ("prob-raw", allowed)):
+
+    def calibrated(gate: list) -> tuple[list[float], float | None]:
         off, _ = C.calibrate_offsets([(lg, gt, a) for (lg, gt, _, _), a in zip(raw, gate)], classes)
         cm_raw = ConfusionMatrix(classes.num_classes + 1, classes.background_index)
         for (lg, gt, rgb, _), a in zip(raw, gate):
             cm_raw.update(C.raw_argmax_mask(lg, classes, off, rgb=rgb, labels=None if a is None else a.astype(np.uint8)), gt)
-        offsets[gating], raw_miou[gating] = [float(v) for v in off], cm_raw.scores(names)["miou"]
+        return [float(v) for v in off], cm_raw.scores(names)["miou"]
+
+    for gating, gate in (("raw", [None] * len(raw)), ("prob-raw", allowed)):
+        offsets[gating], raw_miou[gating] = calibrated(gate)
+    # prob-area: the probable classes that also cover an area floor of the image's tissue in the
+    # ungated raw argmax (the "raw" offsets); the floor of AREA_FLOORS with the best mIoU, its own offsets
+    shares = [C.class_shares(C.raw_argmax_mask(lg, classes, offsets["raw"], rgb=rgb), classes) for lg, _, rgb, _ in raw]
+    best_area = None
+    for floor in C.AREA_FLOORS:
+        gate = [C.allowed_classes(classes, probs=pr, prob_threshold=best_t, shares=sh, min_area=floor)
+                for (_, _, _, pr), sh in zip(raw, shares)]
+        off, m = calibrated(gate)
+        if best_area is None or (m if m is not None else -1.0) > best_area[2] + 1e-9:
+            best_area = (floor, off, m if m is not None else -1.0)
+    offsets["prob-area"], raw_miou["prob-area"] = best_area[1], (best_area[2] if best_area[2] >= 0 else None)
     return {"val_miou": scores["miou"], "val_fwiou": scores["fwiou"], "val_pixel_accuracy": scores["pixel_accuracy"],
             "val_iou": scores["per_class_iou"], "val_loss": float(np.mean(losses)) if losses else None,
-            "val_miou_prob": prob[best_t], "prob_threshold": best_t,
+            "val_miou_prob": prob[best_t], "prob_threshold": best_t, "min_area": best_area[0],
             "val_miou_by_gating": {"prob": prob[best_t], **raw_miou}, "raw_offsets": offsets,
             "val_miou_prob_by_threshold": {str(t): v for t, v in prob.items()}}
 
@@ -462,8 +477,39 @@ def calibrated_prob_threshold(run_dir: str | Path, which: str = "best") -> float
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def calibrated_min_area(run_dir: str | Path, which: str = "best") -> float | None:
+    """The area floor of the ``prob-area`` gating that validation chose for the ``best`` (or
+    ``last``) checkpoint of a run (``min_area`` in metrics.jsonl), or None when the run recorded
+    none (no validation masks, or trained before the floor existed)."""
+    row = _checkpoint_row(run_dir, which)
+    value = None if row is None else row.get("min_area")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def apply_area_calibration(settings: Any, run_dir: str | Path, which: str = "best") -> str | None:
+    """Fill a ``prob-area`` :class:`~.cams.PseudoMaskSettings` from the run's validation: the area
+    floor (unless set), the offsets of the ungated raw argmax that measures the shares and the
+    offsets of the gated mask (unless set). A run trained before the floor existed has none: its
+    ``prob-raw`` offsets and no floor (``min_area`` None) are used - the ``prob-raw`` mask - and the
+    returned line says so."""
+    floor = calibrated_min_area(run_dir, which)
+    found = calibrated_offsets(run_dir, which, "prob-area")
+    note = None
+    if floor is None or found is None:
+        note = f"{run_dir}: the run recorded no area floor (trained before prob-area existed); gating as prob-raw"
+        found = calibrated_offsets(run_dir, which, "prob-raw")
+    elif settings.min_area is None:
+        settings.min_area = floor
+    if settings.offsets is None:
+        settings.offsets = tuple(found) if found is not None else None
+    if settings.area_offsets is None:
+        found = calibrated_offsets(run_dir, which, "raw")
+        settings.area_offsets = tuple(found) if found is not None else None
+    return note
+
+
 def calibrated_offsets(run_dir: str | Path, which: str = "best", gating: str = "prob-raw") -> list[float] | None:
-    """The per-class offsets of a raw-logit ``gating`` (``"raw"`` or ``"prob-raw"``, see
+    """The per-class offsets of a raw-logit ``gating`` (``"raw"``, ``"prob-raw"`` or ``"prob-area"``, see
     :func:`~.cams.raw_argmax_mask`) that validation calibrated for the ``best`` (or ``last``)
     checkpoint of a run (``raw_offsets`` in metrics.jsonl), or None when the run recorded none."""
     row = _checkpoint_row(run_dir, which)
