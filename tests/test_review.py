@@ -718,7 +718,9 @@ def test_the_runs_area_floor_is_used_by_cams_and_saved_with_the_canvas(case):
     np.testing.assert_allclose(saved, [[1.0, 0.0, 1.0, 0.0]])
     pseudo = reopened.read_mask(sid, MASK_PSEUDO)[0]
     tissue_classes = set(np.unique(pseudo)) - {LUAD.background_index}
-    assert len(tissue_classes) == 1  # a floor of 1: only the class with the largest share is left
+    # a floor of 1: only a class that fills a whole window is left (two windows of 320 model px
+    # nearly cover this small slide: 280 x 370 model px)
+    assert len(tissue_classes) == 1
     again = load_canvas(reopened, sid)
     np.testing.assert_allclose(again.presence, [1.0, 0.0, 1.0, 0.0])
     assert (pseudo_from_canvas(again, LUAD, 0.2, 0.5, 200) == pseudo).mean() > 0.98
@@ -729,3 +731,46 @@ def test_the_runs_area_floor_is_used_by_cams_and_saved_with_the_canvas(case):
     again.presence = None
     again.cache = {}
     assert len(set(np.unique(pseudo_from_canvas(again, LUAD, 0.2, 0.5, 200))) - {LUAD.background_index}) > 1
+
+
+def test_a_slide_is_measured_in_image_sized_windows_so_a_small_focus_stays():
+    """On a whole slide the floor meets a class's best share in windows the size of the images it
+    was chosen on: a tumour focus filling one window of a large slide stays, a class scattered
+    thinly everywhere does not."""
+    from napari_histo_wsss.core.review import SHARE_WINDOW, window_shares
+
+    side, win = 1000, 100
+    mask = np.ones((side, side), np.uint8)       # stroma
+    mask[::7, ::7] = 2                           # normal sprinkled everywhere: 2 %
+    mask[400:500, 600:700] = 0                   # a tumour focus: 1 % of the slide, one whole window
+    inside = np.ones_like(mask, bool)
+    inside[:, :100] = False                      # glass on the left
+    shares = window_shares(mask, inside, LUAD, win)
+    assert shares[0] == 1.0 and shares[1] > 0.95 and 0.01 < shares[2] < 0.05
+    whole = np.bincount(mask[inside], minlength=3)[:3] / inside.sum()
+    assert whole[0] < 0.02  # over the whole slide the focus would fall under any floor above 2 %
+    # windows mostly glass do not count; a canvas smaller than a window is measured whole
+    only_glass = np.zeros_like(inside)
+    only_glass[:60, :60] = True
+    np.testing.assert_allclose(window_shares(mask, only_glass, LUAD, win),
+                               np.bincount(mask[only_glass], minlength=3)[:3] / only_glass.sum())
+    small = mask[:50, :50]
+    np.testing.assert_allclose(window_shares(small, np.ones_like(small, bool), LUAD, win),
+                               np.bincount(small.ravel(), minlength=3)[:3] / small.size)
+    # the canvas: windows of SHARE_WINDOW model pixels, at the canvas's resolution
+    canvas = CamCanvas.empty(LUAD.num_classes, (side, side), 250, 4.0, rule="raw")
+    canvas.work_downsample = 4.0 * win / SHARE_WINDOW  # so that a window is `win` canvas px
+    logits = np.stack([(mask == k).astype(np.float32) for k in range(3)])
+    for ty in range(4):
+        for tx in range(4):
+            sy, sx = canvas.tile_slices(ty, tx)
+            canvas.put(ty, tx, np.zeros((3, 250, 250), np.float32), np.array([0.9, 0.9, 0.9], np.float32),
+                       np.full((250, 250, 3), 150, np.uint8), logits=logits[:, sy, sx])
+    canvas.tissue = inside
+    canvas.presence = np.array([0.3, 0.0, 0.0, 0.0], np.float32)
+    got, per_image = canvas.class_shares(LUAD)
+    assert per_image is None
+    np.testing.assert_allclose(got, shares)
+    mask_out = pseudo_from_canvas(canvas, LUAD, 0.2, 0.5, None)
+    assert (mask_out[400:500, 600:700] == 0).all()  # the focus is kept
+    assert not (mask_out == 2).any()                # the sprinkled class is not

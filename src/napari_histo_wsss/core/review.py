@@ -75,6 +75,8 @@ __all__ = [
     "MASK_CAM_LOGITS",
     "MASK_REGION_PROBS",
     "MASK_CAM_PRESENCE",
+    "SHARE_WINDOW",
+    "window_shares",
     "MASK_RULES",
     "MASK_PSEUDO",
     "MASK_CORRECTED",
@@ -317,7 +319,13 @@ class CamCanvas:
         """Each class's share of the computed tissue in the ungated raw argmax that the area floor
         of :attr:`presence` meets: (C,) for the slide and (R, C) per patch-folder image (None for a
         slide), cached per version; None without a floor or logits. White glass is left out by
-        :func:`~.tissue.white_background_mask` at its default level, as ``pseudo-masks`` does."""
+        :func:`~.tissue.white_background_mask` at its default level, as ``pseudo-masks`` does.
+
+        A patch-folder image is measured whole, as ``pseudo-masks`` measures an image (the floor
+        was chosen on such images). A slide is measured at the same scale: a class's share is its
+        largest share in any window of :data:`SHARE_WINDOW` model pixels that is at least half
+        tissue (:func:`window_shares`), so a tumour focus that fills an image-sized region is kept
+        however large the slide; a canvas smaller than a window is measured whole."""
         from napari_histo_wsss.core.stage1.cams import class_shares
 
         if self.presence is None or self.logits is None:
@@ -336,7 +344,11 @@ class CamCanvas:
             if self.regions:
                 raster = self.region_raster()
                 per_image = np.stack([class_shares(mask[raster == r], classes) for r in range(len(self.regions))])
-            self.cache[key] = (class_shares(mask, classes), per_image)
+                whole = class_shares(mask, classes)
+            else:
+                per_model_px = (self.work_downsample or self.downsample) / self.downsample
+                whole = window_shares(mask, inside, classes, max(8, int(round(SHARE_WINDOW * per_model_px))))
+            self.cache[key] = (whole, per_image)
         return self.cache[key]
 
     def region_raster(self) -> np.ndarray:
@@ -383,6 +395,48 @@ class CamCanvas:
         self.version += 1
         self.cache = {}  # scores, peaks and glass go stale
         return sy, sx
+
+
+#: Side, in model pixels, of the windows a slide's class shares are measured in for the area floor
+#: of ``prob-area`` (:meth:`CamCanvas.class_shares`): about the size of the validation images the
+#: floor was chosen on (WSSS4LUAD: 200-500 px, median about 320).
+SHARE_WINDOW = 320
+
+
+def window_shares(mask: np.ndarray, inside: np.ndarray, classes: ClassTable, window: int) -> np.ndarray:
+    """(C,) each class's largest share of the ``inside`` pixels of a class-index ``mask`` over
+    ``window``-px windows laid every half window (the last flush with the edge) that are at least
+    half ``inside``; the share over the whole mask when no window qualifies (a canvas smaller than
+    a window, or sparse tissue)."""
+    from napari_histo_wsss.core.stage1.cams import class_shares
+
+    h, w = mask.shape
+    c = classes.num_classes
+    if h <= window and w <= window:
+        return class_shares(np.where(inside, mask, classes.background_index), classes)
+
+    def starts(n: int) -> np.ndarray:
+        if n <= window:
+            return np.array([0])
+        return np.unique(np.append(np.arange(0, n - window + 1, max(1, window // 2)), n - window))
+
+    def integral(a: np.ndarray) -> np.ndarray:
+        out = np.zeros((h + 1, w + 1), dtype=np.int64)
+        out[1:, 1:] = np.cumsum(np.cumsum(a, axis=0, dtype=np.int64), axis=1)
+        return out
+
+    ys, xs = starts(h), starts(w)
+    y0, x0 = np.meshgrid(ys, xs, indexing="ij")
+    y1, x1 = np.minimum(y0 + window, h), np.minimum(x0 + window, w)
+
+    def box(ii: np.ndarray) -> np.ndarray:
+        return ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+
+    n_in = box(integral(inside))
+    ok = n_in >= 0.5 * (y1 - y0) * (x1 - x0)
+    if not ok.any():
+        return class_shares(np.where(inside, mask, classes.background_index), classes)
+    return np.array([(box(integral(inside & (mask == k)))[ok] / n_in[ok]).max() for k in range(c)])
 
 
 @dataclass(eq=False)
