@@ -225,3 +225,27 @@ def test_info_on_a_patch_folder(wsss4luad_dir, capsys):
     assert main(["info", str(wsss4luad_dir / "val" / "img"), "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["format"] == "patch folder" and facts["images"] == 31 and facts["grid"]["patches"] > 0
+
+
+def test_the_review_canvas_takes_a_patch_folders_images_from_the_open_slide(tmp_path, wsss4luad_dir, monkeypatch):
+    """The Review panel lays its canvas on the GUI thread: with the slide it already holds open,
+    the images' boxes come from it and no image header is read again."""
+    from napari_histo_wsss.core.review import canvas_regions
+
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for name in ("00.png", "02.png", "05.png"):
+        (folder / name).symlink_to(wsss4luad_dir / "val" / "img" / name)
+    project = Project.create(tmp_path / "p", "wsss4luad", patch_size=64, target_mpp=None)
+    sid = project.add_slide(folder)
+    opened = project.open_slide(sid)
+    want = canvas_regions(project, sid, (100, 200), 4.0)
+    assert want is not None and len(want) == 3
+
+    def no_reopen(*_a, **_k):
+        raise AssertionError("the slide was opened again")
+
+    monkeypatch.setattr(Project, "open_slide", no_reopen)
+    monkeypatch.setattr("PIL.Image.open", no_reopen)
+    assert canvas_regions(project, sid, (100, 200), 4.0, slide=opened) == want
+    opened.close()

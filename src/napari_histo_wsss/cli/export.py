@@ -87,17 +87,26 @@ def _source(args: argparse.Namespace) -> tuple[list[Any], list[float], Any, floa
         project = Project.open(src)
         if not (args.slide and args.mask):
             raise HistoWSSSError(f"{src}: a project export needs --slide and --mask (or an OUT.csv for the patch labels)")
-        found = project.read_mask(args.slide, args.mask)
-        if found is None:
-            raise HistoWSSSError(f"{src}: slide {args.slide} has no mask {args.mask!r}")
-        arr, ds = found
-        if arr.ndim != 2:
-            raise HistoWSSSError(f"{src}: mask {args.mask!r} is a {arr.ndim}-D stack, not a label image")
-        return [arr.astype("uint8")], [ds], project.classes, project.slides[args.slide].mpp
+        arr, ds = _project_mask(project, args, src)
+        return [arr], [ds], project.classes, project.slides[args.slide].mpp
     if not src.is_file():
         raise HistoWSSSError(f"{src}: input not found")
     classes = resolve_classes(args.classes or "wsss4luad")
     return [read_index_mask(src, classes)], [float(args.downsample)], classes, None
+
+
+def _project_mask(project, args: argparse.Namespace, src: Path):
+    """The ``--mask`` label image of ``--slide`` in an open project, and its downsample; one
+    error line naming the project when it is missing or not a label image."""
+    from napari_histo_wsss.core.errors import HistoWSSSError
+
+    found = project.read_mask(args.slide, args.mask)
+    if found is None:
+        raise HistoWSSSError(f"{src}: slide {args.slide} has no mask {args.mask!r}")
+    arr, ds = found
+    if arr.ndim != 2:
+        raise HistoWSSSError(f"{src}: mask {args.mask!r} is a {arr.ndim}-D stack, not a label image")
+    return arr.astype("uint8"), ds
 
 
 def _check_out(args: argparse.Namespace, out: Path, fmt: str) -> None:
@@ -172,7 +181,7 @@ def _per_image(args: argparse.Namespace, out: Path) -> int:
     # never into the patch folder itself: new PNGs there would change the folder the project holds
     check_output(out, inputs=[project.slide_path(args.slide)], protect=[project.root], overwrite=args.overwrite,
                  what="output folder", folder=True)
-    levels, downsamples, classes, _ = _source(args)
-    files = export_patch_folder_pngs(levels[0], regions, out, classes, downsample=downsamples[0])
+    arr, ds = _project_mask(project, args, src)  # from the project opened above, not a second time
+    files = export_patch_folder_pngs(arr, regions, out, project.classes, downsample=ds)
     print(f"wrote {len(files)} masks to {out}")
     return 0

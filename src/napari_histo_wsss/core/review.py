@@ -533,25 +533,31 @@ def plan_slide_cams(project: Any, slide_id: str, tile: int, max_side: int) -> Ca
     return plan
 
 
-def canvas_regions(project: Any, slide_id: str, shape: tuple[int, int], downsample: float) -> list | None:
+def canvas_regions(project: Any, slide_id: str, shape: tuple[int, int], downsample: float,
+                   slide: Any = None) -> list | None:
     """A patch folder's images as boxes ``(y0, y1, x0, x1)`` of a canvas of ``shape`` at
     ``downsample`` level-0 px per pixel (``core/slides/mosaic.py``); None for a slide (known from
-    the project's record, without opening it)."""
+    the project's record, without opening it). ``slide``: the slide already open (the Review
+    panel's), whose images are known, so no image header is read again."""
     from napari_histo_wsss.core.slides.mosaic import boxes_at
 
     if project.slides[slide_id].layout is None:  # only patch folders record a layout
         return None
-    with project.open_slide(slide_id) as slide:
+    if slide is not None:
         regions = slide.regions
+    else:
+        with project.open_slide(slide_id) as opened:
+            regions = opened.regions
     return boxes_at(regions, shape, downsample) if regions else None
 
 
-def new_canvas(project: Any, slide_id: str, plan: CamPlan, rule: str, refine: str = "none") -> CamCanvas:
+def new_canvas(project: Any, slide_id: str, plan: CamPlan, rule: str, refine: str = "none",
+               slide: Any = None) -> CamCanvas:
     """The empty canvas a slide's CAMs are blended into (the compute job's and the Review
     panel's): the project's tissue mask on it and, for a patch folder, its images, so that each
     image is gated on its own (:meth:`CamCanvas.region_probs`); ``refine`` as
-    :attr:`ReviewSettings.refine`."""
-    regions = canvas_regions(project, slide_id, plan.shape, plan.downsample)
+    :attr:`ReviewSettings.refine`; ``slide`` as :func:`canvas_regions`."""
+    regions = canvas_regions(project, slide_id, plan.shape, plan.downsample, slide)
     canvas = CamCanvas.empty(project.classes.num_classes, plan.shape, plan.tile, plan.downsample,
                              tissue=tissue_on_canvas(project, slide_id, plan.shape, plan.downsample, regions), rule=rule)
     canvas.regions = regions

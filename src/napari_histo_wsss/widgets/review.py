@@ -484,7 +484,8 @@ class ReviewWidget(Panel):
         self._reset()
         self._slide_id = sid = self.session.slide_id
         c = project.classes.num_classes
-        self.canvas = new_canvas(project, sid, plan, rule, refine)
+        # the open slide knows a patch folder's images: no header is read on the GUI thread
+        self.canvas = new_canvas(project, sid, plan, rule, refine, slide=self.session.slide)
         if refine == "crf" and rule == "raw" and not crf_available():
             self.say(f"{CRF_MISSING}; the pseudo-mask stays unrefined")
         try:  # recomputing keeps the saved corrections: new tiles replace only automatic values
