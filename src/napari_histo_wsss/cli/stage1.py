@@ -151,15 +151,15 @@ def run_pseudo_masks(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     apply_thread_policy(gui=False)
     model, classes, cfg = load_run(args.run_dir, args.checkpoint, map_location=device)
+    which = args.checkpoint if args.checkpoint == "last" else "best"
     threshold = args.prob_threshold
     if threshold is None and args.labels is None:
-        threshold = calibrated_prob_threshold(args.run_dir, args.checkpoint if args.checkpoint == "last" else "best")
+        threshold = calibrated_prob_threshold(args.run_dir, which)
         if threshold is not None:
             print(f"gating by predicted probabilities at {threshold:g} (chosen on the run's validation images)")
     run_own = PseudoMaskSettings(mode=args.mode or cfg.cam_mode, window=cfg.patch_size,
                                  prob_threshold=0.5 if threshold is None else threshold)
     settings = settings_from_args(PseudoMaskSettings, args, run_own)
-    which = args.checkpoint if args.checkpoint == "last" else "best"
     if settings.gating == "prob-area":  # the area floor and its offsets, chosen on the run's validation images
         note = apply_area_calibration(settings, args.run_dir, which)
         if note:
