@@ -58,8 +58,7 @@ from napari_histo_wsss.core.stage1.cams import (
 from napari_histo_wsss.core.stage1.refine import CRFParams, dense_crf_labels
 from napari_histo_wsss.core.stage1.train import (
     TrainConfig,
-    calibrated_min_area,
-    calibrated_offsets,
+    area_calibration,
     calibrated_prob_threshold,
     load_run,
     train_classifier,
@@ -263,9 +262,9 @@ def score_run(run: Path, split_dir: Path, scorer: Scorer, slic_segments: int, cr
 
     # prob-area (pseudo-masks' default): the floor, its offsets and the raw offsets that measure the
     # shares, as the run's validation recorded them (runs trained before it existed lack them)
-    floor = calibrated_min_area(run, "best")
-    off_pa, off_raw = calibrated_offsets(run, "best", "prob-area"), calibrated_offsets(run, "best", "raw")
-    has_area = floor is not None and off_pa is not None and off_raw is not None
+    cal = area_calibration(run, "best")
+    has_area = cal is not None
+    floor, off_pa, off_raw = (cal.min_area, cal.offsets, cal.raw_offsets) if has_area else (None, None, None)
 
     def area_gate(lg, pr, rgb):
         shares = class_shares(raw_argmax_mask(lg, classes, off_raw, rgb=rgb), classes)

@@ -207,12 +207,14 @@ def test_validation_calibrates_raw_offsets_and_pseudo_masks_use_them(data, tmp_p
     assert (m[:8, :8] == 3).all()  # white glass stays background
     # prob-area (the default): the run's floor and offsets; a floor of 1 leaves each image one class
     from napari_histo_wsss.core.stage1.cams import AREA_FLOORS
-    from napari_histo_wsss.core.stage1.train import apply_area_calibration, calibrated_min_area
+    from napari_histo_wsss.core.stage1.train import apply_area_calibration, area_calibration, calibrated_min_area
 
     assert calibrated_min_area(run) in AREA_FLOORS
     s = PseudoMaskSettings(mode="last", prob_threshold=0.0)
     assert s.gating == "prob-area" and apply_area_calibration(s, run) is None
     assert s.min_area == calibrated_min_area(run) and s.offsets == tuple(calibrated_offsets(run, "best", "prob-area"))
+    cal = area_calibration(run)  # the one reader the slide canvas uses too
+    assert (cal.min_area, cal.offsets, cal.raw_offsets) == (s.min_area, s.offsets, s.area_offsets)
     assert list(generate_pseudo_masks(model, classes, data / "val" / "img", tmp_path / "pa", s))[-1].kind == "done"
     # the masks written are the rule's: the floor met by the shares of the ungated raw argmax
     from napari_histo_wsss.core.data.datasets import read_rgb
@@ -241,5 +243,5 @@ def test_validation_calibrates_raw_offsets_and_pseudo_masks_use_them(data, tmp_p
         r.pop("min_area", None)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     old = PseudoMaskSettings(mode="last")
-    assert "gating as prob-raw" in apply_area_calibration(old, run)
+    assert area_calibration(run) is None and "gating as prob-raw" in apply_area_calibration(old, run)
     assert old.min_area is None and old.offsets == tuple(calibrated_offsets(run, "best", "prob-raw"))

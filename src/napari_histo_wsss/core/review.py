@@ -406,15 +406,12 @@ SHARE_WINDOW = 320
 def window_shares(mask: np.ndarray, inside: np.ndarray, classes: ClassTable, window: int) -> np.ndarray:
     """(C,) each class's largest share of the ``inside`` pixels of a class-index ``mask`` over
     ``window``-px windows laid every half window (the last flush with the edge) that are at least
-    half ``inside``; the share over the whole mask when no window qualifies (a canvas smaller than
-    a window, or sparse tissue)."""
+    half ``inside`` (a canvas smaller than a window is one window); the share over the whole mask
+    when no window qualifies (sparse tissue)."""
     from napari_histo_wsss.core.stage1.cams import class_shares
 
     h, w = mask.shape
     c = classes.num_classes
-    if h <= window and w <= window:
-        return class_shares(np.where(inside, mask, classes.background_index), classes)
-
     def starts(n: int) -> np.ndarray:
         if n <= window:
             return np.array([0])
@@ -1156,17 +1153,16 @@ def run_presence(run_dir: str | Path, which: str, num_classes: int) -> tuple[np.
     presence)``. With a ``prob-area`` calibration: its offsets, and ``presence`` = ``[area floor,
     raw offsets minus those]`` (:attr:`CamCanvas.presence`); otherwise (a run trained before it)
     the ``prob-raw`` offsets and None; zeros when the run recorded no offsets (the plain raw argmax)."""
-    from napari_histo_wsss.core.stage1.train import calibrated_min_area, calibrated_offsets
+    from napari_histo_wsss.core.stage1.train import area_calibration, calibrated_offsets
 
-    def vec(gating: str) -> np.ndarray | None:
-        off = calibrated_offsets(run_dir, which, gating)
-        return np.asarray(off, dtype=np.float32) if off is not None and len(off) == num_classes else None
-
-    floor, area, raw = calibrated_min_area(run_dir, which), vec("prob-area"), vec("raw")
-    if floor is not None and area is not None and raw is not None:
-        return area, np.concatenate([[floor], raw - area]).astype(np.float32)
-    off = vec("prob-raw")
-    return (np.zeros(num_classes, dtype=np.float32) if off is None else off), None
+    cal = area_calibration(run_dir, which)
+    if cal is not None and len(cal.offsets) == num_classes:
+        area, raw = np.asarray(cal.offsets, dtype=np.float32), np.asarray(cal.raw_offsets, dtype=np.float32)
+        return area, np.concatenate([[cal.min_area], raw - area]).astype(np.float32)
+    off = calibrated_offsets(run_dir, which, "prob-raw")
+    if off is None or len(off) != num_classes:
+        return np.zeros(num_classes, dtype=np.float32), None
+    return np.asarray(off, dtype=np.float32), None
 
 
 def _write_computed(project: Any, slide_id: str, canvas: CamCanvas, pseudo: np.ndarray) -> list[str]:

@@ -486,26 +486,47 @@ def calibrated_min_area(run_dir: str | Path, which: str = "best") -> float | Non
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def apply_area_calibration(settings: Any, run_dir: str | Path, which: str = "best") -> str | None:
-    """Fill a ``prob-area`` :class:`~.cams.PseudoMaskSettings` from the run's validation: the area
-    floor (unless set), the offsets of the ungated raw argmax that measures the shares and the
-    offsets of the gated mask (unless set). A run trained before the floor existed has none: its
-    ``prob-raw`` offsets and no floor (``min_area`` None) are used - the ``prob-raw`` mask - and the
-    returned line says so."""
+@dataclass(frozen=True)
+class AreaCalibration:
+    """The ``prob-area`` gating a run's validation chose for one checkpoint: the area floor, the
+    offsets of the gated mask and the offsets of the ungated raw argmax that measures the shares."""
+
+    min_area: float
+    offsets: tuple[float, ...]
+    raw_offsets: tuple[float, ...]
+
+
+def area_calibration(run_dir: str | Path, which: str = "best") -> AreaCalibration | None:
+    """The run's :class:`AreaCalibration` for the ``best`` (or ``last``) checkpoint, or None when the
+    run recorded none (no validation masks, or trained before the floor existed). The one reader of
+    it: ``pseudo-masks`` (:func:`apply_area_calibration`) and the slide canvas use it alike."""
     floor = calibrated_min_area(run_dir, which)
-    found = calibrated_offsets(run_dir, which, "prob-area")
-    note = None
-    if floor is None or found is None:
-        note = f"{run_dir}: the run recorded no area floor (trained before prob-area existed); gating as prob-raw"
-        found = calibrated_offsets(run_dir, which, "prob-raw")
-    elif settings.min_area is None:
-        settings.min_area = floor
+    gated = calibrated_offsets(run_dir, which, "prob-area")
+    raw = calibrated_offsets(run_dir, which, "raw")
+    if floor is None or gated is None or raw is None or len(gated) != len(raw):
+        return None
+    return AreaCalibration(floor, tuple(gated), tuple(raw))
+
+
+def apply_area_calibration(settings: Any, run_dir: str | Path, which: str = "best") -> str | None:
+    """Fill a ``prob-area`` :class:`~.cams.PseudoMaskSettings` from the run's validation
+    (:func:`area_calibration`): the area floor (unless set), the offsets of the ungated raw argmax
+    that measures the shares and the offsets of the gated mask (unless set). A run trained before
+    the floor existed has none: its ``prob-raw`` offsets and no floor (``min_area`` None) are used -
+    the ``prob-raw`` mask - and the returned line says so."""
+    cal = area_calibration(run_dir, which)
+    if cal is None:
+        if settings.offsets is None:
+            found = calibrated_offsets(run_dir, which, "prob-raw")
+            settings.offsets = tuple(found) if found is not None else None
+        return f"{run_dir}: the run recorded no area floor (trained before prob-area existed); gating as prob-raw"
+    if settings.min_area is None:
+        settings.min_area = cal.min_area
     if settings.offsets is None:
-        settings.offsets = tuple(found) if found is not None else None
+        settings.offsets = cal.offsets
     if settings.area_offsets is None:
-        found = calibrated_offsets(run_dir, which, "raw")
-        settings.area_offsets = tuple(found) if found is not None else None
-    return note
+        settings.area_offsets = cal.raw_offsets
+    return None
 
 
 def calibrated_offsets(run_dir: str | Path, which: str = "best", gating: str = "prob-raw") -> list[float] | None:
