@@ -1,6 +1,9 @@
 """How a patch folder scales: opening it as one contact sheet, its first thumbnail, tissue
 detection, the patch grid and the feature cache, for folders of N patches (224 px crops cut from
-the shared WSSS4LUAD images, written once to a scratch folder outside the project).
+the shared WSSS4LUAD images, written once to a scratch folder outside the project). The feature
+cache is timed image by image (what the product does) and, beside it in the same run, over the
+sheet's tiles as a slide would be (the white between images computed too; how it was until
+2026-12-05).
 
     python bench/bench_patch_folder.py                 # N = 100, 1000
     python bench/bench_patch_folder.py --n 100 1000 3000 --no-features
@@ -62,6 +65,12 @@ def measure(folder: Path, features: bool) -> dict:
         for _ev in build_slide_features(slide, tissue, 1.0, FeatureSpec()):
             pass
         out["features_s"] = time.perf_counter() - t
+        regions, slide.regions = slide.regions, None  # the same sheet, tiled like a slide
+        t = time.perf_counter()
+        for _ev in build_slide_features(slide, tissue, 1.0, FeatureSpec()):
+            pass
+        out["features_tiles_s"] = time.perf_counter() - t
+        slide.regions = regions
     slide.close()
     return out
 
@@ -70,18 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--no-features", action="store_true")
+    ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     args = ap.parse_args(argv)
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.n:
             folder = Path(tmp) / f"n{n}"
             make_folder(folder, n)
             rows.append((n, measure(folder, not args.no_features)))
-    cols = ["open_s", "thumbnail_s", "tissue_s", "grid_s"] + ([] if args.no_features else ["features_s"])
-    print("| patches | sheet (px) | grid patches | " + " | ".join(c.replace("_s", " (s)") for c in cols) + " |")
+    cols = ["open_s", "thumbnail_s", "tissue_s", "grid_s"] + ([] if args.no_features else ["features_s", "features_tiles_s"])
+    print("| patches | sheet (px) | grid patches | " + " | ".join(c.replace("features_tiles_s", "features as tiles (s)").replace("_s", " (s)") for c in cols) + " |")
     print("|---|---|---|" + "---|" * len(cols))
     for n, r in rows:
         print(f"| {n} | {r['sheet']} | {r['patches']} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |")

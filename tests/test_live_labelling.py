@@ -14,6 +14,7 @@ from napari_histo_wsss.core.data.project import Project
 from napari_histo_wsss.core.slides.slide import open_slide
 from napari_histo_wsss.core.slides.tissue import detect_tissue
 from napari_histo_wsss.core.stage1.features import (
+    FEATURE_STRIDE,
     FeatureExtractor,
     FeatureSpec,
     build_slide_features,
@@ -58,6 +59,53 @@ def test_slide_features_resume_after_a_stop_and_match_one_pass(cmu_svs, tmp_path
     assert cached.tissue.any() and not cached.tissue.all()  # the slide's glass is flagged
     # glass cells were not computed: their features are zero; tissue cells are not
     assert np.abs(fresh.dense()[fresh.tissue]).sum(axis=-1).min() > 0
+
+
+def test_patch_folder_features_are_computed_image_by_image(wsss4luad_dir, tmp_path, extractor):
+    """A patch folder's sheet: one forward pass per image (its cells and a white margin), none over
+    the white between images; each image's cells are the backbone on that image alone; a stop
+    resumes image by image."""
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for name in sorted(p.name for p in (wsss4luad_dir / "val" / "img").glob("*.png"))[:5]:
+        (folder / name).symlink_to(wsss4luad_dir / "val" / "img" / name)  # read in place, never copied
+    spec = FeatureSpec()
+    m, mc = spec.margin, spec.margin // FEATURE_STRIDE
+    with open_slide(folder) as slide:
+        tissue = detect_tissue(slide)
+        calls = []
+
+        class Counting:
+            channels = extractor.channels
+
+            def __call__(self, rgb):
+                calls.append(rgb.shape[:2])
+                return extractor(rgb)
+
+        store = tmp_path / "f.zarr"
+        stop = iter([False, False, True])
+        first = list(build_slide_features(slide, tissue, 1.0, spec, store=store, extractor=Counting(),
+                                          should_stop=lambda: next(stop, True)))
+        assert first[-1].kind == "cancelled" and len(calls) == 2
+        events = list(build_slide_features(slide, tissue, 1.0, spec, store=store, extractor=Counting()))
+        assert events[-1].kind == "done" and events[0].steps == len(slide.regions) == 5
+        assert len(calls) == 5  # two before the stop, three after: no image computed twice
+        sheet = events[-1].result
+        dense = sheet.dense()
+        inside = np.zeros(sheet.shape, bool)
+        for r, shape in zip(slide.regions, calls):
+            r0, c0 = r.y // FEATURE_STRIDE, r.x // FEATURE_STRIDE
+            r1, c1 = -(-(r.y + r.height) // FEATURE_STRIDE), -(-(r.x + r.width) // FEATURE_STRIDE)
+            assert shape == ((r1 - r0) * FEATURE_STRIDE + 2 * m, (c1 - c0) * FEATURE_STRIDE + 2 * m)
+            inside[r0:r1, c0:c1] = True
+            # the image alone, padded with white to whole cells and the margin
+            rgb = np.asarray(Image.open(folder / r.name).convert("RGB"))
+            pad = np.pad(rgb, ((m, (r1 - r0) * FEATURE_STRIDE - r.height + m),
+                               (m, (c1 - c0) * FEATURE_STRIDE - r.width + m), (0, 0)), constant_values=255)
+            want = extractor(pad)[mc:mc + r1 - r0, mc:mc + c1 - c0].astype(np.float16).astype(np.float32)
+            np.testing.assert_allclose(dense[r0:r1, c0:c1], want, atol=1e-3)
+        assert not dense[~inside].any() and not sheet.tissue[~inside].any()  # the white between: never computed
+        assert sheet.tissue[inside].mean() > 0.5
 
 
 def test_features_of_another_backbone_setting_are_not_reused(cmu_svs, tmp_path, extractor):

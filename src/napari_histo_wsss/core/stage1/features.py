@@ -13,7 +13,10 @@ pixels. Everything interactive is then cheap arithmetic on that array:
 
 Tiles of ``tile`` working pixels are read with a ``margin`` of context on every side, which is
 dropped after the forward pass, so the map does not show the tile grid. Only tiles holding tissue
-are computed; cells outside them stay zero and are flagged in ``tissue``.
+are computed; cells outside them stay zero and are flagged in ``tissue``. A patch folder's sheet
+(a slide with ``regions``) is computed image by image instead (:func:`image_units`): each image's
+cells with the same margin, so the white between images - four fifths of a sheet of 224-px
+patches - is never computed, and no image's features see its neighbours.
 
 Storage: a zarr group per slide and feature setting in the project
 (``features/<slide_id>/<key>.zarr``). ``done`` marks finished tiles, so a cancelled or killed build
@@ -45,6 +48,7 @@ __all__ = [
     "SlideFeatures",
     "FeatureBuild",
     "build_slide_features",
+    "image_units",
     "image_features",
     "slide_features_path",
 ]
@@ -166,6 +170,18 @@ class SlideFeatures:
         return out
 
 
+def image_units(regions: list, cell0: float, tc: int) -> list[tuple[int, int, int, int]]:
+    """The cell boxes ``(r0, r1, c0, c1)`` a patch folder's sheet is computed in: each image's
+    cells (level-0 box / ``cell0``), cut into pieces of at most ``tc`` cells a side for large
+    images. The white between images is never computed."""
+    out = []
+    for r in regions:
+        r0, c0 = int(r.y // cell0), int(r.x // cell0)
+        r1, c1 = max(r0 + 1, math.ceil((r.y + r.height) / cell0)), max(c0 + 1, math.ceil((r.x + r.width) / cell0))
+        out += [(y, min(y + tc, r1), x, min(x + tc, c1)) for y in range(r0, r1, tc) for x in range(c0, c1, tc)]
+    return out
+
+
 def slide_features_path(project: Any, slide_id: str, spec: FeatureSpec, downsample: float) -> Path:
     """Where a project keeps a slide's feature map for ``spec`` at ``downsample``."""
     return project.features_dir(slide_id) / f"{spec.key(downsample)}.zarr"
@@ -222,61 +238,72 @@ def build_slide_features(
     cell0 = float(downsample) * FEATURE_STRIDE
     h, w = max(1, math.ceil(h0 / cell0)), max(1, math.ceil(w0 / cell0))
     tc = spec.tile // FEATURE_STRIDE  # cells per tile side
-    nty, ntx = math.ceil(h / tc), math.ceil(w / tc)
-    tile0 = tc * cell0
-    tiles = [(ty, tx) for ty in range(nty) for tx in range(ntx)
-             if tissue is None or tissue.box_fraction(tx * tile0, ty * tile0, tile0, tile0) > 0]
-    if not tiles:
+    regions = getattr(slide, "regions", None)
+    if regions:  # a patch folder's sheet: image by image, so the white between images costs nothing
+        units = image_units(regions, cell0, tc)
+        grid, what = (len(units), 1), "images"
+    else:  # a slide: the grid of tiles
+        nty, ntx = math.ceil(h / tc), math.ceil(w / tc)
+        units = [(ty * tc, ty * tc + tc, tx * tc, tx * tc + tc) for ty in range(nty) for tx in range(ntx)]
+        grid, what = (nty, ntx), "tiles"
+    keys = [np.unravel_index(i, grid) for i in range(len(units))]
+    todo_all = [(k, u) for k, u in zip(keys, units)
+                if tissue is None or tissue.box_fraction(u[2] * cell0, u[0] * cell0, (u[3] - u[2]) * cell0,
+                                                         (u[1] - u[0]) * cell0) > 0]
+    if not todo_all:
         raise HistoWSSSError(f"{getattr(slide, 'path', 'slide')}: no tissue found: no features to compute")
     channels = extractor.channels if extractor is not None else None
     meta = {"spec": asdict(spec), "downsample": float(downsample), "dims": [w0, h0], "version": FORMAT_VERSION}
+    if regions:
+        meta["units"] = what
     if store is not None:
         if channels is None:
             from napari_histo_wsss.core.models.backbones import backbone_spec
 
             channels = backbone_spec(spec.backbone)[1].channels[-1]
-        g = _open_store(Path(store), meta, (h, w), int(channels), tc, (nty, ntx))
+        g = _open_store(Path(store), meta, (h, w), int(channels), tc, grid)
         feats, done = g["features"], np.asarray(g["done"][...])
     else:
-        g, feats, done = None, None, np.zeros((nty, ntx), dtype=bool)
+        g, feats, done = None, None, np.zeros(grid, dtype=bool)
     tissue_cells = np.zeros((h, w), dtype=bool)
     if tissue is not None:
         ys, xs = np.mgrid[0:h, 0:w]
         tissue_cells = tissue.box_fractions(xs.ravel() * cell0, ys.ravel() * cell0, cell0, cell0).reshape(h, w) > 0
     else:
         tissue_cells[:] = True
-    todo = [t for t in tiles if not done[t]]
-    yield FeatureBuild("start", steps=len(tiles), step=len(tiles) - len(todo),
-                       message=f"features: {len(todo)} of {len(tiles)} tissue tiles to compute")
+    n = len(todo_all)
+    todo = [(k, u) for k, u in todo_all if not done[k]]
+    unit = what[:-1]
+    yield FeatureBuild("start", steps=n, step=n - len(todo),
+                       message=f"features: {len(todo)} of {n} tissue {what} to compute")
     if todo and extractor is None:
         extractor = FeatureExtractor(spec, device)
     if feats is None:
         feats = np.zeros((h, w, extractor.channels if extractor else int(channels or 0)), dtype=np.float16)
     t0 = time.monotonic()
     m, mc = spec.margin, spec.margin // FEATURE_STRIDE
-    for i, (ty, tx) in enumerate(todo, start=1):
+    for i, (key, (r0, r1, c0, c1)) in enumerate(todo, start=1):
         if should_stop():
-            yield FeatureBuild("cancelled", message=f"features: stopped after {i - 1} of {len(todo)} tiles")
+            yield FeatureBuild("cancelled", message=f"features: stopped after {i - 1} of {len(todo)} {what}")
             return
-        # the tile plus its margin, in working pixels, read from level 0 coordinates
-        x0w, y0w = tx * spec.tile - m, ty * spec.tile - m
-        side = spec.tile + 2 * m
-        rgb = slide.read_scaled((x0w * downsample, y0w * downsample), (side * downsample, side * downsample), (side, side))
-        f = extractor(rgb)[mc:mc + tc, mc:mc + tc]
-        r0, c0 = ty * tc, tx * tc
-        r1, c1 = min(h, r0 + tc), min(w, c0 + tc)
-        feats[r0:r1, c0:c1] = f[: r1 - r0, : c1 - c0].astype(np.float16)
-        done[ty, tx] = True
+        # the unit's cells plus the margin, in working pixels, read from level 0 coordinates
+        x0w, y0w = c0 * FEATURE_STRIDE - m, r0 * FEATURE_STRIDE - m
+        sw, sh = (c1 - c0) * FEATURE_STRIDE + 2 * m, (r1 - r0) * FEATURE_STRIDE + 2 * m
+        rgb = slide.read_scaled((x0w * downsample, y0w * downsample), (sw * downsample, sh * downsample), (sw, sh))
+        f = extractor(rgb)[mc:mc + r1 - r0, mc:mc + c1 - c0]
+        rr, cc = min(h, r1), min(w, c1)
+        feats[r0:rr, c0:cc] = f[: rr - r0, : cc - c0].astype(np.float16)
+        done[key] = True
         if g is not None:
-            g["done"][ty, tx] = True  # after the features: a killed build recomputes this tile
+            g["done"][key] = True  # after the features: a killed build recomputes this unit
         el = time.monotonic() - t0
-        yield FeatureBuild("step", step=len(tiles) - len(todo) + i, steps=len(tiles), eta_s=el / i * (len(todo) - i),
-                           message=f"features: tile {i}/{len(todo)}")
+        yield FeatureBuild("step", step=n - len(todo) + i, steps=n, eta_s=el / i * (len(todo) - i),
+                           message=f"features: {unit} {i}/{len(todo)}")
     computed = np.zeros((h, w), dtype=bool)
-    for ty, tx in tiles:
-        computed[ty * tc:(ty + 1) * tc, tx * tc:(tx + 1) * tc] = True
+    for _key, (r0, r1, c0, c1) in todo_all:
+        computed[r0:r1, c0:c1] = True
     tissue_cells &= computed
     if g is not None:
         g["tissue"][...] = tissue_cells
-    yield FeatureBuild("done", step=len(tiles), steps=len(tiles), message=f"features: {len(tiles)} tiles ready",
+    yield FeatureBuild("done", step=n, steps=n, message=f"features: {n} {what} ready",
                        result=SlideFeatures(feats, tissue_cells, cell0, (w0, h0)))
