@@ -85,6 +85,10 @@ CONFIGS: dict[str, tuple[int, int, dict]] = {
                                  freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.0)),
     "p128-synth-pix": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
                                      freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5)),
+    # issue 10: the default on the larger ImageNet EfficientNet-Lite2 backbone (same budget in steps)
+    "p128-synth-pix-lite2": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
+                                           freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5,
+                                           backbone="efficientnet-lite2")),
     # issue 10: the default with twice the step budget (100 steps per epoch)
     "p128-synth-pix-s600": (128, 64, dict(method="cam", epochs=6, steps=600, crop_size=128, freeze_bn=True,
                                           freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5)),

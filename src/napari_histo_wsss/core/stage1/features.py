@@ -241,7 +241,7 @@ def build_slide_features(
     regions = getattr(slide, "regions", None)
     if regions:  # a patch folder's sheet: image by image, so the white between images costs nothing
         units = image_units(regions, cell0, tc)
-        grid, what = (len(units), 1), "images"
+        grid, what = (len(units), 1), "images" if len(units) == len(regions) else "image pieces"
     else:  # a slide: the grid of tiles
         nty, ntx = math.ceil(h / tc), math.ceil(w / tc)
         units = [(ty * tc, ty * tc + tc, tx * tc, tx * tc + tc) for ty in range(nty) for tx in range(ntx)]
@@ -255,7 +255,7 @@ def build_slide_features(
     channels = extractor.channels if extractor is not None else None
     meta = {"spec": asdict(spec), "downsample": float(downsample), "dims": [w0, h0], "version": FORMAT_VERSION}
     if regions:
-        meta["units"] = what
+        meta["units"] = "images"
     if store is not None:
         if channels is None:
             from napari_histo_wsss.core.models.backbones import backbone_spec
