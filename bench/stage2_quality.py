@@ -33,7 +33,8 @@ import torch
 from stage1_quality import CONFIGS, Scorer, patch_set, summarise
 
 from napari_histo_wsss.core.data.datasets import load_dataset
-from napari_histo_wsss.core.stage1.train import calibrated_prob_threshold, load_run
+from napari_histo_wsss.core.stage1.cams import PseudoMaskSettings, cams_for_image, logit_maps, presence_gate
+from napari_histo_wsss.core.stage1.train import apply_area_calibration, calibrated_prob_threshold, load_run
 from napari_histo_wsss.core.stage2.infer import predict_image, segmenter_predict_fn
 from napari_histo_wsss.core.stage2.train import SegConfig, load_segmenter, train_segmenter
 
@@ -70,16 +71,28 @@ def score_segmenter(out: Path, run: Path, ps: Path, scorer: Scorer) -> dict:
     model, classes, _cfg, _meta = load_segmenter(out, "best")
     # ungated, and gated by the stage-one classifier (MLPS test-time gating, `predict --gate`) at the
     # probability threshold the stage-one run's validation chose
-    gate = load_run(run, "best")[0]
+    gate, _, cfg_s1 = load_run(run, "best")
     fns = {"none": segmenter_predict_fn(model, classes, "cpu"),
            "gate": segmenter_predict_fn(model, classes, "cpu", gate=gate,
                                         gate_threshold=calibrated_prob_threshold(run, "best") or 0.5)}
-    cms = {k: scorer.new() for k in fns}
+    # and gated by stage one's own presence rule, as `pseudo-masks` decides it (probability and area
+    # floor, with the threshold, floor and offsets the stage-one run's validation chose)
+    presence = PseudoMaskSettings(mode=cfg_s1.cam_mode, window=cfg_s1.patch_size,
+                                  prob_threshold=calibrated_prob_threshold(run, "best") or 0.5)
+    apply_area_calibration(presence, run, "best")
+    cms = {k: scorer.new() for k in (*fns, "area")}
     for s in load_dataset(ps).test:
         rgb, gt = s.image(), s.mask()
         for k, fn in fns.items():
-            cms[k].update(np.argmax(predict_image(rgb, fn), axis=0).astype(np.uint8), gt)
-    return scorer.result(cms["none"]) | {"gated": scorer.result(cms["gate"])}
+            scores = predict_image(rgb, fn)
+            cms[k].update(np.argmax(scores, axis=0).astype(np.uint8), gt)
+            if k == "none":
+                probs = cams_for_image(gate, rgb, mode=presence.mode, window=presence.window)[1]
+                allowed = presence_gate(logit_maps(gate, rgb), probs, classes, presence, rgb)
+                if allowed is not None:
+                    scores[:classes.num_classes] *= allowed[:, None, None]
+                cms["area"].update(np.argmax(scores, axis=0).astype(np.uint8), gt)
+    return scorer.result(cms["none"]) | {"gated": scorer.result(cms["gate"]), "gated_area": scorer.result(cms["area"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,15 +156,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{summarise([r['gated']['miou'] for r in rows])} | "
           + " | ".join(summarise([r['gated']['iou'].get(n) for r in rows]) for n in names)
           + f" | {summarise([r['gated']['ts_miou'] for r in rows])} | |")
-    for k, label in (("miou", "ungated"), ("gated", "gated")):
-        gain = [(r[k]["miou"] if k == "gated" else r[k]) - r["stage1_prob_raw"] for r in rows
+    if all("gated_area" in r for r in rows):
+        print(f"| stage two, gated by stage one's presence rule (prob-area) | {len(rows)} runs | "
+              f"{summarise([r['gated_area']['miou'] for r in rows])} | "
+              + " | ".join(summarise([r['gated_area']['iou'].get(n) for r in rows]) for n in names)
+              + f" | {summarise([r['gated_area']['ts_miou'] for r in rows])} | |")
+    for k, label in (("miou", "ungated"), ("gated", "gated"), ("gated_area", "gated by prob-area")):
+        if not all(k == "miou" or k in r for r in rows):
+            continue
+        gain = [(r[k]["miou"] if k != "miou" else r[k]) - r["stage1_prob_raw"] for r in rows
                 if r["stage1_prob_raw"] is not None]
         print(f"\nstage two ({label}) minus its stage-one pseudo-masks, per run: {summarise(gain)}")
-        gain = [(r[k]["miou"] if k == "gated" else r[k]) - r["stage1_prob_raw_crf"] for r in rows
+        gain = [(r[k]["miou"] if k != "miou" else r[k]) - r["stage1_prob_raw_crf"] for r in rows
                 if r.get("stage1_prob_raw_crf") is not None]
         if gain:
             print(f"stage two ({label}) minus its stage-one pseudo-masks with the dense CRF, per run: {summarise(gain)}")
-        gain = [(r[k]["miou"] if k == "gated" else r[k]) - r["stage1_prob_area_crf"] for r in rows
+        gain = [(r[k]["miou"] if k != "miou" else r[k]) - r["stage1_prob_area_crf"] for r in rows
                 if r.get("stage1_prob_area_crf") is not None]
         if gain:
             print(f"stage two ({label}) minus its stage-one default pseudo-masks (prob-area-crf), per run: "

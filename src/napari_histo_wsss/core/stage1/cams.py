@@ -47,6 +47,7 @@ __all__ = [
     "save_pseudo_mask",
     "save_cams",
     "PseudoMaskSettings",
+    "presence_gate",
     "generate_pseudo_masks",
     "logit_maps",
     "raw_argmax_mask",
@@ -564,6 +565,23 @@ class PseudoMaskSettings(Settings):
                                             help="background on white glass (None: the class table's setting)")
 
 
+def presence_gate(logits: np.ndarray, probs: np.ndarray, classes: ClassTable, s: PseudoMaskSettings,
+                  rgb: np.ndarray | None = None) -> np.ndarray | None:
+    """The classes an unlabelled image is given under ``s.gating`` (uint8 (C,)), from its raw CAM
+    logits and class probabilities: ``prob-raw`` by the probability threshold, ``prob-area`` also by
+    the area floor (shares of the ungated raw argmax plus ``s.area_offsets``); None for ``raw``
+    (every class). The one presence rule of ``pseudo-masks``, also what gates stage two in
+    ``bench/stage2_quality.py``."""
+    if s.gating not in ("prob-raw", "prob-area"):
+        return None
+    shares = None
+    if s.gating == "prob-area" and s.min_area is not None:
+        shares = class_shares(raw_argmax_mask(logits, classes, s.area_offsets, rgb=rgb,
+                                              white_background=s.white_background), classes)
+    return allowed_classes(classes, probs=probs, prob_threshold=s.prob_threshold, shares=shares,
+                           min_area=s.min_area if shares is not None else 0.0).astype(np.uint8)
+
+
 def generate_pseudo_masks(
     model: torch.nn.Module,
     classes: ClassTable,
@@ -653,14 +671,7 @@ def generate_pseudo_masks(
                 known = label_of(path)
                 if known is None and s.gating != "prob":
                     logits = logit_maps(model, rgb, device=device, scales=s.scales, flip=s.flip, tile=s.tile or 512)
-                    gate = None
-                    if s.gating in ("prob-raw", "prob-area"):
-                        shares = None
-                        if s.gating == "prob-area" and s.min_area is not None:
-                            shares = class_shares(raw_argmax_mask(logits, classes, s.area_offsets, rgb=rgb,
-                                                                  white_background=s.white_background), classes)
-                        gate = allowed_classes(classes, probs=probs, prob_threshold=s.prob_threshold, shares=shares,
-                                               min_area=s.min_area if shares is not None else 0.0).astype(np.uint8)
+                    gate = presence_gate(logits, probs, classes, s, rgb)
                     mask = raw_argmax_mask(logits, classes, s.offsets, rgb=rgb, labels=gate,
                                            white_background=s.white_background, refine=refine)
                 else:
