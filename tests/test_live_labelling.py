@@ -108,6 +108,23 @@ def test_patch_folder_features_are_computed_image_by_image(wsss4luad_dir, tmp_pa
         assert sheet.tissue[inside].mean() > 0.5
 
 
+def test_image_units_cover_each_image_and_cut_large_ones_into_tile_pieces():
+    from napari_histo_wsss.core.slides.mosaic import FolderImage
+    from napari_histo_wsss.core.stage1.features import image_units
+
+    small, large = FolderImage("a.png", 0, 0, 224, 200), FolderImage("b.png", 480, 0, 1100, 700)
+    units = image_units([small, large], 32.0, 16)
+    assert units[0] == (0, 7, 0, 7)  # 224 x 200 px: 7 x 7 cells (the last row part white)
+    pieces = units[1:]
+    assert len(pieces) == 3 * 2  # 1100 x 700 px = 35 x 22 cells, in pieces of at most 16 cells a side
+    cover = np.zeros((40, 60), int)
+    for r0, r1, c0, c1 in pieces:
+        assert r1 - r0 <= 16 and c1 - c0 <= 16
+        cover[r0:r1, c0:c1] += 1
+    assert (cover[0:22, 15:50] == 1).all() and cover.sum() == 22 * 35  # each cell once, none outside
+    assert image_units([small], 64.0, 16) == [(0, 4, 0, 4)]  # at another working resolution
+
+
 def test_features_of_another_backbone_setting_are_not_reused(cmu_svs, tmp_path, extractor):
     assert FeatureSpec(tile=256).key(4.0) != FeatureSpec(tile=512).key(4.0)
     assert FeatureSpec().key(4.0) != FeatureSpec().key(2.0)
