@@ -72,26 +72,24 @@ def score_segmenter(out: Path, run: Path, ps: Path, scorer: Scorer) -> dict:
     # ungated, and gated by the stage-one classifier (MLPS test-time gating, `predict --gate`) at the
     # probability threshold the stage-one run's validation chose
     gate, _, cfg_s1 = load_run(run, "best")
+    threshold = calibrated_prob_threshold(run, "best") or 0.5
     fns = {"none": segmenter_predict_fn(model, classes, "cpu"),
-           "gate": segmenter_predict_fn(model, classes, "cpu", gate=gate,
-                                        gate_threshold=calibrated_prob_threshold(run, "best") or 0.5)}
+           "gate": segmenter_predict_fn(model, classes, "cpu", gate=gate, gate_threshold=threshold)}
     # and gated by stage one's own presence rule, as `pseudo-masks` decides it (probability and area
     # floor, with the threshold, floor and offsets the stage-one run's validation chose)
-    presence = PseudoMaskSettings(mode=cfg_s1.cam_mode, window=cfg_s1.patch_size,
-                                  prob_threshold=calibrated_prob_threshold(run, "best") or 0.5)
+    presence = PseudoMaskSettings(mode=cfg_s1.cam_mode, window=cfg_s1.patch_size, prob_threshold=threshold)
     apply_area_calibration(presence, run, "best")
     cms = {k: scorer.new() for k in (*fns, "area")}
     for s in load_dataset(ps).test:
         rgb, gt = s.image(), s.mask()
-        for k, fn in fns.items():
-            scores = predict_image(rgb, fn)
-            cms[k].update(np.argmax(scores, axis=0).astype(np.uint8), gt)
-            if k == "none":
-                probs = cams_for_image(gate, rgb, mode=presence.mode, window=presence.window)[1]
-                allowed = presence_gate(logit_maps(gate, rgb), probs, classes, presence, rgb)
-                if allowed is not None:
-                    scores[:classes.num_classes] *= allowed[:, None, None]
-                cms["area"].update(np.argmax(scores, axis=0).astype(np.uint8), gt)
+        scores = {k: predict_image(rgb, fn) for k, fn in fns.items()}
+        probs = cams_for_image(gate, rgb, mode=presence.mode, window=presence.window)[1]
+        allowed = presence_gate(logit_maps(gate, rgb), probs, classes, presence, rgb)
+        scores["area"] = scores["none"].copy()
+        if allowed is not None:
+            scores["area"][:classes.num_classes] *= allowed[:, None, None]
+        for k, sc in scores.items():
+            cms[k].update(np.argmax(sc, axis=0).astype(np.uint8), gt)
     return scorer.result(cms["none"]) | {"gated": scorer.result(cms["gate"]), "gated_area": scorer.result(cms["area"])}
 
 

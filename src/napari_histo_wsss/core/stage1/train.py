@@ -481,9 +481,19 @@ def calibrated_min_area(run_dir: str | Path, which: str = "best") -> float | Non
     """The area floor of the ``prob-area`` gating that validation chose for the ``best`` (or
     ``last``) checkpoint of a run (``min_area`` in metrics.jsonl), or None when the run recorded
     none (no validation masks, or trained before the floor existed)."""
-    row = _checkpoint_row(run_dir, which)
+    return _row_min_area(_checkpoint_row(run_dir, which))
+
+
+def _row_min_area(row: dict | None) -> float | None:
     value = None if row is None else row.get("min_area")
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def _row_offsets(row: dict | None, gating: str) -> list[float] | None:
+    if row is None:
+        return None
+    value = (row.get("raw_offsets") or {}).get(gating) if isinstance(row.get("raw_offsets"), dict) else None
+    return [float(v) for v in value] if isinstance(value, list) else None
 
 
 @dataclass(frozen=True)
@@ -500,9 +510,8 @@ def area_calibration(run_dir: str | Path, which: str = "best") -> AreaCalibratio
     """The run's :class:`AreaCalibration` for the ``best`` (or ``last``) checkpoint, or None when the
     run recorded none (no validation masks, or trained before the floor existed). The one reader of
     it: ``pseudo-masks`` (:func:`apply_area_calibration`) and the slide canvas use it alike."""
-    floor = calibrated_min_area(run_dir, which)
-    gated = calibrated_offsets(run_dir, which, "prob-area")
-    raw = calibrated_offsets(run_dir, which, "raw")
+    row = _checkpoint_row(run_dir, which)  # metrics.jsonl read once
+    floor, gated, raw = _row_min_area(row), _row_offsets(row, "prob-area"), _row_offsets(row, "raw")
     if floor is None or gated is None or raw is None or len(gated) != len(raw):
         return None
     return AreaCalibration(floor, tuple(gated), tuple(raw))
@@ -533,11 +542,7 @@ def calibrated_offsets(run_dir: str | Path, which: str = "best", gating: str = "
     """The per-class offsets of a raw-logit ``gating`` (``"raw"``, ``"prob-raw"`` or ``"prob-area"``, see
     :func:`~.cams.raw_argmax_mask`) that validation calibrated for the ``best`` (or ``last``)
     checkpoint of a run (``raw_offsets`` in metrics.jsonl), or None when the run recorded none."""
-    row = _checkpoint_row(run_dir, which)
-    if row is None:
-        return None
-    value = (row.get("raw_offsets") or {}).get(gating) if isinstance(row.get("raw_offsets"), dict) else None
-    return [float(v) for v in value] if isinstance(value, list) else None
+    return _row_offsets(_checkpoint_row(run_dir, which), gating)
 
 
 def _evaluate_patches(model: CAMClassifier, loader: Batches, device: torch.device, amp: bool,
