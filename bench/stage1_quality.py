@@ -89,6 +89,11 @@ CONFIGS: dict[str, tuple[int, int, dict]] = {
     "p128-synth-pix-lite2": (128, 64, dict(method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True,
                                            freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5,
                                            backbone="efficientnet-lite2")),
+    # issue 10: the default with an H&E stain jitter (Tellez et al. 2018) of the training patches and
+    # the synthetic images, of strength 0.1 or 0.2
+    **{f"p128-synth-pix-hed{round(s * 100)}": (128, 64, dict(
+        method="cam", epochs=6, steps=300, crop_size=128, freeze_bn=True, freeze_stages=2, head="fused",
+        synth_share=0.25, synth_pixel_weight=0.5, stain_jitter=s)) for s in (0.1, 0.2)},
     # issue 10: the default with twice the step budget (100 steps per epoch)
     "p128-synth-pix-s600": (128, 64, dict(method="cam", epochs=6, steps=600, crop_size=128, freeze_bn=True,
                                           freeze_stages=2, head="fused", synth_share=0.25, synth_pixel_weight=0.5)),

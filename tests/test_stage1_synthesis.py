@@ -80,8 +80,8 @@ def test_training_batches_hold_the_synthetic_share(data, tmp_path, monkeypatch):
     made, seen = [], []
     real_batch = SyntheticBatches.batch
 
-    def spy_batch(self, n, seed):
-        out = real_batch(self, n, seed)
+    def spy_batch(self, n, seed, **kw):
+        out = real_batch(self, n, seed, **kw)
         made.append((n, seed, out[0]))
         return out
 
@@ -135,7 +135,7 @@ def test_fewer_than_two_single_label_classes_warns_and_trains_without_synthesis(
         (path,) = (ds / "train").glob(f"p{i:03d}*")
         path.unlink()
     calls = []
-    monkeypatch.setattr(SyntheticBatches, "batch", lambda self, n, seed: calls.append(n))
+    monkeypatch.setattr(SyntheticBatches, "batch", lambda self, n, seed, **kw: calls.append(n))
     events = run_all(ds, tmp_path / "r", synth())
     assert events[-1].kind == "done" and not calls
     notes = [e.message for e in events if e.kind == "log"]
@@ -178,3 +178,49 @@ def test_data_parallel_ranks_make_their_own_synthetic_share(tmp_path, monkeypatc
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["synth_share"] == 0.5 and cfg["synth_pixel_weight"] == 0.5
     assert (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_stain_jitter_scales_and_shifts_each_stain_of_a_real_h_and_e_image(wsss4luad_dir):
+    from PIL import Image
+
+    from napari_histo_wsss.core.data.datasets import _HED_FROM_RGB, stain_jitter
+
+    path = sorted((wsss4luad_dir / "val" / "img").glob("*.png"))[0]
+    rgb = np.asarray(Image.open(path).convert("RGB"))[:96, :96]
+    assert stain_jitter(rgb, 0.0) is rgb  # off: the patch as it was
+
+    def hed(img: np.ndarray) -> np.ndarray:
+        return -np.log((img.astype(np.float64) + 1.0) / 256.0) @ _HED_FROM_RGB
+
+    out = stain_jitter(rgb, 0.2, torch.Generator().manual_seed(5))
+    r = (torch.rand(6, generator=torch.Generator().manual_seed(5)).numpy().astype(np.float64) * 2 - 1) * 0.2
+    expected = hed(rgb) * (1 + r[:3]) + r[3:]
+    inside = ((out > 0) & (out < 255)).all(axis=-1)  # pixels that were not clipped
+    assert inside.mean() > 0.9
+    err = np.abs(hed(out) - expected)[inside]
+    assert np.median(err) < 0.01  # the output's stains are the input's, scaled and shifted (uint8 rounding)
+    assert np.abs(out.astype(int) - rgb).mean() > 3  # and that moved the colours visibly
+    again = stain_jitter(rgb, 0.2, torch.Generator().manual_seed(5))
+    other = stain_jitter(rgb, 0.2, torch.Generator().manual_seed(6))
+    assert np.array_equal(out, again) and not np.array_equal(out, other)
+
+
+def test_stain_jitter_reaches_the_synthetic_images_and_the_run(data, tmp_path):
+    spec = load_dataset(data)
+    sb = SyntheticBatches(spec.train, spec.classes, patch=48, side=32, kinds=("mosaic", "bezier"))
+    x0, y0, m0 = sb.batch(4, 7)
+    x1, y1, m1 = sb.batch(4, 7, stain=0.2)
+    assert torch.equal(y0, y1) and torch.equal(m0, m1)  # same images, same masks and labels
+    assert not torch.equal(x0, x1)  # other colours
+    assert all(torch.equal(u, v) for u, v in zip(sb.batch(4, 7, stain=0.2), (x1, y1, m1)))  # a function of seed
+
+    assert TrainConfig().stain_jitter == 0.0  # off by default (docs/benchmarks/stage1.md)
+    assert any("stain_jitter" in p for p in dataclasses.replace(TrainConfig(), stain_jitter=1.5).problems())
+    run_all(data, tmp_path / "plain", synth(steps=2, epochs=1))
+    run_all(data, tmp_path / "stain", synth(steps=2, epochs=1, stain_jitter=0.2))
+    run_all(data, tmp_path / "noaug", synth(steps=2, epochs=1, augment=False))
+    run_all(data, tmp_path / "noaug-stain", synth(steps=2, epochs=1, augment=False, stain_jitter=0.2))
+    a, b = weights_of(tmp_path / "plain"), weights_of(tmp_path / "stain")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("head"))
+    # no augmentation, no stain jitter either
+    assert_same_weights(weights_of(tmp_path / "noaug"), weights_of(tmp_path / "noaug-stain"))

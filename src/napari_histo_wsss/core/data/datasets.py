@@ -569,18 +569,42 @@ def _colour_jitter(rgb: np.ndarray, strength: float = 0.1) -> np.ndarray:
     return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
+# Ruifrok & Johnston's stain vectors (haematoxylin, eosin, DAB), rows in optical density per RGB
+# channel, as in scikit-image's ``rgb2hed``; their inverse splits an image's optical density into
+# the three stains.
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+
+
+def stain_jitter(rgb: np.ndarray, sigma: float, generator: torch.Generator | None = None) -> np.ndarray:
+    """H&E stain augmentation (Tellez et al., 2018): the image's optical density is split into
+    haematoxylin, eosin and DAB, each stain's amount is scaled by ``1 + U(-sigma, sigma)`` and
+    shifted by ``U(-sigma, sigma)``, and the image is put back together. ``sigma`` 0 returns the
+    image unchanged (up to rounding). The draws come from torch's RNG (``generator`` or the global
+    one, as the loader workers seed it)."""
+    if sigma <= 0:
+        return rgb
+    r = (torch.rand(6, generator=generator).numpy().astype(np.float64) * 2 - 1) * float(sigma)
+    od = -np.log((rgb.astype(np.float64) + 1.0) / 256.0)
+    hed = od @ _HED_FROM_RGB
+    hed = hed * (1.0 + r[:3]) + r[3:]
+    out = 256.0 * np.exp(-(hed @ _RGB_FROM_HED)) - 1.0
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
 class WeakLabelDataset(torch.utils.data.Dataset):
     """``(image (3, H, W) float normalised, labels (C,) float)`` from weak samples, read lazily.
     ``size`` resizes to ``size`` x ``size`` (needed to batch images of different sizes);
-    ``augment`` adds random flips, 90-degree rotations and mild colour jitter. ``masks``: each
+    ``augment`` adds random flips, 90-degree rotations and mild colour jitter, and with ``stain`` > 0
+    an H&E stain jitter of that strength (:func:`stain_jitter`). ``masks``: each
     item also has a class-index mask ``(H, W)`` long with the same geometry, the sample's
     corrected :attr:`WeakSample.mask` or, without one, ``background`` everywhere (nothing to learn)."""
 
     def __init__(self, samples: Sequence[WeakSample], size: int | None = None, augment: bool = False,
-                 masks: bool = False, background: int = 0):
+                 masks: bool = False, background: int = 0, stain: float = 0.0):
         self.samples = list(samples)
         self.size = size
-        self.augment = augment
+        self.augment, self.stain = augment, float(stain)
         self.masks, self.background = masks, int(background)
 
     def __len__(self) -> int:
@@ -597,7 +621,7 @@ class WeakLabelDataset(torch.utils.data.Dataset):
                 mask = np.asarray(Image.fromarray(mask).resize((img.shape[1], img.shape[0]), Image.NEAREST))
         if self.augment:
             geom = _random_geometry()
-            img = _colour_jitter(_apply_geometry(img, geom))
+            img = _colour_jitter(stain_jitter(_apply_geometry(img, geom), self.stain))
             if mask is not None:
                 mask = _apply_geometry(mask, geom)
         labels = torch.from_numpy(s.labels.astype(np.float32))

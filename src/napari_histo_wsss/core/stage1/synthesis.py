@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from napari_histo_wsss.core.data.classes import ClassTable
-from napari_histo_wsss.core.data.datasets import WeakSample, to_tensor
+from napari_histo_wsss.core.data.datasets import WeakSample, stain_jitter, to_tensor
 from napari_histo_wsss.core.errors import DatasetError
 from napari_histo_wsss.core.stage2.synthesis import group_pools, iter_synthesize, pool_keys
 
@@ -88,12 +88,16 @@ class SyntheticBatches:
         """The pools' sizes, e.g. ``tumor 12, stroma 30``."""
         return ", ".join(f"{self.classes.names[k]} {len(v)}" for k, v in sorted(self.pools.items()))
 
-    def batch(self, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    def batch(self, n: int, seed: int, stain: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
         """``n`` synthetic images (``(n, 3, side, side)``, normalised like the training patches),
         their image labels ``(n, C)`` and exact masks ``(n, side, side)`` (long, background =
-        the class table's background index); a function of ``seed`` only."""
+        the class table's background index); a function of ``seed`` only. ``stain`` > 0: each
+        image gets its own H&E stain jitter of that strength (:func:`~.data.datasets.stain_jitter`)."""
         pairs = list(iter_synthesize(self.pools, self.classes, n, self.side, self.kinds, seed=seed))
         c = self.classes.num_classes
+        if stain > 0:
+            g = torch.Generator().manual_seed(int(seed))
+            pairs = [(stain_jitter(img, stain, g), m) for img, m in pairs]
         x = torch.stack([to_tensor(img) for img, _ in pairs])
         y = torch.from_numpy(np.stack([mask_labels(m, c) for _, m in pairs]))
         masks = torch.from_numpy(np.stack([m for _, m in pairs]).astype(np.int64))

@@ -201,6 +201,10 @@ class TrainConfig(Settings):
                                      help="patch side the images are resized to (default: their own size)")
     augment: bool = setting(True, group=_DATA, label="Augment (flips, turns, colour jitter)",
                             help="flips, 90-degree turns and mild colour jitter of the training patches")
+    stain_jitter: float = setting(0.0, range=(0, 1), group=_DATA, label="Stain jitter (HED)",
+                                  help="strength of an H&E stain augmentation of the training patches and the "
+                                       "synthetic images (each stain scaled by 1 +- s and shifted by +- s in optical "
+                                       "density; 0 = off; measured in docs/benchmarks/stage1.md)")
     cam_mode: str = setting("last", choices=CAM_MODES, group=_MODEL, label="CAM mode",
                             help="CAMs for validation pseudo-masks: last (classic) or multi (multi-layer fusion)")
     feedback: str = setting("auto", choices=FEEDBACKS, group=_DATA,
@@ -759,7 +763,8 @@ class ClassifierTask(TrainingTask):
                             f"weight {cfg.correction_pixel_weight:g}"
                             + (" (not in SegMix's shuffled epochs)" if cfg.method == "segmix" else ""))
         items: torch.utils.data.Dataset = WeakLabelDataset(self.train_samples, size=patch, augment=cfg.augment,
-                                                           masks=self.with_masks, background=self.classes.num_classes)
+                                                           masks=self.with_masks, background=self.classes.num_classes,
+                                                           stain=cfg.stain_jitter if cfg.augment else 0.0)
         if side < patch:
             items = _RandomCrops(items, side)
         self.train_ds = _SeededItems(items, cfg.seed)
@@ -847,7 +852,8 @@ class ClassifierTask(TrainingTask):
             corrected = None  # the shuffled tiles no longer match the masks
         n_real, masks = x.shape[0], None
         if self.synth is not None:  # the batch's synthetic share, after the real patches
-            sx, sy, masks = self.synth.batch(self.n_synth, _item_seed(cfg.seed + rank, epoch, 3_000_000 + step))
+            sx, sy, masks = self.synth.batch(self.n_synth, _item_seed(cfg.seed + rank, epoch, 3_000_000 + step),
+                                               stain=cfg.stain_jitter if cfg.augment else 0.0)
             x, y = torch.cat([x, sx]), torch.cat([y, sy])
         x, y = x.to(ctx.device, non_blocking=ctx.pin), y.to(ctx.device, non_blocking=ctx.pin)
         if cfg.pda:
