@@ -204,7 +204,8 @@ class TrainConfig(Settings):
     stain_jitter: float = setting(0.0, range=(0, 1), group=_DATA, label="Stain jitter (HED)",
                                   help="strength of an H&E stain augmentation of the training patches and the "
                                        "synthetic images (each stain scaled by 1 +- s and shifted by +- s in optical "
-                                       "density; 0 = off; measured in docs/benchmarks/stage1.md)")
+                                       "density; 0 = off, the default: on the shared WSSS4LUAD images it made the "
+                                       "pseudo-masks worse, docs/benchmarks/stage1.md)")
     cam_mode: str = setting("last", choices=CAM_MODES, group=_MODEL, label="CAM mode",
                             help="CAMs for validation pseudo-masks: last (classic) or multi (multi-layer fusion)")
     feedback: str = setting("auto", choices=FEEDBACKS, group=_DATA,

@@ -1,0 +1,289 @@
+"""Simulated annotator for stage one (issue 13): the trained classifier's pseudo-masks on held-out
+images against the number of labelled patches, in random order and in the order the product
+suggests, with and without the disagreement term.
+
+Protocol (it cannot pick anything on the images it reports): the patch sets and scoring of
+``bench/stage1_quality.py``.
+
+* The 31 annotated WSSS4LUAD images are split BY IMAGE by ``make_patches`` (128-px patches every
+  64 px; about 16 training images, 6 validation images, 9 test images). Seed ``s`` uses image
+  split ``s % 2``: seeds 0, 1, 2 are splits 0, 1, 0. The training images' patches are the
+  labelling pool; an oracle has labelled each with the classes its ground truth shows
+  (``make_patches``' labels). Validation images choose the checkpoint, the probability threshold,
+  the area floor and the offsets; the test images choose nothing.
+* Orders over the pool (``--orders``):
+  ``random`` (a seeded shuffle); ``suggested`` (``core.stage1.suggest.suggest`` with the product's
+  live head refitted on the labels so far, batch by batch: the first batch is a random cold start);
+  ``suggested+trained`` (the same, plus the disagreement between the live head and the stage-one
+  run trained on the previous budget's labels: ``other_probs``, as ``histo-wsss suggest`` uses the
+  project's newest run). The live head works on the frozen backbone's features of each patch's
+  source image (``core.stage1.features.image_features``), as the project's feature cache does.
+* At each budget the default stage-one configuration (``p128-synth-pix`` of
+  ``bench/stage1_quality.py``) is trained on the labelled patches only, then scored on the test
+  images exactly as there; the headline is the product's default pseudo-masks (``prob-area-crf``:
+  image labels unknown). The row "all" is the same configuration on every pool patch
+  (``stage1_quality.py``'s runs when ``--work`` holds them).
+* Mean and standard deviation over the seeds.
+
+Usage (2 cores: run two halves at once, then print the table)::
+
+    python bench/stage1_labels.py --work W --part 0/2 --threads 1 &
+    python bench/stage1_labels.py --work W --part 1/2 --threads 1 &
+    wait; python bench/stage1_labels.py --work W --table
+
+``suggested+trained`` needs the previous budget's run of its own order, so each seed's chain of
+that order stays in one part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stage1_quality as q  # noqa: E402
+from stage1_experiments import source_folders  # noqa: E402
+
+from napari_histo_wsss.core.data.datasets import load_dataset, to_tensor  # noqa: E402
+from napari_histo_wsss.core.stage1.features import FeatureExtractor, FeatureSpec, image_features  # noqa: E402
+from napari_histo_wsss.core.stage1.live import LiveHead, standardiser  # noqa: E402
+from napari_histo_wsss.core.stage1.suggest import embed, suggest, typicality  # noqa: E402
+from napari_histo_wsss.core.stage1.train import TrainConfig, load_run, train_classifier  # noqa: E402
+
+CONFIG = "p128-synth-pix"
+ORDERS = ("random", "suggested", "suggested+trained")
+HEADLINE = "prob-area-crf"
+
+
+def pool(split_dir: Path) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    """The training patches (``WeakSample``), their oracle labels ``(N, K)``, the live head's
+    features ``(N, C)`` (mean backbone features over each patch's cells in its source image) and
+    the tissue cells of the pool images ``(M, C)`` (the standardiser's statistics)."""
+    spec = load_dataset(split_dir)
+    with open(split_dir / "patches.csv", newline="") as f:
+        rows = {Path(r["file"]).name: r for r in csv.DictReader(f) if r["file"].startswith("train/")}
+    img_dir, _, _ = source_folders("wsss4luad", split_dir.parent)
+    ext = FeatureExtractor(FeatureSpec())
+    feats, X, cells = {}, [], []
+    for s in spec.train:
+        r = rows[Path(s.path).name]
+        src = r["source"]
+        if src not in feats:
+            feats[src] = image_features(ext, np.asarray(Image.open(img_dir / src).convert("RGB")))
+            cells.append(np.asarray(feats[src].features, np.float32)[feats[src].tissue])
+        X.append(feats[src].patch_features(np.array([int(r["x"])]), np.array([int(r["y"])]), int(r["size"]))[0])
+    Y = np.stack([np.asarray(s.labels, np.float32) for s in spec.train])
+    return list(spec.train), Y, np.stack(X), np.concatenate(cells)
+
+
+def trained_probs(run: Path, samples: list) -> np.ndarray:
+    """The stage-one run's class probabilities of every pool patch (``(N, K)``), computed as
+    ``core.stage1.suggest.trained_patch_probs`` computes them for a project's grid."""
+    model = load_run(run, "best")[0].eval()
+    with torch.no_grad():
+        out = [torch.sigmoid(model(torch.stack([to_tensor(s.image()) for s in samples[i:i + 32]]))).numpy()
+               for i in range(0, len(samples), 32)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def order_of(work: Path, order: str, seed: int, budgets: list[int], split_dir: Path) -> dict[int, list[int]]:
+    """Budget -> indices of the labelled pool patches, for ``order`` (cached in ``work``).
+    ``suggested+trained`` trains the previous budget's run on the way (it needs it)."""
+    path = work / "orders" / f"{order}-seed{seed}.json"
+    if path.is_file():
+        got = {int(k): v for k, v in json.loads(path.read_text()).items()}
+        if all(b in got for b in budgets):
+            return got
+    samples, Y, X, cells = pool(split_dir)
+    n = len(samples)
+    budgets = [min(b, n) for b in budgets]
+    if order == "random":
+        perm = np.random.default_rng(seed).permutation(n).tolist()
+        got = {b: sorted(perm[:b]) for b in budgets}
+    else:
+        k = Y.shape[1]
+        mean, std = standardiser(cells)
+        coords = embed(X, mean, std)
+        typical = typicality(coords)
+        labelled = np.zeros(n, bool)
+        got, head = {}, None
+        for b in budgets:
+            other = None
+            if order == "suggested+trained" and got:
+                prev = max(got)
+                other = trained_probs(train_subset(work, order, seed, prev, split_dir, got[prev]), samples)
+            need = b - int(labelled.sum())
+            if need > 0:
+                picks = suggest(coords, labelled, need, probs=head.probabilities(X) if head is not None else None,
+                                trainable=head.trainable if head is not None else None, other_probs=other,
+                                seed=seed, typical=typical)
+                labelled[[p.index for p in picks]] = True
+            got[b] = np.flatnonzero(labelled).tolist()
+            head = LiveHead(k, mean, std).fit(X[labelled], Y[labelled])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({str(b): v for b, v in got.items()}))
+    return got
+
+
+def train_subset(work: Path, order: str, seed: int, budget: int, split_dir: Path, chosen: list[int]) -> Path:
+    """The default configuration trained on the ``chosen`` pool patches only (cached)."""
+    run = work / "runs" / f"{order}-b{budget}-seed{seed}"
+    if (run / "bench_train.json").is_file():
+        return run
+    import shutil
+
+    shutil.rmtree(run, ignore_errors=True)
+    spec = load_dataset(split_dir)
+    data = dataclasses.replace(spec, train=[spec.train[i] for i in chosen])
+    cfg = TrainConfig(**q.CONFIGS[CONFIG][2], seed=seed, device="cpu")
+    t0 = time.perf_counter()
+    for ev in train_classifier(data, run, cfg):
+        if ev.kind == "epoch":
+            print(f"  {order} {budget} seed {seed} epoch {ev.epoch}/{ev.epochs} val mIoU {ev.metrics.get('val_miou')} "
+                  f"{time.perf_counter() - t0:.0f}s", flush=True)
+    (run / "bench_train.json").write_text(json.dumps({"train_s": time.perf_counter() - t0, "labelled": len(chosen)}))
+    return run
+
+
+def jobs(orders: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """(order, seed) chains, each trained budget by budget in one process."""
+    return [(o, s) for o in orders for s in seeds]
+
+
+def ms(v: list) -> str:
+    v = [x for x in v if x is not None]
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "-"
+
+
+def table(work: Path, orders: list[str], seeds: list[int], budgets: list[int]) -> str:
+    res = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
+    names = None
+    lines = []
+    rows = {}
+    for o in orders:
+        for b in budgets:
+            rr = [res.get(f"{o}-b{b}-seed{s}") for s in seeds]
+            if any(r is None for r in rr):
+                continue
+            rows[(o, b)] = rr
+            names = names or [k for k in rr[0][HEADLINE]["prob"]["iou"]]
+    if not rows:
+        return "(no finished runs)"
+    lines.append("| order | labelled patches | prob-gated mIoU (default) | label-gated | " + " | ".join(
+        f"{n} IoU" for n in names) + " | tumour/stroma mIoU |")
+    lines.append("|---|---|---|---|" + "---|" * len(names) + "---|")
+    for (o, b), rr in rows.items():
+        lines.append(f"| {o} | {b} | {ms([r[HEADLINE]['prob']['miou'] for r in rr])} | "
+                     f"{ms([r[HEADLINE]['label']['miou'] for r in rr])} | "
+                     + " | ".join(ms([r[HEADLINE]['prob']['iou'].get(n) for r in rr]) for n in names)
+                     + f" | {ms([r[HEADLINE]['prob']['ts_miou'] for r in rr])} |")
+    allr = [res.get(f"all-seed{s}") for s in seeds]
+    if all(r is not None for r in allr):
+        lines.append(f"| every pool patch | {ms([r['n'] for r in allr]).split(' ')[0]} | "
+                     f"{ms([r[HEADLINE]['prob']['miou'] for r in allr])} | {ms([r[HEADLINE]['label']['miou'] for r in allr])} | "
+                     + " | ".join(ms([r[HEADLINE]['prob']['iou'].get(n) for r in allr]) for n in names)
+                     + f" | {ms([r[HEADLINE]['prob']['ts_miou'] for r in allr])} |")
+    base = res.get("baselines", {})
+    for label in ("one class", "image-label rule", "majority oracle"):
+        vals = [base.get(f"split{s % 2}", {}).get(label) for s in seeds]
+        if all(v is not None for v in vals):
+            lines.append(f"| baseline: {label} | - | {ms([v['miou'] for v in vals])} | - | "
+                         + " | ".join(ms([v['iou'].get(n) for v in vals]) for n in names) + " | - |")
+    # paired differences against random order, run for run (same seed, same budget)
+    lines.append("")
+    for o in orders:
+        if o == "random":
+            continue
+        diffs = [(b, [a[HEADLINE]["prob"]["miou"] - r[HEADLINE]["prob"]["miou"]
+                      for a, r in zip(rows[(o, b)], rows[("random", b)])])
+                 for b in budgets if (o, b) in rows and ("random", b) in rows]
+        if diffs:
+            lines.append(f"{o} minus random, run for run: " + "; ".join(
+                f"{b}: {np.mean(d):+.3f} ± {np.std(d):.3f}" for b, d in diffs) + ".")
+    if ("random", budgets[-1]) in rows:
+        final = np.mean([r[HEADLINE]["prob"]["miou"] for r in rows[("random", budgets[-1])]])
+        for o in orders:
+            if o == "random":
+                continue
+            reach = next((b for b in budgets if (o, b) in rows
+                          and np.mean([r[HEADLINE]["prob"]["miou"] for r in rows[(o, b)]]) >= final - 1e-9), None)
+            lines.append(f"Random order's mIoU at {budgets[-1]} labels ({final:.3f}) is reached by {o} order "
+                         f"at {reach if reach is not None else 'no budget up to ' + str(budgets[-1])} labels.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True)
+    p.add_argument("--budgets", type=int, nargs="+", default=[20, 40, 80, 160])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--orders", default=",".join(ORDERS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--part", default="0/1", help="i/n: run the i-th of n shares of the (order, seed) chains")
+    p.add_argument("--table", action="store_true", help="print the table of the finished runs only")
+    p.add_argument("--all-from", default="", help="a stage1_quality.py --work holding p128-synth-pix runs of "
+                                                   "every pool patch (the 'all' row)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    orders = args.orders.split(",")
+    budgets = sorted(args.budgets)
+    if args.table:
+        print(table(work, orders, args.seeds, budgets))
+        return 0
+    i, n = (int(v) for v in args.part.split("/"))
+    patch, stride, _ = q.CONFIGS[CONFIG]
+    classes = scorer = None
+    res_path = work / f"results-part{i}.json"
+    res = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    for j, (order, seed) in enumerate(jobs(orders, args.seeds)):
+        if j % n != i:
+            continue
+        split_dir = q.patch_set(work, patch, stride, seed % 2)
+        if scorer is None:
+            classes = load_dataset(split_dir).classes
+            scorer = q.Scorer(classes)
+        res.setdefault("baselines", {})[f"split{seed % 2}"] = q.baselines(split_dir, scorer)
+        chosen = order_of(work, order, seed, budgets, split_dir)
+        for b in budgets:
+            key = f"{order}-b{b}-seed{seed}"
+            if key in res:
+                continue
+            run = train_subset(work, order, seed, b, split_dir, chosen[b])
+            r = q.score_run(run, split_dir, scorer, 200)
+            res[key] = {g: r[g] for g in (HEADLINE, "prob-area") if g in r}
+            res_path.write_text(json.dumps(res, indent=1))
+            print(f"{key}: {HEADLINE} {r[HEADLINE]['prob']['miou']:.3f}", flush=True)
+    if args.all_from and i == 0:
+        src = Path(args.all_from)
+        allres = json.loads((src / "results.json").read_text())["runs"].get(CONFIG, {})
+        for seed in args.seeds:
+            r = allres.get(f"split{seed % 2}-seed{seed}")
+            if r is not None and HEADLINE in r:
+                n_pool = len(load_dataset(q.patch_set(work, patch, stride, seed % 2)).train)
+                res[f"all-seed{seed}"] = {HEADLINE: r[HEADLINE], "n": n_pool}
+        res_path.write_text(json.dumps(res, indent=1))
+    merged = {}
+    for part in sorted(work.glob("results-part*.json")):
+        for k, v in json.loads(part.read_text()).items():
+            if k == "baselines":
+                merged.setdefault(k, {}).update(v)
+            else:
+                merged[k] = v
+    (work / "results.json").write_text(json.dumps(merged, indent=1))
+    print(table(work, orders, args.seeds, budgets))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
