@@ -166,59 +166,89 @@ def ms(v: list) -> str:
 
 def table(work: Path, orders: list[str], seeds: list[int], budgets: list[int]) -> str:
     res = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
-    names = None
-    lines = []
-    rows = {}
+    rows: dict[tuple[str, int], dict[int, dict]] = {}
     for o in orders:
         for b in budgets:
-            rr = [res.get(f"{o}-b{b}-seed{s}") for s in seeds]
-            if any(r is None for r in rr):
-                continue
-            rows[(o, b)] = rr
-            names = names or [k for k in rr[0][HEADLINE]["prob"]["iou"]]
+            got = {s: res[f"{o}-b{b}-seed{s}"] for s in seeds if f"{o}-b{b}-seed{s}" in res}
+            if got:
+                rows[(o, b)] = got
     if not rows:
         return "(no finished runs)"
-    lines.append("| order | labelled patches | prob-gated mIoU (default) | label-gated | " + " | ".join(
-        f"{n} IoU" for n in names) + " | tumour/stroma mIoU |")
-    lines.append("|---|---|---|---|" + "---|" * len(names) + "---|")
-    for (o, b), rr in rows.items():
-        lines.append(f"| {o} | {b} | {ms([r[HEADLINE]['prob']['miou'] for r in rr])} | "
-                     f"{ms([r[HEADLINE]['label']['miou'] for r in rr])} | "
-                     + " | ".join(ms([r[HEADLINE]['prob']['iou'].get(n) for r in rr]) for n in names)
-                     + f" | {ms([r[HEADLINE]['prob']['ts_miou'] for r in rr])} |")
-    allr = [res.get(f"all-seed{s}") for s in seeds]
-    if all(r is not None for r in allr):
-        lines.append(f"| every pool patch | {ms([r['n'] for r in allr]).split(' ')[0]} | "
-                     f"{ms([r[HEADLINE]['prob']['miou'] for r in allr])} | {ms([r[HEADLINE]['label']['miou'] for r in allr])} | "
-                     + " | ".join(ms([r[HEADLINE]['prob']['iou'].get(n) for r in allr]) for n in names)
-                     + f" | {ms([r[HEADLINE]['prob']['ts_miou'] for r in allr])} |")
+    names = list(next(iter(next(iter(rows.values())).values()))[HEADLINE]["prob"]["iou"])
+
+    def line(label: str, n: str, rr: list[dict], extra: str) -> str:
+        return (f"| {label} | {n} | {len(rr)} | {ms([r[HEADLINE]['prob']['miou'] for r in rr])} | "
+                f"{ms([r[HEADLINE]['label']['miou'] for r in rr])} | "
+                + " | ".join(ms([r[HEADLINE]['prob']['iou'].get(k) for r in rr]) for k in names)
+                + f" | {ms([r[HEADLINE]['prob']['ts_miou'] for r in rr])} |{extra}")
+
+    lines = ["| order | labelled patches | runs | prob-gated mIoU (default) | label-gated | "
+             + " | ".join(f"{k} IoU" for k in names) + " | tumour/stroma mIoU |",
+             "|---|---|---|---|---|" + "---|" * len(names) + "---|"]
+    for (o, b), got in rows.items():
+        lines.append(line(o, str(b), list(got.values()), ""))
+    allr = [res[f"all-seed{s}"] for s in seeds if f"all-seed{s}" in res]
+    if allr:
+        lines.append(line("every pool patch", str(allr[0]["n"]), allr, ""))
     base = res.get("baselines", {})
     for label in ("one class", "image-label rule", "majority oracle"):
-        vals = [base.get(f"split{s % 2}", {}).get(label) for s in seeds]
-        if all(v is not None for v in vals):
-            lines.append(f"| baseline: {label} | - | {ms([v['miou'] for v in vals])} | - | "
-                         + " | ".join(ms([v['iou'].get(n) for v in vals]) for n in names) + " | - |")
-    # paired differences against random order, run for run (same seed, same budget)
+        vals = [base[f"split{s % 2}"][label] for s in seeds if label in base.get(f"split{s % 2}", {})]
+        if vals:
+            lines.append(f"| baseline: {label} | - | {len(vals)} | {ms([v['miou'] for v in vals])} | - | "
+                         + " | ".join(ms([v['iou'].get(k) for v in vals]) for k in names) + " | - |")
+    # paired differences against random order, run for run (same seed: same split, same first batch size)
     lines.append("")
+
+    def mean_of(o: str, b: int, only: set | None = None) -> float:
+        return float(np.mean([r[HEADLINE]["prob"]["miou"] for s, r in rows[(o, b)].items() if only is None or s in only]))
+
     for o in orders:
         if o == "random":
             continue
-        diffs = [(b, [a[HEADLINE]["prob"]["miou"] - r[HEADLINE]["prob"]["miou"]
-                      for a, r in zip(rows[(o, b)], rows[("random", b)])])
-                 for b in budgets if (o, b) in rows and ("random", b) in rows]
-        if diffs:
-            lines.append(f"{o} minus random, run for run: " + "; ".join(
-                f"{b}: {np.mean(d):+.3f} ± {np.std(d):.3f}" for b, d in diffs) + ".")
-    if ("random", budgets[-1]) in rows:
-        final = np.mean([r[HEADLINE]["prob"]["miou"] for r in rows[("random", budgets[-1])]])
+        parts = []
+        for b in budgets:
+            if (o, b) in rows and ("random", b) in rows:
+                common = sorted(set(rows[(o, b)]) & set(rows[("random", b)]))
+                d = [rows[(o, b)][s][HEADLINE]["prob"]["miou"] - rows[("random", b)][s][HEADLINE]["prob"]["miou"]
+                     for s in common]
+                parts.append(f"{b}: {np.mean(d):+.3f} ± {np.std(d):.3f} ({sum(x > 0 for x in d)} of {len(d)} better)")
+        if parts:
+            lines.append(f"{o} minus random, run for run: " + "; ".join(parts) + ".")
+    last = budgets[-1]
+    if ("random", last) in rows:
         for o in orders:
-            if o == "random":
+            if o == "random" or not any((o, b) in rows for b in budgets):
                 continue
-            reach = next((b for b in budgets if (o, b) in rows
-                          and np.mean([r[HEADLINE]["prob"]["miou"] for r in rows[(o, b)]]) >= final - 1e-9), None)
-            lines.append(f"Random order's mIoU at {budgets[-1]} labels ({final:.3f}) is reached by {o} order "
-                         f"at {reach if reach is not None else 'no budget up to ' + str(budgets[-1])} labels.")
+            common = set(rows[("random", last)])
+            for b in budgets:
+                common &= set(rows.get((o, b), {}))
+            if not common:
+                continue
+            final = mean_of("random", last, common)
+            reach = next((b for b in budgets if mean_of(o, b, common) >= final - 1e-9), None)
+            lines.append(f"On the {len(common)} seeds with every budget, random order's mIoU at {last} labels "
+                         f"({final:.3f}) is reached by {o} order at "
+                         f"{reach if reach is not None else 'no budget up to ' + str(last)} labels.")
     return "\n".join(lines)
+
+
+def plot(work: Path, orders: list[str], seeds: list[int], budgets: list[int], path: Path) -> None:
+    """The headline mIoU against labelled patches, one line per order (mean of the seeds), with
+    the baselines and the every-patch runs as dashed lines."""
+    from bench_live_labelling import plot as draw
+
+    res = json.loads((work / "results.json").read_text())
+    rows = [{"order": o, "budget": b, "miou": res[f"{o}-b{b}-seed{s}"][HEADLINE]["prob"]["miou"]}
+            for o in orders for b in budgets for s in seeds if f"{o}-b{b}-seed{s}" in res]
+    lines = {}
+    allr = [res[f"all-seed{s}"] for s in seeds if f"all-seed{s}" in res]
+    if allr:
+        lines[f"every pool patch ({allr[0]['n']})"] = float(np.mean([r[HEADLINE]["prob"]["miou"] for r in allr]))
+    for label in ("one class", "majority oracle"):
+        vals = [v for v in (res.get("baselines", {}).get(f"split{s % 2}", {}).get(label) for s in seeds) if v]
+        if vals:
+            lines[label] = float(np.mean([v["miou"] for v in vals]))
+    draw(rows, lines, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,10 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True)
     p.add_argument("--budgets", type=int, nargs="+", default=[20, 40, 80, 160])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--score-budgets", type=int, nargs="+", default=None,
+                   help="train and score only these of --budgets (the suggested orders still follow every budget)")
     p.add_argument("--orders", default=",".join(ORDERS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--part", default="0/1", help="i/n: run the i-th of n shares of the (order, seed) chains")
     p.add_argument("--table", action="store_true", help="print the table of the finished runs only")
+    p.add_argument("--plot", default="", help="with --table: also draw mIoU against labelled patches to this PNG")
     p.add_argument("--all-from", default="", help="a stage1_quality.py --work holding p128-synth-pix runs of "
                                                    "every pool patch (the 'all' row)")
     args = p.parse_args(argv)
@@ -240,11 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     budgets = sorted(args.budgets)
     if args.table:
         print(table(work, orders, args.seeds, budgets))
+        if args.plot:
+            plot(work, orders, args.seeds, budgets, Path(args.plot))
         return 0
     i, n = (int(v) for v in args.part.split("/"))
     patch, stride, _ = q.CONFIGS[CONFIG]
     classes = scorer = None
-    res_path = work / f"results-part{i}.json"
+    tag = ("" if args.seeds == [0, 1, 2] and args.score_budgets is None
+           else "-seeds" + "-".join(map(str, args.seeds)) + "-" + "-".join(orders).replace("+", "-"))
+    res_path = work / f"results-part{i}{tag}.json"
     res = json.loads(res_path.read_text()) if res_path.is_file() else {}
     for j, (order, seed) in enumerate(jobs(orders, args.seeds)):
         if j % n != i:
@@ -255,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             scorer = q.Scorer(classes)
         res.setdefault("baselines", {})[f"split{seed % 2}"] = q.baselines(split_dir, scorer)
         chosen = order_of(work, order, seed, budgets, split_dir)
-        for b in budgets:
+        for b in budgets if args.score_budgets is None else sorted(args.score_budgets):
             key = f"{order}-b{b}-seed{seed}"
             if key in res:
                 continue
