@@ -289,7 +289,11 @@ def test_suggest_compares_the_live_head_with_the_projects_trained_run(cmu_svs, t
 
     project, sid = labelled_project_with_classifier(tmp_path / "p.wsss", cmu_svs)
     grid = project.grid(sid)
-    assert main(["suggest", str(project.root), "--n", "6", "--device", "cpu"]) == 0
+    # no comparison by default (it did not help in the simulated annotator)
+    assert main(["suggest", str(project.root), "--n", "3", "--device", "cpu"]) == 0
+    rows = list(csv.DictReader((project.root / "suggestions.csv").read_text().splitlines()))
+    assert not any(r["trained"] for r in rows) and all(float(r["disagreement"]) == 0 for r in rows)
+    assert main(["suggest", str(project.root), "--n", "6", "--run", "newest", "--device", "cpu"]) == 0
     rows = list(csv.DictReader((project.root / "suggestions.csv").read_text().splitlines()))
     assert len(rows) == 6 and all(r["trained"] for r in rows)  # the run's view of every suggested patch
     dis = np.array([float(r["disagreement"]) for r in rows])

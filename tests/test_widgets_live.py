@@ -73,8 +73,9 @@ def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewe
     # labels were saved to the project as usual
     assert len(project.patch_labels()) >= 20
 
-    # once the project holds a trained stage-one run, Suggest first computes that classifier's view of
-    # every patch in the background and then ranks with the disagreement; the headless twin agrees
+    # once the project holds a trained stage-one run and the comparison is ticked, Suggest first computes
+    # that classifier's view of every patch in the background and then ranks with the disagreement; the
+    # headless twin (--run newest) agrees
     from napari_histo_wsss.core.review import list_runs
     from napari_histo_wsss.core.stage1.train import TrainConfig, train_classifier
 
@@ -84,12 +85,17 @@ def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewe
         pass
     qtbot.waitUntil(lambda: live.head is not None and live.head.n_labels == len(project.patch_labels()), timeout=WAIT_MS)
     live.n_spin.setValue(5)
+    assert not live.compare_box.isChecked()  # off by default: no run is read
+    live.suggest_btn.click()
+    qtbot.waitUntil(lambda: live.list.count() == 5, timeout=WAIT_MS)
+    assert live._trained is None and not any("trained:" in live.list.item(i).text() for i in range(5))
+    live.compare_box.setChecked(True)
     live.suggest_btn.click()
     qtbot.waitUntil(lambda: live._trained is not None and live.list.count() == 5, timeout=WAIT_MS)
     assert live._trained[2].shape == (len(ov.grid.x), project.classes.num_classes)
     assert all("trained:" in live.list.item(i).text() for i in range(live.list.count()))
     shown = list(live.queue)
-    assert main(["suggest", str(project.root), "--n", "5", "--slide", sid, "--device", "cpu"]) == 0
+    assert main(["suggest", str(project.root), "--n", "5", "--slide", sid, "--run", "newest", "--device", "cpu"]) == 0
     rows = list(csv.DictReader((project.root / "suggestions.csv").read_text().splitlines()))
     assert [(int(r["x"]), int(r["y"])) for r in rows] == [(int(ov.grid.x[i]), int(ov.grid.y[i])) for i in shown]
     assert all(r["trained"] for r in rows)

@@ -3,8 +3,8 @@
 The same core job as the panel (:func:`~napari_histo_wsss.core.stage1.suggest.project_suggestions`):
 on the way it computes whatever the project lacks (tissue mask, patch grid, each slide's feature
 cache, kept in the project and resumed after Ctrl-C), fits the live head on the project's patch
-labels, compares it with the project's newest stage-one run where there is one (``--run``; patches
-where the two disagree rank higher) and prints a ranked batch, saved as ``PROJECT/suggestions.csv``. With no labels yet the
+labels, compares it with a stage-one run when asked (``--run``; patches where the two disagree
+rank higher; off by default: it did not help in the simulated annotator) and prints a ranked batch, saved as ``PROJECT/suggestions.csv``. With no labels yet the
 batch covers the slides' tissue types (cold start).
 """
 
@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Rank the unlabelled patches of PROJECT for labelling: the live head (a linear classifier on "
             "cached frozen-backbone features) is fitted on the project's patch labels; a quarter of a batch is "
             "the typical patches it is least sure about, spread over the slides' feature space, and the rest a "
-            "random sample of the other unlabelled patches (all of it before any label). When the project holds a "
-            "trained stage-one run, patches where that classifier and the live head disagree rank as doubtful too. "
+            "random sample of the other unlabelled patches (all of it before any label). With --run, patches where "
+            "a trained stage-one classifier and the live head disagree rank as doubtful too. "
             "Missing tissue masks, patch grids, feature caches and the run's patch predictions are computed first "
             "(kept in the project). The list is printed and saved as PROJECT/suggestions.csv."
         ),
@@ -39,8 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="slide id (repeatable; default: every slide of the project)")
     p.add_argument("--run", default=None, metavar="RUN",
                    help="stage-one run to compare with the live head (patches where they disagree rank higher): a run "
-                        "folder or its name under PROJECT/runs; default the project's newest classifier run, "
-                        "'none' for no comparison")
+                        "folder, its name under PROJECT/runs or 'newest' (the project's newest classifier run); "
+                        "default none (the comparison did not help in the simulated annotator, "
+                        "docs/benchmarks/live_labelling.md)")
     p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint of that run (default best)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.set_defaults(func=run_suggest)
@@ -66,7 +67,8 @@ def run_suggest(args: argparse.Namespace) -> int:
             tqdm.write(ev.message)
 
     with StopOnSigint() as stop:
-        run = False if args.run is not None and args.run.lower() == "none" else args.run
+        name = (args.run or "none").lower()
+        run = False if name == "none" else None if name == "newest" else args.run
         last = drive(project_suggestions(project, n=args.n, slide_ids=args.slide, device=device, should_stop=stop,
                                          run=run, which=args.which), "suggest", show)
     if last is None or last.kind != "done":

@@ -102,11 +102,16 @@ class LiveLabelling(QObject):
         self.n_spin.setToolTip("patches per batch")
         row.addWidget(self.suggest_btn)
         row.addWidget(self.n_spin)
+        self.compare_box = QCheckBox("Rank where the trained run disagrees")
+        self.compare_box.setToolTip("Also rank patches where the project's newest stage-one run and the live head "
+                                    "disagree (off by default: it did not help in the simulated annotator, "
+                                    "docs/benchmarks/live_labelling.md)")
         self.list = QListWidget()
         self.list.setMaximumHeight(120)
         self.list.itemDoubleClicked.connect(lambda item: self.goto(int(item.data(256))))
         form.addRow(self.enable_box)
         form.addRow(row)
+        form.addRow(self.compare_box)
         form.addRow(self.list)
         form.addRow(QLabel("Keys on the grid: N next suggestion, 1-9 classes, Enter confirm and go on"))
         form.addRow(self.status)
@@ -313,7 +318,7 @@ class LiveLabelling(QObject):
         (``then`` runs when it is done), False when nothing needs computing."""
         from napari_histo_wsss.core.stage1.suggest import trained_patch_probs
 
-        if not self.ready:
+        if not self.ready or not self.compare_box.isChecked():
             return False
         run, stamp, _ = self._run_stamp()
         if run is None or (self._trained is not None and self._trained[:2] == (run, stamp)):
@@ -364,7 +369,8 @@ class LiveLabelling(QObject):
             raise GuiError("tick 'Live CAMs' and wait for the slide's features first")
         labelled = np.asarray(ov.labels).any(axis=1)
         head = self.head
-        other = self._trained[2] if self._trained is not None and len(self._trained[2]) == len(labelled) else None
+        other = (self._trained[2] if self.compare_box.isChecked() and self._trained is not None
+                 and len(self._trained[2]) == len(labelled) else None)
         picks = suggest(self._coords, labelled, int(self.n_spin.value()),
                         probs=self.probs if head is not None else None,
                         trainable=head.trainable if head is not None else None, typical=self._typical,

@@ -345,14 +345,16 @@ def project_run(project: Any, run: Any = None) -> tuple[Path | None, str | None]
 def project_suggestions(project: Any, n: int = 20, slide_ids: list[str] | None = None,
                         spec: FeatureSpec | None = None, device: Any = "cpu",
                         should_stop: Callable[[], bool] = lambda: False, save: bool = True,
-                        run: Any = None, which: str = "best") -> Iterator[SuggestEvent]:
+                        run: Any = False, which: str = "best") -> Iterator[SuggestEvent]:
     """Rank a project's unlabelled patches for labelling (see the module docstring).
 
     Whatever is missing is computed on the way: each slide's tissue mask and patch grid (the
     project's settings), its feature cache (kept in the project, resumed if interrupted) and,
-    when the project has a stage-one run (``run``, default its newest; ``False`` for none), that
-    classifier's probabilities for every patch (:func:`trained_patch_probs`, cached), so that
-    patches where it and the live head disagree rank higher. The live head is fitted on the
+    when asked to compare with a stage-one run (``run``: a run folder or name, or None for the
+    project's newest; the default ``False`` compares with none, because the disagreement term did
+    not help in the simulated annotator, docs/benchmarks/live_labelling.md), that classifier's
+    probabilities for every patch (:func:`trained_patch_probs`, cached), so that patches where it
+    and the live head disagree rank higher. The live head is fitted on the
     project's patch labels; with none yet, the batch is a random sample of the tissue patches.
     ``save`` writes the list to ``<project>/suggestions.csv``."""
     spec = spec or FeatureSpec()
