@@ -73,6 +73,34 @@ def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewe
     # labels were saved to the project as usual
     assert len(project.patch_labels()) >= 20
 
+    # a burst of labels faster than the head refits: the refits queued behind a running one are
+    # skipped (only the newest labels are fitted), so the layer catches up instead of lagging
+    import threading
+    import time as _time
+
+    from napari_histo_wsss.core.stage1.live import LiveHead
+
+    fits, real_fit = [], LiveHead.fit
+
+    def slow_fit(self, x, y):
+        fits.append(len(x))
+        _time.sleep(0.3)
+        return real_fit(self, x, y)
+
+    LiveHead.fit = slow_fit
+    try:
+        free = [i for i in np.flatnonzero(~np.asarray(ov.labels).any(axis=1))][:6]
+        n0 = int(np.asarray(ov.labels).any(axis=1).sum())
+        for i in free:
+            ov.select([i])
+            ov.toggle_class(1)
+        qtbot.waitUntil(lambda: live.head is not None and live.head.n_labels == n0 + len(free), timeout=WAIT_MS)
+        qtbot.waitUntil(lambda: not any(t.name == "histo-wsss-live-head" for t in threading.enumerate()),
+                        timeout=WAIT_MS)
+    finally:
+        LiveHead.fit = real_fit
+    assert fits[-1] == n0 + len(free) and len(fits) < len(free), fits
+
     # once the project holds a trained stage-one run and the comparison is ticked, Suggest first computes
     # that classifier's view of every patch in the background and then ranks with the disagreement; the
     # headless twin (--run newest) agrees

@@ -234,6 +234,8 @@ class LiveLabelling(QObject):
                 self.refitted.emit((gen, None))
                 return
             with self._lock:
+                if gen != self._generation:  # a newer edit is queued behind this one: it refits instead
+                    return
                 head = LiveHead(k, mean, std)
                 if previous is not None:
                     head.weight, head.bias = previous.weight, previous.bias  # warm start
