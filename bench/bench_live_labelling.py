@@ -138,14 +138,17 @@ def score(preds_gts) -> dict:
     return {"miou": s["miou"], **{n: per.get(n) for n in NAMES}}
 
 
-def curve(order: str, budgets, X, Y, coords, mean, std, test, seed, l2, explore: float = EXPLORE) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    typical = typicality(coords) if order != "random" else None
+def labelled_sets(order: str, budgets, X, Y, coords, mean, std, seed, l2: float = LiveHead.l2,
+                  explore: float = EXPLORE, other=None):
+    """For each budget, ``(budget, labelled mask, live head fitted on it)``, in ``order``: ``random``
+    (a seeded shuffle) or suggested (``core.stage1.suggest``, batch by batch from the head fitted so
+    far). ``other(previous budget, its labelled mask)``: a trained classifier's probabilities of every
+    patch, for the disagreement term (None: no term). The mask is the generator's own: copy it to keep it."""
     n = len(X)
     labelled = np.zeros(n, bool)
-    seq = list(rng.permutation(n)) if order == "random" else []
-    rows = []
-    head = None
+    seq = list(np.random.default_rng(seed).permutation(n)) if order == "random" else []
+    typical = typicality(coords) if order != "random" else None
+    head, previous = None, None
     for b in budgets:
         b = min(b, n)
         if order == "random":
@@ -157,9 +160,17 @@ def curve(order: str, budgets, X, Y, coords, mean, std, test, seed, l2, explore:
                 probs = head.probabilities(X) if head is not None else None
                 picks = suggest(coords, labelled, need, probs=probs,
                                 trainable=head.trainable if head is not None else None,
+                                other_probs=other(*previous) if other is not None and previous is not None else None,
                                 explore=explore, seed=seed, typical=typical)
                 labelled[[p.index for p in picks]] = True
-        head = LiveHead(len(NAMES), mean, std, l2=l2).fit(X[labelled], Y[labelled])
+        head = LiveHead(Y.shape[1], mean, std, l2=l2).fit(X[labelled], Y[labelled])
+        yield b, labelled, head
+        previous = (b, labelled.copy())
+
+
+def curve(order: str, budgets, X, Y, coords, mean, std, test, seed, l2, explore: float = EXPLORE) -> list[dict]:
+    rows = []
+    for b, _, head in labelled_sets(order, budgets, X, Y, coords, mean, std, seed, l2=l2, explore=explore):
         preds = [(pseudo(head, f, rgb), gt) for (rgb, gt, f) in test]
         rows.append({"order": order, "budget": b, "seed": seed, **score(preds)})
     return rows

@@ -42,7 +42,6 @@ import csv
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +50,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stage1_quality as q  # noqa: E402
+from bench_live_labelling import labelled_sets  # noqa: E402
 from stage1_experiments import source_folders  # noqa: E402
 
-from napari_histo_wsss.core.data.datasets import load_dataset, to_tensor  # noqa: E402
+from napari_histo_wsss.core.data.datasets import DatasetSpec, load_dataset, to_tensor  # noqa: E402
 from napari_histo_wsss.core.stage1.features import FeatureExtractor, FeatureSpec, image_features  # noqa: E402
-from napari_histo_wsss.core.stage1.live import LiveHead, standardiser  # noqa: E402
-from napari_histo_wsss.core.stage1.suggest import embed, suggest, typicality  # noqa: E402
-from napari_histo_wsss.core.stage1.train import TrainConfig, load_run, train_classifier  # noqa: E402
+from napari_histo_wsss.core.stage1.live import standardiser  # noqa: E402
+from napari_histo_wsss.core.stage1.suggest import embed  # noqa: E402
+from napari_histo_wsss.core.stage1.train import TrainConfig, load_run  # noqa: E402
 
 CONFIG = "p128-synth-pix"
 ORDERS = ("random", "suggested", "suggested+trained")
@@ -104,31 +104,15 @@ def order_of(work: Path, order: str, seed: int, budgets: list[int], split_dir: P
         if all(b in got for b in budgets):
             return got
     samples, Y, X, cells = pool(split_dir)
-    n = len(samples)
-    budgets = [min(b, n) for b in budgets]
-    if order == "random":
-        perm = np.random.default_rng(seed).permutation(n).tolist()
-        got = {b: sorted(perm[:b]) for b in budgets}
-    else:
-        k = Y.shape[1]
-        mean, std = standardiser(cells)
-        coords = embed(X, mean, std)
-        typical = typicality(coords)
-        labelled = np.zeros(n, bool)
-        got, head = {}, None
-        for b in budgets:
-            other = None
-            if order == "suggested+trained" and got:
-                prev = max(got)
-                other = trained_probs(train_subset(work, order, seed, prev, split_dir, got[prev]), samples)
-            need = b - int(labelled.sum())
-            if need > 0:
-                picks = suggest(coords, labelled, need, probs=head.probabilities(X) if head is not None else None,
-                                trainable=head.trainable if head is not None else None, other_probs=other,
-                                seed=seed, typical=typical)
-                labelled[[p.index for p in picks]] = True
-            got[b] = np.flatnonzero(labelled).tolist()
-            head = LiveHead(k, mean, std).fit(X[labelled], Y[labelled])
+    mean, std = standardiser(cells)
+    other = None
+    if order == "suggested+trained":
+        def other(prev: int, labelled: np.ndarray) -> np.ndarray:
+            run = train_subset(work, order, seed, prev, split_dir, np.flatnonzero(labelled).tolist())
+            return trained_probs(run, samples)
+    sets = labelled_sets("random" if order == "random" else "suggested", budgets, X, Y, embed(X, mean, std),
+                         mean, std, seed, other=other)
+    got = {b: np.flatnonzero(labelled).tolist() for b, labelled, _ in sets}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({str(b): v for b, v in got.items()}))
     return got
@@ -136,21 +120,13 @@ def order_of(work: Path, order: str, seed: int, budgets: list[int], split_dir: P
 
 def train_subset(work: Path, order: str, seed: int, budget: int, split_dir: Path, chosen: list[int]) -> Path:
     """The default configuration trained on the ``chosen`` pool patches only (cached)."""
-    run = work / "runs" / f"{order}-b{budget}-seed{seed}"
-    if (run / "bench_train.json").is_file():
-        return run
-    import shutil
+    def data() -> DatasetSpec:
+        spec = load_dataset(split_dir)
+        return dataclasses.replace(spec, train=[spec.train[i] for i in chosen])
 
-    shutil.rmtree(run, ignore_errors=True)
-    spec = load_dataset(split_dir)
-    data = dataclasses.replace(spec, train=[spec.train[i] for i in chosen])
     cfg = TrainConfig(**q.CONFIGS[CONFIG][2], seed=seed, device="cpu")
-    t0 = time.perf_counter()
-    for ev in train_classifier(data, run, cfg):
-        if ev.kind == "epoch":
-            print(f"  {order} {budget} seed {seed} epoch {ev.epoch}/{ev.epochs} val mIoU {ev.metrics.get('val_miou')} "
-                  f"{time.perf_counter() - t0:.0f}s", flush=True)
-    (run / "bench_train.json").write_text(json.dumps({"train_s": time.perf_counter() - t0, "labelled": len(chosen)}))
+    run = work / "runs" / f"{order}-b{budget}-seed{seed}"
+    q.train_once(data, run, cfg, f"{order} {budget} seed {seed}", labelled=len(chosen))
     return run
 
 
@@ -159,9 +135,7 @@ def jobs(orders: list[str], seeds: list[int]) -> list[tuple[str, int]]:
     return [(o, s) for o in orders for s in seeds]
 
 
-def ms(v: list) -> str:
-    v = [x for x in v if x is not None]
-    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "-"
+ms = q.summarise  # mean ± sd of the values that exist
 
 
 def table(work: Path, orders: list[str], seeds: list[int], budgets: list[int]) -> str:

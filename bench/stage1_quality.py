@@ -39,6 +39,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -157,27 +158,34 @@ def patch_set(work: Path, patch: int, stride: int, split: int) -> Path:
     return out
 
 
+def train_once(data: Callable[[], Path | DatasetSpec], run: Path, cfg: TrainConfig, label: str, **record) -> float:
+    """Train ``cfg`` on ``data()`` into ``run`` unless ``run/bench_train.json`` says it is done (a
+    half-trained run is started again); returns the training seconds, kept there with ``record``.
+    ``data`` is only called when there is something to train."""
+    done = run / "bench_train.json"
+    if done.is_file():
+        return json.loads(done.read_text())["train_s"]
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    for ev in train_classifier(data(), run, cfg):
+        if ev.kind == "epoch":
+            m = ev.metrics
+            print(f"  {label} epoch {ev.epoch}/{ev.epochs} loss {m['train_loss']:.4f} "
+                  f"val mIoU {m.get('val_miou')} {time.perf_counter() - t0:.0f}s", flush=True)
+    train_s = time.perf_counter() - t0
+    done.write_text(json.dumps({"train_s": train_s, **record}))
+    return train_s
+
+
 def train(work: Path, name: str, split: int, seed: int) -> tuple[Path, float]:
     patch, stride, fields = CONFIGS[name]
     ps = patch_set(work, patch, stride, split)
     run = work / "runs" / f"{name}-split{split}-seed{seed}"
-    done = run / "bench_train.json"
-    if done.is_file():
-        return run, json.loads(done.read_text())["train_s"]
-    shutil.rmtree(run, ignore_errors=True)
+    def data() -> Path | DatasetSpec:
+        return with_oracle_corrections(ps, CORRECTIONS[name], split) if name in CORRECTIONS else ps
+
     cfg = TrainConfig(**fields, seed=seed, device="cpu")
-    data: Path | DatasetSpec = ps
-    if name in CORRECTIONS:
-        data = with_oracle_corrections(ps, CORRECTIONS[name], split)
-    t0 = time.perf_counter()
-    for ev in train_classifier(data, run, cfg):
-        if ev.kind == "epoch":
-            m = ev.metrics
-            print(f"  {name} split {split} seed {seed} epoch {ev.epoch}/{ev.epochs} loss {m['train_loss']:.4f} "
-                  f"val mIoU {m.get('val_miou')} {time.perf_counter() - t0:.0f}s", flush=True)
-    train_s = time.perf_counter() - t0
-    done.write_text(json.dumps({"train_s": train_s}))
-    return run, train_s
+    return run, train_once(data, run, cfg, f"{name} split {split} seed {seed}")
 
 
 def with_oracle_corrections(split_dir: Path, share: float, split: int) -> DatasetSpec:

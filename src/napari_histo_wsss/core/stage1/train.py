@@ -763,9 +763,10 @@ class ClassifierTask(TrainingTask):
             ctx.info.append(f"pixel loss on the corrected masks of {n_masked} patch{'es' if n_masked != 1 else ''}, "
                             f"weight {cfg.correction_pixel_weight:g}"
                             + (" (not in SegMix's shuffled epochs)" if cfg.method == "segmix" else ""))
+        self.stain = cfg.stain_jitter if cfg.augment else 0.0  # the real patches' and the synthetic images'
         items: torch.utils.data.Dataset = WeakLabelDataset(self.train_samples, size=patch, augment=cfg.augment,
                                                            masks=self.with_masks, background=self.classes.num_classes,
-                                                           stain=cfg.stain_jitter if cfg.augment else 0.0)
+                                                           stain=self.stain)
         if side < patch:
             items = _RandomCrops(items, side)
         self.train_ds = _SeededItems(items, cfg.seed)
@@ -854,7 +855,7 @@ class ClassifierTask(TrainingTask):
         n_real, masks = x.shape[0], None
         if self.synth is not None:  # the batch's synthetic share, after the real patches
             sx, sy, masks = self.synth.batch(self.n_synth, _item_seed(cfg.seed + rank, epoch, 3_000_000 + step),
-                                               stain=cfg.stain_jitter if cfg.augment else 0.0)
+                                               stain=self.stain)
             x, y = torch.cat([x, sx]), torch.cat([y, sy])
         x, y = x.to(ctx.device, non_blocking=ctx.pin), y.to(ctx.device, non_blocking=ctx.pin)
         if cfg.pda:
