@@ -53,10 +53,10 @@ import stage1_quality as q  # noqa: E402
 from bench_live_labelling import labelled_sets  # noqa: E402
 from stage1_experiments import source_folders  # noqa: E402
 
-from napari_histo_wsss.core.data.datasets import DatasetSpec, load_dataset, to_tensor  # noqa: E402
+from napari_histo_wsss.core.data.datasets import DatasetSpec, load_dataset  # noqa: E402
 from napari_histo_wsss.core.stage1.features import FeatureExtractor, FeatureSpec, image_features  # noqa: E402
 from napari_histo_wsss.core.stage1.live import standardiser  # noqa: E402
-from napari_histo_wsss.core.stage1.suggest import embed  # noqa: E402
+from napari_histo_wsss.core.stage1.suggest import classify_patches, embed  # noqa: E402
 from napari_histo_wsss.core.stage1.train import TrainConfig, load_run  # noqa: E402
 
 CONFIG = "p128-synth-pix"
@@ -88,11 +88,8 @@ def pool(split_dir: Path) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
 def trained_probs(run: Path, samples: list) -> np.ndarray:
     """The stage-one run's class probabilities of every pool patch (``(N, K)``), computed as
     ``core.stage1.suggest.trained_patch_probs`` computes them for a project's grid."""
-    model = load_run(run, "best")[0].eval()
-    with torch.no_grad():
-        out = [torch.sigmoid(model(torch.stack([to_tensor(s.image()) for s in samples[i:i + 32]]))).numpy()
-               for i in range(0, len(samples), 32)]
-    return np.concatenate(out).astype(np.float32)
+    model = load_run(run, "best")[0]
+    return np.concatenate(list(classify_patches(model, (s.image() for s in samples))))
 
 
 def order_of(work: Path, order: str, seed: int, budgets: list[int], split_dir: Path) -> dict[int, list[int]]:

@@ -315,6 +315,11 @@ def test_suggest_compares_the_live_head_with_the_projects_trained_run(cmu_svs, t
     import os
 
     os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    # a stop between batches ends the pass there: one batch classified, nothing kept
+    asked = []
+    evs = list(trained_patch_probs(project, sid, grid, project.runs_dir / RUN, batch=2,
+                                   should_stop=lambda: asked.append(1) or len(asked) > 1))
+    assert [e.kind for e in evs] == ["step", "cancelled"] and evs[-1].step == 2
     again = [ev for ev in trained_patch_probs(project, sid, grid, project.runs_dir / RUN) if ev.kind == "done"][-1]
     assert "reused" not in again.message and np.allclose(again.probs, done.probs, atol=1e-5)
     capsys.readouterr()

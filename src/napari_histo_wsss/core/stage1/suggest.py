@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -48,7 +48,7 @@ from napari_histo_wsss.core.stage1.features import (
 from napari_histo_wsss.core.stage1.live import LiveHead, standardiser
 
 __all__ = ["Suggestion", "suggest", "embed", "typicality", "SuggestedPatch", "project_suggestions",
-           "SUGGESTIONS_NAME", "EXPLORE", "trained_patch_probs", "TrainedProbs"]
+           "SUGGESTIONS_NAME", "EXPLORE", "trained_patch_probs", "TrainedProbs", "classify_patches"]
 
 #: Share of each batch drawn at random (the rest is targeted); chosen on the development splits.
 EXPLORE = 0.75
@@ -216,6 +216,26 @@ def _trained_cache_path(project: Any, slide_id: str, run: Path, which: str) -> P
     return project.features_dir(slide_id) / f"trained-{run.name}-{which}.npz"
 
 
+def classify_patches(model: Any, patches: Iterable[np.ndarray], device: Any = "cpu",
+                     batch: int = 32) -> Iterator[np.ndarray]:
+    """A stage-one classifier's class probabilities (sigmoid) for RGB patches (``(H, W, 3)`` uint8,
+    as training reads them), ``batch`` patches at a time: yields one ``(b, K)`` float32 array per
+    batch. ``patches`` is read lazily, one batch per step, so a caller that stops between batches
+    reads no further patch. The model is put in eval mode."""
+    import itertools
+
+    import torch
+
+    from napari_histo_wsss.core.data.datasets import to_tensor
+
+    model.eval()
+    it = iter(patches)
+    with torch.no_grad():
+        while chunk := list(itertools.islice(it, batch)):
+            x = torch.stack([to_tensor(p) for p in chunk]).to(device)
+            yield torch.sigmoid(model(x)).float().cpu().numpy()
+
+
 def trained_patch_probs(project: Any, slide_id: str, grid: Any, run_dir: Any, which: str = "best",
                         device: Any = "cpu", batch: int = 32, model: Any = None,
                         should_stop: Callable[[], bool] = lambda: False) -> Iterator[TrainedProbs]:
@@ -227,9 +247,6 @@ def trained_patch_probs(project: Any, slide_id: str, grid: Any, run_dir: Any, wh
     and the patch size, and reused while they hold; a project on a read-only disk recomputes.
     Yields ``step`` events, then ``done`` (``probs``) or ``cancelled``. ``model``: an already
     loaded classifier of that run (skips loading it)."""
-    import torch
-
-    from napari_histo_wsss.core.data.datasets import to_tensor
     from napari_histo_wsss.core.runs import checkpoint_file
     from napari_histo_wsss.core.slides.grid import read_patch
     from napari_histo_wsss.core.stage1.train import load_run
@@ -255,18 +272,20 @@ def trained_patch_probs(project: Any, slide_id: str, grid: Any, run_dir: Any, wh
             pass  # damaged or from an older layout: recomputed below and rewritten
     if model is None:
         model = load_run(run, which=which, map_location=device)[0]
-    model.eval()
     n = len(xs)
     out = np.zeros((n, project.classes.num_classes), np.float32)
-    with project.open_slide(slide_id) as slide, torch.no_grad():
-        for start in range(0, n, batch):
+    with project.open_slide(slide_id) as slide:
+        probs = classify_patches(model, (read_patch(slide, int(xs[i]), int(ys[i]), grid.size0, patch)
+                                         for i in range(n)), device, batch)
+        start = 0
+        while start < n:
             if should_stop():
                 yield TrainedProbs("cancelled", step=start, steps=n, message=f"slide {slide_id}: stopped")
                 return
-            stop = min(n, start + batch)
-            x = torch.stack([to_tensor(read_patch(slide, int(xs[i]), int(ys[i]), grid.size0, patch))
-                             for i in range(start, stop)])
-            out[start:stop] = torch.sigmoid(model(x.to(device))).float().cpu().numpy()
+            p = next(probs)
+            stop = start + len(p)
+            out[start:stop] = p
+            start = stop
             yield TrainedProbs("step", step=stop, steps=n,
                                message=f"slide {slide_id}: {run.name} on patch {stop} of {n}")
     if cache is not None and stamp is not None:
