@@ -22,8 +22,12 @@ def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewe
     lab = w["Patch labelling"]
     live, ov = lab.live, lab.overlay
     live.enable_box.setChecked(True)
+    # the live layer is made at once, empty, in answer to the tick (not on the GUI thread at the first refit)
+    assert LIVE_LAYER in viewer.layers and not viewer.layers[LIVE_LAYER].data.any()
+    empty = viewer.layers[LIVE_LAYER]
     qtbot.waitUntil(lambda: live.ready, timeout=WAIT_MS)
     assert any(project.features_dir(project_slide(project)).glob("*.zarr"))  # cached in the project
+    assert empty.data.shape == live.features.shape  # placed where the feature map will be
     qtbot.waitUntil(lambda: "no labelled patch yet" in live.status.text(), timeout=WAIT_MS)
 
     # cold start: a diverse first batch from the keyboard
@@ -56,6 +60,7 @@ def test_live_cams_follow_labels_and_keys_walk_the_suggestions(make_napari_viewe
     # the live pseudo-mask follows the labels
     qtbot.waitUntil(lambda: live.head is not None and viewer.layers[LIVE_LAYER] is not None, timeout=WAIT_MS)
     layer = viewer.layers[LIVE_LAYER]
+    assert layer is empty  # filled in place, not made again
     values = set(np.unique(layer.data).tolist())
     assert values & {1, 2}, values  # tumour and/or stroma cells
     assert layer.data.shape == live.features.shape

@@ -160,7 +160,12 @@ class LiveLabelling(QObject):
 
     def start_features(self) -> None:
         """Build (or load) the current slide's feature cache in the background."""
-        from napari_histo_wsss.core.stage1.features import FeatureSpec, build_slide_features, slide_features_path
+        from napari_histo_wsss.core.stage1.features import (
+            FeatureSpec,
+            build_slide_features,
+            feature_map_geometry,
+            slide_features_path,
+        )
 
         project = self.session.require_project()
         sid, _ = self.session.require_slide()
@@ -170,6 +175,10 @@ class LiveLabelling(QObject):
             return
         spec = FeatureSpec()
         store = None if project.read_only else slide_features_path(project, sid, spec, grid.downsample)
+        # the (empty) live layer now, in answer to the click: adding a layer holds the GUI thread
+        # for about 0.1 s, which would otherwise fall on the first refit
+        cell0, shape = feature_map_geometry(self.session.slide.dimensions, grid.downsample)
+        self._show(np.zeros(shape, np.uint8), cell0)
         path = project.slide_path(sid)
         tissue = project.tissue(sid)
 
@@ -262,7 +271,9 @@ class LiveLabelling(QObject):
         self.status.setText(f"live head on {result['n']} labelled patches, updated in {result['seconds'] * 1000:.0f} ms"
                             + (f". {notes}" if notes else ""))
 
-    def _show(self, mask: np.ndarray) -> None:
+    def _show(self, mask: np.ndarray, cell0: float | None = None) -> None:
+        """Put ``mask`` (feature cells, live-head values) in the live layer, made when missing
+        (``cell0``: level-0 px per cell, default the feature map's)."""
         from napari_histo_wsss.core.review import uncertain_index
         from napari_histo_wsss.core.stage1.live import UNCERTAIN
 
@@ -273,7 +284,7 @@ class LiveLabelling(QObject):
         if layer is not None and layer.data.shape == data.shape:
             layer.data = data  # a few thousand cells: replacing them is cheaper than diffing
             return
-        tf = self.session.overlay_transform(self.features.cell0)
+        tf = self.session.overlay_transform(self.features.cell0 if cell0 is None else cell0)
         colors, opacity = live_style(classes)
         viewer = self.session.viewer
         active = viewer.layers.selection.active

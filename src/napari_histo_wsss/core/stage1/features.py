@@ -48,6 +48,7 @@ __all__ = [
     "SlideFeatures",
     "FeatureBuild",
     "build_slide_features",
+    "feature_map_geometry",
     "image_units",
     "image_features",
     "slide_features_path",
@@ -217,6 +218,15 @@ def _open_store(path: Path, meta: dict, shape: tuple[int, int], channels: int, c
     return g
 
 
+def feature_map_geometry(dimensions: tuple[int, int], downsample: float) -> tuple[float, tuple[int, int]]:
+    """(level-0 px per feature cell, ``(h, w)`` cells) of the feature map of a slide of level-0
+    ``dimensions`` ``(w, h)`` at ``downsample`` level-0 px per working px: known before the map is
+    built (the live layer is placed from it)."""
+    cell0 = float(downsample) * FEATURE_STRIDE
+    w0, h0 = (int(v) for v in dimensions)
+    return cell0, (max(1, math.ceil(h0 / cell0)), max(1, math.ceil(w0 / cell0)))
+
+
 def build_slide_features(
     slide: Any,
     tissue: Any,
@@ -235,8 +245,7 @@ def build_slide_features(
     a last ``done`` event with the map, or ``cancelled`` when ``should_stop()`` (finished tiles are
     kept in the store)."""
     w0, h0 = (int(v) for v in slide.dimensions)
-    cell0 = float(downsample) * FEATURE_STRIDE
-    h, w = max(1, math.ceil(h0 / cell0)), max(1, math.ceil(w0 / cell0))
+    cell0, (h, w) = feature_map_geometry((w0, h0), downsample)
     tc = spec.tile // FEATURE_STRIDE  # cells per tile side
     regions = getattr(slide, "regions", None)
     if regions:  # a patch folder's sheet: image by image, so the white between images costs nothing
