@@ -165,6 +165,47 @@ def test_live_head_learns_separable_classes_and_says_what_it_cannot_learn():
     assert pseudo_from_logits(z, floor=0.8)[1, 0] == UNCERTAIN
 
 
+def test_live_head_fit_reaches_the_optimum_from_any_start():
+    """The head's objective is strictly convex: the fit stops at its minimum (zero gradient), whatever
+    the warm start, so a refit depends on the labels only."""
+    rng = np.random.default_rng(3)
+    n, c, k = 60, 40, 3
+    x = rng.normal(0, 1, (n, c)).astype(np.float32)
+    y = (x[:, :k] + rng.normal(0, 1.0, (n, k)) > 0).astype(np.float32)  # noisy: not separable
+    mean, std = np.zeros(c, np.float32), np.ones(c, np.float32)
+    cold = LiveHead(k, mean, std).fit(x, y)
+    warm = LiveHead(k, mean, std)
+    warm.weight = rng.normal(0, 3, (k, c)).astype(np.float32)  # a far-off start
+    warm.bias = np.full(k, 4.0, np.float32)
+    warm.fit(x, y)
+    np.testing.assert_allclose(warm.weight, cold.weight, atol=2e-3)
+    np.testing.assert_allclose(warm.bias, cold.bias, atol=2e-3)
+    # the gradient of the objective (mean weighted BCE + l2 / 2 |w|^2 / c) vanishes there
+    pos = y.sum(0)
+    pw = np.clip((n - pos) / pos, 0.2, 5.0)
+    z = x @ cold.weight.T.astype(np.float64) + cold.bias
+    s = 1 / (1 + np.exp(-z))
+    g = (-pw * y * (1 - s) + (1 - y) * s) / (n * k)
+    assert np.abs(g.T @ x + cold.l2 * cold.weight / c).max() < 2e-6 and np.abs(g.sum(0)).max() < 2e-6
+
+
+def test_live_head_fit_makes_no_torch_optimiser():
+    """The first torch optimiser of a process imports torch._dynamo (a second of module loading
+    that holds the GIL and stalls the GUI): the live head's fit must not make one."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, torch\n"
+            "from napari_histo_wsss.core.stage1.live import LiveHead, warm_up\n"
+            "warm_up()\n"
+            "x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)\n"
+            "LiveHead(2, np.zeros(8, np.float32), np.ones(8, np.float32)).fit(x, (x[:, :2] > 0).astype(np.float32))\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 def test_cold_start_is_a_reproducible_random_sample_of_the_unlabelled_patches():
     rng = np.random.default_rng(1)
     x = _clusters(rng, 40, [np.eye(4)[i] * 5 for i in range(4)])
