@@ -361,6 +361,11 @@ def test_suggest_compares_the_live_head_with_the_projects_trained_run(cmu_svs, t
     evs = list(trained_patch_probs(project, sid, grid, project.runs_dir / RUN, batch=2,
                                    should_stop=lambda: asked.append(1) or len(asked) > 1))
     assert [e.kind for e in evs] == ["step", "cancelled"] and evs[-1].step == 2
+    # between batches the caller's thread keeps its grad mode (a worker thread is reused for training)
+    from napari_histo_wsss.core.stage1.suggest import classify_patches
+
+    batches = classify_patches(model, (np.full((patch, patch, 3), 200, np.uint8) for _ in range(4)), batch=2)
+    assert next(batches).shape == (2, project.classes.num_classes) and torch.is_grad_enabled()
     again = [ev for ev in trained_patch_probs(project, sid, grid, project.runs_dir / RUN) if ev.kind == "done"][-1]
     assert "reused" not in again.message and np.allclose(again.probs, done.probs, atol=1e-5)
     capsys.readouterr()

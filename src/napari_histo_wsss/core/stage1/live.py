@@ -5,9 +5,9 @@ patch's feature cells (``core/stage1/features.py``); applying the same ``w_k . f
 cell gives the CAM of the whole slide in the same logit units, so CAMs of different classes are
 directly comparable (no per-class renormalisation, which would force every class to peak at 1)
 and a pixel's class is the argmax of raw logits. Fitting is an L2-regularised logistic regression
-on standardised features (L-BFGS to convergence, warm-started from the previous fit), which takes
-tens of milliseconds for hundreds of labels, so the CAM and pseudo-mask layers can follow every click. Each class's
-positives are weighted by its negatives-to-positives ratio (clipped to 0.2-5), so a class few
+on standardised features (L-BFGS to convergence, warm-started from the previous fit), which
+takes tens of milliseconds for hundreds of labels, so the CAM and pseudo-mask layers can follow
+every click. Each class's positives are weighted by its negatives-to-positives ratio (clipped to 0.2-5), so a class few
 patches show (normal lung) is not drowned by the common ones: on the simulated annotator's
 development splits this raised the held-out mIoU at every budget on WSSS4LUAD (+0.012 mean over
 budgets) and was level on GlaS (+0.004).
@@ -120,8 +120,9 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, pos_weight: np.ndarray, l2: floa
     ``x @ w.T + b`` against ``y`` (positives weighted by ``pos_weight``) plus
     ``l2 / 2 * |w|^2 / C``, from ``(w0, b0)``.
 
-    The problem is strictly convex, so it is solved to convergence (SciPy's L-BFGS-B, float64)
-    and the answer does not depend on the start, the thread count or the optimiser's path. The loss
+    The problem is strictly convex, so it is solved to convergence (SciPy's L-BFGS-B, float64,
+    projected gradient below 1e-6): the answer does not depend on the start or the optimiser's
+    path beyond that tolerance. The loss
     and its gradient are torch matrix products (they release the GIL and follow torch's thread
     setting); no torch optimiser is made, because the first one in a process imports
     ``torch._dynamo`` (a second of module loading that holds the GIL and stalls the GUI)."""

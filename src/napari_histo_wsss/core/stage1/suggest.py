@@ -230,10 +230,10 @@ def classify_patches(model: Any, patches: Iterable[np.ndarray], device: Any = "c
 
     model.eval()
     it = iter(patches)
-    with torch.no_grad():
-        while chunk := list(itertools.islice(it, batch)):
-            x = torch.stack([to_tensor(p) for p in chunk]).to(device)
-            yield torch.sigmoid(model(x)).float().cpu().numpy()
+    while chunk := list(itertools.islice(it, batch)):
+        with torch.no_grad():  # per batch: grad mode is not left off in the caller's thread between batches
+            probs = torch.sigmoid(model(torch.stack([to_tensor(p) for p in chunk]).to(device))).float().cpu().numpy()
+        yield probs
 
 
 def trained_patch_probs(project: Any, slide_id: str, grid: Any, run_dir: Any, which: str = "best",
