@@ -23,8 +23,8 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QListWidget, QPushButton, QSpinBox
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QListWidget, QPushButton, QSpinBox, QVBoxLayout, QWidget
 
 from napari_histo_wsss.core.errors import HistoWSSSError
 from napari_histo_wsss.widgets._common import form_group, label_colormap
@@ -92,6 +92,14 @@ class LiveLabelling(QObject):
         self.enable_box.toggled.connect(self._on_enable)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        # the status changes on every refit: in a box of fixed height, so a new text re-lays out this
+        # box only, not the dock and the main window (that re-layout stalled the viewer 20-40 ms a label)
+        status_box = QWidget()
+        status_layout = QVBoxLayout(status_box)
+        status_layout.setContentsMargins(0, 0, 0, 0)
+        status_layout.addWidget(self.status)
+        self.status.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        status_box.setFixedHeight(4 * self.status.fontMetrics().lineSpacing() + 4)
         row = QHBoxLayout()
         self.suggest_btn = QPushButton("Suggest patches")
         self.suggest_btn.setToolTip("Rank unlabelled patches: uncertain ones and tissue not yet labelled (N: next, Enter: confirm)")
@@ -114,7 +122,7 @@ class LiveLabelling(QObject):
         form.addRow(self.compare_box)
         form.addRow(self.list)
         form.addRow(QLabel("Keys on the grid: N next suggestion, 1-9 classes, Enter confirm and go on"))
-        form.addRow(self.status)
+        form.addRow(status_box)
         self.box = box
         self.refitted.connect(self._on_refitted)
         self.session.task("live-trained", "Trained-run predictions").finished.connect(self._trained_task_ended)
