@@ -277,15 +277,12 @@ def trained_patch_probs(project: Any, slide_id: str, grid: Any, run_dir: Any, wh
     with project.open_slide(slide_id) as slide:
         probs = classify_patches(model, (read_patch(slide, int(xs[i]), int(ys[i]), grid.size0, patch)
                                          for i in range(n)), device, batch)
-        start = 0
-        while start < n:
+        for start in range(0, n, batch):
             if should_stop():
                 yield TrainedProbs("cancelled", step=start, steps=n, message=f"slide {slide_id}: stopped")
                 return
-            p = next(probs)
-            stop = start + len(p)
-            out[start:stop] = p
-            start = stop
+            stop = min(n, start + batch)
+            out[start:stop] = next(probs)
             yield TrainedProbs("step", step=stop, steps=n,
                                message=f"slide {slide_id}: {run.name} on patch {stop} of {n}")
     if cache is not None and stamp is not None:
