@@ -31,6 +31,7 @@ Usage (2 cores: run two halves at once, then print the table)::
 
     python bench/stage1_labels.py --work W --part 0/2 --threads 1 &
     python bench/stage1_labels.py --work W --part 1/2 --threads 1 &
+    wait; python bench/stage1_labels.py --work W --orders all --part 0/2 --threads 1 &   # and 1/2
     wait; python bench/stage1_labels.py --work W --table
 
 ``suggested+trained`` needs the previous budget's run of its own order, so each seed's chain of
