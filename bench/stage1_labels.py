@@ -162,9 +162,12 @@ def table(work: Path, orders: list[str], seeds: list[int], budgets: list[int]) -
              "|---|---|---|---|---|" + "---|" * len(names) + "---|"]
     for (o, b), got in rows.items():
         lines.append(line(o, str(b), list(got.values()), ""))
-    allr = [res[f"all-seed{s}"] for s in seeds if f"all-seed{s}" in res]
-    if allr:
-        lines.append(line("every pool patch", str(allr[0]["n"]), allr, ""))
+    # random order's final point on the finite pool: every pool patch (the same set for every order)
+    every = {s: res[f"all-seed{s}"] for s in seeds if f"all-seed{s}" in res}
+    sizes = sorted({r["n"] for r in every.values()})
+    pool_n = "" if not sizes else str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    if every:
+        lines.append(line("every pool patch", pool_n, list(every.values()), ""))
     base = res.get("baselines", {})
     for label in ("one class", "image-label rule", "majority oracle"):
         vals = [base[f"split{s % 2}"][label] for s in seeds if label in base.get(f"split{s % 2}", {})]
@@ -177,15 +180,18 @@ def table(work: Path, orders: list[str], seeds: list[int], budgets: list[int]) -
     def mean_of(o: str, b: int, only: set | None = None) -> float:
         return float(np.mean([r[HEADLINE]["prob"]["miou"] for s, r in rows[(o, b)].items() if only is None or s in only]))
 
+    def paired(runs: dict[int, dict], ref: dict[int, dict]) -> list[float]:
+        """Headline mIoU minus ``ref``'s, seed by seed, on the seeds both have."""
+        return [runs[s][HEADLINE]["prob"]["miou"] - ref[s][HEADLINE]["prob"]["miou"]
+                for s in sorted(set(runs) & set(ref))]
+
     for o in orders:
         if o == "random":
             continue
         parts = []
         for b in budgets:
             if (o, b) in rows and ("random", b) in rows:
-                common = sorted(set(rows[(o, b)]) & set(rows[("random", b)]))
-                d = [rows[(o, b)][s][HEADLINE]["prob"]["miou"] - rows[("random", b)][s][HEADLINE]["prob"]["miou"]
-                     for s in common]
+                d = paired(rows[(o, b)], rows[("random", b)])
                 parts.append(f"{b}: {np.mean(d):+.3f} ± {np.std(d):.3f} ({sum(x > 0 for x in d)} of {len(d)} better)")
         if parts:
             lines.append(f"{o} minus random, run for run: " + "; ".join(parts) + ".")
@@ -208,19 +214,13 @@ def table(work: Path, orders: list[str], seeds: list[int], budgets: list[int]) -
                          f"({final:.3f}) is reached by {o} order at "
                          f"{reach if reach is not None else 'no budget up to ' + str(last)} labels "
                          f"(control: by random order itself at {own} labels).")
-    # random order's final point on the finite pool: every pool patch (the same set for every order),
-    # compared budget by budget on the seeds that have both
-    every = {s: res[f"all-seed{s}"] for s in seeds if f"all-seed{s}" in res}
-    if every:
-        sizes = sorted({r["n"] for r in every.values()})
-        pool_n = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    # every pool patch, compared budget by budget on the seeds that have both
     for o in orders:
         parts, reach = [], None
         for b in budgets:
-            common = sorted(set(every) & set(rows.get((o, b), {})))
-            if len(common) < 3:
+            d = paired(rows.get((o, b), {}), every)
+            if len(d) < 3:
                 continue
-            d = [rows[(o, b)][s][HEADLINE]["prob"]["miou"] - every[s][HEADLINE]["prob"]["miou"] for s in common]
             parts.append(f"{b}: {np.mean(d):+.3f} ± {np.std(d):.3f} ({sum(x >= 0 for x in d)} of {len(d)} level "
                          "or better)")
             if reach is None and np.mean(d) >= -1e-9:
@@ -292,24 +292,20 @@ def main(argv: list[str] | None = None) -> int:
             classes = load_dataset(split_dir).classes
             scorer = q.Scorer(classes)
         res.setdefault("baselines", {})[f"split{seed % 2}"] = q.baselines(split_dir, scorer)
+        # (result key, budget, the labelled pool patches, what the result also keeps)
         if order == ALL:
-            key = f"all-seed{seed}"
-            if key not in res:
-                n_pool = len(load_dataset(split_dir).train)
-                run = train_subset(work, ALL, seed, n_pool, split_dir, list(range(n_pool)))
-                r = q.score_run(run, split_dir, scorer, 200)
-                res[key] = {**{g: r[g] for g in (HEADLINE, "prob-area") if g in r}, "n": n_pool}
-                res_path.write_text(json.dumps(res, indent=1))
-                print(f"{key}: {HEADLINE} {r[HEADLINE]['prob']['miou']:.3f}", flush=True)
-            continue
-        chosen = order_of(work, order, seed, budgets, split_dir)
-        for b in budgets if args.score_budgets is None else sorted(args.score_budgets):
-            key = f"{order}-b{b}-seed{seed}"
+            n_pool = len(load_dataset(split_dir).train)
+            steps = [(f"all-seed{seed}", n_pool, list(range(n_pool)), {"n": n_pool})]
+        else:
+            chosen = order_of(work, order, seed, budgets, split_dir)
+            steps = [(f"{order}-b{b}-seed{seed}", b, chosen[b], {})
+                     for b in (budgets if args.score_budgets is None else sorted(args.score_budgets))]
+        for key, b, labelled, extra in steps:
             if key in res:
                 continue
-            run = train_subset(work, order, seed, b, split_dir, chosen[b])
+            run = train_subset(work, order, seed, b, split_dir, labelled)
             r = q.score_run(run, split_dir, scorer, 200)
-            res[key] = {g: r[g] for g in (HEADLINE, "prob-area") if g in r}
+            res[key] = {**{g: r[g] for g in (HEADLINE, "prob-area") if g in r}, **extra}
             res_path.write_text(json.dumps(res, indent=1))
             print(f"{key}: {HEADLINE} {r[HEADLINE]['prob']['miou']:.3f}", flush=True)
     if args.all_from and i == 0:
