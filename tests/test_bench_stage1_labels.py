@@ -1,5 +1,6 @@
 """The labels-to-mIoU bench's table (bench/stage1_labels.py): its two readings of issue 13's
-target, with the control that shows when the curve is too flat to tell orders apart."""
+target, with the control that shows when the curve is too flat to tell orders apart; and the live-head
+bench's (bench/bench_live_labelling.py) split-for-split reading of suggested against random order."""
 
 from __future__ import annotations
 
@@ -37,3 +38,14 @@ def test_table_reads_the_target_both_ways_with_its_control(tmp_path: Path) -> No
     rand = next(x for x in lines if x.startswith("random minus every pool patch"))
     assert "160: -0.020 ± 0.000 (0 of 3 level or better)" in rand and rand.endswith("no budget up to 160.")
     assert "| every pool patch | 325 | 3 | 0.610 ± 0.008 |" in text
+
+
+def test_live_bench_pairs_orders_split_for_split() -> None:
+    import bench_live_labelling as bl
+
+    rows = [{"order": o, "budget": 40, "seed": s, "miou": m}
+            for s, (r, g) in enumerate([(0.30, 0.35), (0.40, 0.38), (0.50, 0.56)])
+            for o, m in (("random", r), ("suggested", g))]
+    rows.append({"order": "suggested", "budget": 40, "seed": 9, "miou": 0.9})  # no random partner: left out
+    assert bl.paired_text(rows, "suggested", 40) == "+0.030 ± 0.036 (2 of 3 better)"
+    assert bl.paired_text(rows, "suggested", 80) == ""
