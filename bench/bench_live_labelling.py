@@ -178,14 +178,18 @@ def curve(order: str, budgets, X, Y, coords, mean, std, test, seed, l2, explore:
     return rows
 
 
+def diff_text(d: list[float], level: bool = False) -> str:
+    """Paired differences as "mean ± sd (k of n better)"; ``level`` counts ties as level or better."""
+    k = sum(x >= 0 if level else x > 0 for x in d)
+    return f"{np.mean(d):+.3f} ± {np.std(d):.3f} ({k} of {len(d)} {'level or better' if level else 'better'})"
+
+
 def paired_text(rows: list[dict], order: str, budget: int) -> str:
     """``order``'s mIoU minus random order's on the same split at ``budget``: mean ± sd over the
     splits both have, and how many are better ("" when none)."""
     by = {(r["order"], r["seed"]): r["miou"] for r in rows if r["budget"] == budget}
     d = [by[(order, s)] - by[("random", s)] for (o, s) in by if o == order and ("random", s) in by]
-    if not d:
-        return ""
-    return f"{np.mean(d):+.3f} ± {np.std(d):.3f} ({sum(x > 0 for x in d)} of {len(d)} better)"
+    return diff_text(d) if d else ""
 
 
 def plot(rows: list[dict], baselines: dict, path: Path) -> None:
@@ -353,8 +357,8 @@ def main(argv=None) -> int:
                      f"mean over budgets {np.mean([r['miou'] for r in rows if r['order'] == o]):.3f} vs random "
                      f"{np.mean([r['miou'] for r in rows if r['order'] == 'random']):.3f}.")
     for o in orders[1:]:
-        lines.append(f"{o} minus random, split for split: " + "; ".join(
-            f"{b}: {paired_text(rows, o, b)}" for b in budgets if paired_text(rows, o, b)) + ".")
+        lines.append(f"{o} minus random, split for split: "
+                     + "; ".join(f"{b}: {paired_text(rows, o, b)}" for b in budgets) + ".")
     lines.append(f"Feature extraction of the {len(images)} images: {feat_s:.1f} s.")
     if not args.no_speed:
         sp = speed(args.l2)

@@ -53,7 +53,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stage1_quality as q  # noqa: E402
-from bench_live_labelling import labelled_sets  # noqa: E402
+from bench_live_labelling import diff_text, labelled_sets  # noqa: E402
 from stage1_experiments import source_folders  # noqa: E402
 
 from napari_histo_wsss.core.data.datasets import DatasetSpec, load_dataset  # noqa: E402
@@ -192,7 +192,7 @@ def table(work: Path, orders: list[str], seeds: list[int], budgets: list[int]) -
         for b in budgets:
             if (o, b) in rows and ("random", b) in rows:
                 d = paired(rows[(o, b)], rows[("random", b)])
-                parts.append(f"{b}: {np.mean(d):+.3f} ± {np.std(d):.3f} ({sum(x > 0 for x in d)} of {len(d)} better)")
+                parts.append(f"{b}: {diff_text(d)}")
         if parts:
             lines.append(f"{o} minus random, run for run: " + "; ".join(parts) + ".")
     last = budgets[-1]
@@ -221,8 +221,7 @@ def table(work: Path, orders: list[str], seeds: list[int], budgets: list[int]) -
             d = paired(rows.get((o, b), {}), every)
             if len(d) < 3:
                 continue
-            parts.append(f"{b}: {np.mean(d):+.3f} ± {np.std(d):.3f} ({sum(x >= 0 for x in d)} of {len(d)} level "
-                         "or better)")
+            parts.append(f"{b}: {diff_text(d, level=True)}")
             if reach is None and np.mean(d) >= -1e-9:
                 reach = b
         if parts:
